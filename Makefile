@@ -1,0 +1,48 @@
+# Tandem: `make run` starts the services on this machine, `make test` runs the suite.
+# Both install what they need first (into .venv, idempotent).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# The CPU build of torch is used unless the environment already provides one.
+TORCH_VERSION ?= 2.13.0
+MODEL  ?= models/tandem-demo-code/target
+
+.PHONY: install protos test test-unit lint run bench-engine bench-serve clean demo-model
+
+install: $(VENV)/.installed protos
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "torch==$(TORCH_VERSION)"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+protos: $(VENV)/.installed
+	$(PY) -m tools.gen_protos
+
+test: install
+	$(PY) -m pytest -q -x --durations=15 tests
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check . || true
+
+run: install
+	$(PY) -m tools.run_local --model $(MODEL)
+
+bench-engine: install
+	$(PY) -m tools.bench engine --model $(MODEL)
+
+bench-serve: install
+	$(PY) -m tools.bench serve --model $(MODEL)
+
+demo-model: install
+	$(PY) -m tools.train_demo --out models/tandem-demo-code
+
+clean:
+	rm -rf $(VENV) shared/pb .pytest_cache .ruff_cache

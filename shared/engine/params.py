@@ -1,0 +1,93 @@
+"""Request-level types that cross the engine boundary: sampling parameters in, outputs out.
+
+Nothing here knows about tensors, gRPC or tokenizers: a service builds `SamplingParams`
+from its protobuf request and turns `RequestOutput` back into protobuf.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the model length
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+class InvalidRequest(ValueError):
+    """A request the engine cannot serve as asked; the message names the field."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop. temperature == 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int = 0  # top-n logprobs returned with each sampled token (0 = only none)
+    stop: list[str] = field(default_factory=list)  # applied by the text layer, not the engine
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise InvalidRequest naming the first bad field."""
+        if self.max_tokens < 1:
+            raise InvalidRequest("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequest("temperature", f"must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidRequest("top_k", f"must be >= 0 (0 disables it), got {self.top_k}")
+        if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not math.isfinite(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequest("min_p", f"must be in [0, 1], got {self.min_p}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InvalidRequest(
+                "repetition_penalty", f"must be a finite number > 0, got {self.repetition_penalty}"
+            )
+        if self.logprobs < 0 or self.logprobs > 20:
+            raise InvalidRequest("logprobs", f"must be in [0, 20], got {self.logprobs}")
+        if vocab_size is not None:
+            for t in self.stop_token_ids:
+                if not 0 <= t < vocab_size:
+                    raise InvalidRequest("stop_token_ids", f"token id {t} outside the vocabulary [0, {vocab_size})")
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprob of the sampled token and the top-n alternatives at that position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step produced for one request: only the new tokens."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprobs] | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_output_tokens: int = 0  # total so far
