@@ -1,0 +1,342 @@
+"""Service configuration: the one place that reads the environment.
+
+Each service has a dataclass whose fields are its settings. Every field names its environment
+variable (`TANDEM_*`) and says what it does; `from_env()` reads them, converts them, checks
+them and raises `ConfigError` with a message naming the variable. Nothing here runs at import
+time, and nothing here imports torch or grpc: the scheduler loads neither.
+
+`add_cli_args(parser, cls)` turns the same fields into command-line flags (`--port`,
+`--decode-addrs`, ...), so a service's `__main__` can let flags override the environment:
+`from_env(cls, overrides=vars(parser.parse_args()))`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = ("scheduler", "prefill", "decode")
+DEFAULT_PORTS = {"scheduler": 50051, "prefill": 50052, "decode": 50053}
+KV_TRANSPORTS = ("grpc", "collective")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the environment variable."""
+
+
+def setting(
+    env: str, default: Any, help: str, *, choices: tuple[str, ...] | None = None, minimum: float | None = None
+):
+    """A config field read from `env`, documented by `help`."""
+    meta = {"env": env, "help": help, "choices": choices, "minimum": minimum}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What every service's gRPC server needs."""
+
+    host: str = setting("TANDEM_HOST", "0.0.0.0", "Interface the gRPC server binds to.")
+    port: int | None = setting(
+        "TANDEM_PORT",
+        None,
+        "Port of the gRPC server; 0 picks a free one. Default: 50051 scheduler, 50052 prefill, 50053 decode.",
+        minimum=0,
+    )
+    advertise_address: str = setting(
+        "TANDEM_ADVERTISE_ADDR",
+        "",
+        "host:port other services dial to reach this one; default 127.0.0.1:<bound port>.",
+    )
+    grace_period_s: float = setting(
+        "TANDEM_GRACE_PERIOD_S",
+        5.0,
+        "On SIGTERM: seconds running requests get to finish before they are cancelled.",
+        minimum=0,
+    )
+    log_level: str = setting(
+        "TANDEM_LOG_LEVEL", "info", "Log level.", choices=("debug", "info", "warning", "error")
+    )
+    metrics_port: int = setting(
+        "TANDEM_METRICS_PORT", 0, "Port of the Prometheus endpoint; 0 turns it off.", minimum=0
+    )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig(ServerSettings):
+    """The scheduler: public `Tandem` API, tokenization, routing to decode and prefill workers."""
+
+    model: str = setting(
+        "TANDEM_MODEL",
+        "",
+        "Model directory (Hugging Face layout); the scheduler reads only its tokenizer files.",
+    )
+    model_name: str = setting(
+        "TANDEM_MODEL_NAME", "", "Name reported by GetModelInfo; default: the model directory's name."
+    )
+    decode_addrs: list[str] = setting(
+        "TANDEM_DECODE_ADDRS",
+        [],
+        "Comma-separated host:port of decode workers (more may register themselves).",
+    )
+    prefill_addrs: list[str] = setting(
+        "TANDEM_PREFILL_ADDRS",
+        [],
+        "Comma-separated host:port of prefill workers; none: decode workers prefill locally.",
+    )
+    disagg_min_tokens: int = setting(
+        "TANDEM_DISAGG_MIN_TOKENS",
+        0,
+        "Prompts with fewer uncached tokens than this are prefilled on the decode worker itself (0: always disaggregate).",
+        minimum=0,
+    )
+    health_interval_s: float = setting(
+        "TANDEM_HEALTH_INTERVAL_S",
+        1.0,
+        "Seconds between health and load checks of each worker.",
+        minimum=0.05,
+    )
+    default_max_tokens: int = setting(
+        "TANDEM_DEFAULT_MAX_TOKENS", 16, "max_tokens of requests that do not set it.", minimum=1
+    )
+    max_stop_strings: int = setting(
+        "TANDEM_MAX_STOP_STRINGS", 16, "Most stop strings per request.", minimum=0
+    )
+    prefix_memory_blocks: int = setting(
+        "TANDEM_PREFIX_MEMORY_BLOCKS",
+        4096,
+        "Prompt block hashes remembered per worker to estimate its cached prefix when routing.",
+        minimum=0,
+    )
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError(
+                "TANDEM_MODEL: required (the model directory; the scheduler needs its tokenizer.json)"
+            )
+        for env, addrs in (
+            ("TANDEM_DECODE_ADDRS", self.decode_addrs),
+            ("TANDEM_PREFILL_ADDRS", self.prefill_addrs),
+        ):
+            for addr in addrs:
+                _check_address(env, addr)
+
+
+@dataclass(frozen=True)
+class WorkerConfig(ServerSettings):
+    """A prefill or decode worker: one engine, the KV transport, optional self-registration."""
+
+    role: str = setting(
+        "TANDEM_ROLE", "decode", "Worker role; set by the service entry point.", choices=("prefill", "decode")
+    )
+    model: str = setting("TANDEM_MODEL", "", "Model directory (config.json, *.safetensors, tokenizer.json).")
+    model_name: str = setting(
+        "TANDEM_MODEL_NAME", "", "Name reported to the scheduler; default: the model directory's name."
+    )
+    engine: str = setting("TANDEM_ENGINE", "torch", "Engine implementation.", choices=("torch",))
+    device: str = setting("TANDEM_DEVICE", "cpu", "torch device of the engine: cpu, cuda, cuda:N.")
+    dtype: str = setting("TANDEM_DTYPE", "float32", "Weight and KV element type.", choices=DTYPES)
+    block_size: int = setting("TANDEM_BLOCK_SIZE", 16, "Tokens per KV block.", minimum=1)
+    num_blocks: int | None = setting(
+        "TANDEM_NUM_BLOCKS",
+        None,
+        "KV blocks to allocate; default: sized from TANDEM_KV_CACHE_MEMORY (cpu) or free memory (cuda).",
+        minimum=1,
+    )
+    kv_cache_memory: int | None = setting(
+        "TANDEM_KV_CACHE_MEMORY",
+        None,
+        "Bytes of KV cache on cpu when TANDEM_NUM_BLOCKS is not set; default: the engine's.",
+        minimum=1,
+    )
+    max_num_seqs: int = setting("TANDEM_MAX_NUM_SEQS", 64, "Most sequences in one batch.", minimum=1)
+    max_batched_tokens: int = setting(
+        "TANDEM_MAX_BATCHED_TOKENS",
+        512,
+        "Token budget of one engine step (longer prompts prefill in chunks).",
+        minimum=1,
+    )
+    max_model_len: int | None = setting(
+        "TANDEM_MAX_MODEL_LEN",
+        None,
+        "Longest sequence in tokens; default: the model's max_position_embeddings.",
+        minimum=1,
+    )
+    prefix_caching: bool = setting(
+        "TANDEM_PREFIX_CACHING", True, "Reuse KV blocks of identical prompt prefixes."
+    )
+    torch_threads: int | None = setting(
+        "TANDEM_TORCH_THREADS",
+        None,
+        "torch intra-op threads, so several workers on one host do not oversubscribe it.",
+        minimum=1,
+    )
+    kv_transport: str = setting(
+        "TANDEM_KV_TRANSPORT",
+        "grpc",
+        "How prompt KV moves from prefill to decode workers.",
+        choices=KV_TRANSPORTS,
+    )
+    kv_chunk_bytes: int = setting(
+        "TANDEM_KV_CHUNK_BYTES",
+        1 << 20,
+        "Largest KV payload of one gRPC message (well under gRPC's 4 MiB limit).",
+        minimum=1024,
+    )
+    collective_backend: str = setting(
+        "TANDEM_COLLECTIVE_BACKEND",
+        "",
+        "torch.distributed backend of the collective transport; default: nccl on cuda, gloo on cpu.",
+        choices=("", "gloo", "nccl"),
+    )
+    collective_timeout_s: float = setting(
+        "TANDEM_COLLECTIVE_TIMEOUT_S",
+        60.0,
+        "Seconds a collective pair group may take to form or to move one piece.",
+        minimum=1,
+    )
+    scheduler_addr: str = setting(
+        "TANDEM_SCHEDULER_ADDR",
+        "",
+        "host:port of the scheduler to register with at start-up; empty: do not register.",
+    )
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("TANDEM_MODEL: required (the model directory)")
+        if self.scheduler_addr:
+            _check_address("TANDEM_SCHEDULER_ADDR", self.scheduler_addr)
+        if self.collective_backend == "nccl" and not self.device.startswith("cuda"):
+            raise ConfigError("TANDEM_COLLECTIVE_BACKEND: nccl needs TANDEM_DEVICE=cuda[:N]")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ConfigError(f"TANDEM_DEVICE: expected cpu, cuda or cuda:N, got {self.device!r}")
+
+    @property
+    def resolved_backend(self) -> str:
+        """The torch.distributed backend the collective transport uses."""
+        return self.collective_backend or ("nccl" if self.device.startswith("cuda") else "gloo")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `shared.engine.EngineConfig` (built by the worker, which imports torch)."""
+        kwargs: dict[str, Any] = dict(
+            model=self.model,
+            dtype=self.dtype,
+            device=self.device,
+            block_size=self.block_size,
+            num_blocks=self.num_blocks,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_batched_tokens,
+            max_model_len=self.max_model_len,
+            enable_prefix_caching=self.prefix_caching,
+        )
+        if self.kv_cache_memory is not None:
+            kwargs["kv_cache_memory"] = self.kv_cache_memory
+        return kwargs
+
+
+def _check_address(env: str, addr: str) -> None:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{env}: expected host:port, got {addr!r}")
+
+
+def _parse(env: str, raw: str, typ: Any) -> Any:
+    """Convert the text of an environment variable (or CLI flag) to the field's type."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if raw.strip() == "":
+            return None
+        (typ,) = [a for a in args if a is not type(None)]
+        origin = typing.get_origin(typ)
+    if origin is list:
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    if typ is bool:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{env}: expected true or false, got {raw!r}")
+    if typ is int:
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{env}: expected an integer, got {raw!r}") from None
+    if typ is float:
+        try:
+            return float(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{env}: expected a number, got {raw!r}") from None
+    return raw.strip()
+
+
+def from_env(cls: type, env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None):
+    """Build `cls` from the environment (os.environ unless `env` is given), then apply overrides.
+
+    Overrides (e.g. parsed CLI flags) win over the environment; None values are ignored. Raises
+    ConfigError naming the variable of the first bad setting.
+    """
+    env = os.environ if env is None else env
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        name, meta = f.name, f.metadata
+        if name in overrides:
+            value = overrides[name]
+            if isinstance(value, str):
+                value = _parse(f"--{name.replace('_', '-')}", value, hints[name])
+        elif meta.get("env") in env:
+            value = _parse(meta["env"], env[meta["env"]], hints[name])
+        else:
+            continue
+        _check_value(meta.get("env", name), value, meta)
+        values[name] = value
+    config = cls(**values)
+    if config.port is None:
+        role = "scheduler" if isinstance(config, SchedulerConfig) else config.role
+        config = dataclasses.replace(config, port=DEFAULT_PORTS[role])
+    config.validate()
+    return config
+
+
+def _check_value(env: str, value: Any, meta: Mapping[str, Any]) -> None:
+    choices, minimum = meta.get("choices"), meta.get("minimum")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{env}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    if minimum is not None and value is not None and value < minimum:
+        raise ConfigError(f"{env}: must be >= {minimum}, got {value!r}")
+
+
+def add_cli_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of `cls` (as strings, parsed by from_env); unset flags stay None."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        meta = f.metadata
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            default=None,
+            metavar=meta["env"],
+            help=f"{meta['help']} (env {meta['env']})",
+        )
+
+
+def describe(cls: type) -> str:
+    """A table of the settings of `cls`: variable, default, meaning (for --help and docs)."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append(f"{f.metadata['env']:<28} {default!r:<12} {f.metadata['help']}")
+    return "\n".join(rows)
