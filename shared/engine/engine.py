@@ -1,0 +1,275 @@
+"""The engine: add_request / step / abort, plus KV export and import for disaggregation.
+
+One step = schedule (policy) -> run (model forward on the batch) -> sample -> update
+requests. Not thread-safe: one thread drives it (see AsyncEngine). Knows nothing about
+gRPC or text: prompts and outputs are token ids.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from .kv_manager import KVCacheManager
+from .model import ModelConfig
+from .params import FinishReason, InvalidRequest, RequestOutput, SamplingParams, TokenLogprobs
+from .request import Request, Status
+from .runner import ModelRunner, SeqInput
+from .sampler import SamplingRow, sample
+from .scheduler import Scheduler
+
+
+@dataclass
+class EngineConfig:
+    model: str  # Hugging Face checkpoint directory
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    block_size: int = 16
+    num_blocks: int | None = None  # None: sized from kv_cache_memory (cpu) or memory fraction (cuda)
+    kv_cache_memory: int = 1 << 30  # bytes of KV cache on cpu when num_blocks is None
+    gpu_memory_fraction: float = 0.85  # share of total GPU memory for weights + KV when num_blocks is None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    seed: int = 0  # for requests without their own seed
+
+    def validate(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+
+
+@dataclass
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    num_free_blocks: int
+    num_total_blocks: int
+    num_cached_blocks: int
+    prefix_cache_hit_tokens: int
+    prefix_cache_query_tokens: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        config.validate()
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model)
+        self.runner = ModelRunner(config.model, self.model_config, config.dtype, config.device)
+        self.block_size = config.block_size
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        num_blocks = config.num_blocks or self._auto_num_blocks()
+        self.runner.allocate_kv_cache(num_blocks, config.block_size)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self._arrival = itertools.count()
+        self._generator = torch.Generator().manual_seed(config.seed)
+
+    def _auto_num_blocks(self) -> int:
+        per_block = self.runner.kv_bytes_per_block(self.config.block_size)
+        if self.runner.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.runner.device)
+            used = total - free
+            budget = int(total * self.config.gpu_memory_fraction) - used
+        else:
+            budget = self.config.kv_cache_memory
+        # enough for max_num_seqs full-length sequences at most; at least one full-length one
+        cap = -(-self.max_model_len // self.block_size) * self.config.max_num_seqs
+        n = min(budget // per_block, cap)
+        if n * self.block_size < self.max_model_len:
+            raise ValueError(f"KV cache of {n} blocks cannot hold one {self.max_model_len}-token sequence; "
+                             "raise the memory budget or lower max_model_len")
+        return int(n)
+
+    # -- requests ---------------------------------------------------------------------
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise InvalidRequest("prompt", "must not be empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest("prompt_token_ids", f"token id {bad} outside the vocabulary [0, {vocab})")
+        params.validate(vocab)
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequest("max_tokens", f"prompt ({len(prompt_token_ids)} tokens) + max_tokens "
+                                 f"({params.max_tokens}) = {total} exceeds the model length {self.max_model_len}")
+        if not self.kv.can_fit(total) and self.kv.pool.num_blocks * self.block_size < total:
+            raise InvalidRequest("max_tokens", f"{total} tokens exceed the whole KV cache "
+                                 f"({self.kv.pool.num_blocks * self.block_size} tokens)")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                    hold_kv: bool = False) -> None:
+        if request_id in self.requests:
+            raise InvalidRequest("request_id", f"{request_id!r} is already running")
+        self.validate_request(prompt_token_ids, params)
+        req = Request(request_id, list(prompt_token_ids), params, next(self._arrival), hold_kv=hold_kv)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        self.scheduler.remove(req)
+        self.kv.free(request_id)
+        req.status = Status.FINISHED
+
+    def release(self, request_id: str) -> None:
+        """Free a held request's blocks (full ones stay in the prefix cache)."""
+        self.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
+            num_free_blocks=self.kv.num_free_blocks, num_total_blocks=self.kv.pool.num_blocks,
+            num_cached_blocks=self.kv.pool.num_cached, prefix_cache_hit_tokens=self.kv.hit_tokens,
+            prefix_cache_query_tokens=self.kv.query_tokens, num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    # -- the step ---------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        prefill_inputs = [self._seq_input(r, r.num_computed_tokens, n) for r, n in batch.prefills]
+        decode_inputs = [self._seq_input(r, r.num_computed_tokens, 1) for r in batch.decodes]
+        ordered = [r for r, _ in batch.prefills] + batch.decodes
+        # a request samples when this step computes its last known token
+        counts = [n for _, n in batch.prefills] + [1] * len(batch.decodes)
+        sample_rows = [i for i, (r, n) in enumerate(zip(ordered, counts, strict=True))
+                       if r.num_computed_tokens + n == r.num_tokens]
+        logits = self.runner.forward(prefill_inputs, decode_inputs, sample_rows)
+        for r, n in zip(ordered, counts, strict=True):
+            r.num_computed_tokens += n
+            self.kv.cache_full_blocks(r)
+        if not sample_rows:
+            return []
+        rows = [SamplingRow(ordered[i].params, ordered[i].all_token_ids, ordered[i].num_output_tokens)
+                for i in sample_rows]
+        tokens, logprobs = sample(logits, rows, self._generator)
+        outputs = []
+        for i, token, lp in zip(sample_rows, tokens, logprobs, strict=True):
+            outputs.append(self._append_token(ordered[i], token, lp))
+        return outputs
+
+    def _seq_input(self, req: Request, start: int, n: int) -> SeqInput:
+        return SeqInput(req.all_token_ids, start, n, self.kv.block_ids(req.request_id))
+
+    def _append_token(self, req: Request, token: int, lp: TokenLogprobs | None) -> RequestOutput:
+        req.output_token_ids.append(token)
+        reason = self._check_stop(req, token)
+        if reason is not None:
+            req.finish_reason = reason
+            self._finish(req)
+        return RequestOutput(
+            request_id=req.request_id, new_token_ids=[token], finished=reason is not None,
+            finish_reason=reason, logprobs=[lp] if lp is not None else None,
+            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0),
+            num_output_tokens=req.num_output_tokens + req.num_external_outputs,
+        )
+
+    def _check_stop(self, req: Request, token: int) -> FinishReason | None:
+        p = req.params
+        if not p.ignore_eos and token in self.model_config.eos_token_ids:
+            return FinishReason.STOP
+        if token in p.stop_token_ids:
+            return FinishReason.STOP
+        if req.num_output_tokens + req.num_external_outputs >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, req: Request) -> None:
+        self.scheduler.remove(req)
+        if req.hold_kv:
+            req.status = Status.HELD  # blocks stay until export_kv + release
+        else:
+            self.requests.pop(req.request_id, None)
+            self.kv.free(req.request_id)
+            req.status = Status.FINISHED
+
+    # -- KV export / import (disaggregation) ------------------------------------------
+    def export_kv(self, request_id: str) -> torch.Tensor:
+        """The prompt's KV of a held request: [num_layers, 2, num_prompt_tokens, Hkv, D]."""
+        req = self._get(request_id, Status.HELD)
+        return self.runner.gather_kv(self.kv.block_ids(request_id), req.num_prompt_tokens)
+
+    def reserve(self, request_id: str, num_tokens: int) -> bool:
+        """Reserve blocks for `num_tokens` of KV that another engine will send."""
+        if request_id in self.requests:
+            raise InvalidRequest("request_id", f"{request_id!r} is already running")
+        req = Request(request_id, [], SamplingParams(), next(self._arrival), status=Status.RESERVED)
+        if not self.kv.can_fit(num_tokens) or not self.kv.allocate_slots(req, num_tokens):
+            return False
+        self.requests[request_id] = req
+        return True
+
+    def import_kv(self, request_id: str, kv: torch.Tensor, layer_start: int = 0, token_start: int = 0) -> None:
+        self._get(request_id, Status.RESERVED)
+        block_ids = self.kv.block_ids(request_id)
+        if token_start + kv.shape[2] > len(block_ids) * self.block_size:
+            raise ValueError(f"KV tokens [{token_start}, {token_start + kv.shape[2]}) exceed the reservation")
+        self.runner.scatter_kv(block_ids, kv, layer_start, token_start)
+
+    def add_prefilled(self, request_id: str, prompt_token_ids: list[int], first_token_id: int,
+                      params: SamplingParams, first_logprobs: TokenLogprobs | None = None) -> RequestOutput | None:
+        """Start decoding a request whose prompt KV was imported; returns a finished output if
+        the first token already ends it (then the reservation is freed)."""
+        req = self._get(request_id, Status.RESERVED)
+        self.validate_request(prompt_token_ids, params)
+        reserved = len(self.kv.tables.get(request_id, [])) * self.block_size
+        if reserved < len(prompt_token_ids):
+            raise ValueError(f"reserved {reserved} tokens of KV, prompt has {len(prompt_token_ids)}")
+        req.prompt_token_ids = list(prompt_token_ids)
+        req.params = params
+        req.num_computed_tokens = len(prompt_token_ids)
+        req.num_cached_tokens = 0
+        self.kv.cache_full_blocks(req)
+        # the first token was sampled by the prefill worker
+        req.output_token_ids = [first_token_id]
+        reason = self._check_stop(req, first_token_id)
+        if reason is not None:
+            req.finish_reason = reason
+            self.requests.pop(request_id, None)
+            self.kv.free(request_id)
+            return RequestOutput(request_id, [], finished=True, finish_reason=reason,
+                                 num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=1)
+        self.scheduler.add_running(req)
+        return None
+
+    def _get(self, request_id: str, status: Status) -> Request:
+        req = self.requests.get(request_id)
+        if req is None or req.status is not status:
+            have = "unknown" if req is None else req.status.value
+            raise KeyError(f"request {request_id!r} is {have}, expected {status.value}")
+        return req
+
+    # -- convenience ------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion; returns the output token ids of each, in order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"generate-{next(self._arrival)}" for _ in prompts]
+        for rid, prompt, p in zip(ids, prompts, plist, strict=True):
+            self.add_request(rid, prompt, p)
+        results: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.request_id in results:
+                    results[out.request_id].extend(out.new_token_ids)
+        return [results[rid] for rid in ids]

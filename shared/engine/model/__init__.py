@@ -1,0 +1,8 @@
+"""Llama-family model: config, weights, paged-attention forward."""
+
+from .attention import AttentionMetadata, PrefillSeq
+from .config import ModelConfig, ModelLoadError
+from .llama import LlamaForCausalLM
+from .loader import load_weights
+
+__all__ = ["AttentionMetadata", "PrefillSeq", "ModelConfig", "ModelLoadError", "LlamaForCausalLM", "load_weights"]

@@ -1,0 +1,133 @@
+"""Model configuration read from a Hugging Face checkpoint directory.
+
+Knows the Llama family's `config.json` dialects (Llama, Llama 3 RoPE scaling, Qwen2 QKV bias,
+Mistral sliding window; transformers 4.x `rope_scaling` and 5.x `rope_parameters`). Knows
+nothing about weights or tensors beyond the RoPE frequencies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+class ModelLoadError(ValueError):
+    """The checkpoint directory cannot be served: the message names the file or field."""
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    architecture: str  # "llama" | "mistral" | "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    rope_theta: float
+    rope_scaling: dict | None
+    sliding_window: int | None
+    torch_dtype: str | None
+    bos_token_id: int | None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> ModelConfig:
+        model_dir = Path(model_dir)
+        path = model_dir / "config.json"
+        if not path.is_file():
+            raise ModelLoadError(f"missing file {path} (expected a Hugging Face checkpoint directory)")
+        raw = json.loads(path.read_text())
+        archs = raw.get("architectures") or []
+        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ModelLoadError(
+                f"{path}: unsupported architecture {archs or raw.get('model_type')!r}; "
+                f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        hidden = raw["hidden_size"]
+        heads = raw["num_attention_heads"]
+        rope_params = raw.get("rope_parameters") or raw.get("rope_scaling") or None
+        rope_theta = raw.get("rope_theta") or (rope_params or {}).get("rope_theta") or 10000.0
+        if rope_params is not None and rope_params.get("rope_type", rope_params.get("type", "default")) == "default":
+            rope_params = None
+        sliding = raw.get("sliding_window")
+        if arch == "qwen2" and not raw.get("use_sliding_window", False):
+            sliding = None
+        eos = _as_list(raw.get("eos_token_id"))
+        gen_path = model_dir / "generation_config.json"
+        if gen_path.is_file():
+            gen = json.loads(gen_path.read_text())
+            eos = _as_list(gen.get("eos_token_id")) or eos
+        attention_bias = bool(raw.get("attention_bias", False))
+        return cls(
+            name=model_dir.resolve().name,
+            architecture=arch,
+            vocab_size=raw["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=raw["intermediate_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or hidden // heads,
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=raw.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "qwen2" or attention_bias,
+            o_bias=attention_bias and arch != "qwen2",
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_params,
+            sliding_window=sliding,
+            torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=eos,
+        )
+
+    def rope_inv_freq(self) -> torch.Tensor:
+        """Inverse RoPE frequencies [head_dim // 2], with Llama 3 / linear scaling applied."""
+        dim = self.head_dim
+        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        if self.rope_scaling is None:
+            return inv_freq
+        kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+        factor = float(self.rope_scaling.get("factor", 1.0))
+        if kind == "linear":
+            return inv_freq / factor
+        if kind == "llama3":
+            low = float(self.rope_scaling["low_freq_factor"])
+            high = float(self.rope_scaling["high_freq_factor"])
+            old_len = float(self.rope_scaling["original_max_position_embeddings"])
+            low_wavelen, high_wavelen = old_len / low, old_len / high
+            wavelen = 2 * math.pi / inv_freq
+            # long wavelengths are divided by factor, short ones kept, the band between interpolated
+            scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+            smooth = (old_len / wavelen - low) / (high - low)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+            return torch.where(medium, smoothed, scaled)
+        raise ModelLoadError(f"config.json: unsupported rope scaling type {kind!r} (supported: linear, llama3)")
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)]

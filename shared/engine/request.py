@@ -1,0 +1,54 @@
+"""Per-request state inside the engine: tokens, progress, blocks, status."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .params import FinishReason, SamplingParams, TokenLogprobs
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    HELD = "held"  # finished, blocks kept for KV export (prefill side)
+    RESERVED = "reserved"  # blocks reserved for imported KV (decode side)
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: int  # monotonic counter, for FCFS order
+    hold_kv: bool = False
+    status: Status = Status.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_cached_tokens: int = -1  # prompt tokens found in the prefix cache (-1: not looked up yet)
+    block_hashes: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    pending_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # outputs already produced before the engine saw this request (prefilled elsewhere)
+    num_external_outputs: int = 0
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,113 @@
+"""A scheduled batch -> input tensors -> model forward -> logits of the sampled rows.
+
+Owns the device, the model weights and the KV cache tensor
+[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model import AttentionMetadata, LlamaForCausalLM, ModelConfig, PrefillSeq, load_weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SeqInput:
+    """One sequence's share of a step: tokens [start, start + n) of `token_ids`."""
+
+    token_ids: list[int]
+    start: int
+    n: int
+    block_ids: list[int]
+
+
+class ModelRunner:
+    def __init__(self, model_dir: str, cfg: ModelConfig, dtype: str, device: str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        model.rotary.inv_freq = cfg.rope_inv_freq().to(self.device)  # buffer was on meta
+        load_weights(model, model_dir, cfg.tie_word_embeddings)
+        self.model = model.eval()
+        self.kv_cache: torch.Tensor | None = None
+        self.block_size = 0
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        c = self.cfg
+        return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        c = self.cfg
+        self.block_size = block_size
+        self.kv_cache = torch.zeros(c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim,
+                                    dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, prefills: list[SeqInput], decodes: list[SeqInput], sample_rows: list[int]) -> torch.Tensor:
+        """Run one step. `sample_rows` index into prefills + decodes; returns logits [len(sample_rows), V]."""
+        bs = self.block_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        last_index: list[int] = []
+        prefill_meta: list[PrefillSeq] = []
+        for seq in prefills + decodes:
+            start = len(tokens)
+            pos = range(seq.start, seq.start + seq.n)
+            tokens.extend(seq.token_ids[seq.start: seq.start + seq.n])
+            positions.extend(pos)
+            slots.extend(seq.block_ids[p // bs] * bs + p % bs for p in pos)
+            last_index.append(len(tokens) - 1)
+            if len(prefill_meta) < len(prefills):
+                prefill_meta.append(PrefillSeq(
+                    query_start=start, query_len=seq.n, context_len=seq.start + seq.n,
+                    block_table=torch.tensor(seq.block_ids[: -(-(seq.start + seq.n) // bs)], device=self.device),
+                ))
+        dev = self.device
+        decode_tables = decode_lens = None
+        max_ctx = 0
+        if decodes:
+            max_blocks = max(len(d.block_ids) for d in decodes)
+            decode_tables = torch.tensor([d.block_ids + [0] * (max_blocks - len(d.block_ids)) for d in decodes],
+                                         device=dev)
+            lens = [d.start + 1 for d in decodes]
+            max_ctx = max(lens)
+            decode_lens = torch.tensor(lens, device=dev)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            prefills=prefill_meta,
+            num_decodes=len(decodes),
+            decode_block_tables=decode_tables,
+            decode_context_lens=decode_lens,
+            decode_max_context=max_ctx,
+            sliding_window=self.cfg.sliding_window,
+        )
+        hidden = self.model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
+                            self.kv_cache, meta)
+        rows = torch.tensor([last_index[i] for i in sample_rows], dtype=torch.long, device=dev)
+        return self.model.compute_logits(hidden[rows])
+
+    # -- KV export / import (disaggregation) --------------------------------------------
+    def gather_kv(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
+        """-> [num_layers, 2, num_tokens, Hkv, D], contiguous."""
+        idx = torch.tensor(block_ids, device=self.device)
+        blocks = self.kv_cache[:, :, idx]  # [L, 2, nb, bs, H, D]
+        return blocks.flatten(2, 3)[:, :, :num_tokens].contiguous()
+
+    def scatter_kv(self, block_ids: list[int], kv: torch.Tensor, layer_start: int, token_start: int) -> None:
+        # kv: [n_layers, 2, T, H, D] -> slots token_start .. token_start + T of the given layers
+        bs = self.block_size
+        n_layers, _, t = kv.shape[:3]
+        pos = torch.arange(token_start, token_start + t)
+        slots = torch.tensor(block_ids, dtype=torch.long)[pos // bs] * bs + pos % bs
+        flat = self.kv_cache[layer_start: layer_start + n_layers].flatten(2, 3)  # [n, 2, nb*bs, H, D]
+        flat[:, :, slots.to(self.device)] = kv.to(device=self.device, dtype=self.dtype)

@@ -1,0 +1,106 @@
+"""Logits -> next tokens, per request parameters, batched.
+
+Order of transforms (as in HF `generate`): repetition penalty, temperature, top-k, top-p,
+min-p, then sample. A seeded request draws its randomness from a generator seeded by
+(seed, output index), so its tokens do not depend on the batch it runs in, nor on which
+worker (prefill or decode) samples a given position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .params import SamplingParams, TokenLogprobs
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) over the seed space
+
+
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    token_ids: list[int]  # prompt + output so far (for the repetition penalty)
+    output_index: int  # index of the token being sampled among the request's outputs
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow],
+           generator: torch.Generator | None = None) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """logits: [B, V] float32 -> one token id per row, plus logprobs where asked."""
+    raw_logprobs = None
+    if any(r.params.logprobs for r in rows):
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+    logits = logits.clone()
+    _apply_repetition_penalty(logits, rows)
+    tokens = torch.empty(len(rows), dtype=torch.long)
+    greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+    if greedy:
+        tokens[greedy] = logits[greedy].argmax(dim=-1)
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if sampled:
+        probs = _filtered_probs(logits[sampled], [rows[i].params for i in sampled])  # [S, V]
+        # Exponential race: argmax(p / E), E ~ Exp(1), draws from p. Per-row noise lets a
+        # seeded row use its own generator while unseeded rows share one draw.
+        noise = torch.empty_like(probs)
+        unseeded = [j for j, i in enumerate(sampled) if rows[i].params.seed is None]
+        if unseeded:
+            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1]).exponential_(generator=generator)
+        for j, i in enumerate(sampled):
+            seed = rows[i].params.seed
+            if seed is not None:
+                g = torch.Generator().manual_seed(_row_seed(seed, rows[i].output_index))
+                noise[j] = torch.empty(probs.shape[1]).exponential_(generator=g)
+        tokens[sampled] = (probs / noise.to(probs.device)).argmax(dim=-1).cpu()
+    token_list = tokens.tolist()
+    logprobs: list[TokenLogprobs | None] = [None] * len(rows)
+    if raw_logprobs is not None:
+        for i, r in enumerate(rows):
+            n = r.params.logprobs
+            if n:
+                top = raw_logprobs[i].topk(n)
+                logprobs[i] = TokenLogprobs(
+                    token_id=token_list[i], logprob=float(raw_logprobs[i, token_list[i]]),
+                    top=list(zip(top.indices.tolist(), top.values.tolist(), strict=True)),
+                )
+    return token_list, logprobs
+
+
+def _row_seed(seed: int, index: int) -> int:
+    return (seed * _SEED_MIX + index) % (2**63 - 1)
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    for i, r in enumerate(rows):
+        penalty = r.params.repetition_penalty
+        if penalty == 1.0 or not r.token_ids:
+            continue
+        ids = torch.tensor(sorted(set(r.token_ids)), dtype=torch.long, device=logits.device)
+        seen = logits[i, ids]
+        # CTRL/HF rule: shrink positive logits, push negative ones further down
+        logits[i, ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+    logits = logits / temps[:, None]
+    top_k = [p.top_k for p in params]
+    if any(k > 0 for k in top_k):
+        for i, k in enumerate(top_k):
+            if 0 < k < logits.shape[1]:
+                kth = logits[i].topk(k).values[-1]
+                logits[i] = logits[i].masked_fill(logits[i] < kth, float("-inf"))
+    top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=logits.device)
+    if (top_p < 1.0).any():
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop the low tail whose mass is <= 1 - top_p, keep at least the top token
+        drop = cum <= (1 - top_p)[:, None]
+        drop[:, -1] = False
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=probs.device)
+    if (min_p > 0).any():
+        threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < threshold, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs

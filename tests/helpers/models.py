@@ -1,0 +1,61 @@
+"""Tiny random Llama-family checkpoints written on the fly (HF layout), no network.
+
+Weights are drawn with a large init std so the next-token distribution is peaked: greedy
+comparisons against HF transformers then do not hinge on float rounding of near-ties.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .tokenizers import BOS_ID, EOS_ID, VOCAB_SIZE, make_tokenizer_dir
+
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+}
+
+
+def make_tiny_checkpoint(path: Path, arch: str = "llama", *, tie: bool = False, num_layers: int = 2,
+                         hidden: int = 64, heads: int = 4, kv_heads: int = 2, seed: int = 0,
+                         max_positions: int = 512, rope_scaling: dict | None = None,
+                         sharded: bool = False, std: float = 0.08, **extra) -> Path:
+    import transformers
+
+    cfg_name, model_name = ARCHS[arch]
+    path = Path(path)
+    make_tokenizer_dir(path)
+    kwargs = dict(
+        vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=num_layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+        tie_word_embeddings=tie, bos_token_id=BOS_ID, eos_token_id=EOS_ID, initializer_range=std,
+        rms_norm_eps=1e-6,
+    )
+    if rope_scaling is not None:
+        kwargs["rope_parameters"] = {"rope_theta": 10000.0, **rope_scaling}
+    kwargs.update(extra)
+    config = getattr(transformers, cfg_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():  # biases default to zero; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, std)
+    model.save_pretrained(path, max_shard_size="200KB" if sharded else "2GB")
+    return path
+
+
+def load_hf(path: Path):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                             min_new_tokens=max_new_tokens, pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
