@@ -1,0 +1,176 @@
+"""An asyncio front for LLMEngine: the engine runs its step loop in its own thread.
+
+Coroutines hand work to the engine thread through a thread-safe command queue; it runs
+commands between steps, so the engine itself never needs a lock. Outputs come back to each
+request's asyncio queue through `call_soon_threadsafe`. Knows nothing of gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import structlog
+
+from .engine import EngineStats, LLMEngine
+from .params import RequestOutput, SamplingParams
+
+log = structlog.get_logger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped; no request can be served."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._stopped = threading.Event()
+        self._stats = engine.stats()
+
+    def start(self) -> AsyncEngine:
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._commands.put(None)
+        self._thread.join(timeout)
+
+    def stats(self) -> EngineStats:
+        """Snapshot taken by the engine thread after its last step (no locking needed)."""
+        return self._stats
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn(engine, *args) on the engine thread between steps and return its result."""
+        if self._stopped.is_set():
+            raise EngineDeadError("engine is stopped")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn(self.engine, *args)
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+                _post(loop, _set_exception, fut, e)
+            else:
+                _post(loop, _set_result, fut, result)
+
+        self._commands.put(run)
+        return await fut
+
+    async def abort(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        if not self._stopped.is_set():
+            await self.call(lambda eng: eng.abort(request_id))
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                       hold_kv: bool = False) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs. Leaving the iteration early (cancel, break) aborts it,
+        unless it finished with hold_kv, whose blocks the caller releases."""
+        q = self.open_stream(request_id)
+        try:
+            await self.call(lambda eng: eng.add_request(request_id, prompt_token_ids, params, hold_kv=hold_kv))
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        async for out in self.stream(request_id, q):
+            yield out
+
+    def open_stream(self, request_id: str) -> asyncio.Queue:
+        """Register a queue for a request's outputs before it is added to the engine."""
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        return q
+
+    async def stream(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                await asyncio.shield(self.abort(request_id))
+
+    # -- engine thread ----------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                block = not self.engine.has_unfinished()
+                if not self._drain(block):
+                    return
+                if self.engine.has_unfinished():
+                    outputs = self.engine.step()
+                    self._stats = self.engine.stats()
+                    for out in outputs:
+                        self._deliver(out.request_id, out)
+                else:
+                    self._stats = self.engine.stats()
+        except BaseException as e:  # noqa: BLE001 - a dead engine must fail every stream loudly
+            log.exception("engine_loop_failed")
+            self._stopped.set()
+            err = EngineDeadError(f"engine failed: {e!r}")
+            for rid in list(self._streams):
+                self._deliver(rid, err)
+            self._fail_pending(err)
+        finally:
+            self._stopped.set()
+
+    def _drain(self, block: bool) -> bool:
+        """Run queued commands; wait for one if the engine is idle. False on shutdown."""
+        while True:
+            try:
+                cmd = self._commands.get(block=block)
+            except queue.Empty:
+                return True
+            if cmd is None:
+                return False
+            cmd()
+            block = False
+
+    def _fail_pending(self, err: Exception) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd is not None:
+                try:
+                    cmd()
+                except Exception:  # noqa: BLE001
+                    pass
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        entry = self._streams.get(request_id)
+        if entry is not None:
+            loop, q = entry
+            _post(loop, q.put_nowait, item)
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # that event loop is closed: nobody is waiting any more
+        pass
+
+
+def _set_result(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
