@@ -1,0 +1,146 @@
+"""The engine's greedy outputs equal HF transformers token for token, under every scheduling regime."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared.engine import EngineConfig, LLMEngine, SamplingParams
+from shared.engine.model import ModelLoadError
+from tests.helpers.models import hf_greedy, load_hf, make_tiny_checkpoint
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+PROMPTS = [
+    [1, *range(5, 45)],  # 41 tokens: several blocks
+    [1, 30, 31],
+    [1, *range(100, 119)],  # exactly 20
+    [1, *range(200, 260)],  # 61 tokens
+    [1, 7],
+]
+
+CHECKPOINTS = {
+    "llama-gqa-untied": dict(arch="llama"),
+    "llama-tied-mha": dict(arch="llama", tie=True, kv_heads=4),
+    "llama3-rope-scaling": dict(arch="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                             "original_max_position_embeddings": 64}),
+    "qwen2-qkv-bias": dict(arch="qwen2", tie=True),
+    "mistral": dict(arch="mistral", sliding_window=None),
+    "mistral-sliding-window": dict(arch="mistral", sliding_window=16),
+    "llama-sharded": dict(arch="llama", sharded=True),
+}
+
+
+@pytest.fixture(scope="module", params=list(CHECKPOINTS))
+def checkpoint(request, tmp_path_factory):
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp(request.param), **CHECKPOINTS[request.param])
+    model = load_hf(path)
+    refs = [hf_greedy(model, p, GREEDY.max_tokens) for p in PROMPTS]
+    return path, model, refs
+
+
+def _engine(path, **kw) -> LLMEngine:
+    cfg = dict(model=str(path), num_blocks=128, block_size=8, max_num_batched_tokens=256)
+    cfg.update(kw)
+    return LLMEngine(EngineConfig(**cfg))
+
+
+def _run_staggered(engine: LLMEngine, prompts, params, join_every: int = 3) -> list[list[int]]:
+    """Submit one prompt every few steps, so requests join a batch already decoding."""
+    outputs = {i: [] for i in range(len(prompts))}
+    pending = list(enumerate(prompts))
+    steps = 0
+    while pending or engine.has_unfinished():
+        if pending and steps % join_every == 0:
+            i, p = pending.pop(0)
+            engine.add_request(str(i), p, params)
+        for out in engine.step():
+            outputs[int(out.request_id)].extend(out.new_token_ids)
+        steps += 1
+    return [outputs[i] for i in range(len(prompts))]
+
+
+def _assert_no_leak(engine: LLMEngine) -> None:
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks, "blocks still referenced after all requests ended"
+    assert not engine.requests
+
+
+def test_first_step_logits_match_hf(checkpoint):
+    path, model, _ = checkpoint
+    engine = _engine(path)
+    prompt = PROMPTS[0]
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0, -1]
+    engine.add_request("a", prompt, GREEDY)
+    req = engine.requests["a"]
+    batch = engine.scheduler.schedule()
+    inputs = [engine._seq_input(r, r.num_computed_tokens, n) for r, n in batch.prefills]
+    logits = engine.runner.forward(inputs, [], [0])[0]
+    assert req.num_computed_tokens == 0
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_batch_staggered_matches_hf(checkpoint):
+    path, _, refs = checkpoint
+    engine = _engine(path)
+    assert _run_staggered(engine, PROMPTS, GREEDY) == refs
+    _assert_no_leak(engine)
+
+
+def test_chunked_prefill_matches_hf(checkpoint):
+    path, _, refs = checkpoint
+    engine = _engine(path, max_num_batched_tokens=7)  # a 61-token prompt takes 9+ steps
+    assert _run_staggered(engine, PROMPTS, GREEDY, join_every=1) == refs
+    _assert_no_leak(engine)
+
+
+def test_prefix_cache_hits_match_hf(checkpoint):
+    path, model, _ = checkpoint
+    engine = _engine(path)
+    base = PROMPTS[0]
+    variants = [base + [50, 51, 52], base + [60], base[:30] + [70, 71, 72, 73, 74]]
+    refs = [hf_greedy(model, p, GREEDY.max_tokens) for p in variants]
+    assert engine.generate([base], GREEDY)[0] == hf_greedy(model, base, GREEDY.max_tokens)
+    cached = []
+    for v, ref in zip(variants, refs, strict=True):
+        engine.add_request("v", v, GREEDY)
+        toks = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                toks.extend(out.new_token_ids)
+                cached.append(out.num_cached_tokens)
+        assert toks == ref
+    # 41-token prefix with 8-token blocks: 5 full blocks reused by the first two variants, 3 by the last
+    assert cached[0] == 40 and cached[GREEDY.max_tokens] == 40 and cached[-1] == 24
+    _assert_no_leak(engine)
+
+
+def test_preemption_matches_hf(checkpoint):
+    path, _, refs = checkpoint
+    # 24 blocks of 8 = 192 token slots for requests that need 27..85 each: some must be preempted
+    engine = _engine(path, num_blocks=24, enable_prefix_caching=False)
+    assert _run_staggered(engine, PROMPTS, GREEDY, join_every=1) == refs
+    assert engine.stats().num_preemptions > 0
+    _assert_no_leak(engine)
+
+
+def test_unknown_architecture_is_named(tmp_path):
+    path = make_tiny_checkpoint(tmp_path)
+    cfg = (path / "config.json").read_text().replace("LlamaForCausalLM", "GPT2LMHeadModel")
+    (path / "config.json").write_text(cfg)
+    with pytest.raises(ModelLoadError, match="GPT2LMHeadModel"):
+        _engine(path)
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    path = make_tiny_checkpoint(tmp_path)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        _engine(path)
+
+
+def test_missing_config_is_named(tmp_path):
+    with pytest.raises(ModelLoadError, match="config.json"):
+        _engine(tmp_path)

@@ -1,0 +1,193 @@
+"""Requests end, abort, sample, and move KV between engines without leaking a block."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from shared.engine import AsyncEngine, EngineConfig, FinishReason, InvalidRequest, LLMEngine, SamplingParams
+from tests.helpers.models import make_tiny_checkpoint
+from tests.helpers.tokenizers import EOS_ID
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+PROMPTS = [[1, *range(5, 45)], [1, 30, 31], [1, *range(100, 119)], [1, *range(200, 230)]]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def make_engine(ckpt, **kw) -> LLMEngine:
+    cfg = dict(model=str(ckpt), num_blocks=64, block_size=8, max_num_batched_tokens=16)
+    cfg.update(kw)
+    return LLMEngine(EngineConfig(**cfg))
+
+
+def all_free(engine: LLMEngine) -> bool:
+    s = engine.stats()
+    return s.num_free_blocks == s.num_total_blocks and not engine.requests and not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("abort_after_steps", [0, 1, 2, 4, 8, 20])
+def test_abort_at_every_phase_frees_all_blocks(ckpt, abort_after_steps):
+    """Abort while waiting, mid chunked prefill, and mid decode."""
+    engine = make_engine(ckpt, max_num_seqs=2)  # the 3rd and 4th requests wait
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(str(i), p, GREEDY)
+    for _ in range(abort_after_steps):
+        engine.step()
+    for i in range(len(PROMPTS)):
+        engine.abort(str(i))
+    assert all_free(engine)
+
+
+def test_finished_requests_free_blocks_and_report_reasons(ckpt):
+    engine = make_engine(ckpt)
+    probe = engine.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+    engine.add_request("len", PROMPTS[0], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    engine.add_request("stop", PROMPTS[1], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[probe[1]]))
+    outs = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+    assert outs["len"][-1].finish_reason is FinishReason.LENGTH and len(outs["len"]) == 5
+    assert outs["stop"][-1].finish_reason is FinishReason.STOP and len(outs["stop"]) == probe.index(probe[1]) + 1
+    assert all_free(engine)
+
+
+def test_eos_stops_unless_ignored(ckpt):
+    engine = make_engine(ckpt)
+    engine.model_config.eos_token_ids = [engine.generate([PROMPTS[2]], GREEDY)[0][3]]
+    stopped = engine.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=12))[0]
+    ignored = engine.generate([PROMPTS[2]], GREEDY)[0]
+    assert len(stopped) == 4 and len(ignored) == 12 and ignored[:4] == stopped
+    assert EOS_ID == 2
+
+
+@pytest.mark.parametrize("field,prompt,params", [
+    ("prompt", [], GREEDY),
+    ("prompt_token_ids", [1, 99999], GREEDY),
+    ("max_tokens", [1, 2], SamplingParams(max_tokens=0)),
+    ("max_tokens", [1] * 500, SamplingParams(max_tokens=100)),
+    ("temperature", [1, 2], SamplingParams(temperature=float("nan"))),
+    ("temperature", [1, 2], SamplingParams(temperature=-1)),
+    ("top_p", [1, 2], SamplingParams(top_p=0)),
+    ("top_k", [1, 2], SamplingParams(top_k=-1)),
+    ("stop_token_ids", [1, 2], SamplingParams(stop_token_ids=[-3])),
+])
+def test_invalid_requests_name_the_field(ckpt, field, prompt, params):
+    engine = make_engine(ckpt)
+    with pytest.raises(InvalidRequest) as e:
+        engine.add_request("x", prompt, params)
+    assert e.value.field == field
+    assert engine.generate([PROMPTS[1]], GREEDY)[0]  # still serving
+    assert all_free(engine)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(ckpt):
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, min_p=0.01, seed=1234, max_tokens=16,
+                            ignore_eos=True, repetition_penalty=1.1)
+    alone = make_engine(ckpt).generate([PROMPTS[0]], params)[0]
+    others = [SamplingParams(temperature=0.8, max_tokens=10, ignore_eos=True) for _ in range(3)]
+    batched = make_engine(ckpt).generate([PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[3]],
+                                         [others[0], params, others[1], others[2]])[1]
+    # and with preemption forcing a recompute midway
+    tight = make_engine(ckpt, num_blocks=14, enable_prefix_caching=False)
+    squeezed = tight.generate([PROMPTS[3], PROMPTS[0], PROMPTS[2]], [others[0], params, others[1]])[1]
+    assert alone == batched == squeezed
+    other_seed = make_engine(ckpt).generate([PROMPTS[0]], SamplingParams(**{**params.__dict__, "seed": 99}))[0]
+    assert other_seed != alone
+
+
+def test_sampling_filters_restrict_support(ckpt):
+    from shared.engine.sampler import SamplingRow, sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(200, 1)
+    for params, allowed in [
+        (SamplingParams(temperature=1.0, top_k=2), {0, 1}),
+        (SamplingParams(temperature=1.0, top_p=0.7), {0, 1}),
+        (SamplingParams(temperature=1.0, min_p=0.35), {0, 1}),
+        (SamplingParams(temperature=1.0), {0, 1, 2, 3}),
+    ]:
+        rows = [SamplingRow(params, [], i) for i in range(200)]
+        got = set(sample(logits, rows, torch.Generator().manual_seed(0))[0])
+        assert got == allowed, params
+
+
+def test_logprobs_of_sampled_tokens(ckpt):
+    engine = make_engine(ckpt)
+    engine.add_request("a", PROMPTS[1], SamplingParams(temperature=0, max_tokens=3, logprobs=3, ignore_eos=True))
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    for o in outs:
+        (lp,) = o.logprobs
+        assert len(lp.top) == 3 and lp.top[0][0] == o.new_token_ids[0]  # greedy = the top-1
+        assert lp.logprob == pytest.approx(lp.top[0][1]) and lp.logprob <= 0
+
+
+def test_kv_export_import_reproduces_single_engine(ckpt):
+    """Prefill on one engine, move the prompt KV, decode on another: same tokens as one engine."""
+    ref = make_engine(ckpt).generate([PROMPTS[0]], GREEDY)[0]
+    prefill, decode = make_engine(ckpt), make_engine(ckpt, block_size=16)
+    first = SamplingParams(**{**GREEDY.__dict__, "max_tokens": 1})
+    prefill.add_request("r", PROMPTS[0], first, hold_kv=True)
+    (out,) = [o for _ in range(10) for o in prefill.step()][:1]
+    kv = prefill.export_kv("r")
+    assert kv.shape[:3] == (2, 2, len(PROMPTS[0]))
+    prefill.release("r")
+    assert decode.reserve("r", len(PROMPTS[0]))
+    decode.import_kv("r", kv[:1], layer_start=0)  # in two pieces, as a transport would
+    decode.import_kv("r", kv[1:], layer_start=1)
+    assert decode.add_prefilled("r", PROMPTS[0], out.new_token_ids[0], GREEDY) is None
+    toks = list(out.new_token_ids)
+    while decode.has_unfinished():
+        for o in decode.step():
+            toks += o.new_token_ids
+    assert toks == ref
+    assert all_free(decode)
+    # the prefill worker keeps the prompt's full blocks as prefix cache
+    assert prefill.stats().num_cached_blocks == len(PROMPTS[0]) // 8
+    assert prefill.stats().num_free_blocks == prefill.stats().num_total_blocks
+
+
+def test_reserve_fails_cleanly_when_full(ckpt):
+    engine = make_engine(ckpt, num_blocks=8)
+    assert not engine.reserve("big", 8 * 8 + 1)
+    assert engine.reserve("ok", 30)
+    engine.abort("ok")
+    assert all_free(engine)
+
+
+def test_async_engine_streams_and_cancel_frees_blocks(ckpt):
+    engine = make_engine(ckpt)
+    aeng = AsyncEngine(engine).start()
+    ref = make_engine(ckpt).generate(PROMPTS, GREEDY)
+
+    async def collect(i):
+        toks = []
+        async for out in aeng.generate(f"r{i}", PROMPTS[i], GREEDY):
+            toks += out.new_token_ids
+        return toks
+
+    async def cancel_midway():
+        agen = aeng.generate("c", PROMPTS[0], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        async for _ in agen:
+            break
+        await agen.aclose()
+
+    async def main():
+        got = await asyncio.gather(*(collect(i) for i in range(len(PROMPTS))), cancel_midway())
+        with pytest.raises(InvalidRequest):
+            async for _ in aeng.generate("bad", [], GREEDY):
+                pass
+        stats = await aeng.call(lambda eng: eng.stats())
+        return got, stats
+
+    got, stats = asyncio.run(main())
+    aeng.shutdown()
+    assert got[:-1] == ref
+    assert stats.num_free_blocks == stats.num_total_blocks and not engine.requests
