@@ -34,6 +34,16 @@ def add_trace_ids(logger: Any, method_name: str, event_dict: dict[str, Any]) -> 
     return event_dict
 
 
+_LEADING_KEYS = ("timestamp", "level", "service", "event", "request_id", "trace_id", "span_id")
+
+
+def _leading_keys_first(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    # JSON objects are unordered, but people read these lines too: fixed fields first.
+    ordered = {key: event_dict.pop(key) for key in _LEADING_KEYS if key in event_dict}
+    ordered.update(event_dict)
+    return ordered
+
+
 def _add_service(service: str):
     def add_service(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
         event_dict.setdefault("service", service)
@@ -71,7 +81,7 @@ def configure_logging(
         if json
         else structlog.dev.ConsoleRenderer(colors=hasattr(stream, "isatty") and stream.isatty())
     )
-    final = [structlog.processors.dict_tracebacks, renderer] if json else [renderer]
+    final = [structlog.processors.dict_tracebacks, _leading_keys_first, renderer] if json else [renderer]
 
     structlog.configure(
         processors=[
