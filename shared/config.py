@@ -63,12 +63,6 @@ class ServerSettings:
         "On SIGTERM: seconds running requests get to finish before they are cancelled.",
         minimum=0,
     )
-    log_level: str = setting(
-        "TANDEM_LOG_LEVEL", "info", "Log level.", choices=("debug", "info", "warning", "error")
-    )
-    metrics_port: int = setting(
-        "TANDEM_METRICS_PORT", 0, "Port of the Prometheus endpoint; 0 turns it off.", minimum=0
-    )
 
 
 @dataclass(frozen=True)
@@ -192,16 +186,18 @@ class WorkerConfig(ServerSettings):
         "Largest KV payload of one gRPC message (well under gRPC's 4 MiB limit).",
         minimum=1024,
     )
-    collective_backend: str = setting(
-        "TANDEM_COLLECTIVE_BACKEND",
-        "",
-        "torch.distributed backend of the collective transport; default: nccl on cuda, gloo on cpu.",
-        choices=("", "gloo", "nccl"),
+    kv_receiver_port: int = setting(
+        "TANDEM_KV_RECEIVER_PORT",
+        0,
+        "Decode worker, collective transport: port of the KV receiver store prefill workers connect to; "
+        "0 picks a free one. Its host is that of TANDEM_ADVERTISE_ADDR (default 127.0.0.1). "
+        "The pair groups use torch.distributed's backend for the device: gloo on cpu, nccl on cuda.",
+        minimum=0,
     )
-    collective_timeout_s: float = setting(
-        "TANDEM_COLLECTIVE_TIMEOUT_S",
+    kv_timeout_s: float = setting(
+        "TANDEM_KV_TIMEOUT_S",
         60.0,
-        "Seconds a collective pair group may take to form or to move one piece.",
+        "Seconds one KV transfer (or forming a collective pair group) may take before the request fails.",
         minimum=1,
     )
     scheduler_addr: str = setting(
@@ -215,15 +211,8 @@ class WorkerConfig(ServerSettings):
             raise ConfigError("TANDEM_MODEL: required (the model directory)")
         if self.scheduler_addr:
             _check_address("TANDEM_SCHEDULER_ADDR", self.scheduler_addr)
-        if self.collective_backend == "nccl" and not self.device.startswith("cuda"):
-            raise ConfigError("TANDEM_COLLECTIVE_BACKEND: nccl needs TANDEM_DEVICE=cuda[:N]")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise ConfigError(f"TANDEM_DEVICE: expected cpu, cuda or cuda:N, got {self.device!r}")
-
-    @property
-    def resolved_backend(self) -> str:
-        """The torch.distributed backend the collective transport uses."""
-        return self.collective_backend or ("nccl" if self.device.startswith("cuda") else "gloo")
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `shared.engine.EngineConfig` (built by the worker, which imports torch)."""
@@ -331,6 +320,18 @@ def add_cli_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ..
             metavar=meta["env"],
             help=f"{meta['help']} (env {meta['env']})",
         )
+
+
+def telemetry_from_env(default_service_name: str, env: Mapping[str, str] | None = None):
+    """Telemetry settings (OTEL_*, TANDEM_LOG_*, TANDEM_METRICS_PORT, ...), see shared/telemetry/config.py."""
+    from shared.telemetry.config import TelemetryConfig
+
+    try:
+        return TelemetryConfig.from_env(
+            os.environ if env is None else env, default_service_name=default_service_name
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def describe(cls: type) -> str:

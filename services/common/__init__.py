@@ -1,0 +1,1 @@
+"""Plumbing every service shares: the gRPC server shell, error mapping, protobuf conversion."""

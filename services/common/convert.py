@@ -1,0 +1,59 @@
+"""Protobuf <-> engine types, for the workers (imports the engine, so never the scheduler)."""
+
+from __future__ import annotations
+
+from shared.engine import FinishReason, RequestOutput, SamplingParams, TokenLogprobs
+from shared.pb.tandem.v1 import common_pb2, worker_pb2
+
+DEFAULT_MAX_TOKENS = 16
+
+FINISH_TO_PB = {
+    None: common_pb2.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: common_pb2.FINISH_REASON_ERROR,
+}
+
+
+def sampling_from_pb(
+    sampling: common_pb2.SamplingParameters, stopping: common_pb2.StoppingCriteria | None = None
+) -> SamplingParams:
+    """Engine SamplingParams from the wire; unset optional fields take the engine's defaults."""
+    stopping = stopping if stopping is not None else common_pb2.StoppingCriteria()
+    return SamplingParams(
+        max_tokens=stopping.max_tokens if stopping.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
+        temperature=sampling.temperature if sampling.HasField("temperature") else 1.0,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,
+        min_p=sampling.min_p,
+        repetition_penalty=sampling.repetition_penalty if sampling.HasField("repetition_penalty") else 1.0,
+        seed=sampling.seed if sampling.HasField("seed") else None,
+        stop_token_ids=list(stopping.stop_token_ids),
+        ignore_eos=stopping.ignore_eos,
+        logprobs=sampling.logprobs,
+    )
+
+
+def logprob_to_pb(lp: TokenLogprobs) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        top=[common_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top],
+    )
+
+
+def logprob_from_pb(lp: common_pb2.TokenLogprob) -> TokenLogprobs:
+    return TokenLogprobs(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top])
+
+
+def output_to_pb(out: RequestOutput, *, prefilled_by: str = "") -> worker_pb2.DecodeResponse:
+    return worker_pb2.DecodeResponse(
+        token_ids=out.new_token_ids,
+        logprobs=[logprob_to_pb(lp) for lp in out.logprobs or []],
+        finish_reason=FINISH_TO_PB[out.finish_reason],
+        num_prompt_tokens=out.num_prompt_tokens,
+        num_cached_tokens=out.num_cached_tokens,
+        num_output_tokens=out.num_output_tokens,
+        prefilled_by=prefilled_by,
+    )

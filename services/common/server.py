@@ -1,0 +1,104 @@
+"""The gRPC server shell of every service: health, reflection, graceful stop.
+
+A service builds its servicers and hands them to `GrpcServer`; its `__main__` runs it with
+`run_until_signal` (until SIGTERM/SIGINT), tests call `start()`/`stop()` themselves. On stop,
+the health service turns NOT_SERVING first, so that load balancers and the scheduler stop
+sending work, then running calls get `grace_period_s` to finish before they are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+# Large enough for KV chunks (bounded well below this by TANDEM_KV_CHUNK_BYTES) and long prompts.
+MAX_MESSAGE_BYTES = 64 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class GrpcServer:
+    """A grpc.aio server with the standard health service and server reflection."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        service_names: Sequence[str],
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        advertise_address: str = "",
+    ):
+        self._server = grpc.aio.server(interceptors=list(interceptors), options=CHANNEL_OPTIONS)
+        self._bind = f"{host}:{port}"
+        self._advertise = advertise_address
+        self.service_names = list(service_names)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+        )
+        self.port: int | None = None
+        self._stopping = False
+        self._stopped = asyncio.Event()
+
+    @property
+    def grpc_server(self) -> grpc.aio.Server:
+        """For add_XServicer_to_server(...) before start()."""
+        return self._server
+
+    @property
+    def address(self) -> str:
+        """host:port other processes dial (the advertised address, or loopback and the bound port)."""
+        return self._advertise or f"127.0.0.1:{self.port}"
+
+    async def start(self) -> int:
+        """Bind, start and report SERVING; returns the bound port."""
+        self.port = self._server.add_insecure_port(self._bind)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self._bind}")
+        await self._server.start()
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving %s on %s", ", ".join(self.service_names), self._bind.rsplit(":", 1)[0] + f":{self.port}"
+        )
+        return self.port
+
+    async def stop(self, grace_s: float) -> None:
+        """NOT_SERVING, then give running calls grace_s seconds, then cancel them."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace_s)
+        self._stopped.set()
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+
+async def run_until_signal(
+    start: Callable[[], Awaitable[object]], stop: Callable[[], Awaitable[None]]
+) -> None:
+    """Await start(), wait for SIGTERM or SIGINT, then await stop() (which stops gracefully)."""
+    loop = asyncio.get_running_loop()
+    signalled = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signalled.set)
+    await start()
+    await signalled.wait()
+    log.info("signal received: stopping")
+    await stop()
+    log.info("stopped")

@@ -1,0 +1,186 @@
+"""What prefill and decode workers share: the engine, load/info reporting, registration.
+
+`WorkerApp` builds the engine (in an `AsyncEngine` thread), the gRPC server with the
+`Worker` service (GetLoad, GetInfo), and registers with the scheduler when
+TANDEM_SCHEDULER_ADDR is set. The prefill and decode apps add their own servicers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import grpc
+
+from services.common.errors import ErrorInterceptor
+from services.common.server import CHANNEL_OPTIONS, GrpcServer
+from shared.config import ConfigError, WorkerConfig
+from shared.engine import AsyncEngine, EngineConfig, InvalidRequest, LLMEngine, ModelLoadError
+from shared.engine.async_engine import EngineDeadError
+from shared.kv.errors import KvTransferError, KvTransferTimeout
+from shared.pb.tandem.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+TRANSPORT_TO_PB = {"grpc": kv_pb2.KV_TRANSPORT_GRPC, "collective": kv_pb2.KV_TRANSPORT_COLLECTIVE}
+
+# Most specific first: the interceptor takes the first match.
+WORKER_ERRORS = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    KvTransferTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    KvTransferError: grpc.StatusCode.DATA_LOSS,
+    EngineDeadError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def build_engine(config: WorkerConfig) -> AsyncEngine:
+    """Load the model and start the engine thread."""
+    import torch
+
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
+    try:
+        engine = LLMEngine(EngineConfig(**config.engine_kwargs()))
+    except (ModelLoadError, FileNotFoundError) as e:
+        raise ConfigError(f"TANDEM_MODEL: {e}") from None
+    return AsyncEngine(engine).start()
+
+
+class ActiveRequests:
+    """Counts requests a servicer is handling (KV transfers included), for GetLoad."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __enter__(self) -> ActiveRequests:
+        self.count += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.count -= 1
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, aengine: AsyncEngine, config: WorkerConfig, model_name: str, active: ActiveRequests):
+        self._aengine = aengine
+        self._config = config
+        self._model_name = model_name
+        self._active = active
+
+    async def GetLoad(self, request, context) -> worker_pb2.WorkerLoad:
+        s = self._aengine.stats()
+        return worker_pb2.WorkerLoad(
+            num_free_blocks=s.num_free_blocks,
+            num_total_blocks=s.num_total_blocks,
+            num_cached_blocks=s.num_cached_blocks,
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
+            prefix_cache_query_tokens=s.prefix_cache_query_tokens,
+            num_preemptions=s.num_preemptions,
+            num_active_requests=self._active.count,
+        )
+
+    async def GetInfo(self, request, context) -> worker_pb2.WorkerInfo:
+        engine = self._aengine.engine
+        mc = engine.model_config
+        return worker_pb2.WorkerInfo(
+            role=self._config.role,
+            model_name=self._model_name,
+            max_model_len=engine.max_model_len,
+            vocab_size=mc.vocab_size,
+            block_size=engine.block_size,
+            num_layers=mc.num_layers,
+            num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim,
+            dtype=self._config.dtype,
+            device=self._config.device,
+            engine=self._config.engine,
+            kv_transport=TRANSPORT_TO_PB[self._config.kv_transport],
+            eos_token_ids=mc.eos_token_ids,
+        )
+
+
+class WorkerApp:
+    """A worker process's pieces; subclasses add their servicers in `_add_servicers`."""
+
+    role = ""
+
+    def __init__(self, config: WorkerConfig, aengine: AsyncEngine | None = None):
+        self.config = config
+        self.aengine = aengine if aengine is not None else build_engine(config)
+        self.model_name = config.model_name or self.aengine.engine.model_config.name
+        self.active = ActiveRequests()
+        self.server = GrpcServer(
+            host=config.host,
+            port=config.port,
+            advertise_address=config.advertise_address,
+            service_names=[
+                *self._service_names(),
+                worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,
+            ],
+            interceptors=[ErrorInterceptor(WORKER_ERRORS)],
+        )
+        worker_pb2_grpc.add_WorkerServicer_to_server(
+            WorkerServicer(self.aengine, config, self.model_name, self.active), self.server.grpc_server
+        )
+        self._add_servicers(self.server.grpc_server)
+        self._registration: asyncio.Task | None = None
+
+    def _service_names(self) -> Sequence[str]:
+        raise NotImplementedError
+
+    def _add_servicers(self, server: grpc.aio.Server) -> None:
+        raise NotImplementedError
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    async def start(self) -> int:
+        port = await self.server.start()
+        if self.config.scheduler_addr:
+            self._registration = asyncio.create_task(self._register(), name="register")
+        return port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Health NOT_SERVING, let running calls finish (grace), then stop the engine."""
+        if self._registration is not None:
+            self._registration.cancel()
+        await self.server.stop(self.config.grace_period_s if grace_s is None else grace_s)
+        await self._close()
+        await asyncio.to_thread(self.aengine.shutdown)
+
+    async def _close(self) -> None:
+        """Subclass hook: close peer channels and the like."""
+
+    async def _register(self) -> None:
+        """Announce this worker to the scheduler, retrying until it accepts."""
+        request = worker_pb2.RegisterWorkerRequest(
+            address=self.address, role=self.role, model_name=self.model_name
+        )
+        delay = 0.2
+        async with grpc.aio.insecure_channel(self.config.scheduler_addr, options=CHANNEL_OPTIONS) as channel:
+            stub = worker_pb2_grpc.SchedulerStub(channel)
+            while True:
+                try:
+                    resp = await stub.RegisterWorker(request, timeout=5.0)
+                except grpc.aio.AioRpcError as e:
+                    log.info(
+                        "registration with %s failed (%s); retrying",
+                        self.config.scheduler_addr,
+                        e.code().name,
+                    )
+                else:
+                    if resp.accepted:
+                        log.info(
+                            "registered with scheduler %s as %s", self.config.scheduler_addr, self.address
+                        )
+                        return
+                    log.error(
+                        "scheduler %s refused registration: %s", self.config.scheduler_addr, resp.message
+                    )
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)

@@ -1,0 +1,41 @@
+"""Build the decode worker from its config (used by __main__ and by tests)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.common.worker_app import WorkerApp
+from shared.kv.collective_receiver import CollectiveKvReceiver
+from shared.pb.tandem.v1 import worker_pb2, worker_pb2_grpc
+
+from .servicer import DecodeServicer
+from .worker import DecodeWorker
+
+
+class DecodeApp(WorkerApp):
+    role = "decode"
+
+    def _service_names(self):
+        return [worker_pb2.DESCRIPTOR.services_by_name["Decode"].full_name]
+
+    def _add_servicers(self, server) -> None:
+        config = self.config
+        self.receiver = None
+        if config.kv_transport == "collective":
+            host = config.advertise_address.rpartition(":")[0] or "127.0.0.1"
+            self.receiver = CollectiveKvReceiver(
+                host, config.kv_receiver_port, device=config.device, timeout_s=config.kv_timeout_s
+            )
+        self.worker = DecodeWorker(
+            self.aengine,
+            transport=config.kv_transport,
+            chunk_bytes=config.kv_chunk_bytes,
+            kv_timeout_s=config.kv_timeout_s,
+            receiver=self.receiver,
+        )
+        worker_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(self.worker, self.active), server)
+
+    async def _close(self) -> None:
+        await self.worker.peers.close()
+        if self.receiver is not None:
+            await asyncio.to_thread(self.receiver.close)

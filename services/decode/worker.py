@@ -1,0 +1,231 @@
+"""One request on a decode worker: prefill (locally or on a peer), then continuous batching.
+
+Disaggregated path, with a prefill peer:
+  validate -> reserve blocks for the prompt -> Prefill call to the peer with a KV target ->
+  import the KV pieces as they arrive -> add_prefilled(first token) -> stream the engine's
+  outputs (the first token is emitted here, the engine's outputs start at the second).
+The decode worker owns the blocks it reserved: any failure or cancellation aborts the
+request (which frees them) and cancels the call to the peer, which then aborts too.
+If the peer cannot be reached before any KV arrived, the prompt is prefilled locally.
+
+Local path, without a peer: the engine's own `generate` (prefix cache, chunked prefill).
+This module knows nothing of protobuf beyond the peer call it makes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from services.common.convert import logprob_from_pb
+from services.common.errors import ResourceExhausted, Unavailable
+from services.common.server import CHANNEL_OPTIONS
+from shared.engine import AsyncEngine, RequestOutput, SamplingParams
+from shared.kv.chunks import KvChunk
+from shared.kv.collective import TransferMeta
+from shared.kv.collective_receiver import CollectiveKvReceiver
+from shared.pb.tandem.v1 import common_pb2, kv_pb2, worker_pb2, worker_pb2_grpc
+
+from .kv_import import KvImporter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeJob:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sampling_pb: common_pb2.SamplingParameters  # forwarded to the prefill peer as is
+    prefill_peer: str = ""  # host:port, or "" to prefill locally
+
+
+@dataclass
+class PrefillOutcome:
+    first_token_id: int
+    first_logprob: common_pb2.TokenLogprob | None
+    num_cached_tokens: int
+
+
+class PrefillPeerUnavailable(Exception):
+    """The peer could not be reached before any KV arrived: prefilling locally is safe."""
+
+
+class PrefillPeers:
+    """Channels to prefill workers, opened on first use and kept."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, address: str) -> worker_pb2_grpc.PrefillStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return worker_pb2_grpc.PrefillStub(channel)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._channels.values()), return_exceptions=True)
+        self._channels.clear()
+
+
+class DecodeWorker:
+    def __init__(
+        self,
+        aengine: AsyncEngine,
+        *,
+        transport: str,
+        chunk_bytes: int,
+        kv_timeout_s: float,
+        receiver: CollectiveKvReceiver | None = None,
+    ):
+        self._aengine = aengine
+        self._transport = transport
+        self._chunk_bytes = chunk_bytes
+        self._kv_timeout_s = kv_timeout_s
+        self._receiver = receiver
+        self.peers = PrefillPeers()
+        mc = aengine.engine.model_config
+        self._kv_geometry = (mc.num_layers, 2, mc.num_kv_heads, mc.head_dim)
+        self._kv_dtype = aengine.engine.config.dtype
+        self.num_local_prefills = 0
+        self.num_remote_prefills = 0
+
+    async def generate(self, job: DecodeJob) -> AsyncIterator[tuple[RequestOutput, str]]:
+        """(output, prefilled_by) pairs; prefilled_by is the peer's address or "" (local)."""
+        if job.prefill_peer:
+            try:
+                async for out in self._generate_disaggregated(job):
+                    yield out, job.prefill_peer
+                return
+            except PrefillPeerUnavailable as e:
+                log.warning(
+                    "prefill peer %s unavailable (%s): prefilling %s locally",
+                    job.prefill_peer,
+                    e,
+                    job.request_id,
+                )
+        self.num_local_prefills += 1
+        async for out in self._aengine.generate(job.request_id, job.prompt_token_ids, job.params):
+            yield out, ""
+
+    async def _generate_disaggregated(self, job: DecodeJob) -> AsyncIterator[RequestOutput]:
+        rid, prompt, params = job.request_id, job.prompt_token_ids, job.params
+        await self._aengine.call(lambda eng: eng.validate_request(prompt, params))
+        if not await self._aengine.call(lambda eng: eng.reserve(rid, len(prompt))):
+            stats = self._aengine.stats()
+            raise ResourceExhausted(
+                f"not enough free KV blocks for a {len(prompt)}-token prompt "
+                f"({stats.num_free_blocks} of {stats.num_total_blocks} free)"
+            )
+        stream_done = False  # the engine stream ran to its end (and dropped its queue itself)
+        queue = self._aengine.open_stream(rid)  # before add_prefilled: no output may be missed
+        try:
+            outcome = await self._prefill_on_peer(job)
+            first_lp = logprob_from_pb(outcome.first_logprob) if outcome.first_logprob is not None else None
+            done = await self._aengine.call(
+                lambda eng: eng.add_prefilled(rid, prompt, outcome.first_token_id, params, first_lp)
+            )
+            self.num_remote_prefills += 1
+            first = RequestOutput(
+                request_id=rid,
+                new_token_ids=[outcome.first_token_id],
+                finished=done is not None,
+                finish_reason=done.finish_reason if done is not None else None,
+                logprobs=[first_lp] if first_lp is not None else None,
+                num_prompt_tokens=len(prompt),
+                num_cached_tokens=outcome.num_cached_tokens,
+                num_output_tokens=1,
+            )
+            yield first
+            if first.finished:  # the first token ended it; the engine freed the reservation
+                return
+            async for out in self._aengine.stream(rid, queue):
+                # the engine counts no cached tokens for an imported prompt; the peer's count holds
+                out.num_cached_tokens = outcome.num_cached_tokens
+                stream_done = out.finished
+                yield out
+        finally:
+            if not stream_done:
+                # frees the reservation or the running request (a no-op when already finished)
+                # and drops the output queue
+                await asyncio.shield(self._aengine.abort(rid))
+
+    async def _prefill_on_peer(self, job: DecodeJob) -> PrefillOutcome:
+        """Have the peer prefill the prompt into our reserved blocks; returns its first token."""
+        target = kv_pb2.KvTarget(max_chunk_bytes=self._chunk_bytes)
+        if self._transport == "collective" and self._receiver is not None:
+            target.transport = kv_pb2.KV_TRANSPORT_COLLECTIVE
+            target.receiver_address = self._receiver.address
+            # one pair group per (prefill peer, this decode worker): the receiver is ours alone
+            target.pair_name = f"prefill@{job.prefill_peer}"
+        else:
+            target.transport = kv_pb2.KV_TRANSPORT_GRPC
+        request = worker_pb2.PrefillRequest(
+            request_id=job.request_id,
+            prompt_token_ids=job.prompt_token_ids,
+            sampling=job.sampling_pb,
+            kv_target=target,
+        )
+        num_layers, two, num_kv_heads, head_dim = self._kv_geometry
+        shape = (num_layers, two, len(job.prompt_token_ids), num_kv_heads, head_dim)
+        importer = KvImporter(
+            self._aengine, job.request_id, shape, self._kv_dtype, self._receiver, timeout_s=self._kv_timeout_s
+        )
+        call = self.peers.stub(job.prefill_peer).Prefill(request)
+        try:
+            async for msg in call:
+                kind = msg.WhichOneof("kind")
+                if kind == "kv_chunk":
+                    importer.add_chunk(chunk_from_pb(msg.kv_chunk))
+                elif kind == "kv_meta":
+                    await importer.add_collective(meta_from_pb(msg.kv_meta))
+                elif kind == "result":
+                    await importer.finish()
+                    r = msg.result
+                    return PrefillOutcome(
+                        r.first_token_id,
+                        r.first_logprob if r.HasField("first_logprob") else None,
+                        r.num_cached_tokens,
+                    )
+            raise Unavailable(f"prefill peer {job.prefill_peer} ended its stream without a result")
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE and importer.num_pieces == 0:
+                raise PrefillPeerUnavailable(e.details()) from None
+            raise
+        finally:
+            call.cancel()
+            importer.cancel()
+
+
+def chunk_from_pb(c: kv_pb2.KvChunk) -> KvChunk:
+    s = c.slice
+    return KvChunk(
+        index=c.index,
+        total=c.total,
+        layer_start=s.layer_start,
+        layer_end=s.layer_start + s.num_layers,
+        token_start=s.token_start,
+        token_end=s.token_start + s.num_tokens,
+        dtype=s.dtype,
+        shape=tuple(s.shape),
+        data=c.data,
+        crc32=c.crc32,
+    )
+
+
+def meta_from_pb(m: kv_pb2.KvCollectiveMeta) -> TransferMeta:
+    return TransferMeta(
+        transfer_id=m.transfer_id,
+        pair_name=m.pair_name,
+        epoch=m.epoch,
+        seq=m.seq,
+        shape=tuple(m.slice.shape),
+        dtype=m.slice.dtype,
+        nbytes=m.nbytes,
+        checksum=m.checksum,
+        checksum_kind=m.checksum_kind,
+    )

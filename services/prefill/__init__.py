@@ -1,0 +1,1 @@
+"""The prefill service: runs prompts, samples their first token, ships their KV to decode workers."""

@@ -1,0 +1,82 @@
+"""Build the scheduler from its config; start and stop it (used by __main__ and by tests)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from services.common.errors import ErrorInterceptor
+from services.common.server import GrpcServer
+from shared.config import ConfigError, SchedulerConfig
+from shared.pb.tandem.v1 import generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
+from shared.text import Tokenizer
+
+from .frontend import Frontend
+from .pool import WorkerPool
+from .router import Router
+from .servicer import SchedulerServicer, TandemServicer
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerApp:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        model_dir = Path(config.model)
+        if not model_dir.is_dir():
+            raise ConfigError(f"TANDEM_MODEL: {model_dir} is not a directory")
+        self.model_name = config.model_name or model_dir.resolve().name
+        try:
+            self.tokenizer = Tokenizer.from_dir(model_dir)
+        except FileNotFoundError as e:
+            raise ConfigError(f"TANDEM_MODEL: {e}") from None
+        self.pool = WorkerPool(
+            interval_s=config.health_interval_s, prefix_memory_blocks=config.prefix_memory_blocks
+        )
+        self.router = Router(self.pool, disagg_min_tokens=config.disagg_min_tokens)
+        self.frontend = Frontend(
+            self.tokenizer,
+            self.pool,
+            self.router,
+            default_max_tokens=config.default_max_tokens,
+            max_stop_strings=config.max_stop_strings,
+        )
+        self.server = GrpcServer(
+            host=config.host,
+            port=config.port,
+            advertise_address=config.advertise_address,
+            service_names=[
+                generate_pb2.DESCRIPTOR.services_by_name["Tandem"].full_name,
+                worker_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
+            ],
+            interceptors=[ErrorInterceptor()],
+        )
+        generate_pb2_grpc.add_TandemServicer_to_server(
+            TandemServicer(
+                self.frontend,
+                self.pool,
+                model_name=self.model_name,
+                vocab_size=self.tokenizer.vocab_size,
+                eos_token_ids=self.tokenizer.eos_token_ids,
+            ),
+            self.server.grpc_server,
+        )
+        worker_pb2_grpc.add_SchedulerServicer_to_server(
+            SchedulerServicer(self.pool, model_name=self.model_name), self.server.grpc_server
+        )
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    async def start(self) -> int:
+        for addr in self.config.decode_addrs:
+            self.pool.add(addr, "decode")
+        for addr in self.config.prefill_addrs:
+            self.pool.add(addr, "prefill")
+        self.pool.start()
+        return await self.server.start()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        await self.server.stop(self.config.grace_period_s if grace_s is None else grace_s)
+        await self.pool.close()

@@ -1,0 +1,92 @@
+"""gRPC servicers of the scheduler: protobuf in, domain (Frontend, WorkerPool) out, and back."""
+
+from __future__ import annotations
+
+import grpc
+
+from shared.pb.tandem.v1 import generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+from .frontend import Frontend, Piece
+from .pool import WorkerPool
+
+
+def piece_to_pb(piece: Piece) -> generate_pb2.GenerateResponse:
+    return generate_pb2.GenerateResponse(
+        request_id=piece.request_id,
+        text=piece.text,
+        token_ids=piece.token_ids,
+        logprobs=piece.logprobs,
+        finish_reason=piece.finish_reason,
+        finish_message=piece.finish_message,
+        usage=piece.usage,
+    )
+
+
+class TandemServicer(generate_pb2_grpc.TandemServicer):
+    """The public API."""
+
+    def __init__(
+        self, frontend: Frontend, pool: WorkerPool, *, model_name: str, vocab_size: int, eos_token_ids
+    ):
+        self._frontend = frontend
+        self._pool = pool
+        self._model_name = model_name
+        self._vocab_size = vocab_size
+        self._eos_token_ids = list(eos_token_ids)
+
+    async def Generate(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        job = self._frontend.prepare(request)
+        async for piece in self._frontend.generate(job, timeout_s=context.time_remaining()):
+            yield piece_to_pb(piece)
+
+    async def GetModelInfo(self, request, context) -> generate_pb2.ModelInfo:
+        workers = list(self._pool.workers.values())
+        infos = [w.info for w in workers if w.info is not None]
+        return generate_pb2.ModelInfo(
+            model_name=self._model_name,
+            max_model_len=min((i.max_model_len for i in infos if i.role == "decode"), default=0),
+            engine=infos[0].engine if infos else "",
+            vocab_size=self._vocab_size,
+            eos_token_ids=self._eos_token_ids,
+            workers=[
+                generate_pb2.WorkerStatus(
+                    address=w.address,
+                    role=w.role,
+                    healthy=w.healthy,
+                    num_free_blocks=w.load.num_free_blocks,
+                    num_total_blocks=w.load.num_total_blocks,
+                    num_running=w.load.num_running,
+                    num_waiting=w.load.num_waiting,
+                    registered=w.registered,
+                )
+                for w in workers
+            ],
+        )
+
+
+class SchedulerServicer(worker_pb2_grpc.SchedulerServicer):
+    """Self-registration of workers."""
+
+    def __init__(self, pool: WorkerPool, *, model_name: str):
+        self._pool = pool
+        self._model_name = model_name
+
+    async def RegisterWorker(
+        self, request: worker_pb2.RegisterWorkerRequest, context
+    ) -> worker_pb2.RegisterWorkerResponse:
+        if request.role not in ("prefill", "decode"):
+            return worker_pb2.RegisterWorkerResponse(
+                accepted=False, message=f"role must be prefill or decode, got {request.role!r}"
+            )
+        if request.model_name and request.model_name != self._model_name:
+            return worker_pb2.RegisterWorkerResponse(
+                accepted=False,
+                message=f"worker serves {request.model_name!r}, the scheduler {self._model_name!r}",
+            )
+        host, sep, port = request.address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            return worker_pb2.RegisterWorkerResponse(
+                accepted=False, message=f"address must be host:port, got {request.address!r}"
+            )
+        self._pool.add(request.address, request.role, registered=True)
+        return worker_pb2.RegisterWorkerResponse(accepted=True)
