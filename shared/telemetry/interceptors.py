@@ -9,7 +9,9 @@ becomes the `tandem.request_id` attribute and is bound for logging.
 Client side: open a CLIENT span, inject its context (and the bound request id) into the
 outgoing metadata, and close the span with the call's status code when the call is done.
 
-All four arities are covered. The interceptors know nothing about Tandem's messages.
+All four arities are covered, for asyncio handlers (coroutines, async generators, or
+coroutines that stream with `context.write`). The interceptors know nothing about
+Tandem's messages.
 """
 
 from __future__ import annotations
@@ -231,7 +233,12 @@ class _ClientTracing:
 
     def _on_done(self, span: trace.Span, call) -> None:
         end_time = time.time_ns()  # the status arrives through a coroutine; keep the real end
-        task = asyncio.get_running_loop().create_task(self._finish_call(span, call, end_time))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # the loop is gone (interpreter shutdown): end without a code
+            span.end(end_time=end_time)
+            return
+        task = loop.create_task(self._finish_call(span, call, end_time))
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
 

@@ -9,7 +9,7 @@ In a service's `__main__`: `telemetry = setup_telemetry(config.telemetry)`, then
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -33,6 +33,7 @@ class Telemetry:
     tracer: trace.Tracer
     metrics: Metrics
     metrics_port: int | None  # bound port of the metrics server, None when none runs
+    _closed: bool = field(default=False, init=False, repr=False)
 
     def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return server_interceptors(self.tracer_provider)
@@ -45,7 +46,14 @@ class Telemetry:
         return _span(name, tracer=self.tracer, **attrs)
 
     def shutdown(self, timeout_millis: int = 10_000) -> None:
-        """Export every span still buffered, stop the exporters and the metrics server."""
+        """Export every span still buffered, stop the exporters and the metrics server.
+
+        Blocking (up to `timeout_millis` when the collector is unreachable): from a running
+        event loop, `await asyncio.to_thread(telemetry.shutdown)`. A second call does nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
         self.tracer_provider.force_flush(timeout_millis)
         self.tracer_provider.shutdown()
         self.metrics.close()
