@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -323,3 +326,18 @@ async def test_otlp_exporter_delivers_spans_to_a_collector_on_shutdown():
     assert work["parent_span_id"] == server_span["span_id"]
     assert root["attributes"][attributes.REQUEST_ID] == "req-otlp"
     assert server_span["attributes"][attributes.RPC_GRPC_STATUS_CODE] == 0
+
+
+def test_spans_and_logs_are_usable_without_importing_grpc():
+    """The engine never imports grpc, yet it records spans and logs through this package."""
+    code = (
+        "import sys\n"
+        "from shared.telemetry import span, annotate, get_logger, Metrics\n"
+        "with span('step', request_id='r'):\n"
+        "    annotate(spec_accepted=1)\n"
+        "assert 'grpc' not in sys.modules, 'grpc was imported'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
