@@ -72,7 +72,9 @@ class Cluster:
         return [r async for r in self.stub.Generate(make_request(**fields))]
 
     async def load(self, app) -> worker_pb2.WorkerLoad:
-        return await worker_pb2_grpc.WorkerStub(self._channel(app.address)).GetLoad(worker_pb2.GetLoadRequest())
+        return await worker_pb2_grpc.WorkerStub(self._channel(app.address)).GetLoad(
+            worker_pb2.GetLoadRequest()
+        )
 
     async def wait_idle(self, timeout_s: float = 10.0) -> None:
         """Until every worker's blocks are all free and nothing runs (aborts are asynchronous)."""
@@ -81,7 +83,9 @@ class Cluster:
         for app in [*self.decodes, *self.prefills]:
             while True:
                 load = await self.load(app)
-                idle = load.num_free_blocks == load.num_total_blocks and not (load.num_running or load.num_waiting)
+                idle = load.num_free_blocks == load.num_total_blocks and not (
+                    load.num_running or load.num_waiting
+                )
                 if idle and load.num_active_requests == 0:
                     break
                 if loop.time() > deadline:
@@ -142,7 +146,10 @@ async def start_cluster(
     if scheduler:
         sched = SchedulerApp(
             scheduler_config(
-                model, [d.address for d in decodes], [p.address for p in prefills], **(scheduler_overrides or {})
+                model,
+                [d.address for d in decodes],
+                [p.address for p in prefills],
+                **(scheduler_overrides or {}),
             )
         )
         await sched.start()

@@ -1,0 +1,204 @@
+"""The public API's behaviour around generation: stop strings, errors, cancellation, info."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from shared.pb.tandem.v1 import common_pb2, generate_pb2, worker_pb2, worker_pb2_grpc
+
+from .cluster import make_request, start_cluster, text_of, token_ids
+
+PROMPT = [1, *range(100, 130)]
+
+
+async def read_all(call) -> list:
+    out = []
+    while (r := await call.read()) is not grpc.aio.EOF:
+        out.append(r)
+    return out
+
+
+@pytest.fixture
+async def cluster(tiny_model):
+    c = await start_cluster(tiny_model)
+    yield c
+    await c.stop()
+
+
+async def test_text_prompt_streams_text_deltas(cluster, reference):
+    responses = await cluster.generate(prompt="the quick brown fox", max_tokens=10)
+    tokenizer = cluster.scheduler.tokenizer
+    ids = tokenizer.encode("the quick brown fox")
+    assert token_ids(responses) == reference(ids, 10)
+    assert text_of(responses) == tokenizer.decode(token_ids(responses))
+    assert all(r.request_id == responses[0].request_id != "" for r in responses)
+
+
+async def test_stop_string_cuts_text_and_frees_blocks(cluster):
+    full = text_of(await cluster.generate(prompt=PROMPT, max_tokens=24))
+    assert len(full) > 12
+    stop = full[8:11]
+    expected = full[: full.index(stop)]
+    responses = await cluster.generate(prompt=PROMPT, max_tokens=24, stop=[stop])
+    assert text_of(responses) == expected
+    last = responses[-1]
+    assert last.finish_reason == common_pb2.FINISH_REASON_STOP and last.finish_message == "stop string"
+    assert 0 < last.usage.completion_tokens < 24
+    await cluster.wait_idle()  # the decode worker aborted the request when the scheduler hung up
+
+
+@pytest.mark.parametrize(
+    "fields, field_name",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=600), "max_tokens"),  # prompt + max_tokens beyond the model length
+        (dict(prompt=[1, 2, 100000]), "token_ids"),
+        (dict(prompt=""), "text"),
+        (dict(stop=[""]), "stop"),
+    ],
+)
+async def test_invalid_arguments_are_named_and_the_server_keeps_serving(
+    cluster, reference, fields, field_name
+):
+    fields = {"prompt": PROMPT, **fields}
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await cluster.generate(**fields)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field_name), err.value.details()
+    assert token_ids(await cluster.generate(prompt=PROMPT, max_tokens=4)) == reference(PROMPT, 4)
+    await cluster.wait_idle()
+
+
+async def test_missing_prompt_is_invalid(cluster):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await cluster.stub.Generate(generate_pb2.GenerateRequest()).read()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in err.value.details()
+
+
+async def test_client_cancel_frees_blocks_on_both_workers(cluster):
+    call = cluster.stub.Generate(make_request(prompt=PROMPT, max_tokens=400))
+    await call.read()
+    await call.read()
+    load = await cluster.load(cluster.decodes[0])
+    assert load.num_running == 1
+    call.cancel()
+    await cluster.wait_idle()
+
+
+async def test_out_of_kv_blocks_is_resource_exhausted(tiny_model):
+    # 8 blocks of 16 tokens: a running 100-token request leaves too few for a 60-token prompt
+    c = await start_cluster(tiny_model, decode_overrides={"num_blocks": 8})
+    try:
+        hog = c.stub.Generate(make_request(prompt=[1, *range(3, 102)], max_tokens=20))
+        await hog.read()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await c.generate(prompt=[1, *range(200, 259)], max_tokens=4)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        rest = await read_all(hog)
+        assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        await c.wait_idle()
+    finally:
+        await c.stop()
+
+
+async def test_no_decode_worker_is_unavailable(tiny_model):
+    c = await start_cluster(tiny_model, num_decode=0, num_prefill=0)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await c.generate(prompt=PROMPT)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await c.stop()
+
+
+async def test_model_info_lists_workers(cluster):
+    info = await cluster.stub.GetModelInfo(generate_pb2.GetModelInfoRequest())
+    assert info.model_name == cluster.decodes[0].model_name
+    assert info.max_model_len == 512 and info.engine == "torch" and info.vocab_size > 0
+    assert sorted((w.role, w.healthy) for w in info.workers) == [("decode", True), ("prefill", True)]
+
+
+async def test_health_and_reflection_on_every_server(cluster):
+    for app, service in [
+        (cluster.scheduler, "tandem.v1.Tandem"),
+        (cluster.decodes[0], "tandem.v1.Decode"),
+        (cluster.prefills[0], "tandem.v1.Prefill"),
+    ]:
+        channel = grpc.aio.insecure_channel(app.address)
+        cluster.channels.append(channel)
+        for name in ("", service):
+            resp = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=name)
+            )
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        services = {s.name async for r in stream for s in r.list_services_response.service}
+        assert {service, "grpc.health.v1.Health"} <= services
+        stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=service)])
+        )
+        assert [len(r.file_descriptor_response.file_descriptor_proto) async for r in stream][0] >= 1
+
+
+async def test_workers_register_themselves(tiny_model, reference):
+    c = await start_cluster(tiny_model, num_decode=0, num_prefill=0)
+    from .cluster import worker_config
+    from services.decode.app import DecodeApp
+
+    decode = DecodeApp(worker_config(tiny_model, "decode", scheduler_addr=c.scheduler.address))
+    c.decodes.append(decode)
+    try:
+        await decode.start()
+        await c.scheduler.pool.wait_ready("decode", timeout_s=10)
+        assert c.scheduler.pool.workers[decode.address].registered
+        assert token_ids(await c.generate(prompt=PROMPT, max_tokens=4)) == reference(PROMPT, 4)
+    finally:
+        await c.stop()
+
+
+async def test_unhealthy_decode_worker_is_skipped(tiny_model, reference):
+    c = await start_cluster(tiny_model, num_decode=2)
+    try:
+        down = c.decodes.pop(0)
+        await down.stop(0)
+        for _ in range(3):  # the first may hit the stopped worker and fail over
+            assert token_ids(await c.generate(prompt=PROMPT, max_tokens=4)) == reference(PROMPT, 4)
+        assert not c.scheduler.pool.workers[down.address].healthy
+    finally:
+        await c.stop()
+
+
+async def test_prefill_worker_down_falls_back_to_local_prefill(tiny_model, reference):
+    c = await start_cluster(tiny_model, scheduler_overrides={"health_interval_s": 30})
+    try:
+        down = c.prefills.pop(0)
+        await down.stop(0)
+        # the scheduler still believes the prefill worker healthy: the decode worker falls back
+        assert token_ids(await c.generate(prompt=PROMPT, max_tokens=4)) == reference(PROMPT, 4)
+        assert c.decodes[0].worker.num_local_prefills == 1
+        await c.wait_idle()
+    finally:
+        await c.stop()
+
+
+async def test_concurrent_requests_all_match(cluster, reference):
+    prompts = [[1, *range(10 + i, 40 + 3 * i)] for i in range(6)]
+    results = await asyncio.gather(*(cluster.generate(prompt=p, max_tokens=10) for p in prompts))
+    for p, responses in zip(prompts, results, strict=True):
+        assert token_ids(responses) == reference(p, 10)
+    await cluster.wait_idle()
+
+
+async def test_worker_info(cluster):
+    stub = worker_pb2_grpc.WorkerStub(grpc.aio.insecure_channel(cluster.decodes[0].address))
+    info = await stub.GetInfo(worker_pb2.GetInfoRequest())
+    assert (info.role, info.num_layers, info.block_size) == ("decode", 2, 16)
