@@ -9,9 +9,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from services.decode.app import DecodeApp
 from shared.pb.tandem.v1 import common_pb2, generate_pb2, worker_pb2, worker_pb2_grpc
 
-from .cluster import make_request, start_cluster, text_of, token_ids
+from .cluster import make_request, start_cluster, text_of, token_ids, worker_config
 
 PROMPT = [1, *range(100, 130)]
 
@@ -151,9 +152,6 @@ async def test_health_and_reflection_on_every_server(cluster):
 
 async def test_workers_register_themselves(tiny_model, reference):
     c = await start_cluster(tiny_model, num_decode=0, num_prefill=0)
-    from .cluster import worker_config
-    from services.decode.app import DecodeApp
-
     decode = DecodeApp(worker_config(tiny_model, "decode", scheduler_addr=c.scheduler.address))
     c.decodes.append(decode)
     try:
@@ -199,6 +197,6 @@ async def test_concurrent_requests_all_match(cluster, reference):
 
 
 async def test_worker_info(cluster):
-    stub = worker_pb2_grpc.WorkerStub(grpc.aio.insecure_channel(cluster.decodes[0].address))
+    stub = worker_pb2_grpc.WorkerStub(cluster._channel(cluster.decodes[0].address))
     info = await stub.GetInfo(worker_pb2.GetInfoRequest())
     assert (info.role, info.num_layers, info.block_size) == ("decode", 2, 16)
