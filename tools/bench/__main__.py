@@ -1,0 +1,22 @@
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    from tools.bench import engine as engine_bench
+
+    engine_bench.add_parser(sub)
+    try:
+        from tools.bench import serve as serve_bench
+    except ImportError:
+        serve_bench = None
+    if serve_bench is not None:
+        serve_bench.add_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
