@@ -111,7 +111,7 @@ class Frontend:
             # A decode worker that turns out to be down before it answered anything is
             # skipped and the request goes to the next one.
             for _ in range(max(1, len(self._pool.healthy("decode")))):
-                route = self._route(job)
+                route = await self._route(job)
                 started = False
                 try:
                     async for piece in self._stream(job, route, timeout_s):
@@ -126,7 +126,13 @@ class Frontend:
         finally:
             self._active.discard(job.request_id)
 
-    def _route(self, job: Job) -> Route:
+    async def _route(self, job: Job) -> Route:
+        try:
+            return self._router.route(job.prompt_token_ids)
+        except NoDecodeWorker:
+            pass
+        # Workers may have come up (or back) since the last health round: check now, once.
+        await self._pool.check_all()
         try:
             return self._router.route(job.prompt_token_ids)
         except NoDecodeWorker as e:

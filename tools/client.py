@@ -1,0 +1,90 @@
+"""A tiny command-line client of the Tandem API: stream one completion to stdout.
+
+    python -m tools.client "def fib(n):" --max-tokens 64
+    python -m tools.client --info                      # model and workers
+
+The finish reason and token usage go to stderr, so stdout holds only the generated text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+
+from shared.pb.tandem.v1 import common_pb2, generate_pb2, generate_pb2_grpc
+
+
+def build_request(args: argparse.Namespace) -> generate_pb2.GenerateRequest:
+    sampling = common_pb2.SamplingParameters(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        logprobs=args.logprobs,
+    )
+    if args.seed is not None:
+        sampling.seed = args.seed
+    if args.repetition_penalty is not None:
+        sampling.repetition_penalty = args.repetition_penalty
+    stopping = common_pb2.StoppingCriteria(
+        max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos
+    )
+    return generate_pb2.GenerateRequest(text=args.prompt, sampling=sampling, stopping=stopping)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.client", description=__doc__.splitlines()[0])
+    parser.add_argument("prompt", nargs="?", help="prompt text")
+    parser.add_argument("--addr", default="localhost:50051", help="scheduler address (default %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument(
+        "--logprobs", type=int, default=0, help="print top-N logprobs of each token to stderr"
+    )
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds (default %(default)s)")
+    parser.add_argument("--info", action="store_true", help="print the model info and exit")
+    args = parser.parse_args(argv)
+    if not args.info and args.prompt is None:
+        parser.error("a prompt is required (or --info)")
+
+    with grpc.insecure_channel(args.addr) as channel:
+        stub = generate_pb2_grpc.TandemStub(channel)
+        try:
+            if args.info:
+                print(stub.GetModelInfo(generate_pb2.GetModelInfoRequest(), timeout=args.timeout))
+                return 0
+            last = None
+            for resp in stub.Generate(build_request(args), timeout=args.timeout):
+                sys.stdout.write(resp.text)
+                sys.stdout.flush()
+                for lp in resp.logprobs:
+                    top = ", ".join(f"{t.token_id}:{t.logprob:.2f}" for t in lp.top)
+                    print(f"\n  [{lp.token_id} {lp.logprob:.3f}] {top}", file=sys.stderr)
+                last = resp
+        except grpc.RpcError as e:
+            print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print()
+    if last is not None:
+        reason = common_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+        detail = f" ({last.finish_message})" if last.finish_message else ""
+        u = last.usage
+        print(
+            f"[finish: {reason}{detail}; prompt {u.prompt_tokens}, completion {u.completion_tokens}, "
+            f"cached {u.cached_tokens} tokens]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
