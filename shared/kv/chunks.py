@@ -99,7 +99,7 @@ def split_kv(kv: torch.Tensor, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -
     name = dtype_name(kv.dtype)
     plan = plan_chunks(tuple(kv.shape), kv.element_size(), max_chunk_bytes)
     for index, (l0, l1, t0, t1) in enumerate(plan):
-        sub = kv[l0:l1, :, t0:t1]  # contiguous when t0:t1 spans all tokens
+        sub = kv[l0:l1, :, t0:t1]  # strided unless t0:t1 spans all tokens
         data = tensor_to_bytes(sub)
         yield KvChunk(
             index=index,

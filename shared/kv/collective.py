@@ -7,14 +7,16 @@ Roles and wiring:
   `KvSenderPool`. On first use the sender announces itself through the store; the
   receiver then builds its side of the pair group (receiver rank 0, sender rank 1).
   Each group lives under its own store prefix, so groups are independent of one another.
-- `sender.submit(kv)` returns a `TransferMeta` at once (transfer id, shape, dtype,
-  whole-payload checksum): the services carry it on the gRPC stream. The bytes go over
-  the group; the receiver side hands them to whoever calls `receiver.recv(meta)`.
+- `sender.send(kv)` (or `await sender.send_async(kv)`) moves the bytes over the group
+  and returns a `TransferMeta` (transfer id, shape, dtype, whole-payload checksum); the
+  services carry it on the gRPC stream, and the decode side calls `receiver.recv(meta)`,
+  which checks the bytes that arrived against the meta's checksum.
 
 Ordering. Each side has one worker thread per pair. The sender numbers its transfers
-(seq) and sends them in that order, pushing a header for each onto a queue in the store
-just before the data; the receiver's worker pops the headers in the same order and posts
-the matching receive, whether or not the meta has reached it on the gRPC stream yet.
+(seq) and sends them in that order, pushing a header (the meta less the checksum) for
+each onto a queue in the store just before the data; the receiver's worker pops the
+headers in the same order and posts the matching receive, whether or not the meta has
+reached it on the gRPC stream yet.
 Send N therefore always meets recv N, and no tags are needed (NCCL has none), so the
 same code serves gloo and NCCL. A payload whose meta never comes (the decode side gave
 up) is kept for `result_ttl_s` and dropped.
@@ -38,7 +40,7 @@ import logging
 import queue
 import threading
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 
 import torch
@@ -46,7 +48,7 @@ import torch.distributed as dist
 
 from shared.kv.errors import KvTransferError, KvTransferTimeout
 from shared.kv.pair_group import SENDER_RANK, PairGroup, backend_for
-from shared.kv.payload import checksum, checksum_kind_for, dtype_name
+from shared.kv.payload import Checksummer, checksum_kind_for, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,10 @@ class TransferMeta:
     checksum: int  # unsigned, fits uint64
     checksum_kind: str  # "crc32" (CPU payloads) | "sum64" (CUDA payloads), see shared.kv.payload
 
+    def __post_init__(self):
+        # a proto repeated field or JSON gives a list; comparisons need the tuple
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["shape"] = list(self.shape)
@@ -89,14 +95,17 @@ class TransferMeta:
 
     @classmethod
     def from_dict(cls, d: dict) -> TransferMeta:
-        return cls(**{**d, "shape": tuple(int(s) for s in d["shape"])})
+        return cls(**d)
 
-    def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+    def header_json(self) -> bytes:
+        """What goes through the store ahead of the data: everything but the checksum."""
+        d = self.to_dict()
+        del d["checksum"]
+        return json.dumps(d, separators=(",", ":")).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> TransferMeta:
-        return cls.from_dict(json.loads(raw))
+    def from_header_json(cls, raw: bytes | str, checksum: int) -> TransferMeta:
+        return cls.from_dict({**json.loads(raw), "checksum": checksum})
 
 
 def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
@@ -110,10 +119,10 @@ def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
 
 
 class PendingSend:
-    """A submitted transfer: `meta` now, completion later."""
+    """A submitted transfer; its meta (with the checksum) once the bytes have left."""
 
-    def __init__(self, meta: TransferMeta, future: concurrent.futures.Future):
-        self.meta = meta
+    def __init__(self, transfer_id: str, future: concurrent.futures.Future):
+        self.transfer_id = transfer_id
         self._future = future
 
     def done(self) -> bool:
@@ -124,9 +133,7 @@ class PendingSend:
         try:
             return self._future.result(timeout_s)
         except concurrent.futures.TimeoutError:
-            raise KvTransferTimeout(
-                f"transfer {self.meta.transfer_id} still queued after {timeout_s}s"
-            ) from None
+            raise KvTransferTimeout(f"transfer {self.transfer_id} still queued after {timeout_s}s") from None
 
     async def wait_async(self) -> TransferMeta:
         return await asyncio.wrap_future(self._future)
@@ -134,7 +141,7 @@ class PendingSend:
 
 @dataclass
 class _SendItem:
-    meta: TransferMeta
+    meta: TransferMeta  # checksum still 0: computed while the bytes go
     flat: torch.Tensor  # [nbytes] uint8 view of the payload
     ready: torch.cuda.Event | None  # recorded on the submitter's stream (CUDA only)
     future: concurrent.futures.Future
@@ -166,14 +173,12 @@ class CollectiveKvSender:
         self._thread.start()
 
     def submit(self, kv: torch.Tensor) -> PendingSend:
-        """Queue `kv` for sending and return its meta at once (computes the checksum here)."""
+        """Queue `kv` for sending; returns at once. Transfers leave in submit order."""
         kv = kv.detach()
         name = dtype_name(kv.dtype)
         if kv.device != self.device:
             kv = kv.to(self.device)
         kv = kv.contiguous()
-        kind = checksum_kind_for(self.device)
-        value = checksum(kv, kind)
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
@@ -195,15 +200,19 @@ class CollectiveKvSender:
                 shape=tuple(kv.shape),
                 dtype=name,
                 nbytes=kv.numel() * kv.element_size(),
-                checksum=value,
-                checksum_kind=kind,
+                checksum=0,
+                checksum_kind=checksum_kind_for(self.device),
             )
             # enqueued under the lock, so queue order == seq order
             self._queue.put(_SendItem(meta, kv.view(torch.uint8).reshape(-1), ready, future))
-        return PendingSend(meta, future)
+        return PendingSend(meta.transfer_id, future)
 
     def send(self, kv: torch.Tensor) -> TransferMeta:
-        """submit + wait. Safe before the meta is delivered: the receiver drains on its own."""
+        """Move `kv` to the receiver; the returned meta goes on the gRPC stream.
+
+        The receiver drains its pairs on its own, so this does not wait for the meta to
+        reach the decode side.
+        """
         return self.submit(kv).wait()
 
     async def send_async(self, kv: torch.Tensor) -> TransferMeta:
@@ -246,14 +255,13 @@ class CollectiveKvSender:
                     group_epoch = epoch
                 if item.ready is not None:
                     torch.cuda.current_stream(self.device).wait_event(item.ready)
-                store.queue_push(HEADER_QUEUE, item.meta.to_json())
-                if item.meta.nbytes:
-                    group.send(item.flat)
-                item.future.set_result(item.meta)
+                store.queue_push(HEADER_QUEUE, item.meta.header_json())
+                acc = Checksummer(item.meta.checksum_kind, item.meta.nbytes)
+                group.send(item.flat, on_segment=acc.update)
+                item.future.set_result(replace(item.meta, checksum=acc.value))
             except Exception as e:
                 err = e if isinstance(e, KvTransferError) else KvTransferError(f"pair {self.pair_name}: {e}")
                 log.warning("kv send failed on pair %s epoch %s: %s", self.pair_name, epoch, err)
-                item.future.set_exception(err)
                 failed_epoch = epoch
                 if group is not None:
                     group.abort()
@@ -261,6 +269,8 @@ class CollectiveKvSender:
                 with self._lock:
                     if self._epoch == epoch:
                         self._epoch = None  # the next submit starts a fresh group
+                # only now: a caller that retries at once must land in the new epoch
+                item.future.set_exception(err)
         if group is not None:
             group.abort()
         while True:  # fail what close() left behind

@@ -16,12 +16,13 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from shared.kv.buffers import HostBufferPool
 from shared.kv.collective import (
     ANNOUNCE_QUEUE,
     DEFAULT_TIMEOUT_S,
@@ -33,7 +34,7 @@ from shared.kv.collective import (
 )
 from shared.kv.errors import KvChecksumError, KvShapeMismatch, KvTransferError, KvTransferTimeout
 from shared.kv.pair_group import RECEIVER_RANK, PairGroup, backend_for
-from shared.kv.payload import checksum, dtype_from_name
+from shared.kv.payload import Checksummer, dtype_from_name
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class _Slot:
     """One transfer id: a waiter, an arrived payload, or both."""
 
     done: threading.Event = field(default_factory=threading.Event)
-    header: TransferMeta | None = None
+    received: TransferMeta | None = None  # what arrived, with the checksum computed here
     tensor: torch.Tensor | None = None
     error: KvTransferError | None = None
     epoch: str | None = None
@@ -71,12 +72,14 @@ class CollectiveKvReceiver:
         device: torch.device | str = "cpu",
         timeout_s: float = DEFAULT_TIMEOUT_S,
         result_ttl_s: float | None = None,
+        buffer_pool_bytes: int = 1 << 30,
     ):
         self.host = host
         self.device = torch.device(device)
         self.backend = backend_for(self.device)
         self.timeout_s = timeout_s
         self.result_ttl_s = timeout_s if result_ttl_s is None else result_ttl_s
+        self.buffers = HostBufferPool(buffer_pool_bytes)  # CPU receive buffers, reused
         self._server = dist.TCPStore(
             host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
         )
@@ -97,6 +100,9 @@ class CollectiveKvReceiver:
 
     def recv(self, meta: TransferMeta, *, timeout_s: float | None = None) -> torch.Tensor:
         """The payload `meta` describes, on this receiver's device, checksum verified.
+
+        On CPU its memory comes from the receiver's buffer pool and goes back there when
+        the last reference to it is dropped (scatter it into the KV blocks, let it go).
 
         Raises KvTransferTimeout when it has not arrived within the timeout (the pair's
         group is torn down then), KvChecksumError / KvShapeMismatch when what arrived is
@@ -123,7 +129,7 @@ class CollectiveKvReceiver:
             raise err
         if slot.error is not None:
             raise slot.error
-        _check_against(meta, slot.header)
+        _check_against(meta, slot.received)
         return slot.tensor
 
     async def recv_async(self, meta: TransferMeta, *, timeout_s: float | None = None) -> torch.Tensor:
@@ -206,7 +212,7 @@ class CollectiveKvReceiver:
             slot = self._slots.setdefault(header.transfer_id, _Slot(epoch=header.epoch))
             if slot.done.is_set():
                 return
-            slot.header = header
+            slot.received = header
             slot.arrived_at = now
             self._finish(slot, tensor, error)
 
@@ -226,7 +232,9 @@ class CollectiveKvReceiver:
             else:
                 pair = None
         if pair is not None:
-            log.warning("kv pair %s epoch %s torn down: %s", pair_name, epoch, err)
+            (log.info if self._closed else log.warning)(
+                "kv pair %s epoch %s torn down: %s", pair_name, epoch, err
+            )
             self._push(f"{epoch_prefix(epoch)}/{HEADER_QUEUE}", STOP)
 
     def _finish(self, slot: _Slot, tensor: torch.Tensor | None, error: KvTransferError | None) -> None:
@@ -291,36 +299,39 @@ class _PairWorker(threading.Thread):
                 continue  # idle
             if raw == STOP:
                 return
-            header = TransferMeta.from_json(raw)
+            header = TransferMeta.from_header_json(raw, checksum=0)
             if header.epoch != self.epoch or header.seq != next_seq:
                 raise KvTransferError(
                     f"pair {self.pair_name}: got transfer {header.transfer_id}, expected seq {next_seq} of {self.epoch}"
                 )
             next_seq += 1
-            flat = torch.empty(header.nbytes, dtype=torch.uint8, device=self.owner.device)  # [nbytes]
-            if header.nbytes:
-                group.recv(flat)
+            if self.owner.device.type == "cpu":
+                flat = self.owner.buffers.take(header.nbytes)  # [nbytes] uint8, warm pages
+            else:
+                flat = torch.empty(header.nbytes, dtype=torch.uint8, device=self.owner.device)
+            acc = Checksummer(header.checksum_kind, header.nbytes)
+            group.recv(flat, on_segment=acc.update)
             tensor = flat.view(dtype_from_name(header.dtype)).view(header.shape)
-            error = None
-            got = checksum(tensor, header.checksum_kind)
-            if got != header.checksum:
-                error = KvChecksumError(
-                    f"transfer {header.transfer_id}: {header.checksum_kind} {got} != {header.checksum}"
-                )
-                tensor = None
-            self.owner._deliver(header, tensor, error)
+            # what arrived, with the checksum of what arrived: recv() holds it against the meta
+            self.owner._deliver(replace(header, checksum=acc.value), tensor, None)
 
 
-def _check_against(meta: TransferMeta, header: TransferMeta | None) -> None:
-    """The meta from the gRPC stream and the header from the group must agree."""
-    if header is None:
+def _check_against(meta: TransferMeta, received: TransferMeta | None) -> None:
+    """The meta from the gRPC stream must describe what arrived, checksum included."""
+    if received is None:
         raise KvTransferError(f"transfer {meta.transfer_id}: no header")
-    if (meta.shape, meta.dtype, meta.nbytes) != (header.shape, header.dtype, header.nbytes):
+    if (meta.shape, meta.dtype, meta.nbytes, meta.checksum_kind) != (
+        received.shape,
+        received.dtype,
+        received.nbytes,
+        received.checksum_kind,
+    ):
         raise KvShapeMismatch(
             f"transfer {meta.transfer_id}: meta says {meta.dtype}{list(meta.shape)}, "
-            f"payload is {header.dtype}{list(header.shape)}"
+            f"payload is {received.dtype}{list(received.shape)}"
         )
-    if (meta.checksum, meta.checksum_kind) != (header.checksum, header.checksum_kind):
+    if meta.checksum != received.checksum:
         raise KvChecksumError(
-            f"transfer {meta.transfer_id}: checksum in meta differs from the sender's header"
+            f"transfer {meta.transfer_id}: {meta.checksum_kind} of the bytes received is "
+            f"{received.checksum}, the sender's is {meta.checksum}"
         )

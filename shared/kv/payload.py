@@ -30,6 +30,8 @@ KV_DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {v: k for k, v in KV_DTYPES.items()}
 
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
 CRC32 = "crc32"
 SUM64 = "sum64"
 _U64 = (1 << 64) - 1
@@ -52,11 +54,16 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 def tensor_to_bytes(t: torch.Tensor) -> bytes:
-    """The raw bytes of `t` (copied once; a CPU copy first when `t` is on a device)."""
+    """The raw bytes of `t` in C order, in one copy (after a host copy for device tensors).
+
+    A same-size integer view is legal for any strides, and numpy gathers a strided view
+    into bytes single-threaded; `.contiguous()` first would be a second copy, and torch's
+    threaded copy of many small strided blocks stalls on a loaded host.
+    """
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
+    return t.view(_INT_OF_SIZE[t.element_size()]).numpy().tobytes()
 
 
 def tensor_from_bytes(
@@ -88,27 +95,46 @@ def checksum_kind_for(device: torch.device | str) -> str:
 def checksum(t: torch.Tensor, kind: str) -> int:
     """Checksum of the raw bytes of `t` (see the module docstring for the kinds)."""
     t = t.detach().contiguous()
-    if kind == CRC32:
-        if t.device.type != "cpu":
-            t = t.cpu()
-        return zlib.crc32(t.view(torch.uint8).numpy()) if t.numel() else 0
-    if kind == SUM64:
-        return _sum64(t.view(torch.uint8).reshape(-1))
-    raise KvShapeMismatch(f"unknown checksum kind {kind!r}")
+    acc = Checksummer(kind, t.numel() * t.element_size())
+    acc.update(t.view(torch.uint8).reshape(-1))
+    return acc.value
 
 
-def _sum64(raw: torch.Tensor) -> int:
-    # raw: [nbytes] uint8
-    n = raw.numel()
-    word = torch.int32 if n % 4 == 0 else torch.int16 if n % 2 == 0 else torch.uint8
-    if raw.device.type == "cpu":
-        np_word = {torch.int32: np.int32, torch.int16: np.int16, torch.uint8: np.uint8}[word]
-        total = int(raw.numpy().view(np_word).sum(dtype=np.int64))
-    else:
-        if raw.storage_offset() % 4:
-            raw = raw.clone()  # a word view needs an aligned start
-        total = int(raw.view(word).sum(dtype=torch.int64).item())
-    return total & _U64
+class Checksummer:
+    """A checksum computed piece by piece, so it can run while the next piece is in flight.
+
+    Pieces are consecutive byte ranges of one payload of `nbytes` bytes; every piece
+    but the last must be a multiple of 4 bytes long (sum64 reads words).
+    """
+
+    def __init__(self, kind: str, nbytes: int):
+        if kind not in (CRC32, SUM64):
+            raise KvShapeMismatch(f"unknown checksum kind {kind!r}")
+        self.kind = kind
+        self.value = 0
+        self._word = 4 if nbytes % 4 == 0 else 2 if nbytes % 2 == 0 else 1  # sum64 word size
+
+    def update(self, raw: torch.Tensor) -> None:
+        """Fold in the next piece: raw is [n] uint8, on any device."""
+        if raw.numel() == 0:
+            return
+        if self.kind == CRC32:
+            if raw.device.type != "cpu":
+                raw = raw.cpu()
+            self.value = zlib.crc32(raw.numpy(), self.value)
+            return
+        if raw.device.type == "cpu":
+            words = raw.numpy().view(_NP_WORD[self._word])
+            total = int(words.sum(dtype=np.int64))
+        else:
+            if raw.storage_offset() % 4:
+                raw = raw.clone()  # a word view needs an aligned start
+            total = int(raw.view(_TORCH_WORD[self._word]).sum(dtype=torch.int64).item())
+        self.value = (self.value + total) & _U64
+
+
+_NP_WORD = {4: np.int32, 2: np.int16, 1: np.uint8}
+_TORCH_WORD = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
 def _numel(shape: tuple[int, ...]) -> int:
