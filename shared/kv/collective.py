@@ -7,10 +7,11 @@ Roles and wiring:
   `KvSenderPool`. On first use the sender announces itself through the store; the
   receiver then builds its side of the pair group (receiver rank 0, sender rank 1).
   Each group lives under its own store prefix, so groups are independent of one another.
-- `sender.send(kv)` (or `await sender.send_async(kv)`) moves the bytes over the group
-  and returns a `TransferMeta` (transfer id, shape, dtype, whole-payload checksum); the
-  services carry it on the gRPC stream, and the decode side calls `receiver.recv(meta)`,
-  which checks the bytes that arrived against the meta's checksum.
+- `sender.submit(kv)` computes the whole-payload checksum, queues the bytes for the
+  group and returns at once; its `.meta` (transfer id, shape, dtype, checksum) is what
+  the services carry on the gRPC stream, and `await pending.wait_async()` says when the
+  bytes have left (`send` / `send_async` do both). The decode side calls
+  `receiver.recv(meta)`, which checks the bytes that arrived against the meta's checksum.
 
 Ordering. Each side has one worker thread per pair. The sender numbers its transfers
 (seq) and sends them in that order, pushing a header (the meta less the checksum) for
@@ -40,7 +41,7 @@ import logging
 import queue
 import threading
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 
 import torch
@@ -48,7 +49,7 @@ import torch.distributed as dist
 
 from shared.kv.errors import KvTransferError, KvTransferTimeout
 from shared.kv.pair_group import SENDER_RANK, PairGroup, backend_for
-from shared.kv.payload import Checksummer, checksum_kind_for, dtype_name
+from shared.kv.payload import checksum, checksum_kind_for, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +120,10 @@ def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
 
 
 class PendingSend:
-    """A submitted transfer; its meta (with the checksum) once the bytes have left."""
+    """A submitted transfer: `meta` now (for the gRPC stream), completion later."""
 
-    def __init__(self, transfer_id: str, future: concurrent.futures.Future):
-        self.transfer_id = transfer_id
+    def __init__(self, meta: TransferMeta, future: concurrent.futures.Future):
+        self.meta = meta
         self._future = future
 
     def done(self) -> bool:
@@ -133,7 +134,9 @@ class PendingSend:
         try:
             return self._future.result(timeout_s)
         except concurrent.futures.TimeoutError:
-            raise KvTransferTimeout(f"transfer {self.transfer_id} still queued after {timeout_s}s") from None
+            raise KvTransferTimeout(
+                f"transfer {self.meta.transfer_id} still queued after {timeout_s}s"
+            ) from None
 
     async def wait_async(self) -> TransferMeta:
         return await asyncio.wrap_future(self._future)
@@ -141,7 +144,7 @@ class PendingSend:
 
 @dataclass
 class _SendItem:
-    meta: TransferMeta  # checksum still 0: computed while the bytes go
+    meta: TransferMeta
     flat: torch.Tensor  # [nbytes] uint8 view of the payload
     ready: torch.cuda.Event | None  # recorded on the submitter's stream (CUDA only)
     future: concurrent.futures.Future
@@ -173,12 +176,18 @@ class CollectiveKvSender:
         self._thread.start()
 
     def submit(self, kv: torch.Tensor) -> PendingSend:
-        """Queue `kv` for sending; returns at once. Transfers leave in submit order."""
+        """Checksum `kv`, queue it, return its meta at once. Transfers leave in submit order.
+
+        Blocking for the checksum (crc32 runs at a few GB/s on CPU): call it through
+        `asyncio.to_thread` from an event loop. `kv` must not change until the send is done.
+        """
         kv = kv.detach()
         name = dtype_name(kv.dtype)
         if kv.device != self.device:
             kv = kv.to(self.device)
         kv = kv.contiguous()
+        kind = checksum_kind_for(self.device)
+        value = checksum(kv, kind)
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
@@ -200,19 +209,15 @@ class CollectiveKvSender:
                 shape=tuple(kv.shape),
                 dtype=name,
                 nbytes=kv.numel() * kv.element_size(),
-                checksum=0,
-                checksum_kind=checksum_kind_for(self.device),
+                checksum=value,
+                checksum_kind=kind,
             )
             # enqueued under the lock, so queue order == seq order
             self._queue.put(_SendItem(meta, kv.view(torch.uint8).reshape(-1), ready, future))
-        return PendingSend(meta.transfer_id, future)
+        return PendingSend(meta, future)
 
     def send(self, kv: torch.Tensor) -> TransferMeta:
-        """Move `kv` to the receiver; the returned meta goes on the gRPC stream.
-
-        The receiver drains its pairs on its own, so this does not wait for the meta to
-        reach the decode side.
-        """
+        """submit + wait. Safe before the meta is delivered: the receiver drains on its own."""
         return self.submit(kv).wait()
 
     async def send_async(self, kv: torch.Tensor) -> TransferMeta:
@@ -256,9 +261,8 @@ class CollectiveKvSender:
                 if item.ready is not None:
                     torch.cuda.current_stream(self.device).wait_event(item.ready)
                 store.queue_push(HEADER_QUEUE, item.meta.header_json())
-                acc = Checksummer(item.meta.checksum_kind, item.meta.nbytes)
-                group.send(item.flat, on_segment=acc.update)
-                item.future.set_result(replace(item.meta, checksum=acc.value))
+                group.send(item.flat)
+                item.future.set_result(item.meta)
             except Exception as e:
                 err = e if isinstance(e, KvTransferError) else KvTransferError(f"pair {self.pair_name}: {e}")
                 log.warning("kv send failed on pair %s epoch %s: %s", self.pair_name, epoch, err)
