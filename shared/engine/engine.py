@@ -17,8 +17,9 @@ from .model import ModelConfig
 from .params import FinishReason, InvalidRequest, RequestOutput, SamplingParams, TokenLogprobs
 from .request import Request, Status
 from .runner import ModelRunner, SeqInput
-from .sampler import SamplingRow, sample
+from .sampler import SamplingRow, row_generator, sample, target_distribution, token_logprobs
 from .scheduler import Scheduler
+from .spec import Proposal, ProposalRequest, Proposer, verify
 
 
 @dataclass
@@ -35,6 +36,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     seed: int = 0  # for requests without their own seed
+    num_speculative_tokens: int = 4  # draft tokens per step when a proposer is set (per request override)
 
     def validate(self) -> None:
         if self.block_size < 1:
@@ -77,6 +79,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._arrival = itertools.count()
         self._generator = torch.Generator().manual_seed(config.seed)
+        self.proposer: Proposer | None = None
 
     def _auto_num_blocks(self) -> int:
         per_block = self.runner.kv_bytes_per_block(self.config.block_size)
@@ -124,6 +127,8 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return
+        if self.proposer is not None:
+            self.proposer.release(request_id)
         self.scheduler.remove(req)
         self.kv.free(request_id)
         req.status = Status.FINISHED
@@ -144,45 +149,132 @@ class LLMEngine:
         )
 
     # -- the step ---------------------------------------------------------------------
+    def set_proposer(self, proposer: Proposer | None) -> None:
+        """Speculate with this proposer (None: plain decoding)."""
+        if self.proposer is not None and proposer is not self.proposer:
+            for rid in self.requests:
+                self.proposer.release(rid)
+        self.proposer = proposer
+
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
-        prefill_inputs = [self._seq_input(r, r.num_computed_tokens, n) for r, n in batch.prefills]
-        decode_inputs = [self._seq_input(r, r.num_computed_tokens, 1) for r in batch.decodes]
-        ordered = [r for r, _ in batch.prefills] + batch.decodes
-        # a request samples when this step computes its last known token
-        counts = [n for _, n in batch.prefills] + [1] * len(batch.decodes)
-        sample_rows = [i for i, (r, n) in enumerate(zip(ordered, counts, strict=True))
-                       if r.num_computed_tokens + n == r.num_tokens]
-        logits = self.runner.forward(prefill_inputs, decode_inputs, sample_rows)
-        for r, n in zip(ordered, counts, strict=True):
+        spec = self._propose(batch.decodes)
+        prefills = [(r, n, 1 if r.num_computed_tokens + n == r.num_tokens else 0) for r, n in batch.prefills]
+        verifies = [(r, 1 + len(spec[r.request_id].token_ids), 1 + len(spec[r.request_id].token_ids))
+                    for r in batch.decodes if r.request_id in spec]
+        decodes = [r for r in batch.decodes if r.request_id not in spec]
+        seqs = prefills + verifies
+        logits = self.runner.forward(
+            [self._seq_input(r, n, spec) for r, n, _ in seqs],
+            [self._seq_input(r, 1, spec) for r in decodes],
+            [want for _, _, want in seqs] + [1] * len(decodes),
+        )
+        outputs: list[RequestOutput] = []
+        sample_reqs: list[Request] = []
+        sample_logits: list[torch.Tensor] = []
+        offset = 0
+        for r, n, want in seqs:
+            block = logits[offset: offset + want]
+            offset += want
+            if r.request_id in spec and want > 1:
+                outputs.append(self._verify(r, spec[r.request_id], block))
+                continue
             r.num_computed_tokens += n
             self.kv.cache_full_blocks(r)
-        if not sample_rows:
-            return []
-        rows = [SamplingRow(ordered[i].params, ordered[i].all_token_ids, ordered[i].num_output_tokens)
-                for i in sample_rows]
-        tokens, logprobs = sample(logits, rows, self._generator)
-        outputs = []
-        for i, token, lp in zip(sample_rows, tokens, logprobs, strict=True):
-            outputs.append(self._append_token(ordered[i], token, lp))
+            if want:
+                sample_reqs.append(r)
+                sample_logits.append(block)
+        for r in decodes:
+            r.num_computed_tokens += 1
+            self.kv.cache_full_blocks(r)
+            sample_reqs.append(r)
+            sample_logits.append(logits[offset: offset + 1])
+            offset += 1
+        if sample_reqs:
+            rows = [SamplingRow(r.params, r.all_token_ids, r.num_output_tokens) for r in sample_reqs]
+            tokens, logprobs = sample(torch.cat(sample_logits), rows, self._generator)
+            for r, token, lp in zip(sample_reqs, tokens, logprobs, strict=True):
+                outputs.append(self._append_tokens(r, [token], [lp] if lp is not None else None))
         return outputs
 
-    def _seq_input(self, req: Request, start: int, n: int) -> SeqInput:
-        return SeqInput(req.all_token_ids, start, n, self.kv.block_ids(req.request_id))
+    def _seq_input(self, req: Request, n: int, spec: dict[str, Proposal]) -> SeqInput:
+        tokens = req.all_token_ids
+        if req.request_id in spec:
+            tokens = tokens + spec[req.request_id].token_ids
+        return SeqInput(tokens, req.num_computed_tokens, n, self.kv.block_ids(req.request_id))
 
-    def _append_token(self, req: Request, token: int, lp: TokenLogprobs | None) -> RequestOutput:
-        req.output_token_ids.append(token)
-        reason = self._check_stop(req, token)
+    def _spec_k(self, req: Request) -> int:
+        k = req.params.num_speculative_tokens
+        k = self.config.num_speculative_tokens if k is None else k
+        # every step adds up to k + 1 tokens: stay within max_tokens and the model length
+        remaining = min(req.params.max_tokens - req.num_output_tokens - req.num_external_outputs,
+                        self.max_model_len - req.num_tokens)
+        return max(0, min(k, remaining - 1))
+
+    def _propose(self, decodes: list[Request]) -> dict[str, Proposal]:
+        if self.proposer is None or not decodes:
+            return {}
+        asks = [ProposalRequest(r.request_id, r.all_token_ids, k, r.params)
+                for r in decodes if (k := self._spec_k(r)) > 0]
+        if not asks:
+            return {}
+        proposals = self.proposer.propose(asks)
+        accepted: dict[str, Proposal] = {}
+        for ask, r in zip(asks, (self.requests[a.request_id] for a in asks), strict=True):
+            prop = proposals.get(ask.request_id)
+            if prop is None or not prop.token_ids:
+                continue
+            if len(prop.token_ids) > ask.num_tokens:
+                prop = Proposal(prop.token_ids[: ask.num_tokens],
+                                None if prop.probs is None else prop.probs[: ask.num_tokens])
+            # the scheduler reserved a slot for one token; verification needs len(draft) more
+            if self.kv.allocate_slots(r, 1 + len(prop.token_ids)):
+                accepted[r.request_id] = prop
+        return accepted
+
+    def _verify(self, req: Request, prop: Proposal, logits: torch.Tensor) -> RequestOutput:
+        """logits: [k + 1, V] at the last known token and each draft token."""
+        drafts = prop.token_ids
+        base = req.all_token_ids
+        rows = [SamplingRow(req.params, base + drafts[:i], req.num_output_tokens + i) for i in range(len(drafts) + 1)]
+        target = target_distribution(logits, rows)
+        seed = req.params.seed
+        gen = self._generator if seed is None else row_generator(seed, req.num_output_tokens)
+        tokens, accepted = verify(target, drafts, prop.probs, req.params.greedy, gen)
+        req.num_spec_proposed += len(drafts)
+        req.num_spec_accepted += accepted
+        # KV is valid for the last known token and the accepted drafts; rejected positions leave
+        req.num_computed_tokens = req.num_tokens + accepted
+        self.kv.truncate(req, req.num_computed_tokens)
+        lps = None
+        if req.params.logprobs:
+            raw = torch.log_softmax(logits, dim=-1)
+            lps = [token_logprobs(raw[i], t, req.params.logprobs) for i, t in enumerate(tokens)]
+        out = self._append_tokens(req, tokens, lps)
+        if not out.finished:
+            self.kv.cache_full_blocks(req)
+        return out
+
+    def _append_tokens(self, req: Request, tokens: list[int], lps: list[TokenLogprobs] | None) -> RequestOutput:
+        reason = None
+        emitted = []
+        for token in tokens:
+            req.output_token_ids.append(token)
+            emitted.append(token)
+            reason = self._check_stop(req, token)
+            if reason is not None:
+                break
         if reason is not None:
             req.finish_reason = reason
             self._finish(req)
         return RequestOutput(
-            request_id=req.request_id, new_token_ids=[token], finished=reason is not None,
-            finish_reason=reason, logprobs=[lp] if lp is not None else None,
+            request_id=req.request_id, new_token_ids=emitted, finished=reason is not None,
+            finish_reason=reason, logprobs=lps[: len(emitted)] if lps is not None else None,
             num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0),
             num_output_tokens=req.num_output_tokens + req.num_external_outputs,
+            num_spec_proposed=req.num_spec_proposed, num_spec_accepted=req.num_spec_accepted,
         )
 
     def _check_stop(self, req: Request, token: int) -> FinishReason | None:
@@ -197,6 +289,8 @@ class LLMEngine:
 
     def _finish(self, req: Request) -> None:
         self.scheduler.remove(req)
+        if self.proposer is not None:
+            self.proposer.release(req.request_id)
         if req.hold_kv:
             req.status = Status.HELD  # blocks stay until export_kv + release
         else:

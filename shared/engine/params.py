@@ -41,6 +41,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int = 0  # top-n logprobs returned with each sampled token (0 = only none)
     stop: list[str] = field(default_factory=list)  # applied by the text layer, not the engine
+    # draft tokens verified per step: None = the worker's default, 0 = no speculation
+    num_speculative_tokens: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -64,6 +66,8 @@ class SamplingParams:
             )
         if self.logprobs < 0 or self.logprobs > 20:
             raise InvalidRequest("logprobs", f"must be in [0, 20], got {self.logprobs}")
+        if self.num_speculative_tokens is not None and not 0 <= self.num_speculative_tokens <= 16:
+            raise InvalidRequest("num_speculative_tokens", f"must be in [0, 16], got {self.num_speculative_tokens}")
         if vocab_size is not None:
             for t in self.stop_token_ids:
                 if not 0 <= t < vocab_size:
@@ -91,3 +95,5 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_output_tokens: int = 0  # total so far
+    num_spec_proposed: int = 0  # draft tokens proposed for this request so far
+    num_spec_accepted: int = 0  # of which the target accepted

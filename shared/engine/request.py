@@ -32,6 +32,8 @@ class Request:
     pending_logprobs: list[TokenLogprobs] = field(default_factory=list)
     # outputs already produced before the engine saw this request (prefilled elsewhere)
     num_external_outputs: int = 0
+    num_spec_proposed: int = 0
+    num_spec_accepted: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:

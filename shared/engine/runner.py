@@ -52,21 +52,25 @@ class ModelRunner:
                                     dtype=self.dtype, device=self.device)
 
     @torch.inference_mode()
-    def forward(self, prefills: list[SeqInput], decodes: list[SeqInput], sample_rows: list[int]) -> torch.Tensor:
-        """Run one step. `sample_rows` index into prefills + decodes; returns logits [len(sample_rows), V]."""
+    def forward(self, prefills: list[SeqInput], decodes: list[SeqInput], num_logits: list[int]) -> torch.Tensor:
+        """Run one step over prefills (any number of new tokens each) then decodes (one each).
+
+        num_logits[i]: how many trailing positions of sequence i (prefills + decodes order)
+        need logits (0: none, 1: the next token, k + 1: speculative verification).
+        Returns logits [sum(num_logits), V], in that order."""
         bs = self.block_size
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        last_index: list[int] = []
+        logit_index: list[int] = []
         prefill_meta: list[PrefillSeq] = []
-        for seq in prefills + decodes:
+        for seq, want in zip(prefills + decodes, num_logits, strict=True):
             start = len(tokens)
             pos = range(seq.start, seq.start + seq.n)
             tokens.extend(seq.token_ids[seq.start: seq.start + seq.n])
             positions.extend(pos)
             slots.extend(seq.block_ids[p // bs] * bs + p % bs for p in pos)
-            last_index.append(len(tokens) - 1)
+            logit_index.extend(range(len(tokens) - want, len(tokens)))
             if len(prefill_meta) < len(prefills):
                 prefill_meta.append(PrefillSeq(
                     query_start=start, query_len=seq.n, context_len=seq.start + seq.n,
@@ -93,7 +97,7 @@ class ModelRunner:
         )
         hidden = self.model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
                             self.kv_cache, meta)
-        rows = torch.tensor([last_index[i] for i in sample_rows], dtype=torch.long, device=dev)
+        rows = torch.tensor(logit_index, dtype=torch.long, device=dev)
         return self.model.compute_logits(hidden[rows])
 
     # -- KV export / import (disaggregation) --------------------------------------------

@@ -48,21 +48,38 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow],
         for j, i in enumerate(sampled):
             seed = rows[i].params.seed
             if seed is not None:
-                g = torch.Generator().manual_seed(_row_seed(seed, rows[i].output_index))
+                g = row_generator(seed, rows[i].output_index)
                 noise[j] = torch.empty(probs.shape[1]).exponential_(generator=g)
         tokens[sampled] = (probs / noise.to(probs.device)).argmax(dim=-1).cpu()
     token_list = tokens.tolist()
     logprobs: list[TokenLogprobs | None] = [None] * len(rows)
     if raw_logprobs is not None:
         for i, r in enumerate(rows):
-            n = r.params.logprobs
-            if n:
-                top = raw_logprobs[i].topk(n)
-                logprobs[i] = TokenLogprobs(
-                    token_id=token_list[i], logprob=float(raw_logprobs[i, token_list[i]]),
-                    top=list(zip(top.indices.tolist(), top.values.tolist(), strict=True)),
-                )
+            if r.params.logprobs:
+                logprobs[i] = token_logprobs(raw_logprobs[i], token_list[i], r.params.logprobs)
     return token_list, logprobs
+
+
+def token_logprobs(logprobs_row: torch.Tensor, token: int, n: int) -> TokenLogprobs:
+    """logprobs_row: [V] log-softmax of the raw logits -> the token's logprob and the top n."""
+    top = logprobs_row.topk(n)
+    return TokenLogprobs(token_id=token, logprob=float(logprobs_row[token]),
+                         top=list(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
+
+
+def target_distribution(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """What verification compares drafts against, one row per position: for greedy requests
+    the repetition-penalised logits (their argmax is the greedy token), otherwise the
+    probabilities that `sample` would draw from."""
+    logits = logits.clone()
+    _apply_repetition_penalty(logits, rows)
+    if rows[0].params.greedy:
+        return logits
+    return _filtered_probs(logits, [r.params for r in rows])
+
+
+def row_generator(seed: int, output_index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(_row_seed(seed, output_index))
 
 
 def _row_seed(seed: int, index: int) -> int:

@@ -76,8 +76,8 @@ def test_first_step_logits_match_hf(checkpoint):
     engine.add_request("a", prompt, GREEDY)
     req = engine.requests["a"]
     batch = engine.scheduler.schedule()
-    inputs = [engine._seq_input(r, r.num_computed_tokens, n) for r, n in batch.prefills]
-    logits = engine.runner.forward(inputs, [], [0])[0]
+    inputs = [engine._seq_input(r, n, {}) for r, n in batch.prefills]
+    logits = engine.runner.forward(inputs, [], [1])[0]
     assert req.num_computed_tokens == 0
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
 
