@@ -225,7 +225,7 @@ class CollectiveKvSender:
         return await pending.wait_async()
 
     def close(self) -> None:
-        """Stop the worker; transfers still queued fail."""
+        """Send what is already queued, then stop the worker; later submits raise."""
         with self._lock:
             if self._closed:
                 return

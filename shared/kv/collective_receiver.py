@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
@@ -54,6 +55,7 @@ class _Slot:
     error: KvTransferError | None = None
     epoch: str | None = None
     waiters: int = 0
+    wakers: list[Callable[[], None]] = field(default_factory=list)  # async waiters
     arrived_at: float = 0.0
 
 
@@ -110,17 +112,55 @@ class CollectiveKvReceiver:
         """
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
+        slot = self._register(meta)
+        try:
+            with self._cond:
+                while not slot.done.is_set() and (remaining := deadline - time.monotonic()) > 0:
+                    self._cond.wait(remaining)
+        finally:
+            self._unregister(meta, slot)
+        return self._result(meta, slot, timeout_s)
+
+    async def recv_async(self, meta: TransferMeta, *, timeout_s: float | None = None) -> torch.Tensor:
+        """`recv` for an event loop, without a thread per waiter. Cancelling it only
+        stops the wait: the payload, if it comes, is dropped after `result_ttl_s`."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        loop = asyncio.get_running_loop()
+        arrived = loop.create_future()
+
+        def wake() -> None:  # runs under self._cond, on whichever thread finishes the slot
+            loop.call_soon_threadsafe(lambda: arrived.done() or arrived.set_result(None))
+
+        slot = self._register(meta, wake)
+        try:
+            if not slot.done.is_set():
+                await asyncio.wait_for(arrived, timeout_s)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before 3.11
+            pass  # _result raises KvTransferTimeout and tears the pair down
+        finally:
+            self._unregister(meta, slot, wake)
+        return self._result(meta, slot, timeout_s)
+
+    def _register(self, meta: TransferMeta, wake: Callable[[], None] | None = None) -> _Slot:
         with self._cond:
             slot = self._slots.setdefault(meta.transfer_id, _Slot(epoch=meta.epoch))
             slot.waiters += 1
+            if wake is not None:
+                slot.wakers.append(wake)
             why = self._dead_epochs.get(meta.epoch)
             if why is not None and not slot.done.is_set():
                 self._finish(slot, None, KvTransferError(f"pair {meta.pair_name} epoch {meta.epoch}: {why}"))
-            while not slot.done.is_set() and (remaining := deadline - time.monotonic()) > 0:
-                self._cond.wait(remaining)
+            return slot
+
+    def _unregister(self, meta: TransferMeta, slot: _Slot, wake: Callable[[], None] | None = None) -> None:
+        with self._cond:
             slot.waiters -= 1
+            if wake is not None:
+                slot.wakers.remove(wake)
             if slot.done.is_set() or slot.waiters == 0:
                 self._slots.pop(meta.transfer_id, None)
+
+    def _result(self, meta: TransferMeta, slot: _Slot, timeout_s: float) -> torch.Tensor:
         if not slot.done.is_set():
             err = KvTransferTimeout(
                 f"transfer {meta.transfer_id} on pair {meta.pair_name} not received in {timeout_s:.1f}s"
@@ -131,9 +171,6 @@ class CollectiveKvReceiver:
             raise slot.error
         _check_against(meta, slot.received)
         return slot.tensor
-
-    async def recv_async(self, meta: TransferMeta, *, timeout_s: float | None = None) -> torch.Tensor:
-        return await asyncio.to_thread(self.recv, meta, timeout_s=timeout_s)
 
     def discard(self, transfer_id: str) -> None:
         """Forget a payload nobody will claim (the request was aborted)."""
@@ -242,6 +279,8 @@ class CollectiveKvReceiver:
         slot.tensor, slot.error = tensor, error
         slot.done.set()
         self._cond.notify_all()
+        for wake in slot.wakers:
+            wake()
 
     def _sweep(self, now: float) -> None:
         # caller holds self._cond: drop payloads nobody claimed within the TTL

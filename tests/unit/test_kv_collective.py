@@ -6,6 +6,7 @@ lines on stdin, answering with TransferMeta dicts on stdout.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -215,6 +216,35 @@ def test_pooled_receive_buffers_never_overwrite_a_payload_still_held(receiver):
         idle = receiver.buffers.idle_bytes()
         del held
         assert receiver.buffers.idle_bytes() > idle  # back in the pool once dropped
+    finally:
+        sender.close()
+
+
+def test_async_recv_and_a_cancelled_wait_leaves_the_pair_working(receiver):
+    sender = CollectiveKvSender(receiver.address, "async->d0", timeout_s=TIMEOUT_S)
+    kv = payload([2, 2, 9, 2, 4], "bfloat16", 16)
+
+    async def scenario():
+        pending = await asyncio.to_thread(sender.submit, kv)
+        got = await receiver.recv_async(pending.meta)  # may start before the bytes arrive
+        assert (await pending.wait_async()) == pending.meta
+        assert same_bits(got, kv)
+        # a decode request aborted while waiting: the wait ends, the pair stays up
+        ghost = TransferMeta(
+            **{**pending.meta.to_dict(), "transfer_id": f"{pending.meta.epoch}#50", "seq": 50}
+        )
+        waiting = asyncio.create_task(receiver.recv_async(ghost))
+        await asyncio.sleep(0.2)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        metas = await asyncio.gather(*(sender.send_async(kv) for _ in range(4)))
+        assert {m.epoch for m in metas} == {pending.meta.epoch}
+        for got in await asyncio.gather(*(receiver.recv_async(m) for m in reversed(metas))):
+            assert same_bits(got, kv)
+
+    try:
+        asyncio.run(scenario())
     finally:
         sender.close()
 
