@@ -1,0 +1,171 @@
+"""Runs the scenarios of one system, `repeats` times each, and keeps every run's figures.
+
+A system is a backend factory (Tandem's services over gRPC, the in-process engine) or an HF
+baseline. Each measured run draws its prompts afresh (`permute_tokens`: same lengths, other
+tokens, same for every system), so no run hits a prefix cache with an earlier run's prompts
+while the shared-prefix workload keeps its shared prefix. Services are scraped before and
+after each run, so their counters cover that run only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sys
+import zlib
+from collections.abc import Callable
+
+from .loadgen import run_load
+from .metrics import compute_metrics, median_of_runs
+from .scrape import SERVICE_FIGURE_KEYS, scrape_all, service_figures
+from .workloads import BenchRequest, ModelShape, WorkloadSpec, arrival_offsets, make_workload, permute_tokens
+
+# (factory of a backend, whether to close it after each run)
+BackendFactory = tuple[Callable[[], object], bool]
+
+
+class Runner:
+    def __init__(self, args, shape: ModelShape):
+        self.args = args
+        self.shape = shape
+        spec = WorkloadSpec(
+            fixed_input=args.fixed_input,
+            fixed_output=args.fixed_output,
+            mixed_input_median=args.mixed_input_median,
+            mixed_output_median=args.mixed_output_median,
+            prefix_len=args.prefix_len,
+            prefix_output=args.prefix_output,
+        )
+        n, seed = args.num_requests, args.seed
+        self.workloads = {name: make_workload(name, n, spec, shape, seed) for name in ("fixed", "mixed")}
+        self.workloads["prefix"] = make_workload("prefix", args.num_prefix_requests, spec, shape, seed)
+        self.workloads["c1"] = self.workloads["fixed"][: args.c1_requests]
+        self.workloads["sweep"] = self.workloads["mixed"][: args.sweep_requests]
+        rate, burst, cap = args.request_rate, args.burstiness, args.max_concurrency
+        self.scenarios = {
+            "fixed": dict(workload="fixed", request_rate=rate, burstiness=burst, max_concurrency=cap),
+            "mixed": dict(workload="mixed", request_rate=rate, burstiness=burst, max_concurrency=cap),
+            "prefix": dict(
+                workload="prefix",
+                request_rate=math.inf,
+                burstiness=1.0,
+                max_concurrency=args.prefix_concurrency,
+            ),
+            "c1": dict(workload="fixed", request_rate=math.inf, burstiness=1.0, max_concurrency=1),
+            "sweep": dict(workload="mixed", request_rate=None, burstiness=1.0, max_concurrency=None),
+        }
+
+    def requests(self, scenario: str, repeat: int, rate_index: int = 0) -> list[BenchRequest]:
+        """The scenario's requests with tokens drawn afresh for (scenario, repeat, rate)."""
+        salt = zlib.crc32(f"{scenario}/{repeat}/{rate_index}".encode())
+        return permute_tokens(self.workloads[scenario], self.shape, self.args.seed + salt)
+
+    def warm_up(self, backend: BackendFactory) -> None:
+        reqs = [BenchRequest(r.prompt[:32], 4) for r in self.requests("fixed", -1)[:2]]
+        asyncio.run(_drive(backend, reqs, [0.0] * len(reqs), None, self.args.time_limit))
+
+    def measure(
+        self,
+        backend: BackendFactory,
+        scenario: str,
+        repeat: int,
+        *,
+        rate: float | None = None,
+        rate_index: int = 0,
+        scrape_urls: dict[str, str] | None = None,
+    ) -> dict:
+        sc = self.scenarios[scenario]
+        reqs = self.requests(scenario, repeat, rate_index)
+        offsets = arrival_offsets(
+            len(reqs),
+            sc["request_rate"] if rate is None else rate,
+            sc["burstiness"],
+            seed=self.args.seed + repeat,
+        )
+        before = scrape_all(scrape_urls) if scrape_urls else None
+        timelines, duration = asyncio.run(
+            _drive(backend, reqs, offsets, sc["max_concurrency"], self.args.time_limit)
+        )
+        figures = self.figures(timelines, duration)
+        if scrape_urls:
+            figures.update(service_figures(before, scrape_all(scrape_urls)))
+        return figures
+
+    def figures(self, timelines, duration: float) -> dict:
+        figures = compute_metrics(
+            timelines, duration, slo_ttft_ms=self.args.slo_ttft_ms, slo_tpot_ms=self.args.slo_tpot_ms
+        )
+        figures.update(dict.fromkeys(SERVICE_FIGURE_KEYS))
+        figures["errors"] = sorted({t.error for t in timelines if t.error})[:5]
+        return figures
+
+    def run_system(
+        self,
+        name: str,
+        scenarios: list[str],
+        backend: BackendFactory,
+        sweep_rates: Callable[[dict], list[float]],
+        scrape_urls: dict[str, str] | None = None,
+    ) -> dict:
+        """Every scenario `repeats` times, then the rate sweep when `sweep_rates` gives rates."""
+        out: dict = {"results": {}, "sweep": []}
+        self.warm_up(backend)
+        for scenario in scenarios:
+            runs = []
+            for repeat in range(self.args.repeats):
+                runs.append(self.measure(backend, scenario, repeat, scrape_urls=scrape_urls))
+                progress(name, scenario, repeat, runs[-1])
+            out["results"][scenario] = {"median": median_of_runs(runs), "runs": runs}
+        for i, rate in enumerate(sweep_rates(out)):
+            runs = []
+            for repeat in range(self.args.repeats):
+                runs.append(
+                    self.measure(
+                        backend, "sweep", repeat, rate=rate, rate_index=i + 1, scrape_urls=scrape_urls
+                    )
+                )
+                progress(name, f"sweep@{rate:.3g}/s", repeat, runs[-1])
+            out["sweep"].append({"request_rate": rate, "median": median_of_runs(runs), "runs": runs})
+        return out
+
+    def run_hf(self, name: str, model, scenarios: list[str]) -> dict:
+        """An HF baseline on the fixed and mixed workloads (all requests at once)."""
+        from . import baselines
+
+        args = self.args
+        out: dict = {"results": {}, "sweep": []}
+        baselines.warm_up(model, self.workloads["fixed"], args.device)
+        for scenario in [s for s in scenarios if s in ("fixed", "mixed")]:
+            runs = []
+            for repeat in range(args.repeats):
+                reqs = self.requests(scenario, repeat)
+                if name == "hf_one":
+                    timelines, duration = baselines.run_hf_one(
+                        model, reqs[: args.hf_one_requests], args.device
+                    )
+                else:
+                    timelines, duration = baselines.run_hf_static(model, reqs, args.static_batch, args.device)
+                runs.append(self.figures(timelines, duration))
+                progress(name, scenario, repeat, runs[-1])
+            out["results"][scenario] = {"median": median_of_runs(runs), "runs": runs}
+        return out
+
+
+async def _drive(backend: BackendFactory, reqs, offsets, max_concurrency, time_limit):
+    factory, close = backend
+    b = factory()  # inside the event loop: grpc.aio channels belong to the loop that made them
+    try:
+        return await run_load(b, reqs, offsets, max_concurrency=max_concurrency, time_limit_s=time_limit)
+    finally:
+        if close:
+            await b.close()
+
+
+def progress(system: str, scenario: str, repeat: int, f: dict) -> None:
+    print(
+        f"[bench] {system:15} {scenario:15} #{repeat + 1}: {f['completed']}/{f['num_requests']} ok, "
+        f"{f['output_throughput']:.1f} tok/s, TTFT p50 {f['median_ttft_ms']:.0f} ms, "
+        f"TPOT p50 {f['median_tpot_ms']:.1f} ms",
+        file=sys.stderr,
+        flush=True,
+    )

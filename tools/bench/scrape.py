@@ -1,0 +1,103 @@
+"""Figures the services count themselves, read from their Prometheus `/metrics` endpoints.
+
+The benchmark scrapes every service before and after a measured run and reports the
+difference, so warm-up traffic and earlier runs do not count:
+
+    prefix_cache_hit_ratio = d(tandem_prefix_cache_hit_tokens) / d(tandem_prefix_cache_queried_tokens)
+                             summed over the workers
+    spec_acceptance_rate   = d(tandem_spec_accepted_tokens) / d(tandem_spec_proposed_tokens)
+    usd_per_million_tokens = sum over services of d(tandem_gpu_cost_usd)
+                             / d(tandem_generation_tokens) of the scheduler (else the decode workers) * 1e6
+
+A figure whose counters no service exposes (a service without a metrics server, a counter the
+services do not update yet) is None, never 0.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+Scrape = dict[str, float]  # sample name (labels dropped, values summed) -> value
+
+
+def parse(text: str) -> Scrape:
+    """Samples of a Prometheus text exposition; samples differing only in labels are summed."""
+    out: Scrape = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[sample.name] = out.get(sample.name, 0.0) + float(sample.value)
+    return out
+
+
+def scrape(url: str, timeout_s: float = 2.0) -> Scrape | None:
+    """GET and parse one endpoint; None when nothing answers there."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return parse(resp.read().decode())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def scrape_all(urls: dict[str, str]) -> dict[str, Scrape | None]:
+    """{service name: scrape or None} for {service name: metrics URL}."""
+    return {name: scrape(url) for name, url in urls.items()}
+
+
+def _delta(before: Scrape | None, after: Scrape | None, name: str) -> float | None:
+    if after is None or name not in after:
+        return None
+    return after[name] - (before or {}).get(name, 0.0)
+
+
+def _sum_deltas(before: dict, after: dict, services, name: str) -> float | None:
+    deltas = [_delta(before.get(s), after.get(s), name) for s in services]
+    present = [d for d in deltas if d is not None]
+    return sum(present) if present else None
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den <= 0:
+        return None
+    return num / den
+
+
+def service_figures(before: dict[str, Scrape | None], after: dict[str, Scrape | None]) -> dict:
+    """Windowed figures between two `scrape_all` results (keys: service names)."""
+    services = list(after)
+    workers = [s for s in services if s != "scheduler"]
+    hit = _sum_deltas(before, after, workers, "tandem_prefix_cache_hit_tokens_total")
+    queried = _sum_deltas(before, after, workers, "tandem_prefix_cache_queried_tokens_total")
+    accepted = _sum_deltas(before, after, workers, "tandem_spec_accepted_tokens_total")
+    proposed = _sum_deltas(before, after, workers, "tandem_spec_proposed_tokens_total")
+    cost = _sum_deltas(before, after, services, "tandem_gpu_cost_usd")
+    generated = _delta(before.get("scheduler"), after.get("scheduler"), "tandem_generation_tokens_total")
+    if not generated:
+        decodes = [s for s in workers if s.startswith("decode")]
+        generated = _sum_deltas(before, after, decodes, "tandem_generation_tokens_total")
+    price = next(
+        (a["tandem_gpu_hour_price_usd"] for a in after.values() if a and "tandem_gpu_hour_price_usd" in a),
+        None,
+    )
+    return {
+        "metrics_endpoints_answering": sorted(s for s, a in after.items() if a is not None),
+        "prefix_cache_hit_ratio": _ratio(hit, queried),
+        "spec_acceptance_rate": _ratio(accepted, proposed),
+        "spec_proposed_tokens": proposed,
+        "spec_accepted_tokens": accepted,
+        "gpu_hour_price_usd": price,
+        "usd_per_million_generated_tokens": None if cost is None else _ratio(cost * 1e6, generated),
+    }
+
+
+SERVICE_FIGURE_KEYS = (
+    "metrics_endpoints_answering",
+    "prefix_cache_hit_ratio",
+    "spec_acceptance_rate",
+    "spec_proposed_tokens",
+    "spec_accepted_tokens",
+    "gpu_hour_price_usd",
+    "usd_per_million_generated_tokens",
+)

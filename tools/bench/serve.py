@@ -1,0 +1,343 @@
+"""`python -m tools.bench serve`: Tandem's services under load, with the baselines in the same run.
+
+    python -m tools.bench serve --model models/tandem-demo-code/target            # full run
+    python -m tools.bench serve --model models/tandem-demo-code/target --quick    # smaller preset
+
+Each Tandem configuration (aggregated, disaggregated, prefix caching off, speculation) runs as
+real processes on free loopback ports, driven over the public Generate RPC; the baselines (HF
+transformers `generate` one request at a time and in static batches, Tandem's engine in this
+process) run the same workloads on the same model in the same run. Scenarios:
+
+    fixed, mixed  all requests at once (saturation), or --request-rate/--burstiness/--max-concurrency
+    prefix        one shared system prompt, at --prefix-concurrency (default 1: TTFT without queueing)
+    c1            fixed lengths at concurrency 1: TPOT with and without the draft (only with speculation)
+    sweep         the mixed workload at Poisson rates up to saturation: latency-throughput curves
+
+Every figure is the median over --repeats runs. Output in --out-dir: serve.json (every run),
+serve.md (tables and ratios; also printed) and PNG plots. Metric definitions (vLLM's):
+tools/bench/metrics.py; figures scraped from the services: tools/bench/scrape.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from . import plots, report
+from .loadgen import EngineBackend, GrpcBackend
+from .runner import Runner
+from .topology import CONFIGURATIONS, EngineSettings, Services, unavailable_reason
+from .workloads import ModelShape, describe
+
+BASELINES = ("engine", "hf_static", "hf_one")
+DEFAULTS = dict(
+    num_requests=64,
+    num_prefix_requests=16,
+    hf_one_requests=8,
+    sweep_requests=32,
+    repeats=3,
+    sweep_rates="auto",
+    configs="agg,disagg,agg-nocache,disagg-nocache,agg-spec",
+    sweep_configs="agg,disagg,engine",
+)
+QUICK = dict(
+    num_requests=24,
+    num_prefix_requests=8,
+    hf_one_requests=4,
+    sweep_requests=16,
+    repeats=2,
+    sweep_rates="0.25,0.5,1.0",
+    configs="agg,disagg,agg-nocache,agg-spec",
+    sweep_configs="agg,engine",
+)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serving benchmark over the Generate RPC, baselines in the same run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="models/tandem-demo-code/target")
+    p.add_argument("--quick", action="store_true", help=f"smaller preset (defaults {QUICK})")
+    p.add_argument("--configs", help=f"of {', '.join(CONFIGURATIONS)} (default {DEFAULTS['configs']})")
+    p.add_argument(
+        "--baselines", default=",".join(BASELINES), help="of engine, hf_static, hf_one ('' for none)"
+    )
+    p.add_argument("--workloads", default="fixed,mixed,prefix")
+    p.add_argument("--num-requests", type=int, help="requests of the fixed and mixed runs (default 64)")
+    p.add_argument("--num-prefix-requests", type=int, help="default 16")
+    p.add_argument("--hf-one-requests", type=int, help="hf_one runs the first N requests (default 8)")
+    p.add_argument("--static-batch", type=int, default=16)
+    p.add_argument("--request-rate", type=float, default=math.inf, help="fixed/mixed arrivals, req/s (inf)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 Poisson, < 1 burstier")
+    p.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
+    p.add_argument("--prefix-concurrency", type=int, default=1)
+    p.add_argument("--c1-requests", type=int, default=8)
+    p.add_argument(
+        "--sweep-rates",
+        help="'auto' (0.2,...,1.0 x the first swept system's saturation rate on "
+        "mixed), fractions '0.5,1.0', absolute 'abs:1,2,4' req/s, or 'none'",
+    )
+    p.add_argument("--sweep-configs", help=f"systems swept (default {DEFAULTS['sweep_configs']})")
+    p.add_argument("--sweep-requests", type=int, help="default 32")
+    p.add_argument("--repeats", type=int, help="runs per figure; the median is reported (default 3)")
+    p.add_argument("--time-limit", type=float, default=600.0, help="seconds per measured run")
+    p.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="goodput: TTFT SLO")
+    p.add_argument("--slo-tpot-ms", type=float, default=200.0, help="goodput: TPOT SLO")
+    for name, default in (
+        ("fixed-input", 256),
+        ("fixed-output", 128),
+        ("prefix-len", 768),
+        ("prefix-output", 32),
+    ):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--mixed-input-median", type=float, default=128)
+    p.add_argument("--mixed-output-median", type=float, default=64)
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per worker (default: all cores with one "
+        "worker, half each with two; the baselines use all)",
+    )
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-batched-tokens", type=int, default=512)
+    p.add_argument("--num-blocks", type=int, default=None)
+    p.add_argument("--gpu-hour-usd", type=float, default=0.0, help="price given to the services' cost gauge")
+    p.add_argument("--machine", help="label of this machine in the report (default: CPU model, cores, GPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="bench-results/serve")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=run, subparser=p)
+
+
+def _csv(text: str | None) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def machine_info(args) -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None
+    label = args.machine or f"{cpu}, {_cores()} cores" + (f", {gpu}" if gpu else "")
+    return {
+        "label": label,
+        "cpu": cpu,
+        "cores": _cores(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": args.device,
+        "gpu": gpu,
+    }
+
+
+def sweep_rates(args, systems: dict, own: dict) -> list[float]:
+    """Rates of the sweep; fractions refer to the first swept system's saturation rate (or this one's)."""
+    text = (args.sweep_rates or "none").strip()
+    if text in ("none", ""):
+        return []
+    if text.startswith("abs:"):
+        return [float(x) for x in _csv(text[4:])]
+    fractions = [0.2, 0.4, 0.6, 0.8, 1.0] if text == "auto" else [float(x) for x in _csv(text)]
+    done = [systems[s] for s in _csv(args.sweep_configs) if "mixed" in systems.get(s, {}).get("results", {})]
+    ref = (done[0] if done else own)["results"].get("mixed")
+    if ref is None:
+        return []
+    saturation = ref["median"]["request_throughput"]
+    return [round(f * saturation, 4) for f in fractions if f * saturation > 0]
+
+
+def command_line(args) -> str:
+    """The command that repeats this run: the flags that differ from their defaults."""
+    defaults = vars(args.subparser.parse_args([]))
+    words = ["python", "-m", "tools.bench", "serve"]
+    for key, value in vars(args).items():
+        if key in ("func", "subparser") or key not in defaults or value == defaults[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        words += [flag] if value is True else [flag, str(value)]
+    return shlex.join(words)
+
+
+def _finite(obj):
+    """JSON has no NaN or Infinity: such floats become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def run(args) -> int:
+    command = command_line(args)
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        print(
+            f"error: no model at {model} (config.json missing); `make demo-model` builds the demo one, "
+            "or pass --model DIR",
+            file=sys.stderr,
+        )
+        return 2
+    unknown = [c for c in _csv(args.configs) if c not in CONFIGURATIONS]
+    if unknown:
+        print(
+            f"error: unknown configuration(s) {', '.join(unknown)}; known: {', '.join(CONFIGURATIONS)}",
+            file=sys.stderr,
+        )
+        return 2
+    import torch
+
+    torch.set_num_threads(args.threads or _cores())
+    cfg = json.loads((model / "config.json").read_text())
+    shape = ModelShape(cfg["vocab_size"], cfg.get("max_position_embeddings", 2048), cfg.get("bos_token_id"))
+    engine = EngineSettings(
+        dtype=args.dtype,
+        device=args.device,
+        num_blocks=args.num_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_batched_tokens=args.max_batched_tokens,
+    )
+    runner = Runner(args, shape)
+    t0, started = time.monotonic(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    systems: dict[str, dict] = {}
+    notes: list[str] = []
+    configs = [CONFIGURATIONS[c] for c in _csv(args.configs)]
+    spec_pairs = [c for c in configs if c.speculation and unavailable_reason(c, str(model)) is None]
+    scenarios = [w for w in _csv(args.workloads) if w in ("fixed", "mixed", "prefix")]
+
+    def rates_for(name: str):
+        swept = name in _csv(args.sweep_configs) and "mixed" in scenarios
+        return lambda own: sweep_rates(args, systems, own) if swept else []
+
+    for config in configs:
+        entry = {
+            "kind": "tandem",
+            "description": config.describe(),
+            "skipped": unavailable_reason(config, str(model)),
+        }
+        systems[config.name] = entry
+        if entry["skipped"]:
+            notes.append(f"{config.name}: {entry['skipped']}")
+            continue
+        entry["threads_per_worker"] = args.threads or max(1, _cores() // (2 if config.disaggregated else 1))
+        # c1 compares TPOT with and without the draft: the spec configurations and their plain twins
+        mine = scenarios + (["c1"] if spec_pairs and config.prefix_caching else [])
+        try:
+            with Services(
+                str(model),
+                config,
+                engine,
+                threads=entry["threads_per_worker"],
+                gpu_hour_usd=args.gpu_hour_usd,
+            ) as svc:
+                backend = (lambda addr=svc.address: GrpcBackend(addr), True)
+                entry.update(
+                    runner.run_system(config.name, mine, backend, rates_for(config.name), svc.metrics_urls)
+                )
+        except RuntimeError as e:
+            entry["skipped"] = f"failed to run: {e}"
+            notes.append(f"{config.name}: {entry['skipped']}")
+
+    wanted = _csv(args.baselines)
+    if "engine" in wanted:
+        eb = EngineBackend(engine.engine_config(str(model), prefix_caching=True))
+        systems["engine"] = {
+            "kind": "baseline",
+            "skipped": None,
+            "threads_per_worker": torch.get_num_threads(),
+            "description": "Tandem's engine in this process (AsyncEngine, no gRPC), prefix caching on",
+        }
+        try:
+            systems["engine"].update(
+                runner.run_system("engine", scenarios, (lambda: eb, False), rates_for("engine"))
+            )
+        finally:
+            eb.engine.shutdown()
+    hf = [b for b in ("hf_static", "hf_one") if b in wanted]
+    if hf:
+        from .baselines import load_hf_model
+
+        hf_model = load_hf_model(str(model), args.dtype, args.device)
+        for name in hf:
+            desc = (
+                f"HF transformers generate, one request at a time (first {args.hf_one_requests} requests)"
+                if name == "hf_one"
+                else f"HF transformers generate, static batches of {args.static_batch}"
+            )
+            systems[name] = {
+                "kind": "baseline",
+                "description": desc,
+                "skipped": None,
+                "threads_per_worker": torch.get_num_threads(),
+            }
+            systems[name].update(runner.run_hf(name, hf_model, scenarios))
+        del hf_model
+
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "subparser")}
+    settings["request_rate"] = "inf" if math.isinf(args.request_rate) else args.request_rate
+    result = {
+        "schema": "tandem.bench.serve/1",
+        "command": command,
+        "started_at": started,
+        "machine": machine_info(args),
+        "model": {"path": str(model), "vocab_size": shape.vocab_size, "max_model_len": shape.max_model_len},
+        "settings": settings,
+        "engine": dataclasses.asdict(engine),
+        "workloads": {k: describe(v) for k, v in runner.workloads.items()},
+        "scenarios": {
+            k: {**v, "request_rate": _rate_label(v["request_rate"])} for k, v in runner.scenarios.items()
+        },
+        "systems": systems,
+        "notes": notes,
+    }
+    result["ratios"] = report.ratios(result)
+    result["wall_s"] = round(time.monotonic() - t0, 1)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result["plots"] = [] if args.no_plots else plots.write_all(result, out_dir)
+    result = _finite(result)
+    (out_dir / "serve.json").write_text(json.dumps(result, indent=2, allow_nan=False))
+    markdown = report.markdown(result)
+    (out_dir / "serve.md").write_text(markdown)
+    print(markdown)
+    print(
+        f"wrote {out_dir / 'serve.json'}, {out_dir / 'serve.md'}"
+        + "".join(f", {p}" for p in result["plots"]),
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _rate_label(rate):
+    return "inf" if rate is not None and math.isinf(rate) else rate

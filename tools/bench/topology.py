@@ -1,0 +1,244 @@
+"""The configurations under test, and Tandem's services started as real processes for each.
+
+Process management is `tools/run_local.py`'s (start, wait until SERVING, stop); this module
+only decides what to start: free loopback ports, and the environment of each service for a
+configuration (aggregated = the decode worker prefills; disaggregated = one prefill worker and
+one decode worker; prefix caching on or off; speculation with the draft service, when there is
+one). Every service also serves Prometheus `/metrics` on a port of its own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from tools import run_local
+
+
+@dataclass(frozen=True)
+class Configuration:
+    name: str
+    disaggregated: bool = False
+    prefix_caching: bool = True
+    speculation: bool = False
+
+    def describe(self) -> str:
+        return (
+            f"{'1 prefill + 1 decode worker' if self.disaggregated else 'decode worker prefills'}, "
+            f"prefix caching {'on' if self.prefix_caching else 'off'}, "
+            f"speculation {'on' if self.speculation else 'off'}"
+        )
+
+
+CONFIGURATIONS = {
+    c.name: c
+    for c in (
+        Configuration("agg"),
+        Configuration("disagg", disaggregated=True),
+        Configuration("agg-nocache", prefix_caching=False),
+        Configuration("disagg-nocache", disaggregated=True, prefix_caching=False),
+        Configuration("agg-spec", speculation=True),
+        Configuration("disagg-spec", disaggregated=True, speculation=True),
+    )
+}
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Engine settings shared by the workers and the in-process engine baseline."""
+
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    num_blocks: int | None = None
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 512
+
+    def env(self) -> dict[str, str]:
+        env = {
+            "TANDEM_DTYPE": self.dtype,
+            "TANDEM_DEVICE": self.device,
+            "TANDEM_BLOCK_SIZE": str(self.block_size),
+            "TANDEM_MAX_NUM_SEQS": str(self.max_num_seqs),
+            "TANDEM_MAX_BATCHED_TOKENS": str(self.max_batched_tokens),
+        }
+        if self.num_blocks:
+            env["TANDEM_NUM_BLOCKS"] = str(self.num_blocks)
+        return env
+
+    def engine_config(self, model: str, prefix_caching: bool):
+        from shared.engine import EngineConfig
+
+        return EngineConfig(
+            model=model,
+            dtype=self.dtype,
+            device=self.device,
+            block_size=self.block_size,
+            num_blocks=self.num_blocks,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_batched_tokens,
+            enable_prefix_caching=prefix_caching,
+        )
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (all held open until all are chosen)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def draft_model_dir(model: str) -> Path:
+    """The demo pair's layout: <out>/target and <out>/draft."""
+    return Path(model).resolve().parent / "draft"
+
+
+def _draft_addr_env() -> str | None:
+    """The worker setting that names the draft service's address, once the workers have one."""
+    from shared.config import WorkerConfig
+
+    for f in fields(WorkerConfig):
+        env = f.metadata.get("env", "")
+        if "DRAFT" in env and "ADDR" in env:
+            return env
+    return None
+
+
+def unavailable_reason(config: Configuration, model: str) -> str | None:
+    """Why `config` cannot run here (None: it can)."""
+    if not config.speculation:
+        return None
+    if importlib.util.find_spec("services.draft") is None:
+        return "speculation skipped: the draft service (services/draft) does not exist yet"
+    if _draft_addr_env() is None:
+        return "speculation skipped: the workers have no TANDEM_*DRAFT*ADDR* setting yet"
+    if not (draft_model_dir(model) / "config.json").is_file():
+        return f"speculation skipped: no draft model at {draft_model_dir(model)}"
+    return None
+
+
+class Services:
+    """`with Services(...) as s:` the configuration's processes, healthy; stopped on exit."""
+
+    def __init__(
+        self,
+        model: str,
+        config: Configuration,
+        engine: EngineSettings,
+        *,
+        threads: int,
+        gpu_hour_usd: float = 0.0,
+        startup_timeout_s: float = 300.0,
+        log_level: str = "warning",
+    ):
+        self.model = str(Path(model).resolve())
+        self.config = config
+        self.engine = engine
+        self.threads = threads
+        self.gpu_hour_usd = gpu_hour_usd
+        self.startup_timeout_s = startup_timeout_s
+        self.log_level = log_level
+        self.procs: dict = {}
+        self.addrs: dict[str, str] = {}
+        self.metrics_urls: dict[str, str] = {}
+
+    @property
+    def address(self) -> str:
+        return self.addrs["scheduler"]
+
+    def _plan(self) -> dict[str, tuple[str, dict[str, str]]]:
+        names = ["scheduler", "decode"]
+        if self.config.disaggregated:
+            names.append("prefill")
+        if self.config.speculation:
+            names.append("draft")
+        ports = free_ports(2 * len(names))
+        for i, name in enumerate(names):
+            self.addrs[name] = f"127.0.0.1:{ports[2 * i]}"
+            self.metrics_urls[name] = f"http://127.0.0.1:{ports[2 * i + 1]}/metrics"
+
+        def base(name: str) -> dict[str, str]:
+            return {
+                "TANDEM_MODEL": self.model,
+                "TANDEM_HOST": "127.0.0.1",
+                "TANDEM_PORT": self.addrs[name].rsplit(":", 1)[1],
+                "TANDEM_METRICS_PORT": self.metrics_urls[name].rsplit(":", 1)[1].split("/")[0],
+                "TANDEM_GPU_HOUR_USD": str(self.gpu_hour_usd),
+                "TANDEM_NUM_GPUS": "0" if name == "scheduler" or self.engine.device == "cpu" else "1",
+                "TANDEM_LOG_LEVEL": self.log_level,
+                "TANDEM_LOG_JSON": "0",
+                "TANDEM_GRACE_PERIOD_S": "0.5",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "",
+                "TANDEM_TRACE_FILE": "",
+            }
+
+        worker = {
+            **self.engine.env(),
+            "TANDEM_TORCH_THREADS": str(self.threads),
+            "TANDEM_PREFIX_CACHING": "1" if self.config.prefix_caching else "0",
+            "TANDEM_KV_TRANSPORT": "grpc",
+        }
+        plan: dict[str, tuple[str, dict[str, str]]] = {}
+        if self.config.speculation:
+            draft_env = {**base("draft"), **worker, "TANDEM_MODEL": str(draft_model_dir(self.model))}
+            plan["draft"] = ("services.draft", draft_env)
+            worker[_draft_addr_env()] = self.addrs["draft"]
+        plan["decode"] = ("services.decode", {**base("decode"), **worker})
+        if self.config.disaggregated:
+            plan["prefill"] = ("services.prefill", {**base("prefill"), **worker})
+        plan["scheduler"] = (
+            "services.scheduler",
+            {
+                **base("scheduler"),
+                "TANDEM_DECODE_ADDRS": self.addrs["decode"],
+                "TANDEM_PREFILL_ADDRS": self.addrs.get("prefill", ""),
+                "TANDEM_HEALTH_INTERVAL_S": "0.5",
+            },
+        )
+        return plan
+
+    def __enter__(self) -> Services:
+        try:
+            for name, (module, env) in self._plan().items():
+                self.procs[name] = run_local.start(name, module, env)
+            run_local.wait_healthy(self.procs, {n: self.addrs[n] for n in self.procs}, self.startup_timeout_s)
+            self._wait_routable(deadline=time.monotonic() + self.startup_timeout_s)
+        except BaseException:
+            run_local.stop_all(self.procs, grace_s=1)
+            raise
+        return self
+
+    def _wait_routable(self, deadline: float) -> None:
+        """Until the scheduler itself reports the workers healthy (its checks lag their start)."""
+        import grpc
+
+        from shared.pb.tandem.v1 import generate_pb2, generate_pb2_grpc
+
+        wanted = {self.addrs[n] for n in ("decode", "prefill") if n in self.addrs}
+        with grpc.insecure_channel(self.address) as channel:
+            stub = generate_pb2_grpc.TandemStub(channel)
+            while True:
+                try:
+                    info = stub.GetModelInfo(generate_pb2.GetModelInfoRequest(), timeout=2.0)
+                    if wanted <= {w.address for w in info.workers if w.healthy}:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the scheduler did not see {', '.join(sorted(wanted))} healthy in time"
+                    )
+                time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        run_local.stop_all(self.procs, grace_s=1)
