@@ -232,7 +232,11 @@ class ContainerProcess:
         compose_dir: Path,
         repo_root: Path,
         service_names: list[str],
+        port_map: Mapping[tuple[str, int], int] | None = None,
     ) -> ContainerProcess:
+        """`port_map[(service, port)]`: the host port standing in for that container port, for
+        services played by something else on this host (Jaeger by an OTLP receiver); the
+        ports of the Tandem services are the same inside and outside (the test sets them)."""
         build = service.get("build") or {}
         image_env: dict[str, str] = {}
         workdir = "/"
@@ -247,7 +251,7 @@ class ContainerProcess:
             source, target = volume.split(":")[:2]
             if source.startswith((".", "/", "~")):
                 mounts[target] = str((compose_dir / os.path.expanduser(source)).resolve())
-        host_env = {k: _map_value(v, mounts, service_names) for k, v in env.items()}
+        host_env = {k: _map_value(v, mounts, service_names, port_map or {}) for k, v in env.items()}
 
         command = service.get("command")
         argv = shlex.split(command) if isinstance(command, str) else list(command)
@@ -276,9 +280,19 @@ class ContainerProcess:
         return done.returncode == 0
 
 
-def _map_value(value: str, mounts: Mapping[str, str], service_names: list[str]) -> str:
+def _map_value(
+    value: str,
+    mounts: Mapping[str, str],
+    service_names: list[str],
+    port_map: Mapping[tuple[str, int], int] | None = None,
+) -> str:
     for name in service_names:  # `decode:50053`, `http://jaeger:4317`
-        value = re.sub(rf"(?<![\w.-]){re.escape(name)}(?=:\d)", "127.0.0.1", value)
+
+        def to_loopback(m: re.Match, name: str = name) -> str:
+            port = int(m.group(1))
+            return f"127.0.0.1:{(port_map or {}).get((name, port), port)}"
+
+        value = re.sub(rf"(?<![\w.-]){re.escape(name)}:(\d+)", to_loopback, value)
     for target in sorted(mounts, key=len, reverse=True):
         if target != "/" and (value == target or value.startswith(target.rstrip("/") + "/")):
             return mounts[target] + value[len(target.rstrip("/")) :]

@@ -1,0 +1,211 @@
+"""The compose deployment without Docker: each Tandem service of deploy/compose (CPU variant)
+runs as a local process with exactly the command and environment its container would get
+(service hostnames mapped to loopback, the /models mount to a tiny random checkpoint, Jaeger
+played by an OTLP receiver), becomes healthy through the compose health check, and serves a
+Generate through the scheduler's published port, disaggregated over prefill and decode.
+
+What the containers need that this test cannot see is checked in tests/unit/test_compose.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shared.pb.tandem.v1 import common_pb2, generate_pb2, generate_pb2_grpc
+from tests.fakes.fake_compose import ContainerProcess, load_project
+from tests.helpers.models import make_tiny_checkpoint
+from tests.helpers.otlp import OtlpReceiver
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_DIR = ROOT / "deploy" / "compose"
+FILES = [COMPOSE_DIR / "docker-compose.yml", COMPOSE_DIR / "docker-compose.cpu.yml"]
+TANDEM = ("draft", "prefill", "decode", "scheduler")  # an order that satisfies depends_on
+PROMPT = [1, *range(40, 90)]
+STARTUP_S = 45.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def telemetry_wired() -> bool:
+    """Whether the service entry points set up OpenTelemetry and Prometheus yet."""
+    mains = [ROOT / "services/scheduler/__main__.py", ROOT / "services/common/worker_main.py"]
+    return all("setup_telemetry" in p.read_text() for p in mains)
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_model, tmp_path_factory):
+    """The CPU compose deployment as local processes; yields (processes, variables, receiver)."""
+    models = tmp_path_factory.mktemp("models")
+    (models / "target").symlink_to(tiny_model, target_is_directory=True)
+    make_tiny_checkpoint(models / "draft", num_layers=1, seed=1)
+    variables = {
+        # what a user would put in .env: the model, small KV pools, free ports on this host
+        "TANDEM_MODELS_DIR": str(models),
+        "TANDEM_TARGET_MODEL": "target",
+        "TANDEM_DRAFT_MODEL": "draft",
+        "TANDEM_NUM_BLOCKS": "64",
+        "TANDEM_TORCH_THREADS": "1",
+        "TANDEM_GRACE_PERIOD_S": "2",
+        **{f"TANDEM_{name.upper()}_PORT": str(free_port()) for name in TANDEM},
+        **{f"TANDEM_{name.upper()}_METRICS_PORT": str(free_port()) for name in TANDEM},
+        "TANDEM_KV_RECEIVER_PORT": str(free_port()),
+    }
+    model = load_project(FILES, variables)
+    services = model["services"]
+    receiver = OtlpReceiver().start()
+    skipped = []
+    if not (ROOT / "services/draft/__main__.py").is_file():
+        skipped.append("draft")
+        warnings.warn(
+            "services/draft/__main__.py does not exist yet: the draft service of the compose file "
+            "is not started (the decode worker decodes without it)",
+            stacklevel=1,
+        )
+    procs: dict[str, ContainerProcess] = {}
+    logs = tmp_path_factory.mktemp("compose-logs")
+    try:
+        for name in TANDEM:
+            if name in skipped:
+                continue
+            proc = ContainerProcess.from_service(
+                name,
+                services[name],
+                compose_dir=COMPOSE_DIR,
+                repo_root=ROOT,
+                service_names=list(services),
+                port_map={("jaeger", 4317): receiver.port},
+            )
+            for dep, cond in (services[name].get("depends_on") or {}).items():
+                if cond.get("condition") == "service_healthy" and dep in procs:
+                    _wait_healthy(procs[dep], logs)
+            proc.start(logs / f"{name}.log")
+            procs[name] = proc
+        _wait_healthy(procs["scheduler"], logs)
+        yield procs, variables, receiver
+    finally:
+        for proc in reversed(list(procs.values())):  # scheduler first, as compose stops dependents first
+            if proc.proc is not None and proc.proc.poll() is None:
+                proc.proc.terminate()
+        for proc in procs.values():
+            if proc.proc is not None:
+                try:
+                    proc.proc.wait(20)
+                except Exception:  # noqa: BLE001 - a test failure must not leave processes behind
+                    proc.proc.kill()
+                    proc.proc.wait()
+        receiver.stop()
+
+
+def _wait_healthy(proc: ContainerProcess, logs: Path) -> None:
+    deadline = time.monotonic() + STARTUP_S
+    while not proc.healthy():
+        if proc.proc.poll() is not None:
+            log = (logs / f"{proc.name}.log").read_text()[-3000:]
+            pytest.fail(f"{proc.name} exited with code {proc.proc.returncode}:\n{log}")
+        if time.monotonic() > deadline:
+            log = (logs / f"{proc.name}.log").read_text()[-3000:]
+            pytest.fail(f"{proc.name} not healthy after {STARTUP_S:.0f}s:\n{log}")
+        time.sleep(0.3)
+
+
+def test_containers_get_the_cpu_torch_settings_with_loopback_addresses(deployment):
+    procs, variables, _ = deployment
+    decode, scheduler = procs["decode"].env, procs["scheduler"].env
+    assert (decode["TANDEM_ENGINE"], decode["TANDEM_DEVICE"]) == ("torch", "cpu")
+    assert decode["TANDEM_MODEL"] == str(Path(variables["TANDEM_MODELS_DIR"]) / "target")
+    assert scheduler["TANDEM_DECODE_ADDRS"] == f"127.0.0.1:{variables['TANDEM_DECODE_PORT']}"
+    assert scheduler["TANDEM_PREFILL_ADDRS"] == f"127.0.0.1:{variables['TANDEM_PREFILL_PORT']}"
+    assert decode["PYTHONPATH"] == str(ROOT), "the image's ENV PYTHONPATH=/app, /app being the repository"
+
+
+def test_generate_through_the_published_scheduler_port(deployment, reference):
+    procs, variables, _ = deployment
+    address = f"127.0.0.1:{variables['TANDEM_SCHEDULER_PORT']}"  # the `ports:` mapping of the scheduler
+    request = generate_pb2.GenerateRequest(
+        token_ids=common_pb2.TokenIds(ids=PROMPT),
+        sampling=common_pb2.SamplingParameters(temperature=0.0),
+        stopping=common_pb2.StoppingCriteria(max_tokens=12, ignore_eos=True),
+    )
+    with grpc.insecure_channel(address) as channel:
+        stub = generate_pb2_grpc.TandemStub(channel)
+        responses = list(stub.Generate(request, timeout=60))
+        info = stub.GetModelInfo(generate_pb2.GetModelInfoRequest(), timeout=10)
+    tokens = [t for r in responses for t in r.token_ids]
+    assert tokens == reference(PROMPT, 12), "the deployment must generate what one engine generates"
+    last = responses[-1]
+    assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(PROMPT), 12)
+    roles = {w.role for w in info.workers if w.healthy}
+    assert {"prefill", "decode"} <= roles, f"healthy workers: {info.workers}"
+
+
+def test_every_service_serves_prometheus_metrics_on_its_compose_port(deployment):
+    if not telemetry_wired():
+        pytest.skip("the service entry points do not call setup_telemetry yet: no /metrics to scrape")
+    procs, variables, _ = deployment
+    for name in procs:
+        port = procs[name].env["TANDEM_METRICS_PORT"]
+        assert port == variables[f"TANDEM_{name.upper()}_METRICS_PORT"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert b"tandem_" in resp.read(), f"{name}: no tandem_ metrics on :{port}"
+
+
+def test_the_request_is_one_trace_in_jaeger(deployment):
+    if not telemetry_wired():
+        pytest.skip("the service entry points do not call setup_telemetry yet: no spans are exported")
+    procs, variables, receiver = deployment
+    address = f"127.0.0.1:{variables['TANDEM_SCHEDULER_PORT']}"
+    with grpc.insecure_channel(address) as channel:
+        list(
+            generate_pb2_grpc.TandemStub(channel).Generate(
+                generate_pb2.GenerateRequest(
+                    token_ids=common_pb2.TokenIds(ids=PROMPT),
+                    stopping=common_pb2.StoppingCriteria(max_tokens=4, ignore_eos=True),
+                ),
+                timeout=60,
+            )
+        )
+
+    def one_trace_across_services(spans):
+        by_trace: dict[str, set[str]] = {}
+        for s in spans:
+            by_trace.setdefault(s["trace_id"], set()).add(s["service"])
+        return any(
+            {"tandem-scheduler", "tandem-decode", "tandem-prefill"} <= names for names in by_trace.values()
+        )
+
+    # spans are exported in batches (every few seconds), to the endpoint compose gives: jaeger:4317
+    spans = receiver.wait_for_spans(one_trace_across_services, timeout=20)
+    assert one_trace_across_services(spans)
+
+
+def test_the_draft_service_is_healthy(deployment):
+    procs, _, _ = deployment
+    if "draft" not in procs:
+        pytest.skip(
+            "services/draft/__main__.py does not exist yet: the compose draft service was not started"
+        )
+    assert procs["draft"].healthy()
+
+
+def test_services_stop_gracefully_on_sigterm(deployment):
+    """`docker compose down` sends SIGTERM and waits: every service must exit 0 in time.
+    (Last in this module: it stops the deployment.)"""
+    procs, _, _ = deployment
+    for proc in reversed(list(procs.values())):
+        proc.proc.terminate()
+    codes = {name: proc.proc.wait(20) for name, proc in procs.items()}
+    assert codes == {name: 0 for name in procs}
