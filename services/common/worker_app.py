@@ -15,11 +15,13 @@ import grpc
 
 from services.common.errors import ErrorInterceptor
 from services.common.server import CHANNEL_OPTIONS, GrpcServer
+from services.common.telemetry import quiet_telemetry, traced_server_interceptors
 from shared.config import ConfigError, WorkerConfig
 from shared.engine import AsyncEngine, EngineConfig, InvalidRequest, LLMEngine, ModelLoadError
 from shared.engine.async_engine import EngineDeadError
 from shared.kv.errors import KvTransferError, KvTransferTimeout
 from shared.pb.tandem.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
+from shared.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +109,11 @@ class WorkerApp:
 
     role = ""
 
-    def __init__(self, config: WorkerConfig, aengine: AsyncEngine | None = None):
+    def __init__(
+        self, config: WorkerConfig, *, telemetry: Telemetry | None = None, aengine: AsyncEngine | None = None
+    ):
         self.config = config
+        self.telemetry = telemetry if telemetry is not None else quiet_telemetry(f"tandem-{self.role}")
         self.aengine = aengine if aengine is not None else build_engine(config)
         self.model_name = config.model_name or self.aengine.engine.model_config.name
         self.active = ActiveRequests()
@@ -120,13 +125,15 @@ class WorkerApp:
                 *self._service_names(),
                 worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,
             ],
-            interceptors=[ErrorInterceptor(WORKER_ERRORS)],
+            # tracing outermost, so that its span records the status code the errors map to
+            interceptors=[*traced_server_interceptors(self.telemetry), ErrorInterceptor(WORKER_ERRORS)],
         )
         worker_pb2_grpc.add_WorkerServicer_to_server(
             WorkerServicer(self.aengine, config, self.model_name, self.active), self.server.grpc_server
         )
         self._add_servicers(self.server.grpc_server)
         self._registration: asyncio.Task | None = None
+        self._sampler: asyncio.Task | None = None
 
     def _service_names(self) -> Sequence[str]:
         raise NotImplementedError
@@ -142,15 +149,35 @@ class WorkerApp:
         port = await self.server.start()
         if self.config.scheduler_addr:
             self._registration = asyncio.create_task(self._register(), name="register")
+        self._sampler = asyncio.create_task(self._sample_engine_stats(), name="engine-stats")
         return port
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Health NOT_SERVING, let running calls finish (grace), then stop the engine."""
-        if self._registration is not None:
-            self._registration.cancel()
+        for task in (self._registration, self._sampler):
+            if task is not None:
+                task.cancel()
         await self.server.stop(self.config.grace_period_s if grace_s is None else grace_s)
         await self._close()
         await asyncio.to_thread(self.aengine.shutdown)
+        await asyncio.to_thread(self.telemetry.shutdown)  # flushes buffered spans
+
+    async def _sample_engine_stats(self, interval_s: float = 0.5) -> None:
+        """Engine gauges and counters for /metrics (the engine itself knows nothing of them)."""
+        metrics = self.telemetry.metrics
+        last = self.aengine.stats()
+        while True:
+            s = self.aengine.stats()
+            metrics.queue_depth.set(s.num_waiting)
+            metrics.running_sequences.set(s.num_running)
+            metrics.set_kv_blocks(s.num_total_blocks - s.num_free_blocks, s.num_total_blocks)
+            metrics.record_prefix_cache(
+                s.prefix_cache_query_tokens - last.prefix_cache_query_tokens,
+                s.prefix_cache_hit_tokens - last.prefix_cache_hit_tokens,
+            )
+            metrics.preemptions.inc(s.num_preemptions - last.num_preemptions)
+            last = s
+            await asyncio.sleep(interval_s)
 
     async def _close(self) -> None:
         """Subclass hook: close peer channels and the like."""
@@ -161,7 +188,11 @@ class WorkerApp:
             address=self.address, role=self.role, model_name=self.model_name
         )
         delay = 0.2
-        async with grpc.aio.insecure_channel(self.config.scheduler_addr, options=CHANNEL_OPTIONS) as channel:
+        async with grpc.aio.insecure_channel(
+            self.config.scheduler_addr,
+            options=CHANNEL_OPTIONS,
+            interceptors=self.telemetry.client_interceptors(),
+        ) as channel:
             stub = worker_pb2_grpc.SchedulerStub(channel)
             while True:
                 try:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 from services.common.server import run_until_signal
-from shared.config import ConfigError, WorkerConfig, add_cli_args, describe, from_env
+from shared.config import ConfigError, WorkerConfig, add_cli_args, describe, from_env, telemetry_from_env
 
 
 def worker_main(role: str, argv: list[str]) -> int:
@@ -20,9 +19,9 @@ def worker_main(role: str, argv: list[str]) -> int:
     )
     add_cli_args(parser, WorkerConfig, skip=("role",))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = from_env(WorkerConfig, overrides={**vars(args), "role": role})
+        telemetry_config = telemetry_from_env(f"tandem-{role}")
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
@@ -33,8 +32,10 @@ def worker_main(role: str, argv: list[str]) -> int:
     else:
         from services.decode.app import DecodeApp as App
 
+    from shared.telemetry import setup_telemetry
+
     async def run() -> None:
-        app = App(config)  # loads the model
+        app = App(config, telemetry=setup_telemetry(telemetry_config))  # loads the model
         await run_until_signal(app.start, app.stop)
 
     try:

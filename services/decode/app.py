@@ -28,6 +28,7 @@ class DecodeApp(WorkerApp):
             )
         self.worker = DecodeWorker(
             self.aengine,
+            self.telemetry,
             transport=config.kv_transport,
             chunk_bytes=config.kv_chunk_bytes,
             kv_timeout_s=config.kv_timeout_s,

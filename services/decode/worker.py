@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from shared.kv.chunks import KvChunk
 from shared.kv.collective import TransferMeta
 from shared.kv.collective_receiver import CollectiveKvReceiver
 from shared.pb.tandem.v1 import common_pb2, kv_pb2, worker_pb2, worker_pb2_grpc
+from shared.telemetry import Telemetry, annotate
 
 from .kv_import import KvImporter
 
@@ -49,6 +51,7 @@ class PrefillOutcome:
     first_token_id: int
     first_logprob: common_pb2.TokenLogprob | None
     num_cached_tokens: int
+    kv_bytes: int
 
 
 class PrefillPeerUnavailable(Exception):
@@ -58,13 +61,16 @@ class PrefillPeerUnavailable(Exception):
 class PrefillPeers:
     """Channels to prefill workers, opened on first use and kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, interceptors=()) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._interceptors = list(interceptors)
 
     def stub(self, address: str) -> worker_pb2_grpc.PrefillStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self._channels[address] = grpc.aio.insecure_channel(
+                address, options=CHANNEL_OPTIONS, interceptors=self._interceptors
+            )
         return worker_pb2_grpc.PrefillStub(channel)
 
     async def close(self) -> None:
@@ -76,6 +82,7 @@ class DecodeWorker:
     def __init__(
         self,
         aengine: AsyncEngine,
+        telemetry: Telemetry,
         *,
         transport: str,
         chunk_bytes: int,
@@ -87,7 +94,8 @@ class DecodeWorker:
         self._chunk_bytes = chunk_bytes
         self._kv_timeout_s = kv_timeout_s
         self._receiver = receiver
-        self.peers = PrefillPeers()
+        self._telemetry = telemetry
+        self.peers = PrefillPeers(telemetry.client_interceptors())
         mc = aengine.engine.model_config
         self._kv_geometry = (mc.num_layers, 2, mc.num_kv_heads, mc.head_dim)
         self._kv_dtype = aengine.engine.config.dtype
@@ -96,9 +104,11 @@ class DecodeWorker:
 
     async def generate(self, job: DecodeJob) -> AsyncIterator[tuple[RequestOutput, str]]:
         """(output, prefilled_by) pairs; prefilled_by is the peer's address or "" (local)."""
+        generated = self._telemetry.metrics.generation_tokens
         if job.prefill_peer:
             try:
                 async for out in self._generate_disaggregated(job):
+                    generated.inc(len(out.new_token_ids))
                     yield out, job.prefill_peer
                 return
             except PrefillPeerUnavailable as e:
@@ -109,8 +119,12 @@ class DecodeWorker:
                     job.request_id,
                 )
         self.num_local_prefills += 1
-        async for out in self._aengine.generate(job.request_id, job.prompt_token_ids, job.params):
-            yield out, ""
+        self._telemetry.metrics.prompt_tokens.inc(len(job.prompt_token_ids))
+        with self._telemetry.span("decode", request_id=job.request_id, disaggregated=False) as sp:
+            async for out in self._aengine.generate(job.request_id, job.prompt_token_ids, job.params):
+                generated.inc(len(out.new_token_ids))
+                annotate(sp, completion_tokens=out.num_output_tokens, cached_tokens=out.num_cached_tokens)
+                yield out, ""
 
     async def _generate_disaggregated(self, job: DecodeJob) -> AsyncIterator[RequestOutput]:
         rid, prompt, params = job.request_id, job.prompt_token_ids, job.params
@@ -124,7 +138,7 @@ class DecodeWorker:
         stream_done = False  # the engine stream ran to its end (and dropped its queue itself)
         queue = self._aengine.open_stream(rid)  # before add_prefilled: no output may be missed
         try:
-            outcome = await self._prefill_on_peer(job)
+            outcome = await self._prefill_on_peer_traced(job)
             first_lp = logprob_from_pb(outcome.first_logprob) if outcome.first_logprob is not None else None
             done = await self._aengine.call(
                 lambda eng: eng.add_prefilled(rid, prompt, outcome.first_token_id, params, first_lp)
@@ -143,16 +157,37 @@ class DecodeWorker:
             yield first
             if first.finished:  # the first token ended it; the engine freed the reservation
                 return
-            async for out in self._aengine.stream(rid, queue):
-                # the engine counts no cached tokens for an imported prompt; the peer's count holds
-                out.num_cached_tokens = outcome.num_cached_tokens
-                stream_done = out.finished
-                yield out
+            with self._telemetry.span("decode", request_id=rid, disaggregated=True) as sp:
+                async for out in self._aengine.stream(rid, queue):
+                    # the engine counts no cached tokens for an imported prompt; the peer's count holds
+                    out.num_cached_tokens = outcome.num_cached_tokens
+                    stream_done = out.finished
+                    annotate(sp, completion_tokens=out.num_output_tokens)
+                    yield out
         finally:
             if not stream_done:
                 # frees the reservation or the running request (a no-op when already finished)
                 # and drops the output queue
                 await asyncio.shield(self._aengine.abort(rid))
+
+    async def _prefill_on_peer_traced(self, job: DecodeJob) -> PrefillOutcome:
+        """_prefill_on_peer in a `kv_transfer` span, and the transfer in the metrics."""
+        start = time.perf_counter()
+        block_size = self._aengine.engine.block_size
+        with self._telemetry.span(
+            "kv_transfer",
+            request_id=job.request_id,
+            prefill_worker=job.prefill_peer,
+            kv_transport=self._transport,
+            kv_blocks=-(-len(job.prompt_token_ids) // block_size),
+        ) as sp:
+            outcome = await self._prefill_on_peer(job)
+            seconds = time.perf_counter() - start
+            annotate(
+                sp, kv_bytes=outcome.kv_bytes, kv_seconds=seconds, cached_tokens=outcome.num_cached_tokens
+            )
+        self._telemetry.metrics.record_kv_transfer(self._transport, outcome.kv_bytes, seconds)
+        return outcome
 
     async def _prefill_on_peer(self, job: DecodeJob) -> PrefillOutcome:
         """Have the peer prefill the prompt into our reserved blocks; returns its first token."""
@@ -190,6 +225,7 @@ class DecodeWorker:
                         r.first_token_id,
                         r.first_logprob if r.HasField("first_logprob") else None,
                         r.num_cached_tokens,
+                        importer.num_bytes,
                     )
             raise Unavailable(f"prefill peer {job.prefill_peer} ended its stream without a result")
         except grpc.aio.AioRpcError as e:

@@ -20,7 +20,7 @@ class PrefillApp(WorkerApp):
 
     def _add_servicers(self, server) -> None:
         self.senders = KvSenderPool(device=self.config.device, timeout_s=self.config.kv_timeout_s)
-        self.worker = PrefillWorker(self.aengine, self.senders)
+        self.worker = PrefillWorker(self.aengine, self.senders, self.telemetry)
         worker_pb2_grpc.add_PrefillServicer_to_server(
             PrefillServicer(
                 self.worker,

@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 from shared.engine import AsyncEngine, SamplingParams, TokenLogprobs
 from shared.kv.chunks import KvChunk, split_kv
 from shared.kv.collective import KvSenderPool, TransferMeta
+from shared.telemetry import Telemetry, annotate
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,10 @@ class PrefillDone:
 
 
 class PrefillWorker:
-    def __init__(self, aengine: AsyncEngine, senders: KvSenderPool):
+    def __init__(self, aengine: AsyncEngine, senders: KvSenderPool, telemetry: Telemetry):
         self._aengine = aengine
         self._senders = senders
+        self._telemetry = telemetry
 
     async def prefill(self, job: PrefillJob) -> AsyncIterator[KvChunk | TransferMeta | PrefillDone]:
         rid = job.request_id
@@ -58,26 +61,36 @@ class PrefillWorker:
         first = None
         held = False
         try:
-            async for out in self._aengine.generate(rid, job.prompt_token_ids, params, hold_kv=True):
-                if out.new_token_ids:
-                    first = out
-            if first is None or not first.finished:
-                raise RuntimeError(f"prefill of {rid} ended without a first token")
-            held = True
-            kv = await self._aengine.call(lambda eng: eng.export_kv(rid))  # [L, 2, T, Hkv, D], a copy
-            await self._aengine.call(lambda eng: eng.release(rid))
-            held = False
+            with self._telemetry.span(
+                "prefill", request_id=rid, prompt_tokens=len(job.prompt_token_ids)
+            ) as sp:
+                async for out in self._aengine.generate(rid, job.prompt_token_ids, params, hold_kv=True):
+                    if out.new_token_ids:
+                        first = out
+                if first is None or not first.finished:
+                    raise RuntimeError(f"prefill of {rid} ended without a first token")
+                held = True
+                annotate(sp, cached_tokens=first.num_cached_tokens)
+                self._telemetry.metrics.prompt_tokens.inc(len(job.prompt_token_ids))
+                kv = await self._aengine.call(lambda eng: eng.export_kv(rid))  # [L, 2, T, Hkv, D], a copy
+                await self._aengine.call(lambda eng: eng.release(rid))
+                held = False
             num_pieces = kv_bytes = 0
-            if job.transport == "collective":
-                sender = self._senders.get(job.receiver_address, job.pair_name)
-                pending = await asyncio.to_thread(sender.submit, kv)  # checksum, then queued for the group
-                yield pending.meta
-                await pending.wait_async()
-                num_pieces, kv_bytes = 1, pending.meta.nbytes
-            else:
-                async for chunk in _chunks_off_loop(split_kv(kv, job.max_chunk_bytes)):
-                    yield chunk
-                    num_pieces, kv_bytes = num_pieces + 1, kv_bytes + len(chunk.data)
+            start = time.perf_counter()
+            with self._telemetry.span("kv_transfer", request_id=rid, kv_transport=job.transport) as sp:
+                if job.transport == "collective":
+                    sender = self._senders.get(job.receiver_address, job.pair_name)
+                    pending = await asyncio.to_thread(
+                        sender.submit, kv
+                    )  # checksum, then queued for the group
+                    yield pending.meta
+                    await pending.wait_async()
+                    num_pieces, kv_bytes = 1, pending.meta.nbytes
+                else:
+                    async for chunk in _chunks_off_loop(split_kv(kv, job.max_chunk_bytes)):
+                        yield chunk
+                        num_pieces, kv_bytes = num_pieces + 1, kv_bytes + len(chunk.data)
+                annotate(sp, kv_bytes=kv_bytes, kv_seconds=time.perf_counter() - start, kv_pieces=num_pieces)
             yield PrefillDone(
                 first_token_id=first.new_token_ids[0],
                 first_logprob=first.logprobs[0] if first.logprobs else None,

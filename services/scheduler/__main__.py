@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 from services.common.server import run_until_signal
-from shared.config import ConfigError, SchedulerConfig, add_cli_args, describe, from_env
+from shared.config import ConfigError, SchedulerConfig, add_cli_args, describe, from_env, telemetry_from_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,17 +19,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_cli_args(parser, SchedulerConfig)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = from_env(SchedulerConfig, overrides=vars(args))
+        telemetry_config = telemetry_from_env("tandem-scheduler")
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
 
+    from shared.telemetry import setup_telemetry
+
     from .app import SchedulerApp
 
     async def run() -> None:
-        app = SchedulerApp(config)
+        app = SchedulerApp(config, telemetry=setup_telemetry(telemetry_config))
         await run_until_signal(app.start, app.stop)
 
     try:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
 from services.common.errors import ErrorInterceptor
 from services.common.server import GrpcServer
+from services.common.telemetry import quiet_telemetry, traced_server_interceptors
 from shared.config import ConfigError, SchedulerConfig
 from shared.pb.tandem.v1 import generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
+from shared.telemetry import Telemetry
 from shared.text import Tokenizer
 
 from .frontend import Frontend
@@ -20,8 +23,9 @@ log = logging.getLogger(__name__)
 
 
 class SchedulerApp:
-    def __init__(self, config: SchedulerConfig):
+    def __init__(self, config: SchedulerConfig, *, telemetry: Telemetry | None = None):
         self.config = config
+        self.telemetry = telemetry if telemetry is not None else quiet_telemetry("tandem-scheduler")
         model_dir = Path(config.model)
         if not model_dir.is_dir():
             raise ConfigError(f"TANDEM_MODEL: {model_dir} is not a directory")
@@ -31,13 +35,16 @@ class SchedulerApp:
         except FileNotFoundError as e:
             raise ConfigError(f"TANDEM_MODEL: {e}") from None
         self.pool = WorkerPool(
-            interval_s=config.health_interval_s, prefix_memory_blocks=config.prefix_memory_blocks
+            interval_s=config.health_interval_s,
+            prefix_memory_blocks=config.prefix_memory_blocks,
+            interceptors=self.telemetry.client_interceptors(),
         )
         self.router = Router(self.pool, disagg_min_tokens=config.disagg_min_tokens)
         self.frontend = Frontend(
             self.tokenizer,
             self.pool,
             self.router,
+            self.telemetry,
             default_max_tokens=config.default_max_tokens,
             max_stop_strings=config.max_stop_strings,
         )
@@ -49,7 +56,7 @@ class SchedulerApp:
                 generate_pb2.DESCRIPTOR.services_by_name["Tandem"].full_name,
                 worker_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
             ],
-            interceptors=[ErrorInterceptor()],
+            interceptors=[*traced_server_interceptors(self.telemetry), ErrorInterceptor()],
         )
         generate_pb2_grpc.add_TandemServicer_to_server(
             TandemServicer(
@@ -80,3 +87,4 @@ class SchedulerApp:
     async def stop(self, grace_s: float | None = None) -> None:
         await self.server.stop(self.config.grace_period_s if grace_s is None else grace_s)
         await self.pool.close()
+        await asyncio.to_thread(self.telemetry.shutdown)  # flushes buffered spans

@@ -10,6 +10,7 @@ call is cancelled, so the decode worker aborts the request and frees its blocks.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import grpc
 
 from services.common.errors import InvalidArgument, Unavailable
 from shared.pb.tandem.v1 import common_pb2, generate_pb2, worker_pb2
+from shared.telemetry import Telemetry, annotate, bind_request_id
 from shared.text import TextStream, Tokenizer, validate_stop_strings, validate_token_ids
 
 from .pool import WorkerPool
@@ -61,6 +63,7 @@ class Frontend:
         tokenizer: Tokenizer,
         pool: WorkerPool,
         router: Router,
+        telemetry: Telemetry,
         *,
         default_max_tokens: int,
         max_stop_strings: int,
@@ -68,6 +71,7 @@ class Frontend:
         self._tokenizer = tokenizer
         self._pool = pool
         self._router = router
+        self._telemetry = telemetry
         self._default_max_tokens = default_max_tokens
         self._max_stop_strings = max_stop_strings
         self._active: set[str] = set()
@@ -107,36 +111,78 @@ class Frontend:
     async def generate(self, job: Job, timeout_s: float | None = None) -> AsyncIterator[Piece]:
         """Route the job and stream its pieces; the last one has finish_reason and usage."""
         self._active.add(job.request_id)
+        metrics = self._telemetry.metrics
+        start = last = time.perf_counter()
+        num_tokens = 0
         try:
-            # A decode worker that turns out to be down before it answered anything is
-            # skipped and the request goes to the next one.
-            for _ in range(max(1, len(self._pool.healthy("decode")))):
-                route = await self._route(job)
-                started = False
-                try:
-                    async for piece in self._stream(job, route, timeout_s):
-                        started = True
-                        yield piece
-                    return
-                except grpc.aio.AioRpcError as e:
-                    if started or e.code() != grpc.StatusCode.UNAVAILABLE:
-                        raise
-                    self._pool.mark_failed(route.decode, e.details() or "unavailable")
-            raise Unavailable("no healthy decode worker answered")
+            with (
+                bind_request_id(job.request_id),
+                self._telemetry.span(
+                    "generate", request_id=job.request_id, prompt_tokens=len(job.prompt_token_ids)
+                ) as sp,
+            ):
+                async for piece in self._generate_with_failover(job, timeout_s):
+                    now = time.perf_counter()
+                    if piece.token_ids:
+                        if num_tokens == 0:
+                            metrics.ttft_seconds.observe(now - start)
+                        else:  # a piece may carry several tokens: spread the gap over them
+                            for _ in piece.token_ids:
+                                metrics.inter_token_latency_seconds.observe(
+                                    (now - last) / len(piece.token_ids)
+                                )
+                        num_tokens += len(piece.token_ids)
+                        last = now
+                    if piece.usage is not None:
+                        metrics.e2e_latency_seconds.observe(now - start)
+                        metrics.prompt_tokens.inc(piece.usage.prompt_tokens)
+                        metrics.generation_tokens.inc(piece.usage.completion_tokens)
+                        annotate(
+                            sp,
+                            completion_tokens=piece.usage.completion_tokens,
+                            cached_tokens=piece.usage.cached_tokens,
+                            finish_reason=common_pb2.FinishReason.Name(piece.finish_reason),
+                        )
+                    yield piece
         finally:
             self._active.discard(job.request_id)
 
+    async def _generate_with_failover(self, job: Job, timeout_s: float | None) -> AsyncIterator[Piece]:
+        # A decode worker that turns out to be down before it answered anything is skipped
+        # and the request goes to the next one.
+        for _ in range(max(1, len(self._pool.healthy("decode")))):
+            route = await self._route(job)
+            started = False
+            try:
+                async for piece in self._stream(job, route, timeout_s):
+                    started = True
+                    yield piece
+                return
+            except grpc.aio.AioRpcError as e:
+                if started or e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                self._pool.mark_failed(route.decode, e.details() or "unavailable")
+        raise Unavailable("no healthy decode worker answered")
+
     async def _route(self, job: Job) -> Route:
-        try:
-            return self._router.route(job.prompt_token_ids)
-        except NoDecodeWorker:
-            pass
-        # Workers may have come up (or back) since the last health round: check now, once.
-        await self._pool.check_all()
-        try:
-            return self._router.route(job.prompt_token_ids)
-        except NoDecodeWorker as e:
-            raise Unavailable(str(e)) from None
+        with self._telemetry.span("route", request_id=job.request_id) as sp:
+            try:
+                route = self._router.route(job.prompt_token_ids)
+            except NoDecodeWorker:
+                # Workers may have come up (or back) since the last health round: check now, once.
+                await self._pool.check_all()
+                try:
+                    route = self._router.route(job.prompt_token_ids)
+                except NoDecodeWorker as e:
+                    raise Unavailable(str(e)) from None
+            annotate(
+                sp,
+                decode_worker=route.decode.address,
+                prefill_worker=route.prefill.address if route.prefill is not None else None,
+                disaggregated=route.prefill is not None,
+                cached_tokens=route.cached_tokens_estimate,
+            )
+            return route
 
     async def _stream(self, job: Job, route: Route, timeout_s: float | None) -> AsyncIterator[Piece]:
         text = TextStream(self._tokenizer, job.prompt_token_ids, job.stops)

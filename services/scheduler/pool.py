@@ -31,7 +31,8 @@ class WorkerHandle:
     address: str
     role: str  # "prefill" | "decode"
     registered: bool
-    channel: grpc.aio.Channel
+    channel: grpc.aio.Channel  # health and load polls
+    call_channel: grpc.aio.Channel  # requests: traced (client interceptors), unlike the polls
     prefix: PrefixMemory
     healthy: bool = False
     info: worker_pb2.WorkerInfo | None = None
@@ -55,14 +56,19 @@ class WorkerHandle:
         return self.load.num_free_blocks - self.num_pending_blocks
 
     def decode_stub(self) -> worker_pb2_grpc.DecodeStub:
-        return worker_pb2_grpc.DecodeStub(self.channel)
+        return worker_pb2_grpc.DecodeStub(self.call_channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+        await self.call_channel.close()
 
 
 class WorkerPool:
     """Configured and registered workers, kept fresh by a health/load loop."""
 
-    def __init__(self, *, interval_s: float, prefix_memory_blocks: int):
+    def __init__(self, *, interval_s: float, prefix_memory_blocks: int, interceptors=()):
         self._interval_s = interval_s
+        self._interceptors = list(interceptors)
         self._prefix_memory_blocks = prefix_memory_blocks
         self.workers: dict[str, WorkerHandle] = {}
         self._task: asyncio.Task | None = None
@@ -76,9 +82,17 @@ class WorkerPool:
             self._changed.set()
             return handle
         if handle is not None:  # same address, new role: a restarted worker
-            asyncio.ensure_future(handle.channel.close())
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        handle = WorkerHandle(address, role, registered, channel, PrefixMemory(self._prefix_memory_blocks))
+            asyncio.ensure_future(handle.close())
+        handle = WorkerHandle(
+            address,
+            role,
+            registered,
+            channel=grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS),
+            call_channel=grpc.aio.insecure_channel(
+                address, options=CHANNEL_OPTIONS, interceptors=self._interceptors
+            ),
+            prefix=PrefixMemory(self._prefix_memory_blocks),
+        )
         self.workers[address] = handle
         self._changed.set()
         return handle
@@ -153,4 +167,4 @@ class WorkerPool:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        await asyncio.gather(*(w.channel.close() for w in self.workers.values()), return_exceptions=True)
+        await asyncio.gather(*(w.close() for w in self.workers.values()), return_exceptions=True)

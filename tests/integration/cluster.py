@@ -131,13 +131,21 @@ async def start_cluster(
     decode_overrides: dict | None = None,
     prefill_overrides: dict | None = None,
     scheduler_overrides: dict | None = None,
+    telemetry=None,  # service name -> Telemetry, for tests that look at spans or metrics
 ) -> Cluster:
+    telemetry = telemetry or (lambda name: None)
     prefills = [
-        PrefillApp(worker_config(model, "prefill", kv_transport=transport, **(prefill_overrides or {})))
+        PrefillApp(
+            worker_config(model, "prefill", kv_transport=transport, **(prefill_overrides or {})),
+            telemetry=telemetry("tandem-prefill"),
+        )
         for _ in range(num_prefill)
     ]
     decodes = [
-        DecodeApp(worker_config(model, "decode", kv_transport=transport, **(decode_overrides or {})))
+        DecodeApp(
+            worker_config(model, "decode", kv_transport=transport, **(decode_overrides or {})),
+            telemetry=telemetry("tandem-decode"),
+        )
         for _ in range(num_decode)
     ]
     for app in [*prefills, *decodes]:
@@ -150,7 +158,8 @@ async def start_cluster(
                 [d.address for d in decodes],
                 [p.address for p in prefills],
                 **(scheduler_overrides or {}),
-            )
+            ),
+            telemetry=telemetry("tandem-scheduler"),
         )
         await sched.start()
         if decodes:

@@ -18,7 +18,9 @@ class FakePool:
 
 
 def worker(address, role, *, free=64, running=0, healthy=True) -> WorkerHandle:
-    w = WorkerHandle(address, role, False, channel=None, prefix=PrefixMemory(1000), healthy=healthy)
+    w = WorkerHandle(
+        address, role, False, channel=None, call_channel=None, prefix=PrefixMemory(1000), healthy=healthy
+    )
     w.info = worker_pb2.WorkerInfo(block_size=4)
     w.load = worker_pb2.WorkerLoad(num_free_blocks=free, num_total_blocks=64, num_running=running)
     return w
