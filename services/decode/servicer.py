@@ -9,13 +9,14 @@ from shared.pb.tandem.v1 import worker_pb2, worker_pb2_grpc
 from .worker import DecodeJob, DecodeWorker
 
 
-def job_from_pb(req: worker_pb2.DecodeRequest) -> DecodeJob:
+def job_from_pb(req: worker_pb2.DecodeRequest, timeout_s: float | None = None) -> DecodeJob:
     return DecodeJob(
         request_id=req.request_id,
         prompt_token_ids=list(req.prompt_token_ids),
         params=sampling_from_pb(req.sampling, req.stopping),
         sampling_pb=req.sampling,
         prefill_peer=req.prefill_peer,
+        timeout_s=timeout_s,
     )
 
 
@@ -25,7 +26,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         self._active = active
 
     async def Generate(self, request: worker_pb2.DecodeRequest, context):
-        job = job_from_pb(request)
+        job = job_from_pb(request, context.time_remaining())
         with self._active:
             async for out, prefilled_by in self._worker.generate(job):
                 yield output_to_pb(out, prefilled_by=prefilled_by)

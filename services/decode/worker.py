@@ -44,6 +44,7 @@ class DecodeJob:
     params: SamplingParams
     sampling_pb: common_pb2.SamplingParameters  # forwarded to the prefill peer as is
     prefill_peer: str = ""  # host:port, or "" to prefill locally
+    timeout_s: float | None = None  # what is left of the caller's deadline
 
 
 @dataclass
@@ -210,7 +211,7 @@ class DecodeWorker:
         importer = KvImporter(
             self._aengine, job.request_id, shape, self._kv_dtype, self._receiver, timeout_s=self._kv_timeout_s
         )
-        call = self.peers.stub(job.prefill_peer).Prefill(request)
+        call = self.peers.stub(job.prefill_peer).Prefill(request, timeout=job.timeout_s)
         try:
             async for msg in call:
                 kind = msg.WhichOneof("kind")

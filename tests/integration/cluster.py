@@ -15,6 +15,7 @@ from services.scheduler.app import SchedulerApp
 from shared.config import SchedulerConfig, WorkerConfig, from_env
 from shared.pb.tandem.v1 import common_pb2, generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
 
+ROOT_DIR = Path(__file__).resolve().parents[2]
 NUM_BLOCKS = 64
 BLOCK_SIZE = 16
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -200,3 +201,34 @@ async def test_worker_info(cluster):
     stub = worker_pb2_grpc.WorkerStub(cluster._channel(cluster.decodes[0].address))
     info = await stub.GetInfo(worker_pb2.GetInfoRequest())
     assert (info.role, info.num_layers, info.block_size) == ("decode", 2, 16)
+
+
+async def test_cancel_during_the_kv_transfer_frees_blocks_on_both_workers(tiny_model):
+    c = await start_cluster(tiny_model)
+    prefill_engine = c.prefills[0].aengine.engine
+    export_kv = prefill_engine.export_kv
+    exporting = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_export(request_id):  # runs on the prefill engine thread
+        loop.call_soon_threadsafe(exporting.set)
+        time.sleep(0.5)
+        return export_kv(request_id)
+
+    prefill_engine.export_kv = slow_export
+    try:
+        call = c.stub.Generate(make_request(prompt=PROMPT, max_tokens=8))
+        await exporting.wait()  # the decode worker holds its reservation, the prefill worker its blocks
+        load = await c.load(c.decodes[0])
+        assert load.num_free_blocks < load.num_total_blocks
+        call.cancel()
+        await c.wait_idle()
+    finally:
+        await c.stop()
+
+
+async def test_deadline_is_enforced(cluster):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        [r async for r in cluster.stub.Generate(make_request(prompt=PROMPT, max_tokens=400), timeout=0.3)]
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await cluster.wait_idle()
