@@ -60,7 +60,11 @@ class KvImporter:
                 f"collective KV is {meta.dtype}{list(meta.shape)}, expected "
                 f"{self._assembler.dtype_name}{list(self._assembler.shape)}"
             )
-        tensor = await self._receiver.recv_async(meta, timeout_s=self._timeout_s)
+        try:
+            tensor = await self._receiver.recv_async(meta, timeout_s=self._timeout_s)
+        except asyncio.CancelledError:
+            self._receiver.discard(meta.transfer_id)  # nobody will claim it now
+            raise
         self._collective_done = True
         self.num_bytes += meta.nbytes
         self._queue(KvPiece(tensor, 0, 0))
