@@ -135,8 +135,15 @@ def _fmt(value, digits: int = 1) -> str:
 
 def _scenario_title(result: dict, scenario: str) -> str:
     sc = result["scenarios"].get(scenario, {})
-    w = result["workloads"].get(sc.get("workload", scenario), {})
-    arrivals = "all at once" if sc.get("request_rate") == "inf" else f"{sc.get('request_rate')} req/s"
+    w = result["workloads"].get(scenario) or result["workloads"].get(sc.get("workload"), {})
+    rate = sc.get("request_rate")
+    burst = sc.get("burstiness", 1.0)
+    process = "Poisson" if burst == 1.0 else f"gamma (burstiness {burst:g})"
+    arrivals = (
+        "all at once"
+        if rate == "inf"
+        else f"{process} arrivals at " + ("the rates below" if rate is None else f"{rate} req/s")
+    )
     cap = f", at most {sc['max_concurrency']} in flight" if sc.get("max_concurrency") else ""
     lens = ""
     if w:
@@ -212,7 +219,7 @@ def markdown(result: dict) -> str:
     if sweeps:
         out += [
             "",
-            f"## {_scenario_title(result, 'sweep')} (Poisson arrivals)",
+            f"## {_scenario_title(result, 'sweep')}",
             "",
             "| system | rate req/s | achieved req/s | out tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms "
             "| E2E p50 / p99 ms | goodput req/s |",

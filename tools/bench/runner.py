@@ -52,7 +52,7 @@ class Runner:
                 max_concurrency=args.prefix_concurrency,
             ),
             "c1": dict(workload="fixed", request_rate=math.inf, burstiness=1.0, max_concurrency=1),
-            "sweep": dict(workload="mixed", request_rate=None, burstiness=1.0, max_concurrency=None),
+            "sweep": dict(workload="mixed", request_rate=None, burstiness=burst, max_concurrency=None),
         }
 
     def requests(self, scenario: str, repeat: int, rate_index: int = 0) -> list[BenchRequest]:

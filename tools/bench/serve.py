@@ -220,7 +220,9 @@ def run(args) -> int:
 
     torch.set_num_threads(args.threads or _cores())
     cfg = json.loads((model / "config.json").read_text())
-    shape = ModelShape(cfg["vocab_size"], cfg.get("max_position_embeddings", 2048), cfg.get("bos_token_id"))
+    shape = ModelShape(
+        _vocab_size(model, cfg), cfg.get("max_position_embeddings", 2048), cfg.get("bos_token_id")
+    )
     engine = EngineSettings(
         dtype=args.dtype,
         device=args.device,
@@ -337,6 +339,16 @@ def run(args) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _vocab_size(model: Path, cfg: dict) -> int:
+    """Ids every side accepts: the scheduler checks prompts against the tokenizer, the engine the model."""
+    size = cfg["vocab_size"]
+    if (model / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        size = min(size, Tokenizer.from_file(str(model / "tokenizer.json")).get_vocab_size())
+    return size
 
 
 def _rate_label(rate):

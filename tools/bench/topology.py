@@ -176,7 +176,7 @@ class Services:
                 "TANDEM_GPU_HOUR_USD": str(self.gpu_hour_usd),
                 "TANDEM_NUM_GPUS": "0" if name == "scheduler" or self.engine.device == "cpu" else "1",
                 "TANDEM_LOG_LEVEL": self.log_level,
-                "TANDEM_LOG_JSON": "0",
+                "TANDEM_LOG_JSON": "1",  # one line per event, errors included
                 "TANDEM_GRACE_PERIOD_S": "0.5",
                 "OTEL_EXPORTER_OTLP_ENDPOINT": "",
                 "TANDEM_TRACE_FILE": "",
