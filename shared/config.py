@@ -19,10 +19,12 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-ROLES = ("scheduler", "prefill", "decode")
-DEFAULT_PORTS = {"scheduler": 50051, "prefill": 50052, "decode": 50053}
+ROLES = ("scheduler", "prefill", "decode", "draft")
+DEFAULT_PORTS = {"scheduler": 50051, "prefill": 50052, "decode": 50053, "draft": 50054}
+SPEC_PROPOSERS = ("auto", "none", "draft", "ngram")
+MAX_SPECULATIVE_TOKENS = 16
 KV_TRANSPORTS = ("grpc", "collective")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -49,7 +51,8 @@ class ServerSettings:
     port: int | None = setting(
         "TANDEM_PORT",
         None,
-        "Port of the gRPC server; 0 picks a free one. Default: 50051 scheduler, 50052 prefill, 50053 decode.",
+        "Port of the gRPC server; 0 picks a free one. Default: 50051 scheduler, 50052 prefill, 50053 decode, "
+        "50054 draft.",
         minimum=0,
     )
     advertise_address: str = setting(
@@ -205,12 +208,56 @@ class WorkerConfig(ServerSettings):
         "",
         "host:port of the scheduler to register with at start-up; empty: do not register.",
     )
+    spec_proposer: str = setting(
+        "TANDEM_SPEC_PROPOSER",
+        "auto",
+        "Decode worker, speculative decoding: draft (the draft service at TANDEM_DRAFT_ADDR), ngram "
+        "(prompt lookup, no model), none; auto: draft when TANDEM_DRAFT_ADDR is set, else none.",
+        choices=SPEC_PROPOSERS,
+    )
+    draft_addr: str = setting("TANDEM_DRAFT_ADDR", "", "host:port of the draft service (services.draft).")
+    num_speculative_tokens: int = setting(
+        "TANDEM_NUM_SPECULATIVE_TOKENS",
+        4,
+        f"Draft tokens verified per step when speculating (k, at most {MAX_SPECULATIVE_TOKENS}); requests "
+        "may ask for another k or 0 (off). 0 here turns speculation off.",
+        minimum=0,
+    )
+    draft_timeout_s: float = setting(
+        "TANDEM_DRAFT_TIMEOUT_S",
+        0.5,
+        "Deadline of one step's call to the draft service; a step whose call misses it decodes without drafts.",
+        minimum=0.001,
+    )
+    draft_retry_s: float = setting(
+        "TANDEM_DRAFT_RETRY_S",
+        1.0,
+        "After a failed or late draft call, decode without the draft for this many seconds, then try again.",
+        minimum=0,
+    )
+
+    @property
+    def speculation(self) -> str:
+        """The proposer the decode worker uses: "draft", "ngram" or "none" (auto resolved)."""
+        if self.num_speculative_tokens == 0:
+            return "none"
+        if self.spec_proposer == "auto":
+            return "draft" if self.draft_addr else "none"
+        return self.spec_proposer
 
     def validate(self) -> None:
         if not self.model:
             raise ConfigError("TANDEM_MODEL: required (the model directory)")
         if self.scheduler_addr:
             _check_address("TANDEM_SCHEDULER_ADDR", self.scheduler_addr)
+        if self.draft_addr:
+            _check_address("TANDEM_DRAFT_ADDR", self.draft_addr)
+        if self.spec_proposer == "draft" and not self.draft_addr:
+            raise ConfigError("TANDEM_DRAFT_ADDR: required when TANDEM_SPEC_PROPOSER=draft")
+        if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
+            raise ConfigError(
+                f"TANDEM_NUM_SPECULATIVE_TOKENS: must be <= {MAX_SPECULATIVE_TOKENS}, got {self.num_speculative_tokens}"
+            )
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise ConfigError(f"TANDEM_DEVICE: expected cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -226,6 +273,75 @@ class WorkerConfig(ServerSettings):
             max_num_batched_tokens=self.max_batched_tokens,
             max_model_len=self.max_model_len,
             enable_prefix_caching=self.prefix_caching,
+            num_speculative_tokens=self.num_speculative_tokens,
+        )
+        if self.kv_cache_memory is not None:
+            kwargs["kv_cache_memory"] = self.kv_cache_memory
+        return kwargs
+
+
+@dataclass(frozen=True)
+class DraftConfig(ServerSettings):
+    """The draft service: a small model proposing tokens for the decode workers' speculation."""
+
+    role: ClassVar[str] = "draft"
+
+    model: str = setting(
+        "TANDEM_MODEL", "", "Draft model directory; its vocabulary must be the target model's."
+    )
+    model_name: str = setting("TANDEM_MODEL_NAME", "", "Name reported by GetInfo; default: the directory's name.")
+    device: str = setting("TANDEM_DEVICE", "cpu", "torch device of the draft model: cpu, cuda, cuda:N.")
+    dtype: str = setting("TANDEM_DTYPE", "float32", "Weight and KV element type.", choices=DTYPES)
+    block_size: int = setting("TANDEM_BLOCK_SIZE", 16, "Tokens per KV block.", minimum=1)
+    num_blocks: int | None = setting(
+        "TANDEM_NUM_BLOCKS",
+        None,
+        "KV blocks to allocate; default: sized from TANDEM_KV_CACHE_MEMORY (cpu) or free memory (cuda).",
+        minimum=1,
+    )
+    kv_cache_memory: int | None = setting(
+        "TANDEM_KV_CACHE_MEMORY",
+        None,
+        "Bytes of KV cache on cpu when TANDEM_NUM_BLOCKS is not set; default: the engine's.",
+        minimum=1,
+    )
+    max_num_seqs: int = setting(
+        "TANDEM_MAX_NUM_SEQS", 64, "Sequences the automatic KV sizing makes room for (all decode workers).", minimum=1
+    )
+    max_model_len: int | None = setting(
+        "TANDEM_MAX_MODEL_LEN",
+        None,
+        "Longest sequence in tokens; default: the model's max_position_embeddings. Longer ones get no proposals.",
+        minimum=1,
+    )
+    torch_threads: int | None = setting(
+        "TANDEM_TORCH_THREADS", None, "torch intra-op threads (several services on one host).", minimum=1
+    )
+    idle_timeout_s: float = setting(
+        "TANDEM_DRAFT_IDLE_TIMEOUT_S",
+        60.0,
+        "Free a sequence's state when no call mentioned it for this long (its decode worker died or forgot).",
+        minimum=0.1,
+    )
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("TANDEM_MODEL: required (the draft model directory)")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ConfigError(f"TANDEM_DEVICE: expected cpu, cuda or cuda:N, got {self.device!r}")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `shared.engine.EngineConfig` for the draft model."""
+        kwargs: dict[str, Any] = dict(
+            model=self.model,
+            dtype=self.dtype,
+            device=self.device,
+            block_size=self.block_size,
+            num_blocks=self.num_blocks,
+            max_num_seqs=self.max_num_seqs,
+            max_model_len=self.max_model_len,
+            # a draft's KV is rolled back into blocks a prefix cache would share: no sharing
+            enable_prefix_caching=False,
         )
         if self.kv_cache_memory is not None:
             kwargs["kv_cache_memory"] = self.kv_cache_memory
