@@ -193,7 +193,8 @@ class LLMEngine:
             sample_logits.append(logits[offset: offset + 1])
             offset += 1
         if sample_reqs:
-            rows = [SamplingRow(r.params, r.all_token_ids, r.num_output_tokens) for r in sample_reqs]
+            rows = [SamplingRow(r.params, r.all_token_ids, r.num_output_tokens + r.params.seed_offset)
+                    for r in sample_reqs]
             tokens, logprobs = sample(torch.cat(sample_logits), rows, self._generator)
             for r, token, lp in zip(sample_reqs, tokens, logprobs, strict=True):
                 outputs.append(self._append_tokens(r, [token], [lp] if lp is not None else None))
@@ -238,10 +239,11 @@ class LLMEngine:
         """logits: [k + 1, V] at the last known token and each draft token."""
         drafts = prop.token_ids
         base = req.all_token_ids
-        rows = [SamplingRow(req.params, base + drafts[:i], req.num_output_tokens + i) for i in range(len(drafts) + 1)]
+        first = req.num_output_tokens + req.params.seed_offset  # output index of drafts[0]
+        rows = [SamplingRow(req.params, base + drafts[:i], first + i) for i in range(len(drafts) + 1)]
         target = target_distribution(logits, rows)
         seed = req.params.seed
-        gen = self._generator if seed is None else row_generator(seed, req.num_output_tokens)
+        gen = self._generator if seed is None else row_generator(seed, first)
         tokens, accepted = verify(target, drafts, prop.probs, req.params.greedy, gen)
         req.num_spec_proposed += len(drafts)
         req.num_spec_accepted += accepted

@@ -43,6 +43,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # applied by the text layer, not the engine
     # draft tokens verified per step: None = the worker's default, 0 = no speculation
     num_speculative_tokens: int | None = None
+    # Seeded draws for output i use index i + seed_offset. A request resumed on another worker
+    # (its earlier outputs appended to its prompt) passes how many it already produced, so
+    # it keeps drawing the noise it would have drawn had it never moved.
+    seed_offset: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -66,6 +70,8 @@ class SamplingParams:
             )
         if self.logprobs < 0 or self.logprobs > 20:
             raise InvalidRequest("logprobs", f"must be in [0, 20], got {self.logprobs}")
+        if self.seed_offset < 0:
+            raise InvalidRequest("seed_offset", f"must be >= 0, got {self.seed_offset}")
         if self.num_speculative_tokens is not None and not 0 <= self.num_speculative_tokens <= 16:
             raise InvalidRequest("num_speculative_tokens", f"must be in [0, 16], got {self.num_speculative_tokens}")
         if vocab_size is not None:
