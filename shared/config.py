@@ -139,7 +139,12 @@ class WorkerConfig(ServerSettings):
     model_name: str = setting(
         "TANDEM_MODEL_NAME", "", "Name reported to the scheduler; default: the model directory's name."
     )
-    engine: str = setting("TANDEM_ENGINE", "torch", "Engine implementation.", choices=("torch",))
+    engine: str = setting(
+        "TANDEM_ENGINE",
+        "torch",
+        "Engine implementation: torch, or trtllm (TensorRT-LLM, its image only; see docs/deploy.md).",
+        choices=("torch", "trtllm"),
+    )
     device: str = setting("TANDEM_DEVICE", "cpu", "torch device of the engine: cpu, cuda, cuda:N.")
     dtype: str = setting("TANDEM_DTYPE", "float32", "Weight and KV element type.", choices=DTYPES)
     block_size: int = setting("TANDEM_BLOCK_SIZE", 16, "Tokens per KV block.", minimum=1)
@@ -201,6 +206,19 @@ class WorkerConfig(ServerSettings):
         "TANDEM_KV_TIMEOUT_S",
         60.0,
         "Seconds one KV transfer (or forming a collective pair group) may take before the request fails.",
+        minimum=1,
+    )
+    trtllm_kv_backend: str = setting(
+        "TANDEM_TRTLLM_KV_BACKEND",
+        "UCX",
+        "trtllm engine: TensorRT-LLM cache transceiver backend that moves the KV between workers.",
+        choices=("UCX", "NIXL", "MPI", "DEFAULT"),
+    )
+    trtllm_max_tokens_in_buffer: int | None = setting(
+        "TANDEM_TRTLLM_MAX_TOKENS_IN_BUFFER",
+        None,
+        "trtllm engine: cache transceiver buffer in tokens, a multiple of TANDEM_BLOCK_SIZE; "
+        "default: the longest sequence, rounded up to a block.",
         minimum=1,
     )
     scheduler_addr: str = setting(

@@ -38,6 +38,10 @@ WORKER_ERRORS = {
 
 def build_engine(config: WorkerConfig) -> AsyncEngine:
     """Load the model and start the engine thread."""
+    if config.engine == "trtllm":  # the TensorRT-LLM image only: never imported otherwise
+        from services.common.trtllm_workers import build_trtllm_engine
+
+        return build_trtllm_engine(config)
     import torch
 
     if config.torch_threads is not None:

@@ -26,7 +26,10 @@ class DecodeApp(WorkerApp):
             self.receiver = CollectiveKvReceiver(
                 host, config.kv_receiver_port, device=config.device, timeout_s=config.kv_timeout_s
             )
-        self.worker = DecodeWorker(
+        worker_cls = DecodeWorker
+        if config.engine == "trtllm":  # TensorRT-LLM's cache transceiver moves the KV
+            from services.common.trtllm_workers import TrtllmDecodeWorker as worker_cls
+        self.worker = worker_cls(
             self.aengine,
             self.telemetry,
             transport=config.kv_transport,

@@ -20,7 +20,12 @@ class PrefillApp(WorkerApp):
 
     def _add_servicers(self, server) -> None:
         self.senders = KvSenderPool(device=self.config.device, timeout_s=self.config.kv_timeout_s)
-        self.worker = PrefillWorker(self.aengine, self.senders, self.telemetry)
+        if self.config.engine == "trtllm":  # TensorRT-LLM's cache transceiver moves the KV
+            from services.common.trtllm_workers import TrtllmPrefillWorker
+
+            self.worker = TrtllmPrefillWorker(self.aengine, self.telemetry)
+        else:
+            self.worker = PrefillWorker(self.aengine, self.senders, self.telemetry)
         worker_pb2_grpc.add_PrefillServicer_to_server(
             PrefillServicer(
                 self.worker,

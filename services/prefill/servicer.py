@@ -85,6 +85,7 @@ def done_to_pb(done: PrefillDone) -> worker_pb2.PrefillResponse:
             num_cached_tokens=done.num_cached_tokens,
             num_kv_pieces=done.num_kv_pieces,
             kv_bytes=done.kv_bytes,
+            engine_handoff=done.engine_handoff,
         )
     )
 

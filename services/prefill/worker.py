@@ -46,6 +46,7 @@ class PrefillDone:
     num_cached_tokens: int
     num_kv_pieces: int
     kv_bytes: int
+    engine_handoff: bytes = b""  # trtllm engine: see PrefillResult.engine_handoff
 
 
 class PrefillWorker:

@@ -1,0 +1,162 @@
+"""TANDEM_ENGINE=trtllm through the real services, in process: scheduler, prefill and decode
+workers (gRPC on loopback) whose engines are the TensorRT-LLM adapter over the fake LLM API.
+
+The prefill worker answers Prefill with `PrefillResult.engine_handoff` (no KV in the stream);
+the decode worker turns it into a generation_only request; a client's Generate gets the
+tokens a single engine would produce; cancelling frees the blocks on both workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import pytest
+
+from services.common.trtllm_config import TrtllmApi, TrtllmSettings, read_model_info
+from services.common.trtllm_engine import TrtllmEngine
+from services.common.trtllm_workers import TrtllmDecodeWorker, TrtllmPrefillWorker
+from services.decode.app import DecodeApp
+from services.prefill.app import PrefillApp
+from services.scheduler.app import SchedulerApp
+from shared.config import SchedulerConfig, WorkerConfig, from_env
+from shared.pb.tandem.v1 import common_pb2, generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tests.fakes import fake_tensorrt_llm as fake
+from tests.helpers.tokenizers import EOS_ID, VOCAB_SIZE, make_tokenizer_dir
+
+API = TrtllmApi.from_namespace(fake)
+PROMPT = [1, *range(50, 90)]
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    make_tokenizer_dir(tmp_path)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "eos_token_id": EOS_ID,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def worker(model_dir, role: str) -> tuple[WorkerConfig, TrtllmEngine]:
+    config = from_env(
+        WorkerConfig,
+        env={},
+        overrides=dict(
+            model=str(model_dir),
+            role=role,
+            engine="trtllm",
+            host="127.0.0.1",
+            port=0,
+            block_size=16,
+            grace_period_s=0.2,
+            dtype="bfloat16",
+        ),
+    )
+    engine = TrtllmEngine.build(
+        TrtllmSettings.from_worker_config(config), read_model_info(config.model), api=API
+    )
+    return config, engine
+
+
+@pytest.fixture
+async def cluster(model_dir):
+    prefill_config, prefill_engine = worker(model_dir, "prefill")
+    decode_config, decode_engine = worker(model_dir, "decode")
+    prefill = PrefillApp(prefill_config, aengine=prefill_engine)
+    decode = DecodeApp(decode_config, aengine=decode_engine)
+    await prefill.start()
+    await decode.start()
+    scheduler = SchedulerApp(
+        from_env(
+            SchedulerConfig,
+            env={},
+            overrides=dict(
+                model=str(model_dir),
+                host="127.0.0.1",
+                port=0,
+                decode_addrs=[decode.address],
+                prefill_addrs=[prefill.address],
+                health_interval_s=0.1,
+                grace_period_s=0.2,
+            ),
+        )
+    )
+    await scheduler.start()
+    await scheduler.pool.wait_ready("decode")
+    await scheduler.pool.wait_ready("prefill")
+    channel = grpc.aio.insecure_channel(scheduler.address)
+    yield generate_pb2_grpc.TandemStub(channel), prefill, decode
+    await channel.close()
+    await scheduler.stop(0.2)
+    await decode.stop(0.2)
+    await prefill.stop(0.2)
+
+
+def request(max_tokens: int, **sampling) -> generate_pb2.GenerateRequest:
+    return generate_pb2.GenerateRequest(
+        token_ids=common_pb2.TokenIds(ids=PROMPT),
+        sampling=common_pb2.SamplingParameters(temperature=0.0, **sampling),
+        stopping=common_pb2.StoppingCriteria(max_tokens=max_tokens, ignore_eos=True),
+    )
+
+
+def expected(n: int) -> list[int]:
+    seq = list(PROMPT)
+    for _ in range(n):
+        seq.append(fake.next_token(seq, VOCAB_SIZE))
+    return seq[len(PROMPT) :]
+
+
+async def until(predicate, timeout_s: float = 3.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_the_engine_setting_picks_the_trtllm_request_paths(cluster):
+    _, prefill, decode = cluster
+    assert isinstance(prefill.worker, TrtllmPrefillWorker)
+    assert isinstance(decode.worker, TrtllmDecodeWorker)
+    async with grpc.aio.insecure_channel(decode.address) as channel:
+        info = await worker_pb2_grpc.WorkerStub(channel).GetInfo(worker_pb2.GetInfoRequest())
+    assert (info.engine, info.num_layers, info.block_size, info.vocab_size) == ("trtllm", 2, 16, VOCAB_SIZE)
+
+
+async def test_generate_is_prefilled_by_context_only_and_decoded_by_generation_only(cluster):
+    stub, prefill, decode = cluster
+    responses = [r async for r in stub.Generate(request(10, logprobs=1))]
+    assert [t for r in responses for t in r.token_ids] == expected(10)
+    assert sum(len(r.logprobs) for r in responses) == 10
+    last = responses[-1]
+    assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(PROMPT), 10)
+    ctx = prefill.aengine.llm.requests[-1]
+    gen = decode.aengine.llm.requests[-1]
+    assert ctx.disaggregated_params.request_type == "context_only"
+    assert gen.disaggregated_params.request_type == "generation_only"
+    assert gen.disaggregated_params.ctx_request_id == ctx.request_id
+    await until(lambda: decode.aengine.llm.used_blocks == 0 and prefill.aengine.llm.used_blocks == 0)
+    assert fake.transfer_pending() == 0
+
+
+async def test_client_cancel_aborts_the_generation_and_frees_both_workers(cluster):
+    stub, prefill, decode = cluster
+    call = stub.Generate(request(400))
+    seen = 0
+    async for r in call:
+        seen += len(r.token_ids)
+        if seen >= 3:
+            break
+    call.cancel()
+    await until(lambda: decode.aengine.llm.requests and decode.aengine.llm.requests[-1].aborted())
+    await until(lambda: decode.aengine.llm.used_blocks == 0 and prefill.aengine.llm.used_blocks == 0)
+    assert not decode.aengine._requests and fake.transfer_pending() == 0
