@@ -8,19 +8,30 @@ tokens a single engine would produce; cancelling frees the blocks on both worker
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+from concurrent import futures
 
 import grpc
 import pytest
 
 from services.common.trtllm_config import TrtllmApi, TrtllmSettings, read_model_info
+from services.common.trtllm_draft import DraftAsk, GrpcDraftClient
 from services.common.trtllm_engine import TrtllmEngine
 from services.common.trtllm_workers import TrtllmDecodeWorker, TrtllmPrefillWorker
 from services.decode.app import DecodeApp
 from services.prefill.app import PrefillApp
 from services.scheduler.app import SchedulerApp
 from shared.config import SchedulerConfig, WorkerConfig, from_env
-from shared.pb.tandem.v1 import common_pb2, generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
+from shared.pb.tandem.v1 import (
+    common_pb2,
+    draft_pb2,
+    draft_pb2_grpc,
+    generate_pb2,
+    generate_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 from tests.fakes import fake_tensorrt_llm as fake
 from tests.helpers.tokenizers import EOS_ID, VOCAB_SIZE, make_tokenizer_dir
 
@@ -160,3 +171,100 @@ async def test_client_cancel_aborts_the_generation_and_frees_both_workers(cluste
     await until(lambda: decode.aengine.llm.requests and decode.aengine.llm.requests[-1].aborted())
     await until(lambda: decode.aengine.llm.used_blocks == 0 and prefill.aengine.llm.used_blocks == 0)
     assert not decode.aengine._requests and fake.transfer_pending() == 0
+
+
+# -- the draft service behind TensorRT-LLM's drafter hook ----------------------------------------
+
+
+class DraftServicer(draft_pb2_grpc.DraftServicer):
+    """A draft service that proposes the fake target's own next tokens (it keeps each copy)."""
+
+    def __init__(self):
+        self.requests: list[draft_pb2.ProposeRequest] = []
+        self.copies: dict[tuple[str, str], list[int]] = {}
+
+    def Propose(self, request, context):  # noqa: N802 (the proto's name)
+        self.requests.append(request)
+        for sid in request.released_ids:
+            self.copies.pop((request.client_id, sid), None)
+        proposals = []
+        for seq in request.sequences:
+            key = (request.client_id, seq.sequence_id)
+            copy = self.copies.get(key)
+            if seq.num_kept_tokens and (copy is None or seq.num_kept_tokens > len(copy)):
+                proposals.append(draft_pb2.DraftProposal(sequence_id=seq.sequence_id, unknown_sequence=True))
+                continue
+            tokens = (copy or [])[: seq.num_kept_tokens] + list(seq.token_ids)
+            proposed = []
+            for _ in range(seq.num_proposals):
+                proposed.append(fake.next_token(tokens + proposed, VOCAB_SIZE))
+            self.copies[key] = tokens + proposed
+            proposals.append(draft_pb2.DraftProposal(sequence_id=seq.sequence_id, token_ids=proposed))
+        return draft_pb2.ProposeResponse(proposals=proposals, vocab_size=VOCAB_SIZE)
+
+
+@pytest.fixture
+def draft_service():
+    servicer = DraftServicer()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    draft_pb2_grpc.add_DraftServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", servicer
+    server.stop(None)
+
+
+def test_draft_client_sends_deltas_releases_and_resends_lost_sequences(draft_service):
+    address, servicer = draft_service
+    client = GrpcDraftClient(address, timeout_s=5)
+    first = client.propose([DraftAsk("7", PROMPT, 3)])[0]
+    assert first == expected(3)
+    assert servicer.requests[-1].sequences[0].num_kept_tokens == 0
+    # two proposals accepted, then the target's own token: only that token travels
+    seq = PROMPT + first[:2] + [5]
+    client.propose([DraftAsk("7", seq, 2)])
+    sent = servicer.requests[-1].sequences[0]
+    assert (sent.num_kept_tokens, list(sent.token_ids)) == (len(PROMPT) + 2, [5])
+    servicer.copies.clear()  # the draft service restarted
+    assert client.propose([DraftAsk("7", seq + [6], 2)]) == [[]]
+    client.propose([DraftAsk("7", seq + [6], 2)])
+    assert servicer.requests[-1].sequences[0].num_kept_tokens == 0, "a lost sequence is sent whole"
+    client.propose([DraftAsk("8", PROMPT, 1)])
+    assert list(servicer.requests[-1].released_ids) == ["7"], "a sequence that ended is released"
+    client.close()
+
+
+async def test_decode_speculates_with_the_draft_service_through_the_drafter_hook(model_dir, draft_service):
+    address, servicer = draft_service
+    config = from_env(
+        WorkerConfig,
+        env={},
+        overrides=dict(
+            model=str(model_dir),
+            role="decode",
+            engine="trtllm",
+            block_size=16,
+            draft_addr=address,
+            num_speculative_tokens=3,
+        ),
+    )
+    settings = TrtllmSettings.from_worker_config(config)
+    assert settings.num_speculative_tokens == 3
+    engine = TrtllmEngine.build(
+        settings,
+        read_model_info(config.model),
+        api=API,
+        draft_client_factory=functools.partial(GrpcDraftClient, address, 5.0),
+    )
+    from shared.engine import SamplingParams
+
+    outs = [
+        o
+        async for o in engine.generate(
+            "r", PROMPT, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        )
+    ]
+    assert [t for o in outs for t in o.new_token_ids] == expected(12)
+    assert servicer.requests and engine.llm.num_accepted == engine.llm.num_drafted > 0
+    assert len(outs) <= 4, "every step carries the accepted drafts plus one"
+    engine.shutdown()
