@@ -114,6 +114,31 @@ class SchedulerConfig(ServerSettings):
         "Prompt block hashes remembered per worker to estimate its cached prefix when routing.",
         minimum=0,
     )
+    max_inflight_per_decode: int = setting(
+        "TANDEM_MAX_INFLIGHT_PER_DECODE",
+        64,
+        "Requests the scheduler runs at once per healthy decode worker; more wait in its admission queue.",
+        minimum=1,
+    )
+    max_queued_requests: int = setting(
+        "TANDEM_MAX_QUEUED_REQUESTS",
+        256,
+        "Requests that may wait in the admission queue (higher priority first); past it: RESOURCE_EXHAUSTED.",
+        minimum=0,
+    )
+    max_queued_tokens: int = setting(
+        "TANDEM_MAX_QUEUED_TOKENS",
+        1 << 20,
+        "Prompt + max_tokens tokens that may wait in the admission queue; past it: RESOURCE_EXHAUSTED.",
+        minimum=0,
+    )
+    max_migrations: int = setting(
+        "TANDEM_MAX_MIGRATIONS",
+        2,
+        "Times a request may move to another decode worker after its stream started (its worker died or "
+        "stopped); it resumes from the tokens already sent. Past it: UNAVAILABLE.",
+        minimum=0,
+    )
 
     def validate(self) -> None:
         if not self.model:

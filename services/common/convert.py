@@ -32,6 +32,7 @@ def sampling_from_pb(
         stop_token_ids=list(stopping.stop_token_ids),
         ignore_eos=stopping.ignore_eos,
         logprobs=sampling.logprobs,
+        seed_offset=sampling.seed_offset,
     )
 
 

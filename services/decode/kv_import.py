@@ -94,3 +94,12 @@ class KvImporter:
     def cancel(self) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()
+
+    async def close(self) -> None:
+        """Cancel pending imports and wait until none is left running (its failure is moot then)."""
+        self.cancel()
+        if self._task is not None:
+            try:
+                await self._task
+            except BaseException:  # noqa: BLE001 - cancelled or failed: either way nothing runs now
+                pass

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 import grpc
 
 from services.common.convert import logprob_from_pb
-from services.common.errors import ResourceExhausted, Unavailable
+from services.common.errors import DeadlineExceeded, ResourceExhausted
 from services.common.server import CHANNEL_OPTIONS
 from shared.engine import AsyncEngine, RequestOutput, SamplingParams
 from shared.kv.chunks import KvChunk
 from shared.kv.collective import TransferMeta
 from shared.kv.collective_receiver import CollectiveKvReceiver
+from shared.kv.errors import KvShapeMismatch, KvTransferError, KvTransferTimeout
 from shared.pb.tandem.v1 import common_pb2, kv_pb2, worker_pb2, worker_pb2_grpc
 from shared.telemetry import Telemetry, annotate
 
@@ -44,7 +45,17 @@ class DecodeJob:
     params: SamplingParams
     sampling_pb: common_pb2.SamplingParameters  # forwarded to the prefill peer as is
     prefill_peer: str = ""  # host:port, or "" to prefill locally
-    timeout_s: float | None = None  # what is left of the caller's deadline
+    timeout_s: float | None = None  # what was left of the caller's deadline when the job arrived
+    deadline: float | None = None  # time.monotonic() of that deadline (set from timeout_s)
+
+    def __post_init__(self) -> None:
+        if self.deadline is None and self.timeout_s is not None:
+            self.deadline = time.monotonic() + self.timeout_s
+
+    def remaining_s(self) -> float | None:
+        """What is left of the caller's deadline now (None: no deadline); every call downstream
+        gets it, so the prefill peer stops when the client's deadline passes."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
 
 
 @dataclass
@@ -56,7 +67,10 @@ class PrefillOutcome:
 
 
 class PrefillPeerUnavailable(Exception):
-    """The peer could not be reached before any KV arrived: prefilling locally is safe."""
+    """The prefill peer failed, or its KV cannot be trusted, before the request started
+    decoding: it died or stopped, failed, stalled past TANDEM_KV_TIMEOUT_S, sent a chunk that
+    failed its checksum, too few chunks, or KV of the wrong shape. Nothing was emitted and the
+    reservation is freed (the bad KV never reached the prefix cache): prefilling locally is safe."""
 
 
 class PrefillPeers:
@@ -102,6 +116,7 @@ class DecodeWorker:
         self._kv_dtype = aengine.engine.config.dtype
         self.num_local_prefills = 0
         self.num_remote_prefills = 0
+        self.num_prefill_fallbacks = 0  # disaggregated requests prefilled locally after all
 
     async def generate(self, job: DecodeJob) -> AsyncIterator[tuple[RequestOutput, str]]:
         """(output, prefilled_by) pairs; prefilled_by is the peer's address or "" (local)."""
@@ -113,12 +128,16 @@ class DecodeWorker:
                     yield out, job.prefill_peer
                 return
             except PrefillPeerUnavailable as e:
+                self.num_prefill_fallbacks += 1
                 log.warning(
                     "prefill peer %s unavailable (%s): prefilling %s locally",
                     job.prefill_peer,
                     e,
                     job.request_id,
                 )
+                remaining = job.remaining_s()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded(f"deadline passed while prefilling on {e}") from None
         self.num_local_prefills += 1
         self._telemetry.metrics.prompt_tokens.inc(len(job.prompt_token_ids))
         with self._telemetry.span("decode", request_id=job.request_id, disaggregated=False) as sp:
@@ -211,31 +230,45 @@ class DecodeWorker:
         importer = KvImporter(
             self._aengine, job.request_id, shape, self._kv_dtype, self._receiver, timeout_s=self._kv_timeout_s
         )
-        call = self.peers.stub(job.prefill_peer).Prefill(request, timeout=job.timeout_s)
+        call = self.peers.stub(job.prefill_peer).Prefill(request, timeout=job.remaining_s())
+        peer = job.prefill_peer
         try:
-            async for msg in call:
+            while True:
+                # a stalled peer (or transfer) fails the prefill after TANDEM_KV_TIMEOUT_S of silence
+                try:
+                    msg = await asyncio.wait_for(call.read(), self._kv_timeout_s)
+                except asyncio.TimeoutError:
+                    raise KvTransferTimeout(f"nothing from {peer} for {self._kv_timeout_s:.0f}s") from None
+                if msg is grpc.aio.EOF:
+                    raise PrefillPeerUnavailable(f"{peer} ended its stream without a result")
                 kind = msg.WhichOneof("kind")
                 if kind == "kv_chunk":
                     importer.add_chunk(chunk_from_pb(msg.kv_chunk))
                 elif kind == "kv_meta":
                     await importer.add_collective(meta_from_pb(msg.kv_meta))
                 elif kind == "result":
-                    await importer.finish()
+                    await importer.finish()  # raises unless every piece arrived and passed its checksum
                     r = msg.result
+                    if r.num_prompt_tokens and r.num_prompt_tokens != len(job.prompt_token_ids):
+                        raise KvShapeMismatch(
+                            f"{peer} prefilled {r.num_prompt_tokens} tokens, the prompt has "
+                            f"{len(job.prompt_token_ids)}"
+                        )
                     return PrefillOutcome(
                         r.first_token_id,
                         r.first_logprob if r.HasField("first_logprob") else None,
                         r.num_cached_tokens,
                         importer.num_bytes,
                     )
-            raise Unavailable(f"prefill peer {job.prefill_peer} ended its stream without a result")
         except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.UNAVAILABLE and importer.num_pieces == 0:
-                raise PrefillPeerUnavailable(e.details()) from None
-            raise
+            # whatever the peer's trouble (down, stopping, failed, even refusing the request the
+            # engine here accepted), this worker can still prefill the prompt itself
+            raise PrefillPeerUnavailable(f"{peer}: {e.code().name}: {e.details()}") from None
+        except (KvTransferError, ValueError) as e:  # ValueError: a piece outside the reservation
+            raise PrefillPeerUnavailable(f"KV from {peer} rejected: {type(e).__name__}: {e}") from None
         finally:
-            call.cancel()
-            importer.cancel()
+            call.cancel()  # the peer aborts and frees its blocks
+            await importer.close()  # no import may land after the reservation is freed
 
 
 def chunk_from_pb(c: kv_pb2.KvChunk) -> KvChunk:

@@ -10,14 +10,14 @@ from services.common.errors import ErrorInterceptor
 from services.common.server import GrpcServer
 from services.common.telemetry import quiet_telemetry, traced_server_interceptors
 from shared.config import ConfigError, SchedulerConfig
-from shared.pb.tandem.v1 import generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
+from shared.pb.tandem.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 from shared.telemetry import Telemetry
 from shared.text import Tokenizer
 
 from .frontend import Frontend
 from .pool import WorkerPool
 from .router import Router
-from .servicer import SchedulerServicer, TandemServicer
+from .servicer import SchedulerServicer, TandemServicer, add_tandem_servicer
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,10 @@ class SchedulerApp:
             self.telemetry,
             default_max_tokens=config.default_max_tokens,
             max_stop_strings=config.max_stop_strings,
+            max_inflight_per_decode=config.max_inflight_per_decode,
+            max_queued_requests=config.max_queued_requests,
+            max_queued_tokens=config.max_queued_tokens,
+            max_migrations=config.max_migrations,
         )
         self.server = GrpcServer(
             host=config.host,
@@ -58,7 +62,7 @@ class SchedulerApp:
             ],
             interceptors=[*traced_server_interceptors(self.telemetry), ErrorInterceptor()],
         )
-        generate_pb2_grpc.add_TandemServicer_to_server(
+        add_tandem_servicer(
             TandemServicer(
                 self.frontend,
                 self.pool,

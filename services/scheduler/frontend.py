@@ -1,10 +1,12 @@
-"""One request's life in the scheduler: validate, tokenize, route, stream, detokenize.
+"""One request's life in the scheduler: validate, tokenize, admit, relay, measure.
 
-The scheduler validates what only it can see (the prompt text or ids, stop strings, the
-request id); sampling parameters are checked by the decode worker's engine, whose
-INVALID_ARGUMENT comes back to the client unchanged. The token stream from the decode worker
-becomes text through `shared.text.TextStream`; when a stop string completes, the downstream
-call is cancelled, so the decode worker aborts the request and frees its blocks.
+The scheduler validates the request itself (prompt text or ids, stop strings, the request id,
+and the engine's rules for the sampling parameters and the model length, see validation.py),
+so that a bad request is refused before it could wait in the admission queue. A valid one
+waits for a running slot (admission.py: bounded by requests and by tokens, highest priority
+first; past the bounds RESOURCE_EXHAUSTED at once), then the relay (relay.py) streams its
+tokens from a decode worker, moving it to another one if its worker fails mid-stream. The
+client's deadline bounds all of it: queueing, and every call downstream.
 """
 
 from __future__ import annotations
@@ -13,46 +15,21 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
-import grpc
-
-from services.common.errors import InvalidArgument, Unavailable
-from shared.pb.tandem.v1 import common_pb2, generate_pb2, worker_pb2
+from services.common.errors import InvalidArgument
+from shared.pb.tandem.v1 import common_pb2, generate_pb2
 from shared.telemetry import Telemetry, annotate, bind_request_id
-from shared.text import TextStream, Tokenizer, validate_stop_strings, validate_token_ids
+from shared.text import Tokenizer, validate_stop_strings, validate_token_ids
 
+from .admission import AdmissionQueue
 from .pool import WorkerPool
-from .router import NoDecodeWorker, Route, Router
+from .relay import Job, Piece, Relay
+from .router import Router
+from .validation import check_length, check_sampling
+
+__all__ = ["Frontend", "Job", "Piece"]
 
 log = logging.getLogger(__name__)
-
-FinishReason = common_pb2.FinishReason
-
-
-@dataclass
-class Job:
-    """A validated request, ready to route."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling: common_pb2.SamplingParameters
-    stopping: common_pb2.StoppingCriteria  # max_tokens always set; stop strings live in `stops`
-    stops: list[str]
-    priority: int = 0
-
-
-@dataclass
-class Piece:
-    """What the client gets in one response."""
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)  # passed through from the worker
-    finish_reason: int = FinishReason.FINISH_REASON_UNSPECIFIED
-    finish_message: str = ""
-    usage: common_pb2.Usage | None = None
 
 
 class Frontend:
@@ -67,14 +44,26 @@ class Frontend:
         *,
         default_max_tokens: int,
         max_stop_strings: int,
+        max_inflight_per_decode: int = 64,
+        max_queued_requests: int = 256,
+        max_queued_tokens: int = 1 << 20,
+        max_migrations: int = 2,
     ):
         self._tokenizer = tokenizer
         self._pool = pool
-        self._router = router
         self._telemetry = telemetry
         self._default_max_tokens = default_max_tokens
         self._max_stop_strings = max_stop_strings
         self._active: set[str] = set()
+        self.relay = Relay(tokenizer, pool, router, telemetry, max_migrations=max_migrations)
+        self.admission = AdmissionQueue(
+            lambda: max_inflight_per_decode * max(1, len(pool.healthy("decode"))),
+            max_queued_requests=max_queued_requests,
+            max_queued_tokens=max_queued_tokens,
+            on_wait=telemetry.metrics.queue_time_seconds.observe,
+        )
+        pool.on_healthy.append(lambda worker: self.admission.poke())
+        telemetry.metrics.queue_depth.set_function(lambda: self.admission.num_queued)
 
     # -- validation ---------------------------------------------------------------------
     def prepare(self, req: generate_pb2.GenerateRequest) -> Job:
@@ -100,8 +89,8 @@ class Frontend:
         del stopping.stop[:]
         if not stopping.HasField("max_tokens"):
             stopping.max_tokens = self._default_max_tokens
-        if stopping.max_tokens < 1:
-            raise InvalidArgument("max_tokens", f"must be >= 1, got {stopping.max_tokens}")
+        check_sampling(req.sampling, stopping, self._tokenizer.vocab_size)
+        check_length(len(prompt), stopping.max_tokens, self._pool.max_model_len())
         request_id = req.request_id or uuid.uuid4().hex
         if request_id in self._active:
             raise InvalidArgument("request_id", f"{request_id!r} is already running")
@@ -109,7 +98,9 @@ class Frontend:
 
     # -- streaming ----------------------------------------------------------------------
     async def generate(self, job: Job, timeout_s: float | None = None) -> AsyncIterator[Piece]:
-        """Route the job and stream its pieces; the last one has finish_reason and usage."""
+        """Admit the job, then stream its pieces; the last one has finish_reason and usage.
+        `timeout_s`: what is left of the client's deadline (None: no deadline)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._active.add(job.request_id)
         metrics = self._telemetry.metrics
         start = last = time.perf_counter()
@@ -121,123 +112,34 @@ class Frontend:
                     "generate", request_id=job.request_id, prompt_tokens=len(job.prompt_token_ids)
                 ) as sp,
             ):
-                async for piece in self._generate_with_failover(job, timeout_s):
-                    now = time.perf_counter()
-                    if piece.token_ids:
-                        if num_tokens == 0:
-                            metrics.ttft_seconds.observe(now - start)
-                        else:  # a piece may carry several tokens: spread the gap over them
-                            for _ in piece.token_ids:
-                                metrics.inter_token_latency_seconds.observe(
-                                    (now - last) / len(piece.token_ids)
-                                )
-                        num_tokens += len(piece.token_ids)
-                        last = now
-                    if piece.usage is not None:
-                        metrics.e2e_latency_seconds.observe(now - start)
-                        metrics.prompt_tokens.inc(piece.usage.prompt_tokens)
-                        metrics.generation_tokens.inc(piece.usage.completion_tokens)
-                        annotate(
-                            sp,
-                            completion_tokens=piece.usage.completion_tokens,
-                            cached_tokens=piece.usage.cached_tokens,
-                            finish_reason=common_pb2.FinishReason.Name(piece.finish_reason),
-                        )
-                    yield piece
+                # a client that cancels or whose deadline passes while queued leaves the queue
+                await self.admission.acquire(job.priority, job.num_tokens)
+                try:
+                    annotate(sp, queue_seconds=time.perf_counter() - start)
+                    async for piece in self.relay.run(job, deadline):
+                        now = time.perf_counter()
+                        if piece.token_ids:
+                            if num_tokens == 0:
+                                metrics.ttft_seconds.observe(now - start)
+                            else:  # a piece may carry several tokens: spread the gap over them
+                                for _ in piece.token_ids:
+                                    metrics.inter_token_latency_seconds.observe(
+                                        (now - last) / len(piece.token_ids)
+                                    )
+                            num_tokens += len(piece.token_ids)
+                            last = now
+                        if piece.usage is not None:
+                            metrics.e2e_latency_seconds.observe(now - start)
+                            metrics.prompt_tokens.inc(piece.usage.prompt_tokens)
+                            metrics.generation_tokens.inc(piece.usage.completion_tokens)
+                            annotate(
+                                sp,
+                                completion_tokens=piece.usage.completion_tokens,
+                                cached_tokens=piece.usage.cached_tokens,
+                                finish_reason=common_pb2.FinishReason.Name(piece.finish_reason),
+                            )
+                        yield piece
+                finally:
+                    self.admission.release()
         finally:
             self._active.discard(job.request_id)
-
-    async def _generate_with_failover(self, job: Job, timeout_s: float | None) -> AsyncIterator[Piece]:
-        # A decode worker that turns out to be down before it answered anything is skipped
-        # and the request goes to the next one.
-        for _ in range(max(1, len(self._pool.healthy("decode")))):
-            route = await self._route(job)
-            started = False
-            try:
-                async for piece in self._stream(job, route, timeout_s):
-                    started = True
-                    yield piece
-                return
-            except grpc.aio.AioRpcError as e:
-                if started or e.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                self._pool.mark_failed(route.decode, e.details() or "unavailable")
-        raise Unavailable("no healthy decode worker answered")
-
-    async def _route(self, job: Job) -> Route:
-        with self._telemetry.span("route", request_id=job.request_id) as sp:
-            try:
-                route = self._router.route(job.prompt_token_ids)
-            except NoDecodeWorker:
-                # Workers may have come up (or back) since the last health round: check now, once.
-                await self._pool.check_all()
-                try:
-                    route = self._router.route(job.prompt_token_ids)
-                except NoDecodeWorker as e:
-                    raise Unavailable(str(e)) from None
-            annotate(
-                sp,
-                decode_worker=route.decode.address,
-                prefill_worker=route.prefill.address if route.prefill is not None else None,
-                disaggregated=route.prefill is not None,
-                cached_tokens=route.cached_tokens_estimate,
-            )
-            return route
-
-    async def _stream(self, job: Job, route: Route, timeout_s: float | None) -> AsyncIterator[Piece]:
-        text = TextStream(self._tokenizer, job.prompt_token_ids, job.stops)
-        request = worker_pb2.DecodeRequest(
-            request_id=job.request_id,
-            prompt_token_ids=job.prompt_token_ids,
-            sampling=job.sampling,
-            stopping=job.stopping,
-            priority=job.priority,
-            prefill_peer=route.prefill.address if route.prefill is not None else "",
-        )
-        log.debug(
-            "route %s: decode=%s prefill=%s",
-            job.request_id,
-            route.decode.address,
-            request.prefill_peer or "local",
-        )
-        self._router.begin(route)
-        call = route.decode.decode_stub().Generate(request, timeout=timeout_s)
-        usage = common_pb2.Usage(prompt_tokens=len(job.prompt_token_ids))
-        try:
-            async for resp in call:
-                self._router.prefill_done(route)
-                usage.completion_tokens = resp.num_output_tokens
-                usage.cached_tokens = resp.num_cached_tokens
-                delta, stopped = text.push(resp.token_ids)
-                piece = Piece(job.request_id, delta, list(resp.token_ids), list(resp.logprobs))
-                if stopped:
-                    # the decode worker aborts (and frees the blocks) when its call is cancelled
-                    call.cancel()
-                    piece.finish_reason, piece.finish_message = FinishReason.FINISH_REASON_STOP, "stop string"
-                elif resp.finish_reason != FinishReason.FINISH_REASON_UNSPECIFIED:
-                    tail = text.finish()
-                    piece.text += tail
-                    piece.finish_reason = resp.finish_reason
-                    piece.finish_message = "stop string" if text.stopped else self._why(job, resp)
-                if piece.finish_reason != FinishReason.FINISH_REASON_UNSPECIFIED:
-                    piece.usage = usage
-                    yield piece
-                    return
-                if piece.text or piece.token_ids:
-                    yield piece
-            raise Unavailable(
-                f"decode worker {route.decode.address} ended the stream without a finish reason"
-            )
-        finally:
-            call.cancel()
-            self._router.end(route)
-
-    def _why(self, job: Job, resp: worker_pb2.DecodeResponse) -> str:
-        if resp.finish_reason != FinishReason.FINISH_REASON_STOP or not resp.token_ids:
-            return ""
-        last = resp.token_ids[-1]
-        if last in job.stopping.stop_token_ids:
-            return f"stop token {last}"
-        if last in self._tokenizer.eos_token_ids:
-            return "eos token"
-        return ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -73,6 +74,8 @@ class WorkerPool:
         self.workers: dict[str, WorkerHandle] = {}
         self._task: asyncio.Task | None = None
         self._changed = asyncio.Event()
+        # called after a worker turned healthy (e.g. the admission queue, whose capacity grew)
+        self.on_healthy: list[Callable[[WorkerHandle], None]] = []
 
     def add(self, address: str, role: str, *, registered: bool = False) -> WorkerHandle:
         """Add a worker (idempotent); it is checked right away, and routable once healthy."""
@@ -100,6 +103,11 @@ class WorkerPool:
     def healthy(self, role: str) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.role == role and w.healthy]
 
+    def max_model_len(self) -> int | None:
+        """The shortest max_model_len among decode workers that told theirs (None: none did yet)."""
+        lens = [w.info.max_model_len for w in self.workers.values() if w.role == "decode" and w.info]
+        return min(lens) if lens else None
+
     def mark_failed(self, handle: WorkerHandle, reason: str) -> None:
         """A call to the worker failed in a way that suggests it is down: skip it until the next check."""
         if handle.healthy:
@@ -125,12 +133,16 @@ class WorkerPool:
             reason = f"{e.code().name}: {e.details()}"
         else:
             reason = "health status NOT_SERVING"
-        if serving != handle.healthy:
+        changed = serving != handle.healthy
+        if changed:
             if serving:
                 log.info("worker %s (%s) is healthy", handle.address, handle.role)
             else:
                 log.warning("worker %s (%s) is unhealthy: %s", handle.address, handle.role, reason)
         handle.healthy = serving
+        if changed and serving:
+            for callback in self.on_healthy:
+                callback(handle)
         return serving
 
     async def check_all(self) -> None:

@@ -8,6 +8,7 @@ from shared.pb.tandem.v1 import generate_pb2, generate_pb2_grpc, worker_pb2, wor
 
 from .frontend import Frontend, Piece
 from .pool import WorkerPool
+from .validation import MalformedRequest, parse_generate_request
 
 
 def piece_to_pb(piece: Piece) -> generate_pb2.GenerateResponse:
@@ -35,6 +36,8 @@ class TandemServicer(generate_pb2_grpc.TandemServicer):
         self._eos_token_ids = list(eos_token_ids)
 
     async def Generate(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        if isinstance(request, MalformedRequest):  # see parse_generate_request
+            raise request.error()
         job = self._frontend.prepare(request)
         async for piece in self._frontend.generate(job, timeout_s=context.time_remaining()):
             yield piece_to_pb(piece)
@@ -62,6 +65,26 @@ class TandemServicer(generate_pb2_grpc.TandemServicer):
                 for w in workers
             ],
         )
+
+
+def add_tandem_servicer(servicer: TandemServicer, server: grpc.aio.Server) -> None:
+    """generate_pb2_grpc.add_TandemServicer_to_server, with a Generate deserializer that lets a
+    request with invalid UTF-8 reach the servicer (and be answered INVALID_ARGUMENT)."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=parse_generate_request,
+            response_serializer=generate_pb2.GenerateResponse.SerializeToString,
+        ),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo,
+            request_deserializer=generate_pb2.GetModelInfoRequest.FromString,
+            response_serializer=generate_pb2.ModelInfo.SerializeToString,
+        ),
+    }
+    name = generate_pb2.DESCRIPTOR.services_by_name["Tandem"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
 
 
 class SchedulerServicer(worker_pb2_grpc.SchedulerServicer):
