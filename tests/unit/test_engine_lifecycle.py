@@ -191,3 +191,41 @@ def test_async_engine_streams_and_cancel_frees_blocks(ckpt):
     aeng.shutdown()
     assert got[:-1] == ref
     assert stats.num_free_blocks == stats.num_total_blocks and not engine.requests
+
+
+def test_long_prompt_never_stalls_running_decodes(ckpt):
+    """Chunked prefill: while a long prompt is prefilled in chunks, every running decode
+    still gets a token at every step, and the batch never exceeds max_num_seqs."""
+    engine = make_engine(ckpt, max_num_batched_tokens=8, max_num_seqs=3, num_blocks=128)
+    for i in range(2):
+        engine.add_request(f"short{i}", PROMPTS[1], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    while len(engine.requests["short0"].output_token_ids) < 2:
+        engine.step()
+    engine.add_request("long", [1, *range(3, 203)], GREEDY)  # 201 tokens: 26+ chunks of <= 6
+    engine.add_request("queued", PROMPTS[2], GREEDY)  # over max_num_seqs: waits
+    steps_while_prefilling = 0
+    while engine.requests["long"].num_computed_tokens < 201:
+        outs = {o.request_id for o in engine.step()}
+        assert {"short0", "short1"} <= outs, "a decode was stalled by the long prefill"
+        assert len(engine.scheduler.running) <= 3
+        steps_while_prefilling += 1
+    assert steps_while_prefilling >= 25
+    assert engine.requests["queued"].num_computed_tokens == 0
+
+
+def test_bfloat16_and_float16_engines_track_float32(ckpt):
+    ref = make_engine(ckpt)
+    for dtype in ("bfloat16", "float16"):
+        engine = make_engine(ckpt, dtype=dtype)
+        assert engine.runner.kv_cache.dtype == getattr(torch, dtype)
+        for eng in (ref, engine):
+            eng.add_request("x", PROMPTS[0], GREEDY)
+        batch_ref, batch = ref.scheduler.schedule(), engine.scheduler.schedule()
+        inputs = [ref._seq_input(r, n, {}) for r, n in batch_ref.prefills]
+        lr = ref.runner.forward(inputs, [], [1])[0]
+        lo = engine.runner.forward([engine._seq_input(r, n, {}) for r, n in batch.prefills], [], [1])[0]
+        ref.abort("x")
+        engine.abort("x")
+        # half precision: close in distribution, same top choice
+        assert torch.nn.functional.cosine_similarity(lr, lo, dim=0) > 0.99
+        assert lr.argmax() == lo.argmax()
