@@ -23,6 +23,14 @@ from .router import PrefixMemory
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_S = 2.0
+# gRPC backs off reconnecting to an unreachable address up to 120 s by default; a worker that
+# comes back should be routable within about a health interval, not two minutes.
+POOL_CHANNEL_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 @dataclass
@@ -90,9 +98,9 @@ class WorkerPool:
             address,
             role,
             registered,
-            channel=grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS),
+            channel=grpc.aio.insecure_channel(address, options=POOL_CHANNEL_OPTIONS),
             call_channel=grpc.aio.insecure_channel(
-                address, options=CHANNEL_OPTIONS, interceptors=self._interceptors
+                address, options=POOL_CHANNEL_OPTIONS, interceptors=self._interceptors
             ),
             prefix=PrefixMemory(self._prefix_memory_blocks),
         )
