@@ -332,7 +332,9 @@ class DraftConfig(ServerSettings):
     model: str = setting(
         "TANDEM_MODEL", "", "Draft model directory; its vocabulary must be the target model's."
     )
-    model_name: str = setting("TANDEM_MODEL_NAME", "", "Name reported by GetInfo; default: the directory's name.")
+    model_name: str = setting(
+        "TANDEM_MODEL_NAME", "", "Name reported by GetInfo; default: the directory's name."
+    )
     device: str = setting("TANDEM_DEVICE", "cpu", "torch device of the draft model: cpu, cuda, cuda:N.")
     dtype: str = setting("TANDEM_DTYPE", "float32", "Weight and KV element type.", choices=DTYPES)
     block_size: int = setting("TANDEM_BLOCK_SIZE", 16, "Tokens per KV block.", minimum=1)
@@ -349,7 +351,10 @@ class DraftConfig(ServerSettings):
         minimum=1,
     )
     max_num_seqs: int = setting(
-        "TANDEM_MAX_NUM_SEQS", 64, "Sequences the automatic KV sizing makes room for (all decode workers).", minimum=1
+        "TANDEM_MAX_NUM_SEQS",
+        64,
+        "Sequences the automatic KV sizing makes room for (all decode workers).",
+        minimum=1,
     )
     max_model_len: int | None = setting(
         "TANDEM_MAX_MODEL_LEN",

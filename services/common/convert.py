@@ -32,6 +32,9 @@ def sampling_from_pb(
         stop_token_ids=list(stopping.stop_token_ids),
         ignore_eos=stopping.ignore_eos,
         logprobs=sampling.logprobs,
+        num_speculative_tokens=(
+            sampling.num_speculative_tokens if sampling.HasField("num_speculative_tokens") else None
+        ),
         seed_offset=sampling.seed_offset,
     )
 
@@ -57,4 +60,7 @@ def output_to_pb(out: RequestOutput, *, prefilled_by: str = "") -> worker_pb2.De
         num_cached_tokens=out.num_cached_tokens,
         num_output_tokens=out.num_output_tokens,
         prefilled_by=prefilled_by,
+        num_spec_proposed=out.num_spec_proposed,
+        num_spec_accepted=out.num_spec_accepted,
+        num_spec_steps=out.num_spec_steps,
     )

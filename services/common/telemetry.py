@@ -15,7 +15,13 @@ import grpc
 
 from shared.telemetry import Telemetry, TelemetryConfig, setup_telemetry
 
-TRACED_SERVICES = ("/tandem.v1.Tandem/", "/tandem.v1.Decode/", "/tandem.v1.Prefill/", "/tandem.v1.Scheduler/")
+TRACED_SERVICES = (
+    "/tandem.v1.Tandem/",
+    "/tandem.v1.Decode/",
+    "/tandem.v1.Prefill/",
+    "/tandem.v1.Scheduler/",
+    "/tandem.v1.Draft/",
+)
 
 
 def quiet_telemetry(service_name: str) -> Telemetry:

@@ -8,6 +8,7 @@ from services.common.worker_app import WorkerApp
 from shared.kv.collective_receiver import CollectiveKvReceiver
 from shared.pb.tandem.v1 import worker_pb2, worker_pb2_grpc
 
+from .draft_client import DraftProposer, build_proposer
 from .servicer import DecodeServicer
 from .worker import DecodeWorker
 
@@ -38,8 +39,15 @@ class DecodeApp(WorkerApp):
             receiver=self.receiver,
         )
         worker_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(self.worker, self.active), server)
+        self.proposer = None
+        if config.engine == "torch":
+            engine = self.aengine.engine
+            self.proposer = build_proposer(config, engine.model_config.vocab_size, self.telemetry)
+            engine.set_proposer(self.proposer)  # the engine thread is idle until the server starts
 
     async def _close(self) -> None:
         await self.worker.peers.close()
+        if isinstance(self.proposer, DraftProposer):
+            self.proposer.close()
         if self.receiver is not None:
             await asyncio.to_thread(self.receiver.close)

@@ -33,6 +33,7 @@ from shared.kv.errors import KvShapeMismatch, KvTransferError, KvTransferTimeout
 from shared.pb.tandem.v1 import common_pb2, kv_pb2, worker_pb2, worker_pb2_grpc
 from shared.telemetry import Telemetry, annotate
 
+from .draft_client import SpecTally, spec_attributes
 from .kv_import import KvImporter
 
 log = logging.getLogger(__name__)
@@ -121,10 +122,12 @@ class DecodeWorker:
     async def generate(self, job: DecodeJob) -> AsyncIterator[tuple[RequestOutput, str]]:
         """(output, prefilled_by) pairs; prefilled_by is the peer's address or "" (local)."""
         generated = self._telemetry.metrics.generation_tokens
+        spec = SpecTally(self._telemetry.metrics)
         if job.prefill_peer:
             try:
                 async for out in self._generate_disaggregated(job):
                     generated.inc(len(out.new_token_ids))
+                    spec.observe(out)
                     yield out, job.prefill_peer
                 return
             except PrefillPeerUnavailable as e:
@@ -143,7 +146,13 @@ class DecodeWorker:
         with self._telemetry.span("decode", request_id=job.request_id, disaggregated=False) as sp:
             async for out in self._aengine.generate(job.request_id, job.prompt_token_ids, job.params):
                 generated.inc(len(out.new_token_ids))
-                annotate(sp, completion_tokens=out.num_output_tokens, cached_tokens=out.num_cached_tokens)
+                spec.observe(out)
+                annotate(
+                    sp,
+                    completion_tokens=out.num_output_tokens,
+                    cached_tokens=out.num_cached_tokens,
+                    **spec_attributes(out),
+                )
                 yield out, ""
 
     async def _generate_disaggregated(self, job: DecodeJob) -> AsyncIterator[RequestOutput]:
@@ -182,7 +191,7 @@ class DecodeWorker:
                     # the engine counts no cached tokens for an imported prompt; the peer's count holds
                     out.num_cached_tokens = outcome.num_cached_tokens
                     stream_done = out.finished
-                    annotate(sp, completion_tokens=out.num_output_tokens)
+                    annotate(sp, completion_tokens=out.num_output_tokens, **spec_attributes(out))
                     yield out
         finally:
             if not stream_done:

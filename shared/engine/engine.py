@@ -247,6 +247,7 @@ class LLMEngine:
         tokens, accepted = verify(target, drafts, prop.probs, req.params.greedy, gen)
         req.num_spec_proposed += len(drafts)
         req.num_spec_accepted += accepted
+        req.num_spec_steps += 1
         # KV is valid for the last known token and the accepted drafts; rejected positions leave
         req.num_computed_tokens = req.num_tokens + accepted
         self.kv.truncate(req, req.num_computed_tokens)
@@ -277,6 +278,7 @@ class LLMEngine:
             num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0),
             num_output_tokens=req.num_output_tokens + req.num_external_outputs,
             num_spec_proposed=req.num_spec_proposed, num_spec_accepted=req.num_spec_accepted,
+            num_spec_steps=req.num_spec_steps,
         )
 
     def _check_stop(self, req: Request, token: int) -> FinishReason | None:

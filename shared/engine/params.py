@@ -103,3 +103,4 @@ class RequestOutput:
     num_output_tokens: int = 0  # total so far
     num_spec_proposed: int = 0  # draft tokens proposed for this request so far
     num_spec_accepted: int = 0  # of which the target accepted
+    num_spec_steps: int = 0  # steps that verified drafts (mean accepted length = accepted / steps)

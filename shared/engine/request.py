@@ -34,6 +34,7 @@ class Request:
     num_external_outputs: int = 0
     num_spec_proposed: int = 0
     num_spec_accepted: int = 0
+    num_spec_steps: int = 0  # steps that verified drafts of this request
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -1,0 +1,257 @@
+"""The decode worker's proposers for speculative decoding: the draft service, or n-gram lookup.
+
+`DraftProposer` is the engine's Proposer over gRPC. The engine calls `propose(batch)` on its
+own thread once per step, so this is a blocking call on a synchronous channel, bounded by a
+short deadline (TANDEM_DRAFT_TIMEOUT_S). Whatever goes wrong (deadline, draft down, a bad
+answer), the step gets no proposals and decodes as usual; the draft is then left alone for
+TANDEM_DRAFT_RETRY_S, so a dead draft costs nothing per step, and tried again after that.
+The client's output never depends on it: verification keeps greedy outputs exact and sampled
+ones distributed as without speculation.
+
+Per sequence it remembers the draft's copy (the tokens it last sent plus the proposals that
+came back), so each call carries only the tokens after the longest prefix that copy shares
+with the sequence. Ended sequences are released with the next call (or at once when none is
+left). A draft that answers "unknown sequence" (it restarted) gets the whole list next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+import grpc
+import torch
+
+from services.common.server import CHANNEL_OPTIONS
+from shared.config import WorkerConfig
+from shared.engine.draft import probs_from_bytes
+from shared.engine.params import RequestOutput, SamplingParams
+from shared.engine.spec import NgramProposer, Proposal, ProposalRequest, Proposer
+from shared.pb.tandem.v1 import common_pb2, draft_pb2, draft_pb2_grpc
+from shared.telemetry import Telemetry, annotate, inject_context
+
+log = logging.getLogger(__name__)
+
+MAX_LOGGED_IDS = 32  # request ids put on one span
+
+
+def build_proposer(config: WorkerConfig, vocab_size: int, telemetry: Telemetry) -> Proposer | None:
+    """The proposer the configuration asks for (None: no speculation)."""
+    kind = config.speculation
+    if kind == "ngram":
+        return NgramProposer()
+    if kind == "draft":
+        return DraftProposer(
+            config.draft_addr,
+            vocab_size=vocab_size,
+            timeout_s=config.draft_timeout_s,
+            retry_s=config.draft_retry_s,
+            telemetry=telemetry,
+        )
+    return None
+
+
+class DraftProposer:
+    """A Proposer backed by the draft service. Used from the engine thread only."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        vocab_size: int,
+        timeout_s: float,
+        retry_s: float,
+        telemetry: Telemetry,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.address = address
+        self.client_id = uuid.uuid4().hex[:16]  # this process's sequences, to the draft
+        self._vocab_size = vocab_size
+        self._timeout_s = timeout_s
+        self._retry_s = retry_s
+        self._telemetry = telemetry
+        self._clock = clock
+        # reconnect soon after the draft comes back (gRPC's default backoff grows to minutes)
+        backoff_ms = max(100, int(retry_s * 1000))
+        options = [
+            *CHANNEL_OPTIONS,
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", backoff_ms),
+        ]
+        self._channel = grpc.insecure_channel(address, options=options)
+        self._stub = draft_pb2_grpc.DraftStub(self._channel)
+        # request id -> (the draft's copy of its tokens, how many of them were the sequence's)
+        self._copies: dict[str, tuple[list[int], int]] = {}
+        self._released: list[str] = []  # ended sequences the draft has not been told of
+        self._retry_at = 0.0
+        self._failing = False
+        self.num_calls = 0
+        self.num_failures = 0
+
+    # -- Proposer -----------------------------------------------------------------------
+    def propose(self, batch: list[ProposalRequest]) -> dict[str, Proposal]:
+        if self._clock() < self._retry_at:
+            return {}
+        try:
+            return self._propose(batch)
+        except Exception as e:  # noqa: BLE001 - the engine thread must never fail for the draft
+            self._failed(e)
+            return {}
+
+    def release(self, request_id: str) -> None:
+        if self._copies.pop(request_id, None) is not None:
+            self._released.append(request_id)
+        if not self._copies and self._released and self._clock() >= self._retry_at:
+            # nothing left to speculate on: no next call would carry the releases
+            try:
+                self._stub.Release(
+                    draft_pb2.ReleaseRequest(client_id=self.client_id, sequence_ids=self._released),
+                    timeout=self._timeout_s,
+                    metadata=inject_context(),
+                )
+                self._released = []
+            except grpc.RpcError as e:
+                self._failed(e)  # the draft frees them after its idle timeout anyway
+
+    def close(self) -> None:
+        self._channel.close()
+
+    # -- the call -----------------------------------------------------------------------
+    def _propose(self, batch: list[ProposalRequest]) -> dict[str, Proposal]:
+        entries, accepted = [], 0
+        for req in batch:
+            entry, prev_accepted = self._entry(req)
+            entries.append(entry)
+            accepted += prev_accepted
+        request = draft_pb2.ProposeRequest(
+            client_id=self.client_id, sequences=entries, released_ids=self._released
+        )
+        ids = [r.request_id for r in batch]
+        with self._telemetry.span(
+            "draft propose",
+            draft=self.address,
+            sequences=len(batch),
+            request_ids=",".join(ids[:MAX_LOGGED_IDS]),
+            # verification results arrive with the next call: these are the previous call's
+            spec_accepted=accepted,
+        ) as sp:
+            self.num_calls += 1
+            response = self._stub.Propose(request, timeout=self._timeout_s, metadata=inject_context())
+            self._released = []
+            if self._failing:
+                log.info("draft service %s answers again: speculating", self.address)
+                self._failing = False
+            out: dict[str, Proposal] = {}
+            for req, prop in zip(batch, response.proposals, strict=True):
+                if prop.unknown_sequence:
+                    self._copies.pop(req.request_id, None)  # whole list next step
+                    continue
+                tokens = list(prop.token_ids)
+                self._copies[req.request_id] = (req.token_ids + tokens, len(req.token_ids))
+                proposal = self._proposal(req, tokens, prop.probs, response.vocab_size)
+                if proposal is not None:
+                    out[req.request_id] = proposal
+            annotate(sp, spec_proposed=sum(len(p.token_ids) for p in out.values()))
+            return out
+
+    def _entry(self, req: ProposalRequest) -> tuple[draft_pb2.DraftSequence, int]:
+        """The delta for one sequence, and how many of the previous proposals it accepted."""
+        tokens = req.token_ids
+        keep = accepted = 0
+        if req.request_id in self._copies:
+            copy, num_sent = self._copies[req.request_id]
+            # a sequence only grows: its first num_sent tokens are still the copy's
+            keep = min(_common_prefix(copy, tokens, num_sent), len(tokens) - 1)  # send at least one token
+            accepted = max(0, keep - num_sent)
+        entry = draft_pb2.DraftSequence(
+            sequence_id=req.request_id,
+            num_kept_tokens=keep,
+            token_ids=tokens[keep:],
+            num_proposals=req.num_tokens,
+        )
+        if not (req.params.greedy and req.params.repetition_penalty == 1.0):
+            entry.sampling.CopyFrom(_sampling_to_pb(req.params))
+        return entry, accepted
+
+    def _proposal(
+        self, req: ProposalRequest, tokens: list[int], probs: bytes, draft_vocab: int
+    ) -> Proposal | None:
+        if not tokens or any(t >= self._vocab_size for t in tokens):
+            return None
+        num_rows = len(tokens)
+        tokens = tokens[: req.num_tokens]
+        if req.params.greedy:
+            return Proposal(tokens)
+        # rejection sampling needs q, the draft's distribution, over the target's vocabulary
+        if not probs or draft_vocab > self._vocab_size:
+            return None
+        q = probs_from_bytes(probs, num_rows)
+        if q.shape[1] != draft_vocab:
+            return None
+        if draft_vocab < self._vocab_size:  # a smaller draft vocabulary: q is 0 on the rest
+            q = torch.nn.functional.pad(q, (0, self._vocab_size - draft_vocab))
+        return Proposal(tokens, q[: len(tokens)])
+
+    def _failed(self, e: Exception) -> None:
+        self.num_failures += 1
+        self._retry_at = self._clock() + self._retry_s
+        if not self._failing:
+            what = e.code().name if isinstance(e, grpc.Call) else f"{type(e).__name__}: {e}"
+            log.warning(
+                "draft service %s failed (%s): decoding without drafts, trying again every %.1f s",
+                self.address,
+                what,
+                self._retry_s,
+            )
+            self._failing = True
+
+
+class SpecTally:
+    """Feeds one request's cumulative speculation counts to the Prometheus counters, as deltas."""
+
+    def __init__(self, metrics) -> None:
+        self._metrics = metrics
+        self._proposed = self._accepted = 0
+
+    def observe(self, out: RequestOutput) -> None:
+        if out.num_spec_proposed > self._proposed:
+            self._metrics.record_speculation(
+                out.num_spec_proposed - self._proposed, out.num_spec_accepted - self._accepted
+            )
+            self._proposed, self._accepted = out.num_spec_proposed, out.num_spec_accepted
+
+
+def spec_attributes(out: RequestOutput) -> dict[str, int]:
+    """The request's speculation counts for its decode span (none without speculation)."""
+    if not out.num_spec_steps:
+        return {}
+    return dict(
+        spec_proposed=out.num_spec_proposed,
+        spec_accepted=out.num_spec_accepted,
+        spec_steps=out.num_spec_steps,
+    )
+
+
+def _sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParameters:
+    pb = common_pb2.SamplingParameters(
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty,
+    )
+    if p.seed is not None:
+        pb.seed = p.seed
+    return pb
+
+
+def _common_prefix(a: list[int], b: list[int], start: int = 0) -> int:
+    """Length of the common prefix of a and b, given that the first `start` tokens agree."""
+    n = min(len(a), len(b))
+    i = min(start, n)
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -1,0 +1,107 @@
+"""Build the draft service from its config (used by __main__ and by tests).
+
+The draft engine runs on one thread of its own: calls from several decode workers queue
+there and run one at a time. A background task frees sequences that no call mentioned for
+TANDEM_DRAFT_IDLE_TIMEOUT_S (their decode worker died, or restarted under a new client id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+
+from services.common.errors import ErrorInterceptor
+from services.common.server import GrpcServer
+from services.common.telemetry import quiet_telemetry, traced_server_interceptors
+from shared.config import ConfigError, DraftConfig
+from shared.engine import EngineConfig, InvalidRequest, ModelLoadError
+from shared.engine.draft import DraftEngine
+from shared.pb.tandem.v1 import draft_pb2, draft_pb2_grpc, worker_pb2, worker_pb2_grpc
+from shared.telemetry import Telemetry
+
+from .servicer import DraftServicer, DraftWorkerServicer
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(config: DraftConfig) -> DraftEngine:
+    import torch
+
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
+    try:
+        return DraftEngine(EngineConfig(**config.engine_kwargs()))
+    except (ModelLoadError, FileNotFoundError) as e:
+        raise ConfigError(f"TANDEM_MODEL: {e}") from None
+
+
+class DraftApp:
+    role = "draft"
+
+    def __init__(
+        self, config: DraftConfig, *, telemetry: Telemetry | None = None, engine: DraftEngine | None = None
+    ):
+        self.config = config
+        self.telemetry = telemetry if telemetry is not None else quiet_telemetry("tandem-draft")
+        self.engine = engine if engine is not None else build_engine(config)
+        self.model_name = config.model_name or self.engine.model_config.name
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-engine")
+        self.server = GrpcServer(
+            host=config.host,
+            port=config.port,
+            advertise_address=config.advertise_address,
+            service_names=[
+                draft_pb2.DESCRIPTOR.services_by_name["Draft"].full_name,
+                worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,
+            ],
+            # tracing outermost, so that its span records the status code the errors map to
+            interceptors=[
+                *traced_server_interceptors(self.telemetry),
+                ErrorInterceptor({InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT}),
+            ],
+        )
+        self.servicer = DraftServicer(self.engine, self.run, self._update_gauges)
+        draft_pb2_grpc.add_DraftServicer_to_server(self.servicer, self.server.grpc_server)
+        worker_pb2_grpc.add_WorkerServicer_to_server(
+            DraftWorkerServicer(self.engine, config, self.model_name), self.server.grpc_server
+        )
+        self._sweeper: asyncio.Task | None = None
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    async def run(self, fn, *args) -> Any:
+        """fn(*args) on the engine thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def start(self) -> int:
+        port = await self.server.start()
+        self._update_gauges()
+        self._sweeper = asyncio.create_task(self._free_idle(), name="draft-idle")
+        return port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self.server.stop(self.config.grace_period_s if grace_s is None else grace_s)
+        await asyncio.to_thread(self._executor.shutdown)
+        await asyncio.to_thread(self.telemetry.shutdown)
+
+    def _update_gauges(self) -> None:
+        s = self.engine.stats()
+        self.telemetry.metrics.running_sequences.set(s.num_sequences)
+        self.telemetry.metrics.set_kv_blocks(s.num_total_blocks - s.num_free_blocks, s.num_total_blocks)
+
+    async def _free_idle(self) -> None:
+        timeout = self.config.idle_timeout_s
+        while True:
+            await asyncio.sleep(min(timeout / 4, 5.0))
+            n = await self.run(self.engine.free_idle, timeout)
+            if n:
+                log.info("freed %d draft sequences idle for %.0f s", n, timeout)
+                self._update_gauges()

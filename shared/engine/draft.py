@@ -1,0 +1,261 @@
+"""The draft model's engine: per-sequence KV that rolls back and extends, k proposals per call.
+
+The draft's copy of a sequence is the token list its caller last sent plus the tokens it
+proposed then. Each call says how much of that copy is still valid (`num_kept`: the prefix
+the target verified) and which tokens follow; the engine truncates the tokens and the KV to
+the kept prefix, appends, and proposes up to k tokens. All sequences of a call run together:
+one forward pass computes every sequence's uncomputed tail (one or two tokens normally, the
+whole prompt of a new sequence, in chunks), then k - 1 single-token passes extend them.
+
+Sampled sequences draw each proposal from the distribution the target's sampler would use
+with the request's parameters (`target_distribution`), and return that distribution q, which
+the target's rejection sampling needs. Greedy sequences propose the argmax and return no q.
+
+Built from LLMEngine's pieces (model loading, KV sizing, ModelRunner, KVCacheManager) but not
+its scheduler: a call runs to completion, there is no queue. Prefix caching stays off, since a
+rolled-back block gets overwritten. Not thread-safe. Knows nothing of gRPC or decode workers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from .engine import EngineConfig, LLMEngine
+from .params import InvalidRequest, SamplingParams
+from .runner import SeqInput
+from .sampler import SamplingRow, row_generator, target_distribution
+
+# Seeded proposals must not reuse the random stream the target's verification draws from for
+# the same (seed, position): the acceptance test needs u independent of the draft's choice.
+_DRAFT_SEED_SALT = 0x5DEECE66D
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@dataclass
+class DraftAsk:
+    key: str  # unique per sequence (the service scopes its callers' ids)
+    num_kept: int  # tokens of the draft's copy still valid; 0: token_ids is the whole sequence
+    token_ids: list[int]  # the sequence's tokens after the kept ones
+    k: int  # proposals wanted
+    params: SamplingParams | None = None  # None: greedy
+
+
+@dataclass
+class DraftResult:
+    key: str
+    token_ids: list[int]
+    probs: torch.Tensor | None = None  # [len(token_ids), V] float32 on cpu: q of each proposal; None for greedy
+    unknown: bool = False  # no copy of this sequence (or num_kept beyond it): send the whole list
+
+
+@dataclass(eq=False)
+class DraftSequence:
+    request_id: str  # the KV manager's name for it: the ask's key
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    last_used: float = 0.0
+
+
+@dataclass
+class DraftStats:
+    num_sequences: int
+    num_free_blocks: int
+    num_total_blocks: int
+
+
+class DraftEngine:
+    def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic):
+        if config.enable_prefix_caching:
+            raise ValueError("the draft engine rolls KV back: enable_prefix_caching must be False")
+        base = LLMEngine(config)  # loads the model and sizes the KV cache; its scheduler stays unused
+        self.config = config
+        self.model_config = base.model_config
+        self.runner = base.runner
+        self.kv = base.kv
+        self.max_model_len = base.max_model_len
+        self.vocab_size = base.model_config.vocab_size
+        self.seqs: dict[str, DraftSequence] = {}
+        self._clock = clock
+        self._generator = torch.Generator().manual_seed(config.seed)
+
+    # -- state --------------------------------------------------------------------------
+    def release(self, keys: Iterable[str]) -> int:
+        """Free these sequences; returns how many existed."""
+        n = 0
+        for key in keys:
+            if self.seqs.pop(key, None) is not None:
+                self.kv.free(key)
+                n += 1
+        return n
+
+    def free_idle(self, max_idle_s: float) -> int:
+        """Free sequences no call mentioned for max_idle_s seconds."""
+        cutoff = self._clock() - max_idle_s
+        return self.release([k for k, s in self.seqs.items() if s.last_used < cutoff])
+
+    def stats(self) -> DraftStats:
+        return DraftStats(len(self.seqs), self.kv.num_free_blocks, self.kv.pool.num_blocks)
+
+    def _update(self, ask: DraftAsk) -> DraftSequence | None:
+        """Apply the ask's delta to the copy; None when the copy is missing or too short."""
+        seq = self.seqs.get(ask.key)
+        if ask.num_kept == 0:
+            if seq is None:
+                seq = self.seqs[ask.key] = DraftSequence(ask.key)
+            # a resent whole list keeps whatever prefix (and KV) of the old copy still matches
+            keep = _common_prefix(seq.token_ids, ask.token_ids)
+            new = ask.token_ids[keep:]
+        elif seq is None or ask.num_kept > len(seq.token_ids):
+            self.release([ask.key])
+            return None
+        else:
+            keep, new = ask.num_kept, ask.token_ids
+        seq.token_ids = seq.token_ids[:keep] + list(new)
+        # the last token's KV is always (re)computed: its logits give the first proposal
+        valid = min(seq.num_computed_tokens, keep, len(seq.token_ids) - 1)
+        if valid < seq.num_computed_tokens:
+            seq.num_computed_tokens = valid
+            self.kv.truncate(seq, valid)
+        return seq
+
+    def _reserve(self, seq: DraftSequence, k: int, busy: set[str]) -> bool:
+        """KV slots for the uncomputed tail and k - 1 proposals, evicting idle sequences if needed."""
+        need = len(seq.token_ids) - seq.num_computed_tokens + k - 1
+        while not self.kv.allocate_slots(seq, need):
+            idle = [s for s in self.seqs.values() if s.request_id not in busy]
+            if not idle:
+                return False
+            self.release([min(idle, key=lambda s: s.last_used).request_id])
+        return True
+
+    # -- proposing ----------------------------------------------------------------------
+    def propose(self, asks: list[DraftAsk]) -> list[DraftResult]:
+        """Apply every ask's delta, then propose; results in the order of the asks."""
+        keys = [a.key for a in asks]
+        if len(set(keys)) != len(keys):
+            raise InvalidRequest("sequences", "a sequence appears twice in one call")
+        now = self._clock()
+        results: dict[str, DraftResult] = {}
+        active: list[tuple[DraftSequence, DraftAsk, int]] = []
+        for ask in asks:
+            seq = self._update(ask)
+            if seq is None:
+                results[ask.key] = DraftResult(ask.key, [], unknown=True)
+                continue
+            seq.last_used = now
+            # proposal i sits at position len + i; positions must stay below the model length
+            k = min(ask.k, self.max_model_len - len(seq.token_ids))
+            usable = k > 0 and not any(not 0 <= t < self.vocab_size for t in seq.token_ids)
+            if usable and self._reserve(seq, k, set(keys)):
+                active.append((seq, ask, k))
+            else:
+                results[ask.key] = DraftResult(ask.key, [])
+        if active:
+            results.update(self._run(active))
+        return [results[k] for k in keys]
+
+    @torch.inference_mode()
+    def _run(self, active: list[tuple[DraftSequence, DraftAsk, int]]) -> dict[str, DraftResult]:
+        logits = self._extend([seq for seq, _, _ in active])  # key -> [V] at each last token
+        proposed: dict[str, list[int]] = {seq.request_id: [] for seq, _, _ in active}
+        probs: dict[str, list[torch.Tensor]] = {seq.request_id: [] for seq, _, _ in active}
+        running = active
+        for i in range(max(k for _, _, k in active)):
+            running = [(s, a, k) for s, a, k in running if k > i]
+            tokens, q = self._choose(running, torch.stack([logits[s.request_id] for s, _, _ in running]))
+            for (seq, _, _), token, q_row in zip(running, tokens, q, strict=True):
+                seq.token_ids.append(token)
+                proposed[seq.request_id].append(token)
+                if q_row is not None:
+                    probs[seq.request_id].append(q_row)
+            running = [(s, a, k) for s, a, k in running if k > i + 1]
+            if not running:
+                break
+            # one step for each sequence that proposes more: the token just chosen, KV included
+            step = self.runner.forward(
+                [],
+                [SeqInput(s.token_ids, len(s.token_ids) - 1, 1, self.kv.block_ids(s.request_id)) for s, _, _ in running],
+                [1] * len(running),
+            )
+            for row, (seq, _, _) in enumerate(running):
+                seq.num_computed_tokens += 1
+                logits[seq.request_id] = step[row]
+        return {
+            key: DraftResult(key, tokens, torch.stack(probs[key]) if probs[key] else None)
+            for key, tokens in proposed.items()
+        }
+
+    def _extend(self, seqs: list[DraftSequence]) -> dict[str, torch.Tensor]:
+        """Compute each sequence's uncomputed tokens (chunked under the token budget);
+        returns the logits [V] at each one's last token."""
+        out: dict[str, torch.Tensor] = {}
+        todo = list(seqs)
+        while todo:
+            budget = self.config.max_num_batched_tokens
+            chosen: list[tuple[DraftSequence, int, bool]] = []
+            for seq in todo:
+                n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+                if n <= 0:
+                    break
+                chosen.append((seq, n, seq.num_computed_tokens + n == len(seq.token_ids)))
+                budget -= n
+            logits = self.runner.forward(
+                [SeqInput(s.token_ids, s.num_computed_tokens, n, self.kv.block_ids(s.request_id)) for s, n, _ in chosen],
+                [],
+                [1 if done else 0 for _, _, done in chosen],
+            )
+            row = 0
+            for seq, n, done in chosen:
+                seq.num_computed_tokens += n
+                if done:
+                    out[seq.request_id] = logits[row]
+                    row += 1
+            todo = [s for s in todo if s.request_id not in out]
+        return out
+
+    def _choose(self, running, logits: torch.Tensor) -> tuple[list[int], list[torch.Tensor | None]]:
+        """logits: [B, V] -> one proposal per sequence, and the q it was drawn from (None: greedy)."""
+        tokens: list[int] = [0] * len(running)
+        q: list[torch.Tensor | None] = [None] * len(running)
+        rows = [SamplingRow(a.params or GREEDY, s.token_ids, len(s.token_ids)) for s, a, _ in running]
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if greedy:
+            scores = target_distribution(logits[greedy].float(), [rows[i] for i in greedy])
+            for i, t in zip(greedy, scores.argmax(dim=-1).tolist(), strict=True):
+                tokens[i] = t
+        if sampled:
+            dist = target_distribution(logits[sampled].float(), [rows[i] for i in sampled]).cpu()  # [S, V]
+            for j, i in enumerate(sampled):
+                seed = rows[i].params.seed
+                gen = self._generator if seed is None else row_generator(seed ^ _DRAFT_SEED_SALT, rows[i].output_index)
+                tokens[i] = int(torch.multinomial(dist[j], 1, generator=gen))
+                q[i] = dist[j]
+        return tokens, q
+
+
+def probs_to_bytes(probs: torch.Tensor) -> bytes:
+    """[n, V] probabilities -> float16 little-endian, row-major (the draft service's wire form)."""
+    return probs.to(torch.float16).cpu().numpy().astype("<f2").tobytes()
+
+
+def probs_from_bytes(data: bytes, num_rows: int) -> torch.Tensor:
+    """The inverse of probs_to_bytes: -> [num_rows, V] float32."""
+    import numpy as np
+
+    flat = torch.from_numpy(np.frombuffer(data, dtype="<f2").astype(np.float32))
+    if num_rows == 0 or flat.numel() % num_rows:
+        raise ValueError(f"{flat.numel()} probabilities do not split into {num_rows} rows")
+    return flat.view(num_rows, -1)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
