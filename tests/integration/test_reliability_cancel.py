@@ -1,0 +1,173 @@
+"""A client that cancels, disconnects or runs out of time at any phase of its request (queued
+in the scheduler, prefilling, moving KV, decoding, speculating) frees all work and every KV
+block on every worker: the block counts return to where they started. And the client's
+deadline bounds every call downstream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from services.decode.servicer import DecodeServicer
+from services.prefill.servicer import PrefillServicer
+from shared.engine.spec import NgramProposer
+from shared.pb.tandem.v1 import generate_pb2_grpc
+
+from .cluster import make_request, start_cluster, token_ids
+
+PROMPT = [1, *range(40, 85)]
+REPETITIVE = [1, *([5, 6, 7, 8] * 10)]  # the n-gram proposer finds drafts in it
+
+
+class Phase:
+    """Holds a request in one phase until `release()`; `reached()` waits until it is there."""
+
+    def __init__(self, cluster, name: str):
+        self.c, self.name = cluster, name
+        self.here = asyncio.Event()
+        self.gate = asyncio.Event()  # set: let the held work go on
+        self.blocker = None
+        loop = asyncio.get_running_loop()
+        if name == "prefill":  # the prefill worker's engine step waits while the request is in it
+            engine = cluster.prefills[0].aengine.engine
+            step = engine.step
+
+            def held_step():
+                if engine.has_unfinished():
+                    loop.call_soon_threadsafe(self.here.set)
+                    _wait_threadsafe(self.gate)
+                return step()
+
+            engine.step = held_step
+        elif name == "kv transfer":  # the prefill worker has the KV, the decode worker its blocks
+            engine = cluster.prefills[0].aengine.engine
+            export_kv = engine.export_kv
+
+            def held_export(request_id):
+                loop.call_soon_threadsafe(self.here.set)
+                _wait_threadsafe(self.gate)
+                return export_kv(request_id)
+
+            engine.export_kv = held_export
+        elif name in ("decode", "speculation"):  # slow steps: the request is still decoding when hit
+            engine = cluster.decodes[0].aengine.engine
+            step = engine.step
+
+            def slow_step():
+                if not self.gate.is_set():
+                    time.sleep(0.005)
+                return step()
+
+            engine.step = slow_step
+
+    async def start(self, stub, **call_kwargs):
+        """Start the request under test (after whatever must run first); returns its call."""
+        prompt = REPETITIVE if self.name == "speculation" else PROMPT
+        if self.name == "queued":  # the one running slot is taken
+            self.blocker = self.c.stub.Generate(make_request(prompt=PROMPT, max_tokens=400))
+            await self.blocker.read()
+        if self.name == "speculation":
+            await self.c.decodes[0].aengine.call(lambda eng: eng.set_proposer(NgramProposer()))
+        return stub.Generate(make_request(prompt=prompt, max_tokens=400), **call_kwargs)
+
+    async def reached(self, call) -> None:
+        if self.name == "queued":
+            while self.c.scheduler.frontend.admission.num_queued == 0:
+                await asyncio.sleep(0.005)
+        elif self.name in ("prefill", "kv transfer"):
+            await self.here.wait()
+        else:
+            assert len(token_ids([await call.read(), await call.read()])) >= 2
+            if self.name == "speculation":
+                aengine = self.c.decodes[0].aengine
+                while not await aengine.call(
+                    lambda eng: any(r.num_spec_proposed for r in eng.requests.values())
+                ):
+                    await asyncio.sleep(0.005)
+
+    async def release(self) -> None:
+        self.gate.set()
+        if self.blocker is not None:
+            self.blocker.cancel()
+
+
+def _wait_threadsafe(event: asyncio.Event, timeout_s: float = 10.0) -> None:
+    """Block the calling (engine) thread until `event` is set (reading a flag is thread-safe)."""
+    deadline = time.monotonic() + timeout_s
+    while not event.is_set() and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+PHASES = ["queued", "prefill", "kv transfer", "decode", "speculation"]
+
+
+async def assert_all_freed(c) -> None:
+    await c.wait_idle()  # every worker: all blocks free, nothing running, waiting or active
+    admission = c.scheduler.frontend.admission
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while admission.num_running or admission.num_queued:
+        assert loop.time() < deadline, (admission.num_running, admission.num_queued)
+        await asyncio.sleep(0.01)
+    assert all(w.num_inflight == 0 for w in c.scheduler.pool.workers.values())
+
+
+@pytest.mark.parametrize("how", ["cancel", "disconnect", "deadline"])
+@pytest.mark.parametrize("phase", PHASES)
+async def test_client_gone_at_any_phase_frees_everything(tiny_model, phase, how):
+    c = await start_cluster(tiny_model, scheduler_overrides={"max_inflight_per_decode": 1})
+    held = Phase(c, phase)
+    try:
+        channel = grpc.aio.insecure_channel(c.scheduler.address)  # this client's own connection
+        c.channels.append(channel)
+        stub = generate_pb2_grpc.TandemStub(channel)
+        call = await held.start(stub, **({"timeout": 0.6} if how == "deadline" else {}))
+        if how == "deadline":
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        else:
+            await held.reached(call)
+            if how == "cancel":
+                call.cancel()
+            else:  # the connection goes away, not just the call
+                await channel.close()
+        await held.release()
+        await assert_all_freed(c)
+        # the workers serve the next request normally
+        assert len(token_ids(await c.generate(prompt=PROMPT, max_tokens=3))) == 3
+    finally:
+        await held.release()
+        await c.stop()
+
+
+async def test_the_deadline_bounds_every_downstream_call(tiny_model, monkeypatch):
+    """Decode and prefill workers see the client's deadline (what is left of it) on their calls."""
+    seen: dict[str, float | None] = {}
+    decode_generate, prefill_prefill = DecodeServicer.Generate, PrefillServicer.Prefill
+
+    async def spy_generate(self, request, context):
+        seen["decode"] = context.time_remaining()
+        async for r in decode_generate(self, request, context):
+            yield r
+
+    async def spy_prefill(self, request, context):
+        seen["prefill"] = context.time_remaining()
+        async for r in prefill_prefill(self, request, context):
+            yield r
+
+    monkeypatch.setattr(DecodeServicer, "Generate", spy_generate)
+    monkeypatch.setattr(PrefillServicer, "Prefill", spy_prefill)
+    c = await start_cluster(tiny_model)
+    try:
+        responses = [r async for r in c.stub.Generate(make_request(prompt=PROMPT, max_tokens=4), timeout=20)]
+        assert len(token_ids(responses)) == 4
+        assert seen["decode"] is not None and seen["prefill"] is not None, seen
+        # gRPC sends a timeout rounded up to a few significant digits: allow it a little slack
+        assert 0 < seen["prefill"] <= seen["decode"] + 0.05 and seen["decode"] <= 20.05, seen
+    finally:
+        await c.stop()
