@@ -7,6 +7,7 @@ can be regenerated from serve.json and nothing in it is typed by hand.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 # throughput ratio goals against each HF baseline, (cpu, gpu), from DESIGN.md
 _THROUGHPUT_GOALS = {"hf_one": (10.0, 15.0), "hf_static": (2.0, 2.0)}
@@ -245,10 +246,11 @@ def markdown(result: dict) -> str:
         if r["median"].get("failed")
     ]
     notes += [f"failed requests in {f}" for f in failures]
-    if result.get("plots"):
-        notes.append("plots: " + ", ".join(result["plots"]))
     if notes:
         out += ["", "## Notes", "", *[f"- {n}" for n in notes]]
+    if result.get("plots"):  # written beside serve.md, so the links are file names
+        out += ["", "## Plots", ""]
+        out += [f"![{Path(p).stem}]({Path(p).name})" for p in result["plots"]]
     return "\n".join(out) + "\n"
 
 

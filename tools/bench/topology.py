@@ -174,7 +174,9 @@ class Services:
                 "TANDEM_PORT": self.addrs[name].rsplit(":", 1)[1],
                 "TANDEM_METRICS_PORT": self.metrics_urls[name].rsplit(":", 1)[1].split("/")[0],
                 "TANDEM_GPU_HOUR_USD": str(self.gpu_hour_usd),
-                "TANDEM_NUM_GPUS": "0" if name == "scheduler" or self.engine.device == "cpu" else "1",
+                "TANDEM_NUM_GPUS": "0"
+                if name == "scheduler"
+                else "1",  # a worker: one accelerator (or host share)
                 "TANDEM_LOG_LEVEL": self.log_level,
                 "TANDEM_LOG_JSON": "1",  # one line per event, errors included
                 "TANDEM_GRACE_PERIOD_S": "0.5",
