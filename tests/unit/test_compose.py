@@ -213,6 +213,10 @@ def test_health_checks_dependencies_and_restart_policies():
         assert "TANDEM_PORT" in environment_of(services[name]), f"{name}: the health check dials TANDEM_PORT"
     for name, service in services.items():
         assert service.get("restart") == "unless-stopped", name
+    for name in TANDEM:
+        grace = float(environment_of(services[name])["TANDEM_GRACE_PERIOD_S"])
+        stop = services[name]["stop_grace_period"]
+        assert stop.endswith("s") and float(stop[:-1]) > grace + 10, f"{name}: SIGKILL before a graceful stop"
     deps = services["scheduler"]["depends_on"]
     assert deps["prefill"] == {"condition": "service_healthy"}
     assert deps["decode"] == {"condition": "service_healthy"}
