@@ -31,6 +31,8 @@ __all__ = ["Frontend", "Job", "Piece"]
 
 log = logging.getLogger(__name__)
 
+MAX_REQUEST_ID_LEN = 128
+
 
 class Frontend:
     """Turns GenerateRequests into streams of Pieces, through the routed workers."""
@@ -92,6 +94,11 @@ class Frontend:
         check_sampling(req.sampling, stopping, self._tokenizer.vocab_size)
         check_length(len(prompt), stopping.max_tokens, self._pool.max_model_len())
         request_id = req.request_id or uuid.uuid4().hex
+        if len(request_id) > MAX_REQUEST_ID_LEN or not all(" " <= ch <= "~" for ch in request_id):
+            # it travels in gRPC metadata (x-request-id), which takes printable ASCII only
+            raise InvalidArgument(
+                "request_id", f"must be at most {MAX_REQUEST_ID_LEN} printable ASCII characters"
+            )
         if request_id in self._active:
             raise InvalidArgument("request_id", f"{request_id!r} is already running")
         return Job(request_id, prompt, req.sampling, stopping, stops, req.priority)
