@@ -237,3 +237,27 @@ async def test_draft_call_is_traced_across_services(tiny_model, draft_model):
     assert client[0].attributes["tandem.request_ids"] == "traced"
     assert "tandem.spec_proposed" in client[0].attributes
     assert {s.context.trace_id for s in server} <= {s.context.trace_id for s in client}
+
+
+async def test_slow_draft_misses_its_deadline_and_decoding_goes_on(tiny_model, draft_model, reference):
+    draft = await start_draft(draft_model)
+    propose = draft.engine.propose
+
+    def slow_propose(asks):
+        time.sleep(0.3)
+        return propose(asks)
+
+    draft.engine.propose = slow_propose
+    decode = dict(draft_addr=draft.address, draft_timeout_s=0.05, draft_retry_s=0.2)
+    cluster = await start_cluster(tiny_model, num_prefill=0, decode_overrides=decode)
+    try:
+        results = await generate_all(cluster, REQUESTS[:3])
+        for (prompt, max_tokens, _), responses in zip(REQUESTS[:3], results, strict=True):
+            assert token_ids(responses) == reference(prompt, max_tokens)
+        proposer = cluster.decodes[0].proposer
+        assert proposer.num_failures >= 1
+        assert proposer.num_calls < 20  # backed off rather than waiting out every step
+        await cluster.wait_idle()
+    finally:
+        await cluster.stop()
+        await draft.stop(0.2)
