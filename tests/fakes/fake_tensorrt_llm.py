@@ -317,6 +317,7 @@ class LLM:
         self.held: dict[int, _HeldContext] = {}
         self.instance = next(_ids)
         self.num_aborts = 0
+        self.step_s = 0.001  # the fake's time per generation step (tests slow it down to cancel mid-way)
         self.num_drafted = self.num_accepted = 0
         self.requests: list[RequestOutput] = []
         self._tasks: set[asyncio.Task] = set()
@@ -428,7 +429,7 @@ class LLM:
                 if finish:
                     return
             while True:
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(self.step_s)
                 if r._aborted:
                     await r._updates.put(([], [], "cancelled", None))
                     return

@@ -214,6 +214,7 @@ async def test_a_first_token_that_ends_the_request_still_releases_the_context_at
 
 async def test_cancelling_a_decode_stream_aborts_the_request_and_frees_its_blocks(model_dir):
     prefill, decode = build(model_dir, "prefill"), build(model_dir, "decode")
+    decode.llm.step_s = 0.01  # 200 tokens take 2 s: the cancel comes mid-way
     params = greedy(200, ignore_eos=True)
     handoff = (await prefill.prefill("r", PROMPT, params)).handoff
     seen = []

@@ -161,6 +161,7 @@ async def test_generate_is_prefilled_by_context_only_and_decoded_by_generation_o
 
 async def test_client_cancel_aborts_the_generation_and_frees_both_workers(cluster):
     stub, prefill, decode = cluster
+    decode.aengine.llm.step_s = 0.02  # 400 tokens take 8 s: the cancel arrives mid-way
     call = stub.Generate(request(400))
     seen = 0
     async for r in call:
