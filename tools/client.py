@@ -83,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
             f"cached {u.cached_tokens} tokens]",
             file=sys.stderr,
         )
+        if u.spec_verify_steps:
+            print(
+                f"[speculation: {u.spec_accepted_tokens} of {u.spec_proposed_tokens} draft tokens accepted "
+                f"in {u.spec_verify_steps} steps; mean accepted length {u.spec_mean_accepted_length:.2f}]",
+                file=sys.stderr,
+            )
     return 0
 
 

@@ -1,7 +1,10 @@
-"""`make run`: the Tandem services as local processes on CPU (scheduler, prefill, decode).
+"""`make run`: the Tandem services as local processes on CPU (scheduler, prefill, decode, draft).
 
     python -m tools.run_local [--model models/tandem-demo-code/target] [--transport grpc|collective]
-                              [--no-prefill] [--port 50051]
+                              [--no-prefill] [--port 50051] [--spec draft|ngram|none]
+
+The draft service runs when the model has a draft beside it (the demo pair's layout,
+<dir>/target and <dir>/draft; or --draft-model), and the decode worker speculates with it.
 
 Starts each service with `python -m services.<name>`, waits until every one reports SERVING
 on the gRPC health service, prints how to call it, and runs until Ctrl-C / SIGTERM, which it
@@ -101,6 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--num-blocks", type=int, default=None, help="KV blocks per worker (default: engine's)"
     )
+    parser.add_argument(
+        "--draft-model", default=None, help="draft model directory (default: <model>/../draft, if there)"
+    )
+    parser.add_argument(
+        "--spec",
+        choices=("draft", "ngram", "none"),
+        default=None,
+        help="speculative decoding: the draft service, n-gram lookup, or none (default: draft if there is one)",
+    )
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
 
@@ -113,7 +125,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    ports = {"scheduler": args.port, "decode": args.port + 1, "prefill": args.port + 2}
+    draft_model = Path(args.draft_model) if args.draft_model else model.resolve().parent / "draft"
+    spec = args.spec or ("draft" if (draft_model / "config.json").is_file() else "none")
+    if spec == "draft" and not (draft_model / "config.json").is_file():
+        print(f"error: no draft model at {draft_model} (config.json missing).", file=sys.stderr)
+        return 2
+
+    ports = {
+        "scheduler": args.port,
+        "decode": args.port + 1,
+        "prefill": args.port + 2,
+        "draft": args.port + 3,
+    }
     addrs = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
     common = {"TANDEM_MODEL": str(model.resolve()), "TANDEM_HOST": "127.0.0.1", "TANDEM_LOG_JSON": "0"}
     worker = {
@@ -124,7 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.num_blocks:
         worker["TANDEM_NUM_BLOCKS"] = str(args.num_blocks)
-    services = {"decode": ("services.decode", {**worker, "TANDEM_PORT": str(ports["decode"])})}
+    services = {}
+    decode = {**worker, "TANDEM_PORT": str(ports["decode"]), "TANDEM_SPEC_PROPOSER": spec}
+    if spec == "draft":
+        draft = {**worker, "TANDEM_MODEL": str(draft_model.resolve()), "TANDEM_PORT": str(ports["draft"])}
+        services["draft"] = ("services.draft", draft)
+        decode["TANDEM_DRAFT_ADDR"] = addrs["draft"]
+    services["decode"] = ("services.decode", decode)
     if not args.no_prefill:
         services["prefill"] = ("services.prefill", {**worker, "TANDEM_PORT": str(ports["prefill"])})
     services["scheduler"] = (
@@ -147,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"\nTandem is up: scheduler {addrs['scheduler']}, decode {addrs['decode']}"
             + ("" if args.no_prefill else f", prefill {addrs['prefill']} ({args.transport} KV transport)")
+            + {"draft": f", draft {addrs['draft']}", "ngram": ", n-gram speculation", "none": ""}[spec]
             + f'\n  python -m tools.client --addr {addrs["scheduler"]} "def fib(n):" --max-tokens 64'
             + f'\n  grpcurl -plaintext -d \'{{"text": "def fib(n):", "stopping": {{"max_tokens": 32}}}}\' '
             f"{addrs['scheduler']} tandem.v1.Tandem/Generate" + "\nCtrl-C stops everything.\n",
