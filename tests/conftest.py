@@ -2,5 +2,9 @@ import os
 
 import torch
 
-# Several test processes (and services they start) share few cores.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The suite runs services as subprocesses next to the test process on a small machine: one
+# torch thread each keeps them from oversubscribing the cores (OpenMP spin-waits make an
+# oversubscribed multi-threaded process many times slower, not just a little).
+torch.set_num_threads(1)
+os.environ.setdefault("TANDEM_TORCH_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")

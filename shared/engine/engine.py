@@ -164,7 +164,8 @@ class LLMEngine:
         prefills = [(r, n, 1 if r.num_computed_tokens + n == r.num_tokens else 0) for r, n in batch.prefills]
         verifies = [(r, 1 + len(spec[r.request_id].token_ids), 1 + len(spec[r.request_id].token_ids))
                     for r in batch.decodes if r.request_id in spec]
-        decodes = [r for r in batch.decodes if r.request_id not in spec]
+        # by context length, so that the runner can batch decodes of similar length
+        decodes = sorted((r for r in batch.decodes if r.request_id not in spec), key=lambda r: r.num_tokens)
         seqs = prefills + verifies
         logits = self.runner.forward(
             [self._seq_input(r, n, spec) for r, n, _ in seqs],

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import AttentionMetadata, LlamaForCausalLM, ModelConfig, PrefillSeq, load_weights
+from .model import AttentionMetadata, DecodeGroup, LlamaForCausalLM, ModelConfig, PrefillSeq, load_weights
 
+DECODE_GROUP_MAX = 32  # sequences per batched decode attention call
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -74,31 +75,44 @@ class ModelRunner:
             if len(prefill_meta) < len(prefills):
                 prefill_meta.append(PrefillSeq(
                     query_start=start, query_len=seq.n, context_len=seq.start + seq.n,
-                    block_table=torch.tensor(seq.block_ids[: -(-(seq.start + seq.n) // bs)], device=self.device),
+                    block_table=torch.tensor(seq.block_ids[: -(-(seq.start + seq.n) // bs)], dtype=torch.long,
+                                             device=self.device),
                 ))
         dev = self.device
-        decode_tables = decode_lens = None
-        max_ctx = 0
-        if decodes:
-            max_blocks = max(len(d.block_ids) for d in decodes)
-            decode_tables = torch.tensor([d.block_ids + [0] * (max_blocks - len(d.block_ids)) for d in decodes],
-                                         device=dev)
-            lens = [d.start + 1 for d in decodes]
-            max_ctx = max(lens)
-            decode_lens = torch.tensor(lens, device=dev)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             prefills=prefill_meta,
-            num_decodes=len(decodes),
-            decode_block_tables=decode_tables,
-            decode_context_lens=decode_lens,
-            decode_max_context=max_ctx,
+            decodes=self._decode_groups(decodes, len(tokens) - len(decodes)),
             sliding_window=self.cfg.sliding_window,
         )
         hidden = self.model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
                             self.kv_cache, meta)
         rows = torch.tensor(logit_index, dtype=torch.long, device=dev)
         return self.model.compute_logits(hidden[rows])
+
+    def _decode_groups(self, decodes: list[SeqInput], first_token: int) -> list[DecodeGroup]:
+        """Split decodes (callers pass them sorted by context length) into groups whose
+        padded context stays close to each member's own, so attention reads little padding."""
+        groups: list[DecodeGroup] = []
+        i = 0
+        while i < len(decodes):
+            j = i + 1
+            # extend while the group's largest context wastes at most ~25% on the smallest
+            while (j < len(decodes) and j - i < DECODE_GROUP_MAX
+                   and (decodes[i].start + 1) * 5 >= (decodes[j].start + 1) * 4):
+                j += 1
+            members = decodes[i:j]
+            max_blocks = max(len(d.block_ids) for d in members)
+            lens = [d.start + 1 for d in members]
+            groups.append(DecodeGroup(
+                query_start=first_token + i,
+                block_tables=torch.tensor([d.block_ids + [0] * (max_blocks - len(d.block_ids)) for d in members],
+                                          dtype=torch.long, device=self.device),
+                context_lens=torch.tensor(lens, device=self.device),
+                max_context=max(lens),
+            ))
+            i = j
+        return groups
 
     # -- KV export / import (disaggregation) --------------------------------------------
     def gather_kv(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
