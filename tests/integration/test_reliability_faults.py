@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 
 import grpc
 import pytest
@@ -186,6 +187,43 @@ async def test_kv_fault_recomputes_locally_and_frees_both_sides(tiny_model, refe
             again = await c.generate(prompt=PROMPT[:30], max_tokens=4)
             assert token_ids(again) == reference(PROMPT[:30], 4)
             assert (decode.num_prefill_fallbacks, decode.num_remote_prefills) == (1, 1)
+        await c.wait_idle()
+    finally:
+        await c.stop()
+
+
+async def test_graceful_stop_leaves_routing_at_once_and_moves_what_outlives_the_grace(tiny_model, reference):
+    c = await start_cluster(tiny_model, num_decode=2)  # health checks every 0.1 s
+    pool = c.scheduler.pool
+    try:
+        call = c.stub.Generate(make_request(prompt=PROMPT, max_tokens=200))
+        first = await read_some(call, 5)
+        victim = await running_on(c)
+        other = next(app for app in c.decodes if app is not victim)
+        step = victim.aengine.engine.step
+
+        def slow_step():  # the rest of the request takes ~2 s: longer than the 1 s grace
+            time.sleep(0.01)
+            return step()
+
+        victim.aengine.engine.step = slow_step
+        stopping = asyncio.ensure_future(victim.stop(1.0))  # what SIGTERM runs
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 0.8
+        while pool.workers[victim.address].healthy:  # NOT_SERVING seen by the next health check
+            assert loop.time() < deadline
+            await asyncio.sleep(0.01)
+        assert not stopping.done()
+        # meanwhile new requests go to the other worker
+        assert token_ids(await c.generate(prompt=PROMPT[:20], max_tokens=3)) == reference(PROMPT[:20], 3)
+        assert other.worker.num_local_prefills + other.worker.num_remote_prefills == 1
+        rest = []
+        while (resp := await call.read()) is not grpc.aio.EOF:
+            rest.append(resp)
+        assert first + token_ids(rest) == reference(PROMPT, 200)
+        assert c.scheduler.frontend.relay.num_migrations == 1  # it moved when the grace ran out
+        await stopping
+        c.decodes.remove(victim)
         await c.wait_idle()
     finally:
         await c.stop()
