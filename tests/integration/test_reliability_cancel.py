@@ -1,6 +1,7 @@
 """A client that cancels, disconnects or runs out of time at any phase of its request (queued
-in the scheduler, prefilling, moving KV, decoding, speculating) frees all work and every KV
-block on every worker: the block counts return to where they started. And the client's
+in the scheduler, prefilling, moving KV, decoding, speculating with the n-gram proposer or the
+draft service) frees all work and every KV block on every worker, the draft's included: the
+block counts return to where they started. And the client's
 deadline bounds every call downstream."""
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import grpc
 import pytest
 
 from services.decode.servicer import DecodeServicer
+from services.draft.app import DraftApp
 from services.prefill.servicer import PrefillServicer
+from shared.config import DraftConfig, from_env
 from shared.engine.spec import NgramProposer
 from shared.pb.tandem.v1 import generate_pb2_grpc
 
@@ -52,7 +55,11 @@ class Phase:
                 return export_kv(request_id)
 
             engine.export_kv = held_export
-        elif name in ("decode", "speculation"):  # slow steps: the request is still decoding when hit
+        elif name in (
+            "decode",
+            "speculation",
+            "draft speculation",
+        ):  # slow steps: the request is still decoding when hit
             engine = cluster.decodes[0].aengine.engine
             step = engine.step
 
@@ -65,7 +72,7 @@ class Phase:
 
     async def start(self, stub, **call_kwargs):
         """Start the request under test (after whatever must run first); returns its call."""
-        prompt = REPETITIVE if self.name == "speculation" else PROMPT
+        prompt = REPETITIVE if self.name.endswith("speculation") else PROMPT
         if self.name == "queued":  # the one running slot is taken
             self.blocker = self.c.stub.Generate(make_request(prompt=PROMPT, max_tokens=400))
             await self.blocker.read()
@@ -81,7 +88,7 @@ class Phase:
             await self.here.wait()
         else:
             assert len(token_ids([await call.read(), await call.read()])) >= 2
-            if self.name == "speculation":
+            if self.name.endswith("speculation"):
                 aengine = self.c.decodes[0].aengine
                 while not await aengine.call(
                     lambda eng: any(r.num_spec_proposed for r in eng.requests.values())
@@ -101,7 +108,7 @@ def _wait_threadsafe(event: asyncio.Event, timeout_s: float = 10.0) -> None:
         time.sleep(0.005)
 
 
-PHASES = ["queued", "prefill", "kv transfer", "decode", "speculation"]
+PHASES = ["queued", "prefill", "kv transfer", "decode", "speculation", "draft speculation"]
 
 
 async def assert_all_freed(c) -> None:
@@ -118,7 +125,22 @@ async def assert_all_freed(c) -> None:
 @pytest.mark.parametrize("how", ["cancel", "disconnect", "deadline"])
 @pytest.mark.parametrize("phase", PHASES)
 async def test_client_gone_at_any_phase_frees_everything(tiny_model, phase, how):
-    c = await start_cluster(tiny_model, scheduler_overrides={"max_inflight_per_decode": 1})
+    draft, decode = None, {}
+    if phase == "draft speculation":  # the draft service: the target model drafting for itself
+        draft = DraftApp(
+            from_env(
+                DraftConfig,
+                env={},
+                overrides=dict(
+                    model=str(tiny_model), host="127.0.0.1", port=0, num_blocks=64, grace_period_s=0.2
+                ),
+            )
+        )
+        await draft.start()
+        decode = dict(draft_addr=draft.address, draft_timeout_s=30.0)
+    c = await start_cluster(
+        tiny_model, decode_overrides=decode, scheduler_overrides={"max_inflight_per_decode": 1}
+    )
     held = Phase(c, phase)
     try:
         channel = grpc.aio.insecure_channel(c.scheduler.address)  # this client's own connection
@@ -138,11 +160,26 @@ async def test_client_gone_at_any_phase_frees_everything(tiny_model, phase, how)
                 await channel.close()
         await held.release()
         await assert_all_freed(c)
+        if draft is not None:  # the draft's copy of the sequence (its KV) is gone too
+            await until_idle(c, draft)
         # the workers serve the next request normally
         assert len(token_ids(await c.generate(prompt=PROMPT, max_tokens=3))) == 3
     finally:
         await held.release()
         await c.stop()
+        if draft is not None:
+            await draft.stop(0.2)
+
+
+async def until_idle(c, app, timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        load = await c.load(app)
+        if load.num_running == 0 and load.num_free_blocks == load.num_total_blocks:
+            return
+        assert loop.time() < deadline, f"not idle: {load}"
+        await asyncio.sleep(0.02)
 
 
 async def test_the_deadline_bounds_every_downstream_call(tiny_model, monkeypatch):
