@@ -110,7 +110,7 @@ class LLMEngine:
         if total > self.max_model_len:
             raise InvalidRequest("max_tokens", f"prompt ({len(prompt_token_ids)} tokens) + max_tokens "
                                  f"({params.max_tokens}) = {total} exceeds the model length {self.max_model_len}")
-        if not self.kv.can_fit(total) and self.kv.pool.num_blocks * self.block_size < total:
+        if self.kv.pool.num_blocks * self.block_size < total:
             raise InvalidRequest("max_tokens", f"{total} tokens exceed the whole KV cache "
                                  f"({self.kv.pool.num_blocks * self.block_size} tokens)")
 
@@ -314,7 +314,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequest("request_id", f"{request_id!r} is already running")
         req = Request(request_id, [], SamplingParams(), next(self._arrival), status=Status.RESERVED)
-        if not self.kv.can_fit(num_tokens) or not self.kv.allocate_slots(req, num_tokens):
+        if not self.kv.allocate_slots(req, num_tokens):
             return False
         self.requests[request_id] = req
         return True

@@ -59,9 +59,6 @@ class KVCacheManager:
         self.tables[req.request_id] = table
         return True
 
-    def can_fit(self, num_tokens: int) -> bool:
-        return -(-num_tokens // self.block_size) <= self.pool.num_free
-
     def cache_full_blocks(self, req: Request) -> None:
         """Register the request's computed full blocks in the prefix cache."""
         table = self.tables.get(req.request_id)
