@@ -28,12 +28,12 @@ def greedy(ckpt):
     return run
 
 
-def draft_engine(ckpt, **kw) -> DraftEngine:
+def draft_engine(ckpt, clock=None, **kw) -> DraftEngine:
     cfg = dict(
         model=str(ckpt), num_blocks=32, block_size=8, enable_prefix_caching=False, max_num_batched_tokens=16
     )
     cfg.update(kw)
-    return DraftEngine(EngineConfig(**cfg))
+    return DraftEngine(EngineConfig(**cfg)) if clock is None else DraftEngine(EngineConfig(**cfg), clock)
 
 
 def test_rollback_and_extend_match_fresh_greedy(ckpt, greedy):
@@ -71,8 +71,7 @@ def test_batch_of_mixed_sequences_and_unknown(ckpt, greedy):
 
 def test_idle_sequences_are_freed_and_evicted_for_room(ckpt):
     now = [0.0]
-    eng = draft_engine(ckpt, num_blocks=8)
-    eng._clock = lambda: now[0]
+    eng = draft_engine(ckpt, clock=lambda: now[0], num_blocks=8)
     eng.propose([DraftAsk("old", 0, [1, *range(10, 40)], 2)])  # 4 of 8 blocks
     now[0] = 5.0
     eng.propose([DraftAsk("new", 0, [1, *range(60, 100)], 2)])  # needs 6: "old" is evicted
