@@ -55,7 +55,7 @@ def engine_verdict(s, t) -> str | None:
     return None
 
 
-@settings(max_examples=400, deadline=None, database=None)
+@settings(max_examples=250, deadline=None, database=None)
 @given(parameters())
 def test_scheduler_refuses_exactly_what_the_engine_refuses(params):
     s, t = params
