@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import grpc
 import torch
+from opentelemetry.trace import Link, SpanKind
 
 from services.common.server import CHANNEL_OPTIONS
 from shared.config import WorkerConfig
@@ -31,6 +32,7 @@ from shared.engine.params import RequestOutput, SamplingParams
 from shared.engine.spec import NgramProposer, Proposal, ProposalRequest, Proposer
 from shared.pb.tandem.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from shared.telemetry import Telemetry, annotate, inject_context
+from shared.telemetry.attributes import REQUEST_ID, RPC_GRPC_STATUS_CODE
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,7 @@ class DraftProposer:
         self._stub = draft_pb2_grpc.DraftStub(self._channel)
         # request id -> (the draft's copy of its tokens, how many of them were the sequence's)
         self._copies: dict[str, tuple[list[int], int]] = {}
+        self._sent: set[str] = set()  # sequences any call carried (the draft may hold them)
         self._released: list[str] = []  # ended sequences the draft has not been told of
         self._retry_at = 0.0
         self._failing = False
@@ -102,9 +105,11 @@ class DraftProposer:
             return {}
 
     def release(self, request_id: str) -> None:
-        if self._copies.pop(request_id, None) is not None:
+        self._copies.pop(request_id, None)
+        if request_id in self._sent:
+            self._sent.discard(request_id)
             self._released.append(request_id)
-        if not self._copies and self._released and self._clock() >= self._retry_at:
+        if not self._sent and self._released and self._clock() >= self._retry_at:
             # nothing left to speculate on: no next call would carry the releases
             try:
                 self._stub.Release(
@@ -130,8 +135,16 @@ class DraftProposer:
             client_id=self.client_id, sequences=entries, released_ids=self._released
         )
         ids = [r.request_id for r in batch]
+        self._sent.update(ids)
+        # One call serves every speculating request: its span is a child of the oldest one's
+        # (the batch is in arrival order) and links to each request's span.
+        spans = [(rid, self._telemetry.request_spans.get(rid)) for rid in ids[:MAX_LOGGED_IDS]]
+        spans = [(rid, sc) for rid, sc in spans if sc is not None]
         with self._telemetry.span(
             "draft propose",
+            kind=SpanKind.CLIENT,
+            parent=spans[0][1] if spans else None,
+            links=[Link(sc, {REQUEST_ID: rid}) for rid, sc in spans],
             draft=self.address,
             sequences=len(batch),
             request_ids=",".join(ids[:MAX_LOGGED_IDS]),
@@ -139,7 +152,12 @@ class DraftProposer:
             spec_accepted=accepted,
         ) as sp:
             self.num_calls += 1
-            response = self._stub.Propose(request, timeout=self._timeout_s, metadata=inject_context())
+            try:
+                response = self._stub.Propose(request, timeout=self._timeout_s, metadata=inject_context())
+            except grpc.RpcError as e:
+                sp.set_attribute(RPC_GRPC_STATUS_CODE, e.code().value[0])
+                raise
+            sp.set_attribute(RPC_GRPC_STATUS_CODE, grpc.StatusCode.OK.value[0])
             self._released = []
             if self._failing:
                 log.info("draft service %s answers again: speculating", self.address)
