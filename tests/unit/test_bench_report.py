@@ -98,6 +98,14 @@ def test_markdown_names_machine_command_and_skips():
     assert "not exposed by the services" in md  # every service figure is null here
 
 
+def test_a_busy_host_is_flagged():
+    quiet, busy = result(RUN), result(RUN)
+    quiet["machine"].update(cores=2, loadavg_1m_before=0.3, loadavg_1m_after=2.1)
+    busy["machine"].update(cores=2, loadavg_1m_before=6.5, loadavg_1m_after=8.0)
+    assert "busy" not in report.markdown(quiet)
+    assert "**the host was busy**: 1-minute load average 6.5 on 2 cores" in report.markdown(busy)
+
+
 def test_plots_are_written(tmp_path):
     written = plots.write_all(result(RUN), tmp_path)
     assert {p.rsplit("/", 1)[1] for p in written} == {

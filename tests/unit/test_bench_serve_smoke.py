@@ -59,6 +59,7 @@ def test_json_has_every_field(run):
     result, _, _ = run
     assert TOP_LEVEL <= set(result)
     assert result["machine"]["label"] and result["machine"]["cores"] >= 1
+    assert {"loadavg_1m_before", "loadavg_1m_after", "cpu", "torch", "device"} <= set(result["machine"])
     assert result["command"].startswith("python -m tools.bench serve ")
     assert set(result["systems"]) == {"agg", "disagg", "agg-spec", "engine", "hf_static", "hf_one"}
     expected = set(metric_keys()) | set(SERVICE_FIGURE_KEYS) | {"errors"}

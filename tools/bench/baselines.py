@@ -95,25 +95,34 @@ def _timelines(batch: list[BenchRequest], send: float, step_times: list[float]) 
 
 
 def warm_up(model, requests: list[BenchRequest], device: str) -> None:
-    generate_batch(model, [BenchRequest(requests[0].prompt[:16], 2)], device)
+    """One short padded batch, so first-call costs do not land on a measured run."""
+    prompt = requests[0].prompt
+    generate_batch(model, [BenchRequest(prompt[:16], 2), BenchRequest(prompt[:12], 2)], device)
 
 
-def run_hf_one(model, requests: list[BenchRequest], device: str) -> tuple[list[Timeline], float]:
-    """(timelines, duration) of HF generate one request at a time."""
+def run_hf_one(
+    model, requests: list[BenchRequest], device: str, time_limit_s: float | None = None
+) -> tuple[list[Timeline], float]:
+    """(timelines, duration) of HF generate one request at a time; none starts after the time limit."""
     start = clock()
     timelines = []
     for r in requests:
+        if time_limit_s is not None and clock() - start >= time_limit_s:
+            break
         timelines += _timelines([r], start, generate_batch(model, [r], device))
     return timelines, clock() - start
 
 
 def run_hf_static(
-    model, requests: list[BenchRequest], batch_size: int, device: str
+    model, requests: list[BenchRequest], batch_size: int, device: str, time_limit_s: float | None = None
 ) -> tuple[list[Timeline], float]:
-    """(timelines, duration) of HF generate on static batches of `batch_size`, in order."""
+    """(timelines, duration) of HF generate on static batches of `batch_size`, in order; no batch
+    starts after the time limit (a batch under way runs to its end)."""
     start = clock()
     timelines = []
     for i in range(0, len(requests), batch_size):
+        if time_limit_s is not None and clock() - start >= time_limit_s:
+            break
         batch = requests[i : i + batch_size]
         timelines += _timelines(batch, start, generate_batch(model, batch, device))
     return timelines, clock() - start

@@ -178,6 +178,17 @@ def _system_rows(result: dict, scenario: str) -> list[str]:
     return lines
 
 
+def _load_warning(machine: dict) -> list[str]:
+    """A line when the host was busy before the run started (someone else's work on its cores)."""
+    load, cores = machine.get("loadavg_1m_before"), machine.get("cores")
+    if load is None or not cores or load <= 0.5 * cores:
+        return []
+    return [
+        f"- **the host was busy**: 1-minute load average {load:g} on {cores} cores before the run "
+        f"({machine.get('loadavg_1m_after')} after); these figures are contended"
+    ]
+
+
 def markdown(result: dict) -> str:
     s = result["settings"]
     out = [
@@ -189,6 +200,7 @@ def markdown(result: dict) -> str:
         f"- every figure is the median of {s['repeats']} runs; ratios come from this run only",
         f"- goodput SLOs: TTFT <= {s['slo_ttft_ms']:g} ms, TPOT <= {s['slo_tpot_ms']:g} ms",
         f"- command: `{result['command']}`",
+        *_load_warning(result["machine"]),
         "",
         "## Ratios",
         "",

@@ -141,10 +141,12 @@ class Runner:
                 reqs = self.requests(scenario, repeat)
                 if name == "hf_one":
                     timelines, duration = baselines.run_hf_one(
-                        model, reqs[: args.hf_one_requests], args.device
+                        model, reqs[: args.hf_one_requests], args.device, args.time_limit
                     )
                 else:
-                    timelines, duration = baselines.run_hf_static(model, reqs, args.static_batch, args.device)
+                    timelines, duration = baselines.run_hf_static(
+                        model, reqs, args.static_batch, args.device, args.time_limit
+                    )
                 runs.append(self.figures(timelines, duration))
                 progress(name, scenario, repeat, runs[-1])
             out["results"][scenario] = {"median": median_of_runs(runs), "runs": runs}

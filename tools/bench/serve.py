@@ -231,6 +231,7 @@ def run(args) -> int:
         max_batched_tokens=args.max_batched_tokens,
     )
     runner = Runner(args, shape)
+    load_before = _loadavg()
     t0, started = time.monotonic(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     systems: dict[str, dict] = {}
     notes: list[str] = []
@@ -312,7 +313,7 @@ def run(args) -> int:
         "schema": "tandem.bench.serve/1",
         "command": command,
         "started_at": started,
-        "machine": machine_info(args),
+        "machine": machine_info(args) | {"loadavg_1m_before": load_before, "loadavg_1m_after": _loadavg()},
         "model": {"path": str(model), "vocab_size": shape.vocab_size, "max_model_len": shape.max_model_len},
         "settings": settings,
         "engine": dataclasses.asdict(engine),
@@ -339,6 +340,14 @@ def run(args) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _loadavg() -> float | None:
+    """1-minute load average of the host: other work there makes every figure slower."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _vocab_size(model: Path, cfg: dict) -> int:
