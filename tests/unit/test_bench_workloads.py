@@ -105,3 +105,38 @@ def test_bad_arrivals_are_refused():
 def test_describe():
     d = describe(make_workload("fixed", 3, SPEC, SHAPE, 0))
     assert d["num_requests"] == 3 and d["input_len"]["max"] == SPEC.fixed_input
+
+
+def test_code_windows_are_held_out_source_of_the_requested_length(tmp_path):
+    from tokenizers import Tokenizer
+
+    from tests.helpers.tokenizers import make_tokenizer_dir
+    from tools.bench.workloads import heldout_sources
+
+    make_tokenizer_dir(tmp_path)
+    shape = ModelShape(
+        vocab_size=400, max_model_len=512, bos_token_id=1, tokenizer_path=str(tmp_path / "tokenizer.json")
+    )
+    spec = WorkloadSpec(code_input=48, code_output=16)
+    reqs = make_workload("code", 5, spec, shape, seed=0)
+    assert [len(r.prompt) for r in reqs] == [48] * 5 and {r.output_len for r in reqs} == {16}
+    assert all(r.prompt[0] == 1 for r in reqs)
+    assert reqs == make_workload("code", 5, spec, shape, seed=0)
+    assert reqs != make_workload("code", 5, spec, shape, seed=1)
+    text = Tokenizer.from_file(shape.tokenizer_path).decode(reqs[0].prompt[1:])
+    sources = heldout_sources()
+    assert any(text[:30] in p.read_text(encoding="utf-8", errors="replace") for p in sources)
+    with pytest.raises(ValueError):
+        make_workload("code", 1, spec, ModelShape(400, 512, 1), seed=0)  # no tokenizer
+
+
+def test_held_out_split_is_the_demo_models():
+    import sysconfig
+    from pathlib import Path
+
+    from tools.bench.workloads import heldout_sources
+
+    train_demo = pytest.importorskip("tools.train_demo")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    sources = heldout_sources()
+    assert sources and all(train_demo.is_heldout(p.relative_to(root).as_posix()) for p in sources)

@@ -43,7 +43,8 @@ def _row(name, num_ref, den_ref, num, den, goal=None, note="", invert=False) -> 
 
 
 def ratios(result: dict) -> list[dict]:
-    """The figures to beat (DESIGN.md), from this run's medians; value None when a side did not run."""
+    """The figures to beat (DESIGN.md), from this run's medians. A ratio with a goal is always listed
+    (value None when a side did not run); one without a goal only when both sides ran."""
     gpu = str(result["machine"].get("device", "cpu")).startswith("cuda")
     rows = []
     tandem = [s for s in ("agg", "disagg") if _ran(result, s)]
@@ -105,23 +106,23 @@ def ratios(result: dict) -> list[dict]:
                         5.0 if stat == "median" else None,
                     )
                 )
-    for system in ("agg", "disagg"):
-        spec = f"{system}-spec"
-        if spec not in result["systems"]:
+    for spec, entry in result["systems"].items():
+        base, _, kind = spec.rpartition("-")
+        if kind not in ("spec", "ngram"):
             continue
-        skipped = result["systems"][spec].get("skipped")
+        proposer = "the draft" if kind == "spec" else "n-gram lookup"
         rows.append(
             _row(
-                f"TPOT median at concurrency 1: without / with the draft ({system})",
-                f"{system}.c1.median_tpot_ms",
+                f"TPOT median at concurrency 1: without / with {proposer} ({base})",
+                f"{base}.c1.median_tpot_ms",
                 f"{spec}.c1.median_tpot_ms",
-                _median(result, system, "c1", "median_tpot_ms"),
+                _median(result, base, "c1", "median_tpot_ms"),
                 _median(result, spec, "c1", "median_tpot_ms"),
-                1.3,
-                note=skipped or "",
+                1.3 if kind == "spec" else None,
+                note=entry.get("skipped") or "",
             )
         )
-    return rows
+    return [r for r in rows if r["value"] is not None or r["goal"] is not None or r["note"]]
 
 
 def _fmt(value, digits: int = 1) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import sys
+import time
 import zlib
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ from .metrics import compute_metrics, median_of_runs
 from .scrape import SERVICE_FIGURE_KEYS, scrape_all, service_figures
 from .workloads import BenchRequest, ModelShape, WorkloadSpec, arrival_offsets, make_workload, permute_tokens
 
+SCRAPE_SETTLE_S = 0.5
 # (factory of a backend, whether to close it after each run)
 BackendFactory = tuple[Callable[[], object], bool]
 
@@ -35,11 +37,20 @@ class Runner:
             mixed_output_median=args.mixed_output_median,
             prefix_len=args.prefix_len,
             prefix_output=args.prefix_output,
+            code_input=args.code_input,
+            code_output=args.code_output,
         )
+        self.spec = spec
         n, seed = args.num_requests, args.seed
         self.workloads = {name: make_workload(name, n, spec, shape, seed) for name in ("fixed", "mixed")}
         self.workloads["prefix"] = make_workload("prefix", args.num_prefix_requests, spec, shape, seed)
-        self.workloads["c1"] = self.workloads["fixed"][: args.c1_requests]
+        # c1 (speculation): natural text when the tokenizer and the held-out sources are there
+        self.c1_workload = "code"
+        try:
+            self.workloads["c1"] = make_workload("code", args.c1_requests, spec, shape, seed)
+        except ValueError:
+            self.c1_workload = "fixed"
+            self.workloads["c1"] = self.workloads["fixed"][: args.c1_requests]
         self.workloads["sweep"] = self.workloads["mixed"][: args.sweep_requests]
         rate, burst, cap = args.request_rate, args.burstiness, args.max_concurrency
         self.scenarios = {
@@ -51,13 +62,16 @@ class Runner:
                 burstiness=1.0,
                 max_concurrency=args.prefix_concurrency,
             ),
-            "c1": dict(workload="fixed", request_rate=math.inf, burstiness=1.0, max_concurrency=1),
+            "c1": dict(workload=self.c1_workload, request_rate=math.inf, burstiness=1.0, max_concurrency=1),
             "sweep": dict(workload="mixed", request_rate=None, burstiness=burst, max_concurrency=None),
         }
 
     def requests(self, scenario: str, repeat: int, rate_index: int = 0) -> list[BenchRequest]:
-        """The scenario's requests with tokens drawn afresh for (scenario, repeat, rate)."""
+        """The scenario's requests with tokens drawn afresh for (scenario, repeat, rate): other source
+        windows for natural text, a permutation of the token ids (same lengths) for the rest."""
         salt = zlib.crc32(f"{scenario}/{repeat}/{rate_index}".encode())
+        if scenario == "c1" and self.c1_workload == "code":
+            return make_workload("code", self.args.c1_requests, self.spec, self.shape, self.args.seed + salt)
         return permute_tokens(self.workloads[scenario], self.shape, self.args.seed + salt)
 
     def warm_up(self, backend: BackendFactory) -> None:
@@ -88,6 +102,7 @@ class Runner:
         )
         figures = self.figures(timelines, duration)
         if scrape_urls:
+            time.sleep(SCRAPE_SETTLE_S)  # let the services' last updates of this run land
             figures.update(service_figures(before, scrape_all(scrape_urls)))
         return figures
 

@@ -10,7 +10,8 @@ process) run the same workloads on the same model in the same run. Scenarios:
 
     fixed, mixed  all requests at once (saturation), or --request-rate/--burstiness/--max-concurrency
     prefix        one shared system prompt, at --prefix-concurrency (default 1: TTFT without queueing)
-    c1            fixed lengths at concurrency 1: TPOT with and without the draft (only with speculation)
+    c1            held-out Python source at concurrency 1: TPOT with and without speculation (run only
+                  when a speculation configuration can run, by it and by its plain twin)
     sweep         the mixed workload at Poisson rates up to saturation: latency-throughput curves
 
 Every figure is the median over --repeats runs. Output in --out-dir: serve.json (every run),
@@ -35,7 +36,7 @@ from pathlib import Path
 from . import plots, report
 from .loadgen import EngineBackend, GrpcBackend
 from .runner import Runner
-from .topology import CONFIGURATIONS, EngineSettings, Services, unavailable_reason
+from .topology import CONFIGURATIONS, EngineSettings, Services, draft_model_dir, unavailable_reason
 from .workloads import ModelShape, describe
 
 BASELINES = ("engine", "hf_static", "hf_one")
@@ -100,6 +101,8 @@ def add_parser(sub) -> None:
         ("fixed-output", 128),
         ("prefix-len", 768),
         ("prefix-output", 32),
+        ("code-input", 128),
+        ("code-output", 128),
     ):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--mixed-input-median", type=float, default=128)
@@ -220,8 +223,12 @@ def run(args) -> int:
 
     torch.set_num_threads(args.threads or _cores())
     cfg = json.loads((model / "config.json").read_text())
+    tokenizer = model / "tokenizer.json"
     shape = ModelShape(
-        _vocab_size(model, cfg), cfg.get("max_position_embeddings", 2048), cfg.get("bos_token_id")
+        _vocab_size(model, cfg),
+        cfg.get("max_position_embeddings", 2048),
+        cfg.get("bos_token_id"),
+        str(tokenizer) if tokenizer.is_file() else None,
     )
     engine = EngineSettings(
         dtype=args.dtype,
@@ -314,7 +321,12 @@ def run(args) -> int:
         "command": command,
         "started_at": started,
         "machine": machine_info(args) | {"loadavg_1m_before": load_before, "loadavg_1m_after": _loadavg()},
-        "model": {"path": str(model), "vocab_size": shape.vocab_size, "max_model_len": shape.max_model_len},
+        "model": {
+            "path": str(model),
+            "vocab_size": shape.vocab_size,
+            "max_model_len": shape.max_model_len,
+            "draft": str(draft_model_dir(str(model))) if spec_pairs else None,
+        },
         "settings": settings,
         "engine": dataclasses.asdict(engine),
         "workloads": {k: describe(v) for k, v in runner.workloads.items()},

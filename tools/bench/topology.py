@@ -3,8 +3,9 @@
 Process management is `tools/run_local.py`'s (start, wait until SERVING, stop); this module
 only decides what to start: free loopback ports, and the environment of each service for a
 configuration (aggregated = the decode worker prefills; disaggregated = one prefill worker and
-one decode worker; prefix caching on or off; speculation with the draft service, when there is
-one). Every service also serves Prometheus `/metrics` on a port of its own.
+one decode worker; prefix caching on or off; speculation with the draft service or the n-gram
+proposer, when the workers have them). Every service also serves Prometheus `/metrics` on a port
+of its own.
 """
 
 from __future__ import annotations
@@ -17,19 +18,21 @@ from pathlib import Path
 
 from tools import run_local
 
+SPECULATION = {"": "off", "draft": "on, draft model service", "ngram": "on, n-gram prompt lookup"}
+
 
 @dataclass(frozen=True)
 class Configuration:
     name: str
     disaggregated: bool = False
     prefix_caching: bool = True
-    speculation: bool = False
+    speculation: str = ""  # "" (off), "draft" (the draft service) or "ngram" (no model)
 
     def describe(self) -> str:
         return (
             f"{'1 prefill + 1 decode worker' if self.disaggregated else 'decode worker prefills'}, "
             f"prefix caching {'on' if self.prefix_caching else 'off'}, "
-            f"speculation {'on' if self.speculation else 'off'}"
+            f"speculation {SPECULATION[self.speculation]}"
         )
 
 
@@ -40,8 +43,9 @@ CONFIGURATIONS = {
         Configuration("disagg", disaggregated=True),
         Configuration("agg-nocache", prefix_caching=False),
         Configuration("disagg-nocache", disaggregated=True, prefix_caching=False),
-        Configuration("agg-spec", speculation=True),
-        Configuration("disagg-spec", disaggregated=True, speculation=True),
+        Configuration("agg-spec", speculation="draft"),
+        Configuration("disagg-spec", disaggregated=True, speculation="draft"),
+        Configuration("agg-ngram", speculation="ngram"),
     )
 }
 
@@ -103,25 +107,24 @@ def draft_model_dir(model: str) -> Path:
     return Path(model).resolve().parent / "draft"
 
 
-def _draft_addr_env() -> str | None:
-    """The worker setting that names the draft service's address, once the workers have one."""
+def _worker_setting(env_name: str):
+    """The worker config field read from `env_name`, or None while the workers have no such setting."""
     from shared.config import WorkerConfig
 
-    for f in fields(WorkerConfig):
-        env = f.metadata.get("env", "")
-        if "DRAFT" in env and "ADDR" in env:
-            return env
-    return None
+    return next((f for f in fields(WorkerConfig) if f.metadata.get("env") == env_name), None)
 
 
 def unavailable_reason(config: Configuration, model: str) -> str | None:
     """Why `config` cannot run here (None: it can)."""
     if not config.speculation:
         return None
-    if importlib.util.find_spec("services.draft") is None:
-        return "speculation skipped: the draft service (services/draft) does not exist yet"
-    if _draft_addr_env() is None:
-        return "speculation skipped: the workers have no TANDEM_*DRAFT*ADDR* setting yet"
+    proposer = _worker_setting("TANDEM_SPEC_PROPOSER")
+    if proposer is None or config.speculation not in (proposer.metadata.get("choices") or ()):
+        return f"speculation skipped: the decode worker has no {config.speculation} proposer yet"
+    if config.speculation == "ngram":
+        return None
+    if importlib.util.find_spec("services.draft") is None or _worker_setting("TANDEM_DRAFT_ADDR") is None:
+        return "speculation skipped: the draft service (services/draft, TANDEM_DRAFT_ADDR) is not there yet"
     if not (draft_model_dir(model) / "config.json").is_file():
         return f"speculation skipped: no draft model at {draft_model_dir(model)}"
     return None
@@ -156,11 +159,11 @@ class Services:
     def address(self) -> str:
         return self.addrs["scheduler"]
 
-    def _plan(self) -> dict[str, tuple[str, dict[str, str]]]:
+    def plan(self) -> dict[str, tuple[str, dict[str, str]]]:
         names = ["scheduler", "decode"]
         if self.config.disaggregated:
             names.append("prefill")
-        if self.config.speculation:
+        if self.config.speculation == "draft":
             names.append("draft")
         ports = free_ports(2 * len(names))
         for i, name in enumerate(names):
@@ -191,11 +194,12 @@ class Services:
             "TANDEM_KV_TRANSPORT": "grpc",
         }
         plan: dict[str, tuple[str, dict[str, str]]] = {}
-        if self.config.speculation:
+        decode = {**base("decode"), **worker, "TANDEM_SPEC_PROPOSER": self.config.speculation or "none"}
+        if self.config.speculation == "draft":
             draft_env = {**base("draft"), **worker, "TANDEM_MODEL": str(draft_model_dir(self.model))}
             plan["draft"] = ("services.draft", draft_env)
-            worker[_draft_addr_env()] = self.addrs["draft"]
-        plan["decode"] = ("services.decode", {**base("decode"), **worker})
+            decode["TANDEM_DRAFT_ADDR"] = self.addrs["draft"]
+        plan["decode"] = ("services.decode", decode)
         if self.config.disaggregated:
             plan["prefill"] = ("services.prefill", {**base("prefill"), **worker})
         plan["scheduler"] = (
@@ -211,7 +215,7 @@ class Services:
 
     def __enter__(self) -> Services:
         try:
-            for name, (module, env) in self._plan().items():
+            for name, (module, env) in self.plan().items():
                 self.procs[name] = run_local.start(name, module, env)
             run_local.wait_healthy(self.procs, {n: self.addrs[n] for n in self.procs}, self.startup_timeout_s)
             self._wait_routable(deadline=time.monotonic() + self.startup_timeout_s)

@@ -11,6 +11,9 @@ lengths are the workload's, not the model's whim.
           to [lo, hi] and to the model length.
 - prefix: one long system prompt shared by every request, then a short distinct question;
           short outputs. What a prefix cache is for.
+- code:   natural text: windows of Python source from the standard library files the demo
+          model held out of training (tools/train_demo.py's split), tokenized by the model's
+          tokenizer. Speculation needs a continuation a draft can guess, which random ids are not.
 
 Arrivals (`arrival_offsets`): all at once (rate inf), Poisson (burstiness 1), or gamma
 inter-arrival times with shape = burstiness and mean 1/rate (as `vllm bench serve`: < 1 is
@@ -19,12 +22,15 @@ burstier, > 1 smoother). Knows nothing of gRPC or engines.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import sysconfig
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-WORKLOADS = ("fixed", "mixed", "prefix")
+WORKLOADS = ("fixed", "mixed", "prefix", "code")
 FIRST_ORDINARY_ID = 3
 
 
@@ -39,6 +45,7 @@ class ModelShape:
     vocab_size: int
     max_model_len: int
     bos_token_id: int | None
+    tokenizer_path: str | None = None  # tokenizer.json, for the code workload
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,8 @@ class WorkloadSpec:
     prefix_len: int = 768
     question_range: tuple[int, int] = (16, 48)
     prefix_output: int = 32
+    code_input: int = 128
+    code_output: int = 128
 
 
 def _tokens(rng: np.random.Generator, n: int, shape: ModelShape) -> list[int]:
@@ -108,10 +117,52 @@ def prefix(n: int, spec: WorkloadSpec, shape: ModelShape, seed: int) -> list[Ben
     ]
 
 
+def heldout_sources(root: Path | None = None) -> list[Path]:
+    """The stdlib .py files the demo model did not train on, sorted (its split: about 1 in 20 by path)."""
+    root = Path(sysconfig.get_paths()["stdlib"]) if root is None else root
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("site-packages/") or "__pycache__" in rel:
+            continue
+        if hashlib.sha256(rel.encode()).digest()[0] < 13:  # tools/train_demo.py: is_heldout
+            out.append(path)
+    return out
+
+
+def code(n: int, spec: WorkloadSpec, shape: ModelShape, seed: int) -> list[BenchRequest]:
+    """Windows of held-out Python source starting at a line, `code_input` tokens each."""
+    if not shape.tokenizer_path:
+        raise ValueError("the code workload needs the model's tokenizer.json")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(shape.tokenizer_path)
+    out_len = min(spec.code_output, shape.max_model_len // 2)
+    in_len = min(spec.code_input, shape.max_model_len - out_len) - (shape.bos_token_id is not None)
+    rng = np.random.default_rng(seed)
+    files = heldout_sources()
+    requests = []
+    for _ in range(50 * n):
+        if len(requests) == n:
+            break
+        try:
+            lines = files[int(rng.integers(len(files)))].read_text(encoding="utf-8").splitlines(keepends=True)
+        except (OSError, UnicodeDecodeError):
+            continue
+        start = int(rng.integers(max(1, len(lines) - 20)))
+        ids = tok.encode("".join(lines[start:]), add_special_tokens=False).ids
+        if len(ids) >= in_len:
+            ids = [min(i, shape.vocab_size - 1) for i in ids[:in_len]]
+            requests.append(BenchRequest(_with_bos(ids, shape), out_len))
+    if len(requests) < n:
+        raise ValueError(f"found {len(requests)} source windows of {in_len} tokens, wanted {n}")
+    return requests
+
+
 def make_workload(name: str, n: int, spec: WorkloadSpec, shape: ModelShape, seed: int) -> list[BenchRequest]:
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; expected one of {', '.join(WORKLOADS)}")
-    return {"fixed": fixed, "mixed": mixed, "prefix": prefix}[name](n, spec, shape, seed)
+    return {"fixed": fixed, "mixed": mixed, "prefix": prefix, "code": code}[name](n, spec, shape, seed)
 
 
 def describe(requests: list[BenchRequest]) -> dict:
