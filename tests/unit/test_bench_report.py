@@ -106,8 +106,12 @@ def test_a_busy_host_is_flagged():
     assert "**the host was busy**: 1-minute load average 6.5 on 2 cores" in report.markdown(busy)
 
 
-def test_plots_are_written(tmp_path):
-    written = plots.write_all(result(RUN), tmp_path)
+def test_plots_are_written_and_linked_relative_to_the_markdown(tmp_path):
+    res = result(RUN)
+    written = plots.write_all(res, tmp_path / "out")
+    res["plots"] = written
+    assert "![throughput](throughput.png)" in report.markdown(res, tmp_path / "out")
+    assert "![throughput](out/throughput.png)" in report.markdown(res, tmp_path)
     assert {p.rsplit("/", 1)[1] for p in written} == {
         "latency_throughput.png",
         "throughput.png",

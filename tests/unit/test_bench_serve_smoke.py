@@ -49,6 +49,7 @@ def run(tmp_path_factory):
         "--fixed-input", "24", "--fixed-output", "4", "--mixed-input-median", "16",
         "--mixed-output-median", "4", "--prefix-len", "64", "--prefix-output", "3",
         "--max-num-seqs", "8", "--max-batched-tokens", "128", "--num-blocks", "128", "--time-limit", "60",
+        "--markdown", str(tmp / "docs" / "benchmarks.md"),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -113,6 +114,9 @@ def test_ratios_markdown_and_plots(run):
     md = (out / "serve.md").read_text()
     assert md.strip() in proc.stdout  # printed as written
     assert "![latency_throughput](latency_throughput.png)" in md
+    docs = (out.parent / "docs" / "benchmarks.md").read_text()
+    assert "![latency_throughput](../out/latency_throughput.png)" in docs
+    assert docs.replace("../out/", "") == md
     assert "| ratio | value | goal | met |" in md
     for plot in result["plots"]:
         assert Path(plot).read_bytes()[:4] == b"\x89PNG"

@@ -104,6 +104,7 @@ def _bars(result: dict, path: Path, scenarios: tuple[str, ...], key: str, ylabel
 def write_all(result: dict, out_dir: Path) -> list[str]:
     """Write every plot the run has data for; returns their paths."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     if latency_throughput(result, out_dir / "latency_throughput.png"):
         written.append(str(out_dir / "latency_throughput.png"))

@@ -7,6 +7,7 @@ can be regenerated from serve.json and nothing in it is typed by hand.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 # throughput ratio goals against each HF baseline, (cpu, gpu), from DESIGN.md
@@ -190,7 +191,8 @@ def _load_warning(machine: dict) -> list[str]:
     ]
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict, md_dir: Path | str | None = None) -> str:
+    """The report; plot links are relative to `md_dir` (the directory the Markdown is written to)."""
     s = result["settings"]
     out = [
         "# Tandem serving benchmark",
@@ -261,9 +263,13 @@ def markdown(result: dict) -> str:
     notes += [f"failed requests in {f}" for f in failures]
     if notes:
         out += ["", "## Notes", "", *[f"- {n}" for n in notes]]
-    if result.get("plots"):  # written beside serve.md, so the links are file names
+    if result.get("plots"):
         out += ["", "## Plots", ""]
-        out += [f"![{Path(p).stem}]({Path(p).name})" for p in result["plots"]]
+        for p in result["plots"]:
+            link = (
+                Path(p).name if md_dir is None else os.path.relpath(Path(p).resolve(), Path(md_dir).resolve())
+            )
+            out.append(f"![{Path(p).stem}]({Path(link).as_posix()})")
     return "\n".join(out) + "\n"
 
 

@@ -26,8 +26,6 @@ import dataclasses
 import datetime
 import json
 import math
-import os
-import platform
 import shlex
 import sys
 import time
@@ -35,9 +33,10 @@ from pathlib import Path
 
 from . import plots, report
 from .loadgen import EngineBackend, GrpcBackend
+from .machine import cores, loadavg, machine_info, model_shape
 from .runner import Runner
 from .topology import CONFIGURATIONS, EngineSettings, Services, draft_model_dir, unavailable_reason
-from .workloads import ModelShape, describe
+from .workloads import describe
 
 BASELINES = ("engine", "hf_static", "hf_one")
 DEFAULTS = dict(
@@ -123,41 +122,14 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="bench-results/serve")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--markdown", help="also write the report here (e.g. docs/benchmarks.md), links relative to it"
+    )
     p.set_defaults(func=run, subparser=p)
 
 
 def _csv(text: str | None) -> list[str]:
     return [x.strip() for x in (text or "").split(",") if x.strip()]
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def machine_info(args) -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None
-    label = args.machine or f"{cpu}, {_cores()} cores" + (f", {gpu}" if gpu else "")
-    return {
-        "label": label,
-        "cpu": cpu,
-        "cores": _cores(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": args.device,
-        "gpu": gpu,
-    }
 
 
 def sweep_rates(args, systems: dict, own: dict) -> list[float]:
@@ -205,31 +177,14 @@ def run(args) -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
     model = Path(args.model)
-    if not (model / "config.json").is_file():
-        print(
-            f"error: no model at {model} (config.json missing); `make demo-model` builds the demo one, "
-            "or pass --model DIR",
-            file=sys.stderr,
-        )
-        return 2
-    unknown = [c for c in _csv(args.configs) if c not in CONFIGURATIONS]
-    if unknown:
-        print(
-            f"error: unknown configuration(s) {', '.join(unknown)}; known: {', '.join(CONFIGURATIONS)}",
-            file=sys.stderr,
-        )
+    error = _check_args(args, model)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     import torch
 
-    torch.set_num_threads(args.threads or _cores())
-    cfg = json.loads((model / "config.json").read_text())
-    tokenizer = model / "tokenizer.json"
-    shape = ModelShape(
-        _vocab_size(model, cfg),
-        cfg.get("max_position_embeddings", 2048),
-        cfg.get("bos_token_id"),
-        str(tokenizer) if tokenizer.is_file() else None,
-    )
+    torch.set_num_threads(args.threads or cores())
+    shape = model_shape(model)
     engine = EngineSettings(
         dtype=args.dtype,
         device=args.device,
@@ -238,54 +193,87 @@ def run(args) -> int:
         max_batched_tokens=args.max_batched_tokens,
     )
     runner = Runner(args, shape)
-    load_before = _loadavg()
+    load_before = loadavg()
     t0, started = time.monotonic(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     systems: dict[str, dict] = {}
     notes: list[str] = []
-    configs = [CONFIGURATIONS[c] for c in _csv(args.configs)]
-    spec_pairs = [c for c in configs if c.speculation and unavailable_reason(c, str(model)) is None]
     scenarios = [w for w in _csv(args.workloads) if w in ("fixed", "mixed", "prefix")]
+    configs = [CONFIGURATIONS[c] for c in _csv(args.configs)]
+    speculating = [c for c in configs if c.speculation and unavailable_reason(c, str(model)) is None]
 
     def rates_for(name: str):
         swept = name in _csv(args.sweep_configs) and "mixed" in scenarios
         return lambda own: sweep_rates(args, systems, own) if swept else []
 
     for config in configs:
-        entry = {
-            "kind": "tandem",
-            "description": config.describe(),
-            "skipped": unavailable_reason(config, str(model)),
-        }
-        systems[config.name] = entry
-        if entry["skipped"]:
-            notes.append(f"{config.name}: {entry['skipped']}")
-            continue
-        entry["threads_per_worker"] = args.threads or max(1, _cores() // (2 if config.disaggregated else 1))
-        # c1 compares TPOT with and without the draft: the spec configurations and their plain twins
-        mine = scenarios + (["c1"] if spec_pairs and config.prefix_caching else [])
-        try:
-            with Services(
-                str(model),
-                config,
-                engine,
-                threads=entry["threads_per_worker"],
-                gpu_hour_usd=args.gpu_hour_usd,
-            ) as svc:
-                backend = (lambda addr=svc.address: GrpcBackend(addr), True)
-                entry.update(
-                    runner.run_system(config.name, mine, backend, rates_for(config.name), svc.metrics_urls)
-                )
-        except RuntimeError as e:
-            entry["skipped"] = f"failed to run: {e}"
-            notes.append(f"{config.name}: {entry['skipped']}")
+        # c1 compares TPOT with and without speculation: the speculating configurations and their twins
+        mine = scenarios + (["c1"] if speculating and config.prefix_caching else [])
+        systems[config.name] = run_tandem(args, runner, model, config, engine, mine, rates_for(config.name))
+        if systems[config.name]["skipped"]:
+            notes.append(f"{config.name}: {systems[config.name]['skipped']}")
+    systems.update(run_baselines(args, runner, model, engine, scenarios, rates_for))
 
-    wanted = _csv(args.baselines)
+    result = {
+        "schema": "tandem.bench.serve/1",
+        "command": command,
+        "started_at": started,
+        "machine": machine_info(args.device, args.machine)
+        | {"loadavg_1m_before": load_before, "loadavg_1m_after": loadavg()},
+        "model": {
+            "path": str(model),
+            "vocab_size": shape.vocab_size,
+            "max_model_len": shape.max_model_len,
+            "draft": str(draft_model_dir(str(model))) if speculating else None,
+        },
+        "settings": {k: v for k, v in vars(args).items() if k not in ("func", "subparser")}
+        | {"request_rate": _rate_label(args.request_rate)},
+        "engine": dataclasses.asdict(engine),
+        "workloads": {k: describe(v) for k, v in runner.workloads.items()},
+        "scenarios": {
+            k: {**v, "request_rate": _rate_label(v["request_rate"])} for k, v in runner.scenarios.items()
+        },
+        "systems": systems,
+        "notes": notes,
+    }
+    result["ratios"] = report.ratios(result)
+    result["wall_s"] = round(time.monotonic() - t0, 1)
+    write_outputs(args, result)
+    return 0
+
+
+def run_tandem(args, runner: Runner, model: Path, config, engine, scenarios, sweep_rates) -> dict:
+    """One configuration: start its services, run every scenario through Generate, stop them."""
+    entry = {
+        "kind": "tandem",
+        "description": config.describe(),
+        "skipped": unavailable_reason(config, str(model)),
+    }
+    if entry["skipped"]:
+        return entry
+    entry["threads_per_worker"] = args.threads or max(1, cores() // (2 if config.disaggregated else 1))
+    try:
+        with Services(
+            str(model), config, engine, threads=entry["threads_per_worker"], gpu_hour_usd=args.gpu_hour_usd
+        ) as svc:
+            backend = (lambda addr=svc.address: GrpcBackend(addr), True)
+            entry.update(runner.run_system(config.name, scenarios, backend, sweep_rates, svc.metrics_urls))
+    except RuntimeError as e:
+        entry["skipped"] = f"failed to run: {e}"
+    return entry
+
+
+def run_baselines(args, runner: Runner, model: Path, engine, scenarios, rates_for) -> dict:
+    """The in-process engine and the HF baselines that --baselines names, in this process."""
+    import torch
+
+    wanted, systems = _csv(args.baselines), {}
+    threads = torch.get_num_threads()
     if "engine" in wanted:
         eb = EngineBackend(engine.engine_config(str(model), prefix_caching=True))
         systems["engine"] = {
             "kind": "baseline",
             "skipped": None,
-            "threads_per_worker": torch.get_num_threads(),
+            "threads_per_worker": threads,
             "description": "Tandem's engine in this process (AsyncEngine, no gRPC), prefix caching on",
         }
         try:
@@ -309,67 +297,45 @@ def run(args) -> int:
                 "kind": "baseline",
                 "description": desc,
                 "skipped": None,
-                "threads_per_worker": torch.get_num_threads(),
+                "threads_per_worker": threads,
             }
             systems[name].update(runner.run_hf(name, hf_model, scenarios))
-        del hf_model
+    return systems
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("func", "subparser")}
-    settings["request_rate"] = "inf" if math.isinf(args.request_rate) else args.request_rate
-    result = {
-        "schema": "tandem.bench.serve/1",
-        "command": command,
-        "started_at": started,
-        "machine": machine_info(args) | {"loadavg_1m_before": load_before, "loadavg_1m_after": _loadavg()},
-        "model": {
-            "path": str(model),
-            "vocab_size": shape.vocab_size,
-            "max_model_len": shape.max_model_len,
-            "draft": str(draft_model_dir(str(model))) if spec_pairs else None,
-        },
-        "settings": settings,
-        "engine": dataclasses.asdict(engine),
-        "workloads": {k: describe(v) for k, v in runner.workloads.items()},
-        "scenarios": {
-            k: {**v, "request_rate": _rate_label(v["request_rate"])} for k, v in runner.scenarios.items()
-        },
-        "systems": systems,
-        "notes": notes,
-    }
-    result["ratios"] = report.ratios(result)
-    result["wall_s"] = round(time.monotonic() - t0, 1)
+
+def write_outputs(args, result: dict) -> None:
+    """serve.json, serve.md (printed too), the plots, and --markdown if given."""
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result["plots"] = [] if args.no_plots else plots.write_all(result, out_dir)
-    result = _finite(result)
+    result.update(_finite(result))
     (out_dir / "serve.json").write_text(json.dumps(result, indent=2, allow_nan=False))
-    markdown = report.markdown(result)
+    markdown = report.markdown(result, out_dir)
     (out_dir / "serve.md").write_text(markdown)
+    if args.markdown:  # e.g. docs/benchmarks.md: the same report, plot links relative to it
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(report.markdown(result, Path(args.markdown).parent))
     print(markdown)
     print(
         f"wrote {out_dir / 'serve.json'}, {out_dir / 'serve.md'}"
         + "".join(f", {p}" for p in result["plots"]),
         file=sys.stderr,
     )
-    return 0
 
 
-def _loadavg() -> float | None:
-    """1-minute load average of the host: other work there makes every figure slower."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def _vocab_size(model: Path, cfg: dict) -> int:
-    """Ids every side accepts: the scheduler checks prompts against the tokenizer, the engine the model."""
-    size = cfg["vocab_size"]
-    if (model / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        size = min(size, Tokenizer.from_file(str(model / "tokenizer.json")).get_vocab_size())
-    return size
+def _check_args(args, model: Path) -> str | None:
+    if not (model / "config.json").is_file():
+        return (
+            f"no model at {model} (config.json missing); `make demo-model` builds the demo one, "
+            "or pass --model DIR"
+        )
+    unknown = [c for c in _csv(args.configs) if c not in CONFIGURATIONS]
+    if unknown:
+        return f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(CONFIGURATIONS)}"
+    unknown = [b for b in _csv(args.baselines) if b not in BASELINES]
+    if unknown:
+        return f"unknown baseline(s) {', '.join(unknown)}; known: {', '.join(BASELINES)}"
+    return None
 
 
 def _rate_label(rate):
