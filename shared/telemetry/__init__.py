@@ -18,6 +18,7 @@ from shared.telemetry.jsonl import JsonLinesSpanExporter, read_spans
 from shared.telemetry.logs import bind_request_id, configure_logging, current_request_id, get_logger
 from shared.telemetry.metrics import Metrics, start_metrics_server
 from shared.telemetry.tracing import (
+    RequestSpans,
     annotate,
     build_tracer_provider,
     current_trace_ids,
@@ -48,6 +49,7 @@ def __getattr__(name: str):
 __all__ = [
     "REQUEST_ID_METADATA_KEY",
     "JsonLinesSpanExporter",
+    "RequestSpans",
     "Metrics",
     "ServerTracingInterceptor",
     "Telemetry",

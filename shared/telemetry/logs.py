@@ -97,6 +97,7 @@ def configure_logging(
 
 
 _HANDLER_NAME = "tandem-structlog"
+_OWN_LOGGERS = ("services", "shared", "tools")
 
 
 def _route_stdlib_logging(shared_processors, final, stream: TextIO, level: int) -> None:
@@ -112,6 +113,8 @@ def _route_stdlib_logging(shared_processors, final, stream: TextIO, level: int) 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(max(level, logging.INFO))  # DEBUG from grpc/urllib3 internals is noise
+    for ours in _OWN_LOGGERS:  # Tandem's own stdlib loggers follow the configured level
+        logging.getLogger(ours).setLevel(level)
 
 
 def get_logger(name: str | None = None, **initial: Any) -> Any:

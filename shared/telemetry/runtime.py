@@ -20,7 +20,7 @@ from shared.telemetry.config import TelemetryConfig
 from shared.telemetry.interceptors import client_interceptors, server_interceptors
 from shared.telemetry.logs import configure_logging
 from shared.telemetry.metrics import Metrics
-from shared.telemetry.tracing import build_tracer_provider, get_tracer
+from shared.telemetry.tracing import RequestSpans, build_tracer_provider, get_tracer
 from shared.telemetry.tracing import span as _span
 
 
@@ -33,6 +33,7 @@ class Telemetry:
     tracer: trace.Tracer
     metrics: Metrics
     metrics_port: int | None  # bound port of the metrics server, None when none runs
+    request_spans: RequestSpans = field(default_factory=RequestSpans)  # see RequestSpans
     _closed: bool = field(default=False, init=False, repr=False)
 
     def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:

@@ -8,7 +8,8 @@ This module knows nothing about gRPC; `interceptors.py` carries the context acro
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlparse
@@ -22,6 +23,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from shared.telemetry.attributes import tandem_attribute
@@ -79,15 +81,22 @@ def span(
     *,
     tracer: trace.Tracer | None = None,
     kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+    parent: SpanContext | None = None,
+    links: Iterable[Link] = (),
     **attrs: Any,
 ) -> Iterator[trace.Span]:
     """An in-process span, current for the body: `with span("route", request_id=rid) as s:`.
 
-    Keywords become `tandem.<key>` attributes (see `attributes.py`). An exception leaving
-    the body is recorded on the span and marks it ERROR, then propagates.
+    Keywords become `tandem.<key>` attributes (see `attributes.py`). The span's parent is
+    the current span, or `parent` when given (work done for a request outside its own task);
+    `links` point at other spans it relates to. An exception leaving the body is recorded on
+    the span and marks it ERROR, then propagates.
     """
     tracer = tracer or get_tracer()
-    with tracer.start_as_current_span(name, kind=kind, attributes=span_attributes(attrs)) as current:
+    context = trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None
+    with tracer.start_as_current_span(
+        name, context=context, kind=kind, links=list(links), attributes=span_attributes(attrs)
+    ) as current:
         yield current
 
 
@@ -103,6 +112,49 @@ def current_trace_ids() -> tuple[str, str] | None:
     if not context.is_valid:
         return None
     return trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id)
+
+
+class RequestSpans:
+    """The span that stands for each running request, for work done on its behalf elsewhere.
+
+    The decode engine's thread batches every speculating request into one draft call per
+    step, and has no trace context of its own. The decode worker binds each request's span
+    here while the request runs; the draft client reads them to parent its span under one
+    request and link the others. Bound on the event loop, read on the engine thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spans: dict[str, list[SpanContext]] = {}
+
+    @contextmanager
+    def bind(self, request_id: str, span_: trace.Span | None = None) -> Iterator[None]:
+        """`span_` (default: the current span) stands for `request_id` inside the block."""
+        context = (span_ if span_ is not None else trace.get_current_span()).get_span_context()
+        if not context.is_valid:
+            yield
+            return
+        with self._lock:
+            self._spans.setdefault(request_id, []).append(context)
+        try:
+            yield
+        finally:
+            with self._lock:
+                stack = self._spans.get(request_id, [])
+                if context in stack:
+                    stack.remove(context)
+                if not stack:
+                    self._spans.pop(request_id, None)
+
+    def get(self, request_id: str) -> SpanContext | None:
+        """The innermost span bound for `request_id`, or None."""
+        with self._lock:
+            stack = self._spans.get(request_id)
+            return stack[-1] if stack else None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._spans)
 
 
 class _PairsGetter(Getter):

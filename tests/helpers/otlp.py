@@ -87,6 +87,14 @@ class OtlpReceiver:
                             "end_time_unix_nano": s.end_time_unix_nano,
                             "status": {"code": _STATUS.get(s.status.code), "description": s.status.message},
                             "attributes": {kv.key: _value(kv.value) for kv in s.attributes},
+                            "links": [
+                                {
+                                    "trace_id": link.trace_id.hex(),
+                                    "span_id": link.span_id.hex(),
+                                    "attributes": {kv.key: _value(kv.value) for kv in link.attributes},
+                                }
+                                for link in s.links
+                            ],
                             "resource": resource,
                         }
                     )

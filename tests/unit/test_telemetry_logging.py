@@ -40,6 +40,8 @@ def restore_logging():
     structlog.contextvars.clear_contextvars()
     root.handlers[:] = handlers
     root.setLevel(level)
+    for name in ("services", "shared", "tools"):
+        logging.getLogger(name).setLevel(logging.NOTSET)
 
 
 @pytest.fixture
@@ -157,3 +159,15 @@ async def test_logs_in_a_grpc_handler_carry_its_server_span_and_the_callers_requ
     assert handling["trace_id"] == format(server_span.context.trace_id, "032x") == calling["trace_id"]
     assert handling["span_id"] == format(server_span.context.span_id, "016x")
     assert calling["span_id"] != handling["span_id"]
+
+
+def test_debug_level_reaches_tandems_own_stdlib_loggers_only(restore_logging):
+    stream = io.StringIO()
+    configure_logging("svc", json=True, level="debug", stream=stream)
+    logging.getLogger("services.decode.worker").debug("KV of %s received", "r-1")
+    logging.getLogger("grpc._cython").debug("internal chatter")
+    (line,) = _lines(stream)
+    assert (line["level"], line["event"]) == ("debug", "KV of r-1 received")
+    configure_logging("svc", json=True, level="info", stream=stream)
+    logging.getLogger("services.decode.worker").debug("hidden at info")
+    assert len(_lines(stream)) == 1

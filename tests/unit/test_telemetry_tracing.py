@@ -341,3 +341,36 @@ def test_spans_and_logs_are_usable_without_importing_grpc():
         [sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_span_with_an_explicit_parent_and_links():
+    """Work done for a request off its own task (the draft call on the engine thread)."""
+    from opentelemetry.trace import Link
+
+    exporter = InMemorySpanExporter()
+    tracer = get_tracer(_provider("svc", exporter))
+    with span("request a", tracer=tracer) as a, span("request b", tracer=tracer) as b:
+        pass
+    with span("shared call", tracer=tracer, parent=a.get_span_context(), links=[Link(b.get_span_context())]):
+        pass
+    call = next(s for s in exporter.get_finished_spans() if s.name == "shared call")
+    assert call.parent.span_id == a.get_span_context().span_id
+    assert call.context.trace_id == a.get_span_context().trace_id
+    assert [link.context.span_id for link in call.links] == [b.get_span_context().span_id]
+
+
+def test_request_spans_bind_nest_and_unbind():
+    from shared.telemetry import RequestSpans
+
+    exporter = InMemorySpanExporter()
+    tracer = get_tracer(_provider("svc", exporter))
+    spans = RequestSpans()
+    assert spans.get("r") is None
+    with span("server", tracer=tracer) as outer, spans.bind("r"):  # the current span
+        assert spans.get("r") == outer.get_span_context()
+        with span("decode", tracer=tracer) as inner, spans.bind("r", inner):
+            assert spans.get("r") == inner.get_span_context()
+        assert spans.get("r") == outer.get_span_context()
+    assert spans.get("r") is None and len(spans) == 0
+    with spans.bind("no span"):  # no current span: nothing to bind
+        assert spans.get("no span") is None
