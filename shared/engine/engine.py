@@ -8,6 +8,7 @@ gRPC or text: prompts and outputs are token ids.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 import torch
@@ -119,7 +120,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequest("request_id", f"{request_id!r} is already running")
         self.validate_request(prompt_token_ids, params)
-        req = Request(request_id, list(prompt_token_ids), params, next(self._arrival), hold_kv=hold_kv)
+        req = Request(request_id, list(prompt_token_ids), params, next(self._arrival), hold_kv=hold_kv,
+                      arrival_time=time.monotonic())
         self.requests[request_id] = req
         self.scheduler.add(req)
 
@@ -279,7 +281,7 @@ class LLMEngine:
             num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0),
             num_output_tokens=req.num_output_tokens + req.num_external_outputs,
             num_spec_proposed=req.num_spec_proposed, num_spec_accepted=req.num_spec_accepted,
-            num_spec_steps=req.num_spec_steps,
+            num_spec_steps=req.num_spec_steps, queue_seconds=req.queue_seconds,
         )
 
     def _check_stop(self, req: Request, token: int) -> FinishReason | None:

@@ -104,3 +104,4 @@ class RequestOutput:
     num_spec_proposed: int = 0  # draft tokens proposed for this request so far
     num_spec_accepted: int = 0  # of which the target accepted
     num_spec_steps: int = 0  # steps that verified drafts (mean accepted length = accepted / steps)
+    queue_seconds: float | None = None  # add_request to first scheduled (None: not yet, or KV imported)

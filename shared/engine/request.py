@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from .params import FinishReason, SamplingParams, TokenLogprobs
@@ -35,6 +36,12 @@ class Request:
     num_spec_proposed: int = 0
     num_spec_accepted: int = 0
     num_spec_steps: int = 0  # steps that verified drafts of this request
+    arrival_time: float | None = None  # time.monotonic() at add_request (None: KV imported, never queued)
+    queue_seconds: float | None = None  # arrival_time to its first scheduling
+
+    def mark_scheduled(self) -> None:
+        if self.queue_seconds is None and self.arrival_time is not None:
+            self.queue_seconds = time.monotonic() - self.arrival_time
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -96,6 +96,7 @@ class Scheduler:
             if not self.kv.allocate_slots(req, n, computed):
                 break
             self.waiting.popleft()
+            req.mark_scheduled()
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_cached
                 self.kv.hit_tokens += num_cached
