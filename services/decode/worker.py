@@ -15,6 +15,7 @@ This module knows nothing of protobuf beyond the peer call it makes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -263,6 +264,10 @@ class DecodeWorker:
                             f"{peer} prefilled {r.num_prompt_tokens} tokens, the prompt has "
                             f"{len(job.prompt_token_ids)}"
                         )
+                    # the result is the last message: let the call end with its own status rather
+                    # than cancel it on the way out (a cancelled call is traced as CANCELLED)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(call.code(), self._kv_timeout_s)
                     return PrefillOutcome(
                         r.first_token_id,
                         r.first_logprob if r.HasField("first_logprob") else None,
