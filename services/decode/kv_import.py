@@ -9,6 +9,7 @@ arrived meanwhile, so a long transfer costs few engine round trips.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from shared.engine import AsyncEngine
 from shared.kv.chunks import KvAssembler, KvChunk, KvPiece
@@ -44,15 +45,19 @@ class KvImporter:
         self._collective_done = False
         self.num_pieces = 0
         self.num_bytes = 0
+        self._first_at: float | None = None  # perf_counter() when the first piece arrived
+        self.seconds = 0.0  # first piece arrived -> every piece imported (set by finish)
 
     def add_chunk(self, chunk: KvChunk) -> None:
         """Verify a gRPC chunk (raises KvChecksumError / KvShapeMismatch) and queue its import."""
+        self._first_at = self._first_at or time.perf_counter()
         piece = self._assembler.add(chunk)
         self.num_bytes += len(chunk.data)
         self._queue(piece)
 
     async def add_collective(self, meta: TransferMeta) -> None:
         """Claim a collective transfer (the whole payload) and queue its import."""
+        self._first_at = self._first_at or time.perf_counter()
         if self._receiver is None:
             raise KvTransferError("collective KV arrived, but this worker has no KV receiver")
         if tuple(meta.shape) != self._assembler.shape or meta.dtype != self._assembler.dtype_name:
@@ -90,6 +95,8 @@ class KvImporter:
             raise KvTransferError(
                 f"KV of {self._request_id} incomplete: missing chunks {self._assembler.missing()[:8]}"
             )
+        if self._first_at is not None:
+            self.seconds = time.perf_counter() - self._first_at
 
     def cancel(self) -> None:
         if self._task is not None and not self._task.done():

@@ -71,8 +71,10 @@ class PrefillWorker:
                 if first is None or not first.finished:
                     raise RuntimeError(f"prefill of {rid} ended without a first token")
                 held = True
-                annotate(sp, cached_tokens=first.num_cached_tokens)
+                annotate(sp, cached_tokens=first.num_cached_tokens, queue_seconds=first.queue_seconds)
                 self._telemetry.metrics.prompt_tokens.inc(len(job.prompt_token_ids))
+                if first.queue_seconds is not None:
+                    self._telemetry.metrics.queue_time_seconds.observe(first.queue_seconds)
                 kv = await self._aengine.call(lambda eng: eng.export_kv(rid))  # [L, 2, T, Hkv, D], a copy
                 await self._aengine.call(lambda eng: eng.release(rid))
                 held = False
@@ -91,7 +93,16 @@ class PrefillWorker:
                     async for chunk in _chunks_off_loop(split_kv(kv, job.max_chunk_bytes)):
                         yield chunk
                         num_pieces, kv_bytes = num_pieces + 1, kv_bytes + len(chunk.data)
-                annotate(sp, kv_bytes=kv_bytes, kv_seconds=time.perf_counter() - start, kv_pieces=num_pieces)
+                seconds = time.perf_counter() - start
+                annotate(sp, kv_bytes=kv_bytes, kv_seconds=seconds, kv_pieces=num_pieces)
+            log.debug(
+                "KV of %s sent: %d bytes in %d pieces, %.4f s (%s)",
+                rid,
+                kv_bytes,
+                num_pieces,
+                seconds,
+                job.transport,
+            )
             yield PrefillDone(
                 first_token_id=first.new_token_ids[0],
                 first_logprob=first.logprobs[0] if first.logprobs else None,

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 
 from services.common.errors import InvalidArgument
 from shared.pb.tandem.v1 import common_pb2, generate_pb2
-from shared.telemetry import Telemetry, annotate, bind_request_id
+from shared.telemetry import Telemetry, annotate, bind_request_id, get_logger
 from shared.text import Tokenizer, validate_stop_strings, validate_token_ids
 
 from .admission import AdmissionQueue
@@ -30,6 +30,7 @@ from .validation import check_length, check_sampling
 __all__ = ["Frontend", "Job", "Piece"]
 
 log = logging.getLogger(__name__)
+access_log = get_logger("tandem.access")  # one structured line per finished request
 
 MAX_REQUEST_ID_LEN = 128
 
@@ -66,6 +67,7 @@ class Frontend:
         )
         pool.on_healthy.append(lambda worker: self.admission.poke())
         telemetry.metrics.queue_depth.set_function(lambda: self.admission.num_queued)
+        telemetry.metrics.running_sequences.set_function(lambda: self.admission.num_running)
 
     # -- validation ---------------------------------------------------------------------
     def prepare(self, req: generate_pb2.GenerateRequest) -> Job:
@@ -139,12 +141,16 @@ class Frontend:
                             metrics.e2e_latency_seconds.observe(now - start)
                             metrics.prompt_tokens.inc(piece.usage.prompt_tokens)
                             metrics.generation_tokens.inc(piece.usage.completion_tokens)
-                            annotate(
-                                sp,
+                            finish = dict(
+                                prompt_tokens=piece.usage.prompt_tokens,
                                 completion_tokens=piece.usage.completion_tokens,
                                 cached_tokens=piece.usage.cached_tokens,
+                                spec_proposed=piece.usage.spec_proposed_tokens,
+                                spec_accepted=piece.usage.spec_accepted_tokens,
                                 finish_reason=common_pb2.FinishReason.Name(piece.finish_reason),
                             )
+                            annotate(sp, **finish)
+                            access_log.info("request finished", **finish, seconds=round(now - start, 4))
                         yield piece
                 finally:
                     self.admission.release()

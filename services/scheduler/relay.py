@@ -198,6 +198,7 @@ class Relay:
         call = route.decode.decode_stub().Generate(request, timeout=timeout_s)
         base = len(progress.emitted)  # tokens of earlier attempts
         usage, text = progress.usage, progress.text
+        ended = False  # the worker finished the request: it ends the call itself, with OK
         try:
             async for resp in call:
                 if route.prefill_pending and not resp.prefilled_by:
@@ -219,6 +220,7 @@ class Relay:
                     call.cancel()
                     piece.finish_reason, piece.finish_message = FinishReason.FINISH_REASON_STOP, "stop string"
                 elif resp.finish_reason != FinishReason.FINISH_REASON_UNSPECIFIED:
+                    ended = True
                     piece.text += text.finish()
                     piece.finish_reason = resp.finish_reason
                     piece.finish_message = "stop string" if text.stopped else self._why(job, resp)
@@ -232,7 +234,8 @@ class Relay:
                 f"decode worker {route.decode.address} ended the stream without a finish reason"
             )
         finally:
-            call.cancel()
+            if not ended:  # cancelling a call that ends by itself would trace it as CANCELLED
+                call.cancel()
             self._router.end(route)
             progress.spec = (usage.spec_proposed_tokens, usage.spec_accepted_tokens, usage.spec_verify_steps)
 
