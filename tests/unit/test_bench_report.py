@@ -30,7 +30,7 @@ def result(systems: dict, device: str = "cpu") -> dict:
         "model": {"path": "m"},
         "started_at": "now",
         "command": "python -m tools.bench serve --quick",
-        "settings": {"repeats": 3, "slo_ttft_ms": 2000.0, "slo_tpot_ms": 200.0},
+        "settings": {"repeats": 3, "slo_ttft_ms": 2000.0, "slo_tpot_ms": 200.0, "gpu_hour_usd": 2.5},
         "workloads": {},
         "scenarios": {"mixed": {"workload": "mixed", "request_rate": "inf", "max_concurrency": None}},
         "systems": systems,
@@ -90,6 +90,7 @@ def test_markdown_names_machine_command_and_skips():
     md = report.markdown(result(RUN))
     assert "test box, 2 cores" in md
     assert "median of 3 runs" in md
+    assert "at $2.5 per worker-hour" in md
     assert "`python -m tools.bench serve --quick`" in md
     assert "| output throughput agg / hf_one, mixed | 12.00x | >= 10x | yes |" in md
     assert "**no**" in md  # the stack/engine goal is missed and says so

@@ -201,7 +201,9 @@ def markdown(result: dict, md_dir: Path | str | None = None) -> str:
         f"{result['machine']['device']})",
         f"- model: `{result['model']['path']}`; started {result['started_at']}, {result.get('wall_s', 'n/a')} s",
         f"- every figure is the median of {s['repeats']} runs; ratios come from this run only",
-        f"- goodput SLOs: TTFT <= {s['slo_ttft_ms']:g} ms, TPOT <= {s['slo_tpot_ms']:g} ms",
+        f"- goodput SLOs: TTFT <= {s['slo_ttft_ms']:g} ms, TPOT <= {s['slo_tpot_ms']:g} ms; "
+        f"cost ($ / M tok, from the services' gauges) at ${s.get('gpu_hour_usd', 0):g} per worker-hour "
+        "(--gpu-hour-usd)",
         f"- command: `{result['command']}`",
         *_load_warning(result["machine"]),
         "",

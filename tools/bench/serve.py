@@ -15,7 +15,8 @@ process) run the same workloads on the same model in the same run. Scenarios:
     sweep         the mixed workload at Poisson rates up to saturation: latency-throughput curves
 
 Every figure is the median over --repeats runs. Output in --out-dir: serve.json (every run),
-serve.md (tables and ratios; also printed) and PNG plots. Metric definitions (vLLM's):
+serve.md (tables and ratios; also printed) and PNG plots; --markdown PATH writes the same report
+there too (docs/benchmarks.md), its plot links relative to it. Metric definitions (vLLM's):
 tools/bench/metrics.py; figures scraped from the services: tools/bench/scrape.py.
 """
 
