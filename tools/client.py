@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         u = last.usage
         print(
             f"[finish: {reason}{detail}; prompt {u.prompt_tokens}, completion {u.completion_tokens}, "
-            f"cached {u.cached_tokens} tokens]",
+            f"cached {u.cached_tokens} tokens; request {last.request_id}]",
             file=sys.stderr,
         )
         if u.spec_verify_steps:

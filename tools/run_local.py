@@ -113,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="speculative decoding: the draft service, n-gram lookup, or none (default: draft if there is one)",
     )
+    parser.add_argument(
+        "--trace-file",
+        default=os.environ.get("TANDEM_TRACE_FILE"),
+        help="append every service's spans to this JSON-lines file, for `python -m tools.traces` "
+        "(default: $TANDEM_TRACE_FILE; none)",
+    )
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
 
@@ -139,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     addrs = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
     common = {"TANDEM_MODEL": str(model.resolve()), "TANDEM_HOST": "127.0.0.1", "TANDEM_LOG_JSON": "0"}
+    if args.trace_file:
+        common["TANDEM_TRACE_FILE"] = str(Path(args.trace_file).resolve())
     worker = {
         **common,
         "TANDEM_DEVICE": "cpu",
@@ -179,7 +187,13 @@ def main(argv: list[str] | None = None) -> int:
             + {"draft": f", draft {addrs['draft']}", "ngram": ", n-gram speculation", "none": ""}[spec]
             + f'\n  python -m tools.client --addr {addrs["scheduler"]} "def fib(n):" --max-tokens 64'
             + f'\n  grpcurl -plaintext -d \'{{"text": "def fib(n):", "stopping": {{"max_tokens": 32}}}}\' '
-            f"{addrs['scheduler']} tandem.v1.Tandem/Generate" + "\nCtrl-C stops everything.\n",
+            f"{addrs['scheduler']} tandem.v1.Tandem/Generate"
+            + (
+                f"\n  python -m tools.traces show <request id> --file {args.trace_file}   (a request's spans)"
+                if args.trace_file
+                else ""
+            )
+            + "\nCtrl-C stops everything.\n",
             file=sys.stderr,
         )
         while not stop.is_set():

@@ -6,7 +6,8 @@ tracer provider and metric registry with no exporter, no server and no global st
 that the code paths that record spans and metrics are the same everywhere.
 
 Only request-carrying RPCs are traced: health checks, load polls and reflection would put a
-root span in the trace store every second per worker.
+root span in the trace store every second per worker. Draft.Release is housekeeping sent when
+a decode worker has no sequence left (no request's trace to join), so it is left out too.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ TRACED_SERVICES = (
     "/tandem.v1.Scheduler/",
     "/tandem.v1.Draft/",
 )
+UNTRACED_METHODS = ("/tandem.v1.Draft/Release",)
 
 
 def quiet_telemetry(service_name: str) -> Telemetry:
@@ -35,7 +37,8 @@ class _OnlyTraced(grpc.aio.ServerInterceptor):
         self._inner = inner
 
     async def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method.startswith(TRACED_SERVICES):
+        method = handler_call_details.method
+        if method.startswith(TRACED_SERVICES) and method not in UNTRACED_METHODS:
             return await self._inner.intercept_service(continuation, handler_call_details)
         return await continuation(handler_call_details)
 
