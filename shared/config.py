@@ -21,10 +21,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from shared.params import MAX_SPECULATIVE_TOKENS
+
 ROLES = ("scheduler", "prefill", "decode", "draft")
 DEFAULT_PORTS = {"scheduler": 50051, "prefill": 50052, "decode": 50053, "draft": 50054}
 SPEC_PROPOSERS = ("auto", "none", "draft", "ngram")
-MAX_SPECULATIVE_TOKENS = 16
 KV_TRANSPORTS = ("grpc", "collective")
 DTYPES = ("float32", "float16", "bfloat16")
 

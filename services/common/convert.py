@@ -1,8 +1,8 @@
-"""Protobuf <-> engine types, for the workers (imports the engine, so never the scheduler)."""
+"""Protobuf <-> engine request types (shared/params.py: no torch, so the scheduler uses it too)."""
 
 from __future__ import annotations
 
-from shared.engine import FinishReason, RequestOutput, SamplingParams, TokenLogprobs
+from shared.params import FinishReason, RequestOutput, SamplingParams, TokenLogprobs
 from shared.pb.tandem.v1 import common_pb2, worker_pb2
 
 DEFAULT_MAX_TOKENS = 16

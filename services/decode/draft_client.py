@@ -28,8 +28,8 @@ from opentelemetry.trace import Link, SpanKind
 from services.common.server import CHANNEL_OPTIONS
 from shared.config import WorkerConfig
 from shared.engine.draft import probs_from_bytes
-from shared.engine.params import RequestOutput, SamplingParams
 from shared.engine.spec import NgramProposer, Proposal, ProposalRequest, Proposer
+from shared.params import RequestOutput, SamplingParams
 from shared.pb.tandem.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from shared.telemetry import Telemetry, annotate, inject_context
 from shared.telemetry.attributes import REQUEST_ID, RPC_GRPC_STATUS_CODE

@@ -1,10 +1,8 @@
 """Checks of a GenerateRequest that the scheduler makes before the request may queue or route.
 
 Every failure is an `InvalidArgument` whose message starts with the field's name. The sampling
-rules are the engine's (`shared.engine.params.SamplingParams.validate`), repeated here because
-the scheduler never imports the engine (nor torch) and an invalid request should be refused at
-once, not after waiting in the admission queue; the decode worker's engine still checks them
-(tests/integration/test_fuzz_validation.py keeps the two in agreement).
+rules are the engine's own (`shared.params.SamplingParams.validate`, torch-free), applied here
+so that an invalid request is refused at once, not after waiting in the admission queue.
 
 `parse_generate_request` is the request deserializer of Tandem.Generate. proto3 refuses
 `string` fields that are not valid UTF-8 while parsing, before any handler runs, and gRPC
@@ -16,17 +14,15 @@ the bad field can be named: the handler then answers INVALID_ARGUMENT.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 
+from services.common.convert import sampling_from_pb
 from services.common.errors import InvalidArgument
+from shared.params import InvalidRequest
 from shared.pb.tandem.v1 import common_pb2, generate_pb2
-
-MAX_LOGPROBS = 20
-MAX_SPECULATIVE_TOKENS = 16
 
 
 @dataclass
@@ -103,35 +99,11 @@ def _is_repeated(fd) -> bool:
 def check_sampling(
     sampling: common_pb2.SamplingParameters, stopping: common_pb2.StoppingCriteria, vocab_size: int
 ) -> None:
-    """The engine's rules for sampling parameters, in the engine's order; unset = the default."""
-    if stopping.max_tokens < 1:
-        raise InvalidArgument("max_tokens", f"must be >= 1, got {stopping.max_tokens}")
-    temperature = sampling.temperature if sampling.HasField("temperature") else 1.0
-    if not math.isfinite(temperature) or temperature < 0:
-        raise InvalidArgument("temperature", f"must be a finite number >= 0, got {temperature}")
-    if sampling.top_k < 0:
-        raise InvalidArgument("top_k", f"must be >= 0 (0 disables it), got {sampling.top_k}")
-    top_p = sampling.top_p if sampling.HasField("top_p") else 1.0
-    if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
-        raise InvalidArgument("top_p", f"must be in (0, 1], got {top_p}")
-    if not math.isfinite(sampling.min_p) or not 0.0 <= sampling.min_p <= 1.0:
-        raise InvalidArgument("min_p", f"must be in [0, 1], got {sampling.min_p}")
-    penalty = sampling.repetition_penalty if sampling.HasField("repetition_penalty") else 1.0
-    if not math.isfinite(penalty) or penalty <= 0:
-        raise InvalidArgument("repetition_penalty", f"must be a finite number > 0, got {penalty}")
-    if sampling.logprobs > MAX_LOGPROBS:
-        raise InvalidArgument("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {sampling.logprobs}")
-    if (
-        sampling.HasField("num_speculative_tokens")
-        and sampling.num_speculative_tokens > MAX_SPECULATIVE_TOKENS
-    ):
-        raise InvalidArgument(
-            "num_speculative_tokens",
-            f"must be in [0, {MAX_SPECULATIVE_TOKENS}], got {sampling.num_speculative_tokens}",
-        )
-    for t in stopping.stop_token_ids:
-        if not 0 <= t < vocab_size:
-            raise InvalidArgument("stop_token_ids", f"token id {t} outside the vocabulary [0, {vocab_size})")
+    """The engine's rules for the sampling parameters; unset fields take their defaults."""
+    try:
+        sampling_from_pb(sampling, stopping).validate(vocab_size)
+    except InvalidRequest as e:
+        raise InvalidArgument(e.field, e.message) from None
 
 
 def check_length(num_prompt_tokens: int, max_tokens: int, max_model_len: int | None) -> None:

@@ -1,9 +1,10 @@
 """Tandem's inference engine: pure PyTorch, no gRPC, no text (token ids in, token ids out)."""
 
+from shared.params import FinishReason, InvalidRequest, RequestOutput, SamplingParams, TokenLogprobs
+
 from .async_engine import AsyncEngine, EngineDeadError
 from .engine import EngineConfig, EngineStats, LLMEngine
 from .model import ModelConfig, ModelLoadError
-from .params import FinishReason, InvalidRequest, RequestOutput, SamplingParams, TokenLogprobs
 
 __all__ = [
     "AsyncEngine", "EngineDeadError", "EngineConfig", "EngineStats", "LLMEngine", "ModelConfig", "ModelLoadError",

@@ -15,8 +15,9 @@ from typing import Any
 
 import structlog
 
+from shared.params import RequestOutput, SamplingParams
+
 from .engine import EngineStats, LLMEngine
-from .params import RequestOutput, SamplingParams
 
 log = structlog.get_logger(__name__)
 

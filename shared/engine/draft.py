@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shared.params import InvalidRequest, SamplingParams
+
 from .engine import EngineConfig, LLMEngine
-from .params import InvalidRequest, SamplingParams
 from .runner import SeqInput
 from .sampler import SamplingRow, row_generator, target_distribution
 

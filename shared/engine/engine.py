@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.params import FinishReason, InvalidRequest, RequestOutput, SamplingParams, TokenLogprobs
+
 from .kv_manager import KVCacheManager
 from .model import ModelConfig
-from .params import FinishReason, InvalidRequest, RequestOutput, SamplingParams, TokenLogprobs
 from .request import Request, Status
 from .runner import ModelRunner, SeqInput
 from .sampler import SamplingRow, row_generator, sample, target_distribution, token_logprobs

@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from .params import FinishReason, SamplingParams, TokenLogprobs
+from shared.params import FinishReason, SamplingParams, TokenLogprobs
 
 
 class Status(enum.Enum):

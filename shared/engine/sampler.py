@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .params import SamplingParams, TokenLogprobs
+from shared.params import SamplingParams, TokenLogprobs
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) over the seed space
 

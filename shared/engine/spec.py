@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from .params import SamplingParams
+from shared.params import SamplingParams
 
 
 @dataclass

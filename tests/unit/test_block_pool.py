@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from shared.engine.block_pool import BlockPool
 from shared.engine.kv_manager import KVCacheManager
-from shared.engine.params import SamplingParams
 from shared.engine.request import Request
+from shared.params import SamplingParams
 from shared.prefix import block_hashes
 
 

@@ -1,7 +1,8 @@
 """Request-level types that cross the engine boundary: sampling parameters in, outputs out.
 
-Nothing here knows about tensors, gRPC or tokenizers: a service builds `SamplingParams`
-from its protobuf request and turns `RequestOutput` back into protobuf.
+Nothing here knows about tensors, gRPC or tokenizers, and nothing imports torch: the
+scheduler validates requests with the same `SamplingParams.validate` the engine uses,
+without loading torch. Exported again by `shared.engine`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+
+MAX_LOGPROBS = 20  # top-n logprobs per token, at most
+MAX_SPECULATIVE_TOKENS = 16  # draft tokens verified per step, at most
 
 
 class FinishReason(str, Enum):
@@ -24,6 +28,7 @@ class InvalidRequest(ValueError):
     def __init__(self, field_name: str, message: str):
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
+        self.message = message
 
 
 @dataclass
@@ -68,12 +73,13 @@ class SamplingParams:
             raise InvalidRequest(
                 "repetition_penalty", f"must be a finite number > 0, got {self.repetition_penalty}"
             )
-        if self.logprobs < 0 or self.logprobs > 20:
-            raise InvalidRequest("logprobs", f"must be in [0, 20], got {self.logprobs}")
+        if not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if self.seed_offset < 0:
             raise InvalidRequest("seed_offset", f"must be >= 0, got {self.seed_offset}")
-        if self.num_speculative_tokens is not None and not 0 <= self.num_speculative_tokens <= 16:
-            raise InvalidRequest("num_speculative_tokens", f"must be in [0, 16], got {self.num_speculative_tokens}")
+        k = self.num_speculative_tokens
+        if k is not None and not 0 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise InvalidRequest("num_speculative_tokens", f"must be in [0, {MAX_SPECULATIVE_TOKENS}], got {k}")
         if vocab_size is not None:
             for t in self.stop_token_ids:
                 if not 0 <= t < vocab_size:
