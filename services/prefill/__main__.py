@@ -1,10 +1,20 @@
 """`python -m services.prefill`: config (env, then flags) -> build -> serve until SIGTERM."""
 
-from __future__ import annotations
-
 import sys
 
-from services.common.worker_main import worker_main
+from services.common.main import service_main
+from shared.config import WorkerConfig
+
+
+def _app() -> type:
+    from services.prefill.app import PrefillApp
+
+    return PrefillApp
+
 
 if __name__ == "__main__":
-    sys.exit(worker_main("prefill", sys.argv[1:]))
+    sys.exit(
+        service_main(
+            "prefill", WorkerConfig, "Tandem prefill worker.", _app, sys.argv[1:], fixed={"role": "prefill"}
+        )
+    )

@@ -1,0 +1,55 @@
+"""The `__main__` of every service: config (environment, then flags) -> build -> serve until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from services.common.server import run_until_signal
+from shared.config import ConfigError, add_cli_args, describe, from_env, telemetry_from_env
+
+
+def service_main(
+    role: str,
+    config_cls: type,
+    description: str,
+    load_app: Callable[[], type],
+    argv: list[str],
+    fixed: dict[str, Any] | None = None,
+) -> int:
+    """`load_app` imports the service's App class only once the configuration is valid:
+    loading torch and the engine is slow, and `--help` should not wait for it. `fixed`
+    settings are set by the entry point (e.g. a worker's role), not by flags."""
+    fixed = fixed or {}
+    parser = argparse.ArgumentParser(
+        prog=f"python -m services.{role}",
+        description=description,
+        epilog="Settings (flags override the environment):\n" + describe(config_cls),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_cli_args(parser, config_cls, skip=tuple(fixed))
+    args = parser.parse_args(argv)
+    try:
+        config = from_env(config_cls, overrides={**vars(args), **fixed})
+        telemetry_config = telemetry_from_env(f"tandem-{role}")
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+
+    from shared.telemetry import setup_telemetry
+
+    app_cls = load_app()
+
+    async def run() -> None:
+        app = app_cls(config, telemetry=setup_telemetry(telemetry_config))  # workers load the model here
+        await run_until_signal(app.start, app.stop)
+
+    try:
+        asyncio.run(run())
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    return 0
