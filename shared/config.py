@@ -155,21 +155,12 @@ class SchedulerConfig(ServerSettings):
 
 
 @dataclass(frozen=True)
-class WorkerConfig(ServerSettings):
-    """A prefill or decode worker: one engine, the KV transport, optional self-registration."""
+class EngineSettings(ServerSettings):
+    """What every service that runs a model (prefill, decode, draft) needs."""
 
-    role: str = setting(
-        "TANDEM_ROLE", "decode", "Worker role; set by the service entry point.", choices=("prefill", "decode")
-    )
     model: str = setting("TANDEM_MODEL", "", "Model directory (config.json, *.safetensors, tokenizer.json).")
     model_name: str = setting(
         "TANDEM_MODEL_NAME", "", "Name reported to the scheduler; default: the model directory's name."
-    )
-    engine: str = setting(
-        "TANDEM_ENGINE",
-        "torch",
-        "Engine implementation: torch, or trtllm (TensorRT-LLM, its image only; see docs/deploy.md).",
-        choices=("torch", "trtllm"),
     )
     device: str = setting("TANDEM_DEVICE", "cpu", "torch device of the engine: cpu, cuda, cuda:N.")
     dtype: str = setting("TANDEM_DTYPE", "float32", "Weight and KV element type.", choices=DTYPES)
@@ -187,26 +178,61 @@ class WorkerConfig(ServerSettings):
         minimum=1,
     )
     max_num_seqs: int = setting("TANDEM_MAX_NUM_SEQS", 64, "Most sequences in one batch.", minimum=1)
-    max_batched_tokens: int = setting(
-        "TANDEM_MAX_BATCHED_TOKENS",
-        512,
-        "Token budget of one engine step (longer prompts prefill in chunks).",
-        minimum=1,
-    )
     max_model_len: int | None = setting(
         "TANDEM_MAX_MODEL_LEN",
         None,
         "Longest sequence in tokens; default: the model's max_position_embeddings.",
         minimum=1,
     )
-    prefix_caching: bool = setting(
-        "TANDEM_PREFIX_CACHING", True, "Reuse KV blocks of identical prompt prefixes."
-    )
     torch_threads: int | None = setting(
         "TANDEM_TORCH_THREADS",
         None,
         "torch intra-op threads, so several workers on one host do not oversubscribe it.",
         minimum=1,
+    )
+
+    def _validate_engine(self) -> None:
+        if not self.model:
+            raise ConfigError("TANDEM_MODEL: required (the model directory)")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ConfigError(f"TANDEM_DEVICE: expected cpu, cuda or cuda:N, got {self.device!r}")
+
+    def _engine_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(
+            model=self.model,
+            dtype=self.dtype,
+            device=self.device,
+            block_size=self.block_size,
+            num_blocks=self.num_blocks,
+            max_num_seqs=self.max_num_seqs,
+            max_model_len=self.max_model_len,
+        )
+        if self.kv_cache_memory is not None:
+            kwargs["kv_cache_memory"] = self.kv_cache_memory
+        return kwargs
+
+
+@dataclass(frozen=True)
+class WorkerConfig(EngineSettings):
+    """A prefill or decode worker: one engine, the KV transport, optional self-registration."""
+
+    role: str = setting(
+        "TANDEM_ROLE", "decode", "Worker role; set by the service entry point.", choices=("prefill", "decode")
+    )
+    engine: str = setting(
+        "TANDEM_ENGINE",
+        "torch",
+        "Engine implementation: torch, or trtllm (TensorRT-LLM, its image only; see docs/deploy.md).",
+        choices=("torch", "trtllm"),
+    )
+    max_batched_tokens: int = setting(
+        "TANDEM_MAX_BATCHED_TOKENS",
+        512,
+        "Token budget of one engine step (longer prompts prefill in chunks).",
+        minimum=1,
+    )
+    prefix_caching: bool = setting(
+        "TANDEM_PREFIX_CACHING", True, "Reuse KV blocks of identical prompt prefixes."
     )
     kv_transport: str = setting(
         "TANDEM_KV_TRANSPORT",
@@ -290,8 +316,7 @@ class WorkerConfig(ServerSettings):
         return self.spec_proposer
 
     def validate(self) -> None:
-        if not self.model:
-            raise ConfigError("TANDEM_MODEL: required (the model directory)")
+        self._validate_engine()
         if self.scheduler_addr:
             _check_address("TANDEM_SCHEDULER_ADDR", self.scheduler_addr)
         if self.draft_addr:
@@ -302,70 +327,24 @@ class WorkerConfig(ServerSettings):
             raise ConfigError(
                 f"TANDEM_NUM_SPECULATIVE_TOKENS: must be <= {MAX_SPECULATIVE_TOKENS}, got {self.num_speculative_tokens}"
             )
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
-            raise ConfigError(f"TANDEM_DEVICE: expected cpu, cuda or cuda:N, got {self.device!r}")
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `shared.engine.EngineConfig` (built by the worker, which imports torch)."""
-        kwargs: dict[str, Any] = dict(
-            model=self.model,
-            dtype=self.dtype,
-            device=self.device,
-            block_size=self.block_size,
-            num_blocks=self.num_blocks,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_batched_tokens,
-            max_model_len=self.max_model_len,
-            enable_prefix_caching=self.prefix_caching,
-            num_speculative_tokens=self.num_speculative_tokens,
-        )
-        if self.kv_cache_memory is not None:
-            kwargs["kv_cache_memory"] = self.kv_cache_memory
-        return kwargs
+        return {
+            **self._engine_kwargs(),
+            "max_num_batched_tokens": self.max_batched_tokens,
+            "enable_prefix_caching": self.prefix_caching,
+            "num_speculative_tokens": self.num_speculative_tokens,
+        }
 
 
 @dataclass(frozen=True)
-class DraftConfig(ServerSettings):
-    """The draft service: a small model proposing tokens for the decode workers' speculation."""
+class DraftConfig(EngineSettings):
+    """The draft service: a small model proposing tokens for the decode workers' speculation.
+    Its TANDEM_MODEL is the draft model, whose vocabulary must be the target model's."""
 
     role: ClassVar[str] = "draft"
 
-    model: str = setting(
-        "TANDEM_MODEL", "", "Draft model directory; its vocabulary must be the target model's."
-    )
-    model_name: str = setting(
-        "TANDEM_MODEL_NAME", "", "Name reported by GetInfo; default: the directory's name."
-    )
-    device: str = setting("TANDEM_DEVICE", "cpu", "torch device of the draft model: cpu, cuda, cuda:N.")
-    dtype: str = setting("TANDEM_DTYPE", "float32", "Weight and KV element type.", choices=DTYPES)
-    block_size: int = setting("TANDEM_BLOCK_SIZE", 16, "Tokens per KV block.", minimum=1)
-    num_blocks: int | None = setting(
-        "TANDEM_NUM_BLOCKS",
-        None,
-        "KV blocks to allocate; default: sized from TANDEM_KV_CACHE_MEMORY (cpu) or free memory (cuda).",
-        minimum=1,
-    )
-    kv_cache_memory: int | None = setting(
-        "TANDEM_KV_CACHE_MEMORY",
-        None,
-        "Bytes of KV cache on cpu when TANDEM_NUM_BLOCKS is not set; default: the engine's.",
-        minimum=1,
-    )
-    max_num_seqs: int = setting(
-        "TANDEM_MAX_NUM_SEQS",
-        64,
-        "Sequences the automatic KV sizing makes room for (all decode workers).",
-        minimum=1,
-    )
-    max_model_len: int | None = setting(
-        "TANDEM_MAX_MODEL_LEN",
-        None,
-        "Longest sequence in tokens; default: the model's max_position_embeddings. Longer ones get no proposals.",
-        minimum=1,
-    )
-    torch_threads: int | None = setting(
-        "TANDEM_TORCH_THREADS", None, "torch intra-op threads (several services on one host).", minimum=1
-    )
     idle_timeout_s: float = setting(
         "TANDEM_DRAFT_IDLE_TIMEOUT_S",
         60.0,
@@ -374,27 +353,12 @@ class DraftConfig(ServerSettings):
     )
 
     def validate(self) -> None:
-        if not self.model:
-            raise ConfigError("TANDEM_MODEL: required (the draft model directory)")
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
-            raise ConfigError(f"TANDEM_DEVICE: expected cpu, cuda or cuda:N, got {self.device!r}")
+        self._validate_engine()
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `shared.engine.EngineConfig` for the draft model."""
-        kwargs: dict[str, Any] = dict(
-            model=self.model,
-            dtype=self.dtype,
-            device=self.device,
-            block_size=self.block_size,
-            num_blocks=self.num_blocks,
-            max_num_seqs=self.max_num_seqs,
-            max_model_len=self.max_model_len,
-            # a draft's KV is rolled back into blocks a prefix cache would share: no sharing
-            enable_prefix_caching=False,
-        )
-        if self.kv_cache_memory is not None:
-            kwargs["kv_cache_memory"] = self.kv_cache_memory
-        return kwargs
+        # a draft's KV is rolled back into blocks a prefix cache would share: no sharing
+        return {**self._engine_kwargs(), "enable_prefix_caching": False}
 
 
 def _check_address(env: str, addr: str) -> None:
