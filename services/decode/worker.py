@@ -66,6 +66,7 @@ class PrefillOutcome:
     first_logprob: common_pb2.TokenLogprob | None
     num_cached_tokens: int
     kv_bytes: int
+    kv_seconds: float  # first KV piece received to the last one imported
 
 
 class PrefillPeerUnavailable(Exception):
@@ -122,6 +123,12 @@ class DecodeWorker:
 
     async def generate(self, job: DecodeJob) -> AsyncIterator[tuple[RequestOutput, str]]:
         """(output, prefilled_by) pairs; prefilled_by is the peer's address or "" (local)."""
+        # the request's server span parents the draft calls made for it (see draft_client.py)
+        with self._telemetry.request_spans.bind(job.request_id):
+            async for item in self._generate(job):
+                yield item
+
+    async def _generate(self, job: DecodeJob) -> AsyncIterator[tuple[RequestOutput, str]]:
         generated = self._telemetry.metrics.generation_tokens
         spec = SpecTally(self._telemetry.metrics)
         if job.prefill_peer:
@@ -144,14 +151,19 @@ class DecodeWorker:
                     raise DeadlineExceeded(f"deadline passed while prefilling on {e}") from None
         self.num_local_prefills += 1
         self._telemetry.metrics.prompt_tokens.inc(len(job.prompt_token_ids))
+        queued = None  # seconds the request waited in the engine's queue, once known
         with self._telemetry.span("decode", request_id=job.request_id, disaggregated=False) as sp:
             async for out in self._aengine.generate(job.request_id, job.prompt_token_ids, job.params):
                 generated.inc(len(out.new_token_ids))
                 spec.observe(out)
+                if queued is None and out.queue_seconds is not None:
+                    queued = out.queue_seconds
+                    self._telemetry.metrics.queue_time_seconds.observe(queued)
                 annotate(
                     sp,
                     completion_tokens=out.num_output_tokens,
                     cached_tokens=out.num_cached_tokens,
+                    queue_seconds=out.queue_seconds,
                     **spec_attributes(out),
                 )
                 yield out, ""
@@ -212,11 +224,22 @@ class DecodeWorker:
             kv_blocks=-(-len(job.prompt_token_ids) // block_size),
         ) as sp:
             outcome = await self._prefill_on_peer(job)
-            seconds = time.perf_counter() - start
             annotate(
-                sp, kv_bytes=outcome.kv_bytes, kv_seconds=seconds, cached_tokens=outcome.num_cached_tokens
+                sp,
+                kv_bytes=outcome.kv_bytes,
+                kv_seconds=outcome.kv_seconds,
+                prefill_seconds=time.perf_counter() - start,
+                cached_tokens=outcome.num_cached_tokens,
             )
-        self._telemetry.metrics.record_kv_transfer(self._transport, outcome.kv_bytes, seconds)
+        self._telemetry.metrics.record_kv_transfer(self._transport, outcome.kv_bytes, outcome.kv_seconds)
+        log.debug(
+            "KV of %s from %s: %d bytes in %.4f s (%s)",
+            job.request_id,
+            job.prefill_peer,
+            outcome.kv_bytes,
+            outcome.kv_seconds,
+            self._transport,
+        )
         return outcome
 
     async def _prefill_on_peer(self, job: DecodeJob) -> PrefillOutcome:
@@ -273,6 +296,7 @@ class DecodeWorker:
                         r.first_logprob if r.HasField("first_logprob") else None,
                         r.num_cached_tokens,
                         importer.num_bytes,
+                        importer.seconds,
                     )
         except grpc.aio.AioRpcError as e:
             # whatever the peer's trouble (down, stopping, failed, even refusing the request the
