@@ -122,7 +122,9 @@ def run(args) -> int:
         results["tandem"].append(run_tandem(args, prompts))
         if model is not None:
             results["hf_static"].append(run_hf_static(args, model, prompts))
-            results["hf_one"].append(run_hf_one(args, model, prompts[: args.hf_one_prompts]))
+            # an evenly spaced subset, so its lengths follow the whole workload's
+            step = max(1, len(prompts) // args.hf_one_prompts)
+            results["hf_one"].append(run_hf_one(args, model, prompts[::step][: args.hf_one_prompts]))
     med = {k: statistics.median(v) for k, v in results.items() if v}
     report = {
         "command": "python -m tools.bench engine " + " ".join(

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
+
 
 @dataclass
 class PrefillSeq:
@@ -71,6 +73,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     for group in meta.decodes:
         b, nb = group.block_tables.shape
         q_d = q[group.query_start: group.query_start + b]  # [B, Hq, D]
+        if cpu_kernels.usable(q_d):  # reads each block in place: no gathered copy
+            out[group.query_start: group.query_start + b] = cpu_kernels.decode_attention(
+                q_d, k_cache, v_cache, group.block_tables, group.context_lens, scale, meta.sliding_window)
+            continue
         ids, slots = group.block_tables.view(-1), b * nb * block_size
         k_d = _gather(k_cache, ids, slots).view(b, nb * block_size, *k_cache.shape[2:])
         v_d = _gather(v_cache, ids, slots).view(b, nb * block_size, *v_cache.shape[2:])
