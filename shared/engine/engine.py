@@ -16,7 +16,7 @@ import torch
 from shared.params import FinishReason, InvalidRequest, RequestOutput, SamplingParams, TokenLogprobs
 
 from .kv_manager import KVCacheManager
-from .model import ModelConfig
+from .model import ModelConfig, cpu_kernels
 from .request import Request, Status
 from .runner import ModelRunner, SeqInput
 from .sampler import SamplingRow, row_generator, sample, target_distribution, token_logprobs
@@ -71,6 +71,8 @@ class LLMEngine:
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
         self.runner = ModelRunner(config.model, self.model_config, config.dtype, config.device)
+        if self.runner.device.type == "cpu":
+            cpu_kernels.load()  # build (or load the cached) decode kernel now, not on the first request
         self.block_size = config.block_size
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
