@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from tools.bench.machine import loadavg, machine_info
 
 
 def add_parser(sub) -> None:
@@ -38,6 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--out", default="bench-results/engine.json")
+    p.add_argument("--markdown", default=None, help="also write the report table to this Markdown file")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -113,6 +115,7 @@ def _sync(device: str) -> None:
 def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_before = loadavg()
     cfg = json.loads((Path(args.model) / "config.json").read_text())
     prompts = make_workload(cfg["vocab_size"], args.num_prompts, args.min_input, args.max_input, args.seed,
                             cfg.get("bos_token_id"))
@@ -129,7 +132,9 @@ def run(args) -> int:
     report = {
         "command": "python -m tools.bench engine " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("func",) and v is not None),
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, {platform.processor() or ''}".strip(),
+        "machine": machine_info(args.device),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": [load_before, loadavg()],
         "device": args.device,
         "workload": {"num_prompts": args.num_prompts, "input_len": [args.min_input, args.max_input],
                      "output_len": args.output_len},
@@ -141,11 +146,21 @@ def run(args) -> int:
         report["ratio_vs_hf_static"] = med["tandem"] / med["hf_static"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"model {args.model} on {args.device}, {args.num_prompts} prompts, input {args.min_input}-"
-          f"{args.max_input}, output {args.output_len} (median of {args.repeats})")
-    print("| system | output tok/s | tandem / system |")
-    print("|---|---|---|")
-    for name, value in med.items():
-        print(f"| {name} | {value:.1f} | {med['tandem'] / value:.2f}x |")
+    lines = [
+        f"`{report['command']}`",
+        "",
+        f"Machine: {report['machine']['label']}, {report['torch_threads']} torch thread(s), "
+        f"load average {report['load_average'][0]} before / {report['load_average'][1]} after. Model {args.model}; {args.num_prompts} prompts, "
+        f"input {args.min_input}-{args.max_input} tokens, {args.output_len} output tokens each (ignore_eos); "
+        f"median of {args.repeats} runs.",
+        "",
+        "| system | output tok/s | tandem / system |",
+        "|---|---|---|",
+        *(f"| {name} | {value:.1f} | {med['tandem'] / value:.2f}x |" for name, value in med.items()),
+    ]
+    print("\n".join(lines))
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
     return 0
