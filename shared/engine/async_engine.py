@@ -8,6 +8,7 @@ request's asyncio queue through `call_soon_threadsafe`. Knows nothing of gRPC.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -92,10 +93,20 @@ class AsyncEngine:
     async def stream(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
+            error: BaseException | None = None  # arrived behind outputs still to yield
             while True:
-                item = await q.get()
+                item = error or await q.get()
                 if isinstance(item, BaseException):
                     raise item
+                # Fold the outputs queued up behind this one into it: a consumer that fell
+                # behind (slow client, busy event loop) then sends one message with several
+                # tokens instead of a backlog of one-token messages.
+                while not item.finished and not q.empty():
+                    nxt = q.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        error = nxt
+                        break
+                    item = _merge(item, nxt)
                 finished = item.finished
                 yield item
                 if finished:
@@ -158,6 +169,19 @@ class AsyncEngine:
         if entry is not None:
             loop, q = entry
             _post(loop, q.put_nowait, item)
+
+
+def _merge(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """One output with the new tokens of both; counters and finish state from the later one."""
+    logprobs = None
+    if first.logprobs is not None or then.logprobs is not None:
+        logprobs = (first.logprobs or []) + (then.logprobs or [])
+    return dataclasses.replace(
+        then,
+        new_token_ids=first.new_token_ids + then.new_token_ids,
+        logprobs=logprobs,
+        queue_seconds=first.queue_seconds if first.queue_seconds is not None else then.queue_seconds,
+    )
 
 
 def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:

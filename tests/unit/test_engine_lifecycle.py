@@ -229,3 +229,21 @@ def test_bfloat16_and_float16_engines_track_float32(ckpt):
         # half precision: close in distribution, same top choice
         assert torch.nn.functional.cosine_similarity(lr, lo, dim=0) > 0.99
         assert lr.argmax() == lo.argmax()
+
+
+def test_async_engine_coalesces_outputs_for_a_slow_consumer(ckpt):
+    """A consumer that falls behind gets the queued tokens in fewer, larger outputs, none lost."""
+    ref = make_engine(ckpt).generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0]
+    aeng = AsyncEngine(make_engine(ckpt)).start()
+
+    async def slow():
+        outs = []
+        async for out in aeng.generate("s", PROMPTS[0], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)):
+            outs.append(out)
+            await asyncio.sleep(0.2)
+        return outs
+
+    outs = asyncio.run(slow())
+    aeng.shutdown()
+    assert [t for o in outs for t in o.new_token_ids] == ref
+    assert len(outs) < len(ref) and outs[-1].finished and outs[-1].num_output_tokens == 30
