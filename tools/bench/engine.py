@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -130,8 +132,7 @@ def run(args) -> int:
             results["hf_one"].append(run_hf_one(args, model, prompts[::step][: args.hf_one_prompts]))
     med = {k: statistics.median(v) for k, v in results.items() if v}
     report = {
-        "command": "python -m tools.bench engine " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("func",) and v is not None),
+        "command": "python -m tools.bench " + shlex.join(sys.argv[1:]),
         "machine": machine_info(args.device),
         "torch_threads": torch.get_num_threads(),
         "load_average": [load_before, loadavg()],
