@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -76,3 +78,20 @@ class Service:
     def log(self) -> str:
         self._log.flush()
         return self.log_path.read_text()[-4000:]
+
+
+@contextlib.contextmanager
+def serving(services: dict[str, Service]) -> Iterator[dict[str, Service]]:
+    """Wait until every service is SERVING, yield them, then SIGTERM all (SIGKILL stragglers)."""
+    try:
+        for s in services.values():
+            s.wait_serving()
+        yield services
+    finally:
+        for s in services.values():
+            s.terminate()
+        for s in services.values():
+            try:
+                s.wait(15)
+            except subprocess.TimeoutExpired:
+                s.kill()

@@ -10,7 +10,6 @@ coming back, in tests/integration/test_reliability_faults.py.)
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 
 import grpc
@@ -18,7 +17,7 @@ import pytest
 
 from shared.pb.tandem.v1 import common_pb2, generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
 
-from .procs import Service, free_port
+from .procs import Service, free_port, serving
 
 pytestmark = pytest.mark.slow
 
@@ -52,18 +51,8 @@ def stack(tiny_model, tmp_path_factory):
         },
         logs,
     )
-    try:
-        for s in services.values():
-            s.wait_serving()
+    with serving(services):
         yield services
-    finally:
-        for s in services.values():
-            s.terminate()
-        for s in services.values():
-            try:
-                s.wait(15)
-            except subprocess.TimeoutExpired:
-                s.kill()
 
 
 def worker_health(stub) -> dict[str, bool]:

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2
 from shared.pb.tandem.v1 import common_pb2, generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
 from shared.text import Tokenizer
 
-from .procs import ROOT, Service, free_port
+from .procs import ROOT, Service, free_port, serving
 
 pytestmark = pytest.mark.slow
 
@@ -47,18 +47,8 @@ def stack(tiny_model, tmp_path_factory):
         "prefill": Service("prefill", {**worker, "TANDEM_PORT": str(free_port())}, logs),
         "decode": Service("decode", {**worker, "TANDEM_PORT": str(free_port())}, logs),
     }
-    try:
-        for s in services.values():
-            s.wait_serving()
+    with serving(services):
         yield services
-    finally:
-        for s in services.values():
-            s.terminate()
-        for s in services.values():
-            try:
-                s.wait(15)
-            except subprocess.TimeoutExpired:
-                s.kill()
 
 
 def wait_registered(stub, timeout_s=30.0):
