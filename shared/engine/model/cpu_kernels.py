@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import sys
 
 import torch
 
@@ -106,6 +108,11 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 @functools.cache
 def load():
     """The compiled module, or None when it cannot be built here (then callers use torch ops)."""
+    # ninja comes with Tandem's Python dependencies; make it findable when the environment's
+    # bin directory is not on PATH (e.g. `.venv/bin/python -m ...` without activating it)
+    bindir = os.path.dirname(sys.executable)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     try:
         from torch.utils.cpp_extension import load_inline
 
