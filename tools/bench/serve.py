@@ -224,7 +224,7 @@ def run(args) -> int:
             "path": str(model),
             "vocab_size": shape.vocab_size,
             "max_model_len": shape.max_model_len,
-            "draft": str(draft_model_dir(str(model))) if speculating else None,
+            "draft": str(Path(model).parent / "draft") if speculating else None,
         },
         "settings": {k: v for k, v in vars(args).items() if k not in ("func", "subparser")}
         | {"request_rate": _rate_label(args.request_rate)},
