@@ -36,7 +36,7 @@ from . import plots, report
 from .loadgen import EngineBackend, GrpcBackend
 from .machine import cores, loadavg, machine_info, model_shape
 from .runner import Runner
-from .topology import CONFIGURATIONS, EngineSettings, Services, draft_model_dir, unavailable_reason
+from .topology import CONFIGURATIONS, EngineSettings, Services, unavailable_reason
 from .workloads import describe
 
 BASELINES = ("engine", "hf_static", "hf_one")
