@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("models/tandem-demo-code"))
     p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3, help="target peak learning rate")
     p.add_argument("--draft-lr", type=float, default=3e-3)
