@@ -112,9 +112,12 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                await asyncio.shield(self.abort(request_id))
+            # A client may reuse a request id: once a newer stream registered under it, this
+            # one's late clean-up must neither unregister nor abort the newer request.
+            if self._streams.get(request_id, (None, None))[1] is q:
+                del self._streams[request_id]
+                if not finished:
+                    await asyncio.shield(self.abort(request_id))
 
     # -- engine thread ----------------------------------------------------------------
     def _loop(self) -> None:
