@@ -9,6 +9,7 @@ What the containers need that this test cannot see is checked in tests/unit/test
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 import urllib.request
@@ -33,10 +34,14 @@ PROMPT = [1, *range(40, 90)]
 STARTUP_S = 90.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: all sockets stay bound until every port is picked, so the OS
+    cannot hand the same port out twice."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +50,7 @@ def deployment(tiny_model, tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     (models / "target").symlink_to(tiny_model, target_is_directory=True)
     (models / "draft").symlink_to(tiny_model, target_is_directory=True)  # a perfect draft; cheap to make
+    ports = iter(free_ports(2 * len(TANDEM) + 1))
     variables = {
         # what a user would put in .env: the model, small KV pools, free ports on this host
         "TANDEM_MODELS_DIR": str(models),
@@ -53,9 +59,9 @@ def deployment(tiny_model, tmp_path_factory):
         "TANDEM_NUM_BLOCKS": "64",
         "TANDEM_TORCH_THREADS": "1",
         "TANDEM_GRACE_PERIOD_S": "1",
-        **{f"TANDEM_{name.upper()}_PORT": str(free_port()) for name in TANDEM},
-        **{f"TANDEM_{name.upper()}_METRICS_PORT": str(free_port()) for name in TANDEM},
-        "TANDEM_KV_RECEIVER_PORT": str(free_port()),
+        **{f"TANDEM_{name.upper()}_PORT": str(next(ports)) for name in TANDEM},
+        **{f"TANDEM_{name.upper()}_METRICS_PORT": str(next(ports)) for name in TANDEM},
+        "TANDEM_KV_RECEIVER_PORT": str(next(ports)),
     }
     model = load_project(FILES, variables)
     services = model["services"]
