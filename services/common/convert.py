@@ -39,6 +39,20 @@ def sampling_from_pb(
     )
 
 
+def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParameters:
+    """The sampling fields a draft needs to draw as the target would (inverse of sampling_from_pb)."""
+    pb = common_pb2.SamplingParameters(
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty,
+    )
+    if p.seed is not None:
+        pb.seed = p.seed
+    return pb
+
+
 def logprob_to_pb(lp: TokenLogprobs) -> common_pb2.TokenLogprob:
     return common_pb2.TokenLogprob(
         token_id=lp.token_id,

@@ -25,12 +25,13 @@ import grpc
 import torch
 from opentelemetry.trace import Link, SpanKind
 
+from services.common.convert import sampling_to_pb
 from services.common.server import CHANNEL_OPTIONS
 from shared.config import WorkerConfig
 from shared.engine.draft import probs_from_bytes
 from shared.engine.spec import NgramProposer, Proposal, ProposalRequest, Proposer
-from shared.params import RequestOutput, SamplingParams
-from shared.pb.tandem.v1 import common_pb2, draft_pb2, draft_pb2_grpc
+from shared.params import RequestOutput
+from shared.pb.tandem.v1 import draft_pb2, draft_pb2_grpc
 from shared.telemetry import Telemetry, annotate, inject_context
 from shared.telemetry.attributes import REQUEST_ID, RPC_GRPC_STATUS_CODE
 
@@ -191,7 +192,7 @@ class DraftProposer:
             num_proposals=req.num_tokens,
         )
         if not (req.params.greedy and req.params.repetition_penalty == 1.0):
-            entry.sampling.CopyFrom(_sampling_to_pb(req.params))
+            entry.sampling.CopyFrom(sampling_to_pb(req.params))
         return entry, accepted
 
     def _proposal(
@@ -251,19 +252,6 @@ def spec_attributes(out: RequestOutput) -> dict[str, int]:
         spec_accepted=out.num_spec_accepted,
         spec_steps=out.num_spec_steps,
     )
-
-
-def _sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParameters:
-    pb = common_pb2.SamplingParameters(
-        temperature=p.temperature,
-        top_k=p.top_k,
-        top_p=p.top_p,
-        min_p=p.min_p,
-        repetition_penalty=p.repetition_penalty,
-    )
-    if p.seed is not None:
-        pb.seed = p.seed
-    return pb
 
 
 def _common_prefix(a: list[int], b: list[int], start: int = 0) -> int:
