@@ -12,13 +12,14 @@ pytestmark = pytest.mark.skipif(cpu_kernels.load() is None, reason="no C++ toolc
 
 
 @pytest.mark.parametrize("window", [None, 7])
-@pytest.mark.parametrize("heads,kv_heads", [(8, 4), (4, 4), (6, 1)])
-def test_kernel_matches_torch_path(monkeypatch, window, heads, kv_heads):
+@pytest.mark.parametrize("heads,kv_heads", [(8, 4), (4, 4), (6, 1), (6, 2)])
+@pytest.mark.parametrize("d", [16, 32, 64, 128])  # 32/64/128 take the vectorized path where the CPU has AVX2
+def test_kernel_matches_torch_path(monkeypatch, window, heads, kv_heads, d):
     g = torch.Generator().manual_seed(0)
-    nb, bs, d = 40, 4, 16
+    nb, bs = 40, 4
     k_cache = torch.randn(nb, bs, kv_heads, d, generator=g)
     v_cache = torch.randn(nb, bs, kv_heads, d, generator=g)
-    lens = torch.tensor([1, 5, 17, 30])
+    lens = torch.tensor([1, 5, 8, 9, 17, 30, 32])  # below, at and off multiples of 8
     tables = torch.stack([torch.randperm(nb, generator=g)[:8] for _ in lens])
     q = torch.randn(len(lens), heads, d, generator=g)
     meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), prefills=[],
