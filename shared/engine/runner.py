@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import hugepages
 from .model import AttentionMetadata, DecodeGroup, LlamaForCausalLM, ModelConfig, PrefillSeq, load_weights
 
 DECODE_GROUP_MAX = 32  # sequences per batched decode attention call
@@ -49,8 +50,11 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         c = self.cfg
         self.block_size = block_size
-        self.kv_cache = torch.zeros(c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim,
-                                    dtype=self.dtype, device=self.device)
+        shape = (c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        if self.device.type == "cpu":
+            self.kv_cache = hugepages.zeros(shape, self.dtype)
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     @torch.inference_mode()
     def forward(self, prefills: list[SeqInput], decodes: list[SeqInput], num_logits: list[int]) -> torch.Tensor:
