@@ -28,3 +28,24 @@ def test_kernel_matches_torch_path(monkeypatch, window, heads, kv_heads, d):
     monkeypatch.setattr(cpu_kernels, "usable", lambda q: False)
     reference = paged_attention(q, k_cache, v_cache, meta, d ** -0.5)
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [16, 32, 64])
+def test_kernel_reads_half_precision_caches(monkeypatch, dtype, d):
+    """A bf16/fp16 cache is read as is (float32 arithmetic): the result equals float32 attention
+    over the same (rounded) values, up to the rounding of the output."""
+    g = torch.Generator().manual_seed(1)
+    nb, bs, heads, kv_heads = 40, 4, 6, 2
+    k_cache = torch.randn(nb, bs, kv_heads, d, generator=g).to(dtype)
+    v_cache = torch.randn(nb, bs, kv_heads, d, generator=g).to(dtype)
+    lens = torch.tensor([1, 7, 8, 9, 30])
+    tables = torch.stack([torch.randperm(nb, generator=g)[:8] for _ in lens])
+    q = torch.randn(len(lens), heads, d, generator=g).to(dtype)
+    meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), prefills=[],
+                             decodes=[DecodeGroup(0, tables, lens, int(lens.max()))], sliding_window=None)
+    fast = paged_attention(q, k_cache, v_cache, meta, d ** -0.5)
+    assert fast.dtype == dtype
+    monkeypatch.setattr(cpu_kernels, "usable", lambda q: False)
+    reference = paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, d ** -0.5)
+    torch.testing.assert_close(fast.float(), reference, atol=1e-2, rtol=1e-2)

@@ -3,7 +3,9 @@
 Pure-PyTorch paged attention must first gather every sequence's blocks into one contiguous
 tensor and then read it again; at decode time, on CPU, that copy costs more than the
 attention itself. This kernel reads each key and value row once, straight from its block,
-with a numerically stable softmax, one sequence per task across threads.
+with a numerically stable softmax, one sequence per task across threads. The cache may be
+float32, bfloat16 or float16 (read as is, computed in float32); with AVX2 and head sizes
+32/64/128 it runs vectorized, otherwise a portable scalar loop.
 
 It is built with torch's JIT extension loader (needs a C++ compiler and ninja) and cached
 by torch under ~/.cache/torch_extensions. When it cannot be built, `load()` returns None and
@@ -35,18 +37,27 @@ _SOURCE = r"""
 
 namespace {
 
-// Shapes and pointers of one call. q: [B, Hq, D]; caches: [num_blocks, block_size, Hkv, D];
-// block_tables: [B, max_blocks]; context_lens: [B]; out: [B, Hq, D]. All float32, contiguous.
+// Shapes and pointers of one call. q: [B, Hq, D] float32; caches: [num_blocks, block_size, Hkv, D]
+// of T (float32, bfloat16 or float16); block_tables: [B, max_blocks]; context_lens: [B];
+// out: [B, Hq, D] float32. All contiguous. Arithmetic is float32 whatever T is.
 struct Args {
   int64_t Hq, D, bs, Hkv, G, max_blocks, window;
-  const float *q, *k, *v;
+  const float* q;
+  const void *k, *v;
   const int64_t *bt, *cl;
   float* out;
   float scale;
 };
 
+template <typename T>
+inline float ld1(const T* p) { return static_cast<float>(*p); }
+
 // Portable path: any head size, any CPU.
-void attend_scalar(const Args& a, int64_t b, std::vector<float>& scores, std::vector<float>&) {
+template <typename T>
+void attend_scalar(const Args& a, int64_t b, std::vector<float>& scores, std::vector<float>&,
+                   std::vector<int64_t>&) {
+  const T* kc = static_cast<const T*>(a.k);
+  const T* vc = static_cast<const T*>(a.v);
   const int64_t ctx = a.cl[b], start = a.window > 0 ? std::max<int64_t>(0, ctx - a.window) : 0, n = ctx - start;
   scores.resize(n);
   for (int64_t hq = 0; hq < a.Hq; ++hq) {
@@ -54,9 +65,9 @@ void attend_scalar(const Args& a, int64_t b, std::vector<float>& scores, std::ve
     const int64_t h = hq / a.G;  // grouped-query attention: G query heads per KV head
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t t = start; t < ctx; ++t) {
-      const float* kh = a.k + ((a.bt[b * a.max_blocks + t / a.bs] * a.bs + t % a.bs) * a.Hkv + h) * a.D;
+      const T* kh = kc + ((a.bt[b * a.max_blocks + t / a.bs] * a.bs + t % a.bs) * a.Hkv + h) * a.D;
       float s = 0.f;
-      for (int64_t d = 0; d < a.D; ++d) s += qh[d] * kh[d];
+      for (int64_t d = 0; d < a.D; ++d) s += qh[d] * ld1(kh + d);
       scores[t - start] = s * a.scale;
       mx = std::max(mx, scores[t - start]);
     }
@@ -65,9 +76,9 @@ void attend_scalar(const Args& a, int64_t b, std::vector<float>& scores, std::ve
     float* oh = a.out + (b * a.Hq + hq) * a.D;
     std::fill(oh, oh + a.D, 0.f);
     for (int64_t t = start; t < ctx; ++t) {
-      const float* vh = a.v + ((a.bt[b * a.max_blocks + t / a.bs] * a.bs + t % a.bs) * a.Hkv + h) * a.D;
+      const T* vh = vc + ((a.bt[b * a.max_blocks + t / a.bs] * a.bs + t % a.bs) * a.Hkv + h) * a.D;
       const float w = scores[t - start] / total;
-      for (int64_t d = 0; d < a.D; ++d) oh[d] += w * vh[d];
+      for (int64_t d = 0; d < a.D; ++d) oh[d] += w * ld1(vh + d);
     }
   }
 }
@@ -92,6 +103,14 @@ inline __m256 exp_ps(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+// Eight consecutive elements as float32.
+inline __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 ld8(const at::BFloat16* p) {  // bfloat16 is the top half of a float32
+  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+}
+inline __m256 ld8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
 // Eight vectors -> one vector of their eight horizontal sums, in order.
 inline __m256 hsum8(const __m256* a) {
   const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -99,11 +118,11 @@ inline __m256 hsum8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
 }
 
-// Prefetch the K or V rows of tokens [t, t + 8) (all KV heads; one row is contiguous).
-template <typename RowFn>
-inline void prefetch_rows(const float* base, RowFn row, int64_t t, int64_t ctx, int64_t row_bytes) {
-  for (int64_t j = t; j < std::min(t + 8, ctx); ++j) {
-    const char* p = reinterpret_cast<const char*>(base + row(j));
+// Prefetch the K or V rows of tokens [i, i + 8) of the sequence (all KV heads; a row is contiguous).
+template <typename T>
+inline void prefetch_rows(const T* base, const int64_t* rows, int64_t i, int64_t n, int64_t row_bytes) {
+  for (int64_t j = i; j < std::min(i + 8, n); ++j) {
+    const char* p = reinterpret_cast<const char*>(base + rows[j]);
     for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
   }
 }
@@ -113,31 +132,39 @@ inline void prefetch_rows(const float* base, RowFn row, int64_t t, int64_t ctx, 
 // whole while the rows two groups ahead are prefetched (blocks of one sequence are scattered).
 // Pass 1: the scores of all query heads, one transposed horizontal sum per eight dot products.
 // Pass 2: a vectorized softmax per head. Pass 3: the weighted sum of values.
-template <int NV>
-void attend_avx2(const Args& a, int64_t b, std::vector<float>& scores, std::vector<float>& acc) {
+template <typename T, int NV>
+void attend_avx2(const Args& a, int64_t b, std::vector<float>& scores, std::vector<float>& acc,
+                 std::vector<int64_t>& rows) {
+  const T* kc = static_cast<const T*>(a.k);
+  const T* vc = static_cast<const T*>(a.v);
   const int64_t ctx = a.cl[b], start = a.window > 0 ? std::max<int64_t>(0, ctx - a.window) : 0, n = ctx - start;
-  const int64_t npad = (n + 7) / 8 * 8, row_bytes = a.Hkv * a.D * 4;
+  const int64_t npad = (n + 7) / 8 * 8, row_bytes = a.Hkv * a.D * static_cast<int64_t>(sizeof(T));
   scores.resize(a.Hq * npad);
   acc.assign(a.Hq * a.D, 0.f);
+  // offset of each context token's row in the cache, walked block by block (no divisions later)
+  rows.resize(n);
   const int64_t* table = a.bt + b * a.max_blocks;
-  auto row = [&](int64_t t) { return (table[t / a.bs] * a.bs + t % a.bs) * a.Hkv * a.D; };
+  for (int64_t i = 0, blk = start / a.bs, off = start % a.bs; i < n; ++i) {
+    rows[i] = (table[blk] * a.bs + off) * a.Hkv * a.D;
+    if (++off == a.bs) off = 0, ++blk;
+  }
   const float* qb = a.q + b * a.Hq * a.D;
   const __m256 vscale = _mm256_set1_ps(a.scale);
-  for (int64_t t0 = start; t0 < ctx; t0 += 8) {
-    prefetch_rows(a.k, row, t0 + 16, ctx, row_bytes);
-    const float* kr[8];
-    for (int j = 0; j < 8; ++j) kr[j] = a.k + row(std::min(t0 + j, ctx - 1));
+  for (int64_t i0 = 0; i0 < n; i0 += 8) {
+    prefetch_rows(kc, rows.data(), i0 + 16, n, row_bytes);
+    const T* kr[8];
+    for (int j = 0; j < 8; ++j) kr[j] = kc + rows[std::min(i0 + j, n - 1)];
     for (int64_t hq = 0; hq < a.Hq; ++hq) {
       const float* qh = qb + hq * a.D;
       const int64_t koff = hq / a.G * a.D;  // grouped-query attention: G query heads per KV head
       __m256 s[8];
       __m256 qv = _mm256_loadu_ps(qh);
-      for (int j = 0; j < 8; ++j) s[j] = _mm256_mul_ps(qv, _mm256_loadu_ps(kr[j] + koff));
+      for (int j = 0; j < 8; ++j) s[j] = _mm256_mul_ps(qv, ld8(kr[j] + koff));
       for (int v = 1; v < NV; ++v) {
         qv = _mm256_loadu_ps(qh + 8 * v);
-        for (int j = 0; j < 8; ++j) s[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[j] + koff + 8 * v), s[j]);
+        for (int j = 0; j < 8; ++j) s[j] = _mm256_fmadd_ps(qv, ld8(kr[j] + koff + 8 * v), s[j]);
       }
-      _mm256_storeu_ps(scores.data() + hq * npad + (t0 - start), _mm256_mul_ps(hsum8(s), vscale));
+      _mm256_storeu_ps(scores.data() + hq * npad + i0, _mm256_mul_ps(hsum8(s), vscale));
     }
   }
   std::vector<float> inv(a.Hq);
@@ -165,19 +192,19 @@ void attend_avx2(const Args& a, int64_t b, std::vector<float>& scores, std::vect
     for (int64_t i = n; i < npad; ++i) sc[i] = 0.f;  // the last group's padding weighs nothing
     inv[hq] = 1.f / total;
   }
-  for (int64_t t0 = start; t0 < ctx; t0 += 8) {
-    prefetch_rows(a.v, row, t0 + 16, ctx, row_bytes);
-    const float* vr[8];
-    for (int j = 0; j < 8; ++j) vr[j] = a.v + row(std::min(t0 + j, ctx - 1));
+  for (int64_t i0 = 0; i0 < n; i0 += 8) {
+    prefetch_rows(vc, rows.data(), i0 + 16, n, row_bytes);
+    const T* vr[8];
+    for (int j = 0; j < 8; ++j) vr[j] = vc + rows[std::min(i0 + j, n - 1)];
     for (int64_t hq = 0; hq < a.Hq; ++hq) {
-      const float* w = scores.data() + hq * npad + (t0 - start);
+      const float* w = scores.data() + hq * npad + i0;
       const int64_t voff = hq / a.G * a.D;
       float* ah = acc.data() + hq * a.D;
       for (int v = 0; v < NV; ++v) {
         __m256 x0 = _mm256_loadu_ps(ah + 8 * v), x1 = _mm256_setzero_ps();
         for (int j = 0; j < 8; j += 2) {  // two independent FMA chains
-          x0 = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), _mm256_loadu_ps(vr[j] + voff + 8 * v), x0);
-          x1 = _mm256_fmadd_ps(_mm256_set1_ps(w[j + 1]), _mm256_loadu_ps(vr[j + 1] + voff + 8 * v), x1);
+          x0 = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), ld8(vr[j] + voff + 8 * v), x0);
+          x1 = _mm256_fmadd_ps(_mm256_set1_ps(w[j + 1]), ld8(vr[j + 1] + voff + 8 * v), x1);
         }
         _mm256_storeu_ps(ah + 8 * v, _mm256_add_ps(x0, x1));
       }
@@ -192,27 +219,45 @@ void attend_avx2(const Args& a, int64_t b, std::vector<float>& scores, std::vect
 }
 #endif
 
+using AttendFn = void (*)(const Args&, int64_t, std::vector<float>&, std::vector<float>&, std::vector<int64_t>&);
+
+template <typename T>
+AttendFn pick(int64_t D) {
+#ifdef TANDEM_AVX2
+  if (D == 32) return attend_avx2<T, 4>;
+  if (D == 64) return attend_avx2<T, 8>;
+  if (D == 128) return attend_avx2<T, 16>;
+#endif
+  return attend_scalar<T>;
+}
+
 }  // namespace
 
+// q: [B, Hq, D] float32 -> float32 [B, Hq, D]; the caches may be float32, bfloat16 or float16.
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor context_lens,
                                      double scale, int64_t window) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.is_contiguous(), "q must be contiguous float32");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "k and v caches must be contiguous and of one dtype");
   auto out = torch::empty_like(q);
   Args a;
   a.Hq = q.size(1), a.D = q.size(2), a.bs = k_cache.size(1), a.Hkv = k_cache.size(2);
   a.G = a.Hq / a.Hkv, a.max_blocks = block_tables.size(1), a.window = window;
-  a.q = q.data_ptr<float>(), a.k = k_cache.data_ptr<float>(), a.v = v_cache.data_ptr<float>();
+  a.q = q.data_ptr<float>(), a.k = k_cache.data_ptr(), a.v = v_cache.data_ptr();
   a.bt = block_tables.data_ptr<int64_t>(), a.cl = context_lens.data_ptr<int64_t>();
   a.out = out.data_ptr<float>(), a.scale = static_cast<float>(scale);
-  void (*attend)(const Args&, int64_t, std::vector<float>&, std::vector<float>&) = attend_scalar;
-#ifdef TANDEM_AVX2
-  if (a.D == 32) attend = attend_avx2<4>;
-  else if (a.D == 64) attend = attend_avx2<8>;
-  else if (a.D == 128) attend = attend_avx2<16>;
-#endif
+  AttendFn attend;
+  switch (k_cache.scalar_type()) {
+    case torch::kFloat32: attend = pick<float>(a.D); break;
+    case torch::kBFloat16: attend = pick<at::BFloat16>(a.D); break;
+    case torch::kFloat16: attend = pick<at::Half>(a.D); break;
+    default: TORCH_CHECK(false, "unsupported KV cache dtype ", k_cache.scalar_type());
+  }
   at::parallel_for(0, q.size(0), 1, [&](int64_t begin, int64_t end) {  // one task per sequence
     std::vector<float> scores, acc;
-    for (int64_t b = begin; b < end; ++b) attend(a, b, scores, acc);
+    std::vector<int64_t> rows;
+    for (int64_t b = begin; b < end; ++b) attend(a, b, scores, acc, rows);
   });
   return out;
 }
@@ -252,10 +297,15 @@ def load():
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
-    """q: [B, Hq, D] -> [B, Hq, D]; the caller checked `usable`."""
-    return load().paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables, context_lens,
-                                         scale, window or 0)
+    """q: [B, Hq, D] -> [B, Hq, D] in q's dtype; the caller checked `usable`. The caches keep their
+    dtype (bfloat16 halves the bytes read); arithmetic is float32."""
+    out = load().paged_decode_attention(q.float().contiguous(), k_cache, v_cache, block_tables, context_lens,
+                                        scale, window or 0)
+    return out.to(q.dtype)
 
 
 def usable(q: torch.Tensor) -> bool:
-    return q.device.type == "cpu" and q.dtype == torch.float32 and load() is not None
+    return q.device.type == "cpu" and q.dtype in KV_DTYPES and load() is not None
+
+
+KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
