@@ -49,3 +49,25 @@ def test_kernel_reads_half_precision_caches(monkeypatch, dtype, d):
     monkeypatch.setattr(cpu_kernels, "usable", lambda q: False)
     reference = paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, d ** -0.5)
     torch.testing.assert_close(fast.float(), reference, atol=1e-2, rtol=1e-2)
+
+
+def test_fused_elementwise_ops_match_torch():
+    """rms_norm, silu_and_mul and rope_ (float32) equal the PyTorch formulas the model otherwise uses."""
+    import torch.nn.functional as F
+
+    from shared.engine.model.llama import apply_rope
+
+    m = cpu_kernels.load()
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(37, 24, generator=g), torch.randn(24, generator=g)
+    ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(m.rms_norm(x, w, 1e-6), ref, atol=1e-5, rtol=1e-5)
+    gate, up = torch.randn(37, 61, generator=g) * 30, torch.randn(37, 61, generator=g)  # large |x|: exp clamps
+    torch.testing.assert_close(m.silu_and_mul(gate, up), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+    q, k = torch.randn(5, 6, 32, generator=g), torch.randn(5, 2, 32, generator=g)
+    angles = torch.randn(5, 16, generator=g)
+    cos, sin = torch.cat((angles, angles), -1).cos()[:, None], torch.cat((angles, angles), -1).sin()[:, None]
+    q_ref, k_ref = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    m.rope_(q, k, cos[:, 0].contiguous(), sin[:, 0].contiguous())
+    torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-5)

@@ -84,10 +84,10 @@ void attend_scalar(const Args& a, int64_t b, std::vector<float>& scores, std::ve
 }
 
 #ifdef TANDEM_AVX2
-// e^x for x <= 0 (scores minus their maximum): Cephes' polynomial on x = n ln2 + r, relative
-// error below 2e-7; underflows to ~1e-38 instead of 0 below -87.
+// e^x: Cephes' polynomial on x = n ln2 + r, relative error below 2e-7; x is clamped to
+// [-87, 88] (so it gives ~1e-38 instead of 0 far below, and no infinity above).
 inline __m256 exp_ps(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -262,6 +262,79 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out;
 }
 
+// ---- the element-wise parts of a decoder layer, fused (float32; HF Llama's formulas) ----
+
+// weight * (x / sqrt(mean(x^2) + eps)) over the last dim
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && weight.scalar_type() == torch::kFloat32 &&
+              weight.is_contiguous() && weight.numel() == x.size(-1), "rms_norm: contiguous float32 inputs");
+  const int64_t H = x.size(-1), T = x.numel() / H;
+  auto out = torch::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *w = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* r = xp + t * H;
+      float* o = op + t * H;
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < H; ++i) ss += r[i] * r[i];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(H) + feps);
+#pragma omp simd
+      for (int64_t i = 0; i < H; ++i) o[i] = w[i] * (r[i] * inv);
+    }
+  });
+  return out;
+}
+
+// silu(gate) * up, element-wise
+torch::Tensor silu_and_mul(torch::Tensor gate, torch::Tensor up) {
+  TORCH_CHECK(gate.scalar_type() == torch::kFloat32 && up.scalar_type() == torch::kFloat32 && gate.is_contiguous() &&
+              up.is_contiguous() && gate.sizes() == up.sizes(), "silu_and_mul: contiguous float32 inputs of one shape");
+  auto out = torch::empty_like(gate);
+  const float *g = gate.data_ptr<float>(), *u = up.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, gate.numel(), 4096, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+#ifdef TANDEM_AVX2
+    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+    for (; i + 8 <= end; i += 8) {
+      const __m256 x = _mm256_loadu_ps(g + i);
+      const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(zero, x))));
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < end; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  });
+  return out;
+}
+
+// In place, rotate-half convention: x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin.
+// q: [T, Hq, D], k: [T, Hkv, D]; cos, sin: [T, D]
+void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
+              cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && q.is_contiguous() &&
+              k.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(), "rope_: contiguous float32 inputs");
+  const int64_t T = q.size(0), Hq = q.size(1), Hk = k.size(1), D = q.size(2), half = D / 2;
+  float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float *c = cp + t * D, *s = sp + t * D;
+      for (int64_t h = 0; h < Hq + Hk; ++h) {
+        float* x = h < Hq ? qp + (t * Hq + h) * D : kp + (t * Hk + h - Hq) * D;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = x[i], b = x[i + half];
+          x[i] = a * c[i] - b * s[i];
+          x[i + half] = b * c[i + half] + a * s[i + half];
+        }
+      }
+    }
+  });
+}
+
 int64_t vector_width() {
 #ifdef TANDEM_AVX2
   return 8;
@@ -286,7 +359,7 @@ def load():
         return load_inline(
             name="tandem_cpu_attention",
             cpp_sources=[_SOURCE],
-            functions=["paged_decode_attention", "vector_width"],
+            functions=["paged_decode_attention", "rms_norm", "silu_and_mul", "rope_", "vector_width"],
             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"],
             verbose=False,
         )
@@ -309,3 +382,9 @@ def usable(q: torch.Tensor) -> bool:
 
 
 KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fused_ok(x: torch.Tensor) -> bool:
+    """Whether the fused float32 element-wise ops (rms_norm, silu_and_mul, rope_) apply to x.
+    Half precision keeps the PyTorch ops, whose rounding steps match HF's."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and load() is not None
