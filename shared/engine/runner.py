@@ -11,9 +11,21 @@ from dataclasses import dataclass
 import torch
 
 from . import hugepages
-from .model import AttentionMetadata, DecodeGroup, LlamaForCausalLM, ModelConfig, PrefillSeq, load_weights
+from .model import (
+    AttentionMetadata,
+    DecodeGroup,
+    LlamaForCausalLM,
+    ModelConfig,
+    PrefillSeq,
+    cpu_kernels,
+    load_weights,
+)
 
 DECODE_GROUP_MAX = 32  # sequences per batched decode attention call
+# On CPU, a sequence's step of at most this many new tokens attends through the decode kernel,
+# one row per token, instead of gathering its whole context for SDPA: verifying k proposals and
+# a draft's one- or two-token tails cost about what a decode does, not a prefill chunk.
+SHORT_AS_DECODE = 17
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -42,6 +54,8 @@ class ModelRunner:
         self.model = model.eval()
         self.kv_cache: torch.Tensor | None = None
         self.block_size = 0
+        self._decode_kernel = (self.device.type == "cpu" and self.dtype in cpu_kernels.KV_DTYPES
+                               and cpu_kernels.load() is not None)
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         c = self.cfg
@@ -69,14 +83,17 @@ class ModelRunner:
         slots: list[int] = []
         logit_index: list[int] = []
         prefill_meta: list[PrefillSeq] = []
-        for seq, want in zip(prefills + decodes, num_logits, strict=True):
+        short_groups: list[DecodeGroup] = []
+        for i, (seq, want) in enumerate(zip(prefills + decodes, num_logits, strict=True)):
             start = len(tokens)
             pos = range(seq.start, seq.start + seq.n)
             tokens.extend(seq.token_ids[seq.start: seq.start + seq.n])
             positions.extend(pos)
             slots.extend(seq.block_ids[p // bs] * bs + p % bs for p in pos)
             logit_index.extend(range(len(tokens) - want, len(tokens)))
-            if len(prefill_meta) < len(prefills):
+            if i < len(prefills) and seq.n <= SHORT_AS_DECODE and self._decode_kernel:
+                short_groups.append(self._rows_group(seq, start))
+            elif i < len(prefills):
                 prefill_meta.append(PrefillSeq(
                     query_start=start, query_len=seq.n, context_len=seq.start + seq.n,
                     block_table=torch.tensor(seq.block_ids[: -(-(seq.start + seq.n) // bs)], dtype=torch.long,
@@ -86,13 +103,24 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             prefills=prefill_meta,
-            decodes=self._decode_groups(decodes, len(tokens) - len(decodes)),
+            decodes=short_groups + self._decode_groups(decodes, len(tokens) - len(decodes)),
             sliding_window=self.cfg.sliding_window,
         )
         hidden = self.model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
                             self.kv_cache, meta)
         rows = torch.tensor(logit_index, dtype=torch.long, device=dev)
         return self.model.compute_logits(hidden[rows])
+
+    def _rows_group(self, seq: SeqInput, query_start: int) -> DecodeGroup:
+        """A few new tokens of one sequence (speculative verification, a draft's tail) as decode
+        rows: row i attends to the first seq.start + i + 1 tokens, which is the causal mask."""
+        n, table = seq.n, torch.tensor(seq.block_ids, dtype=torch.long, device=self.device)
+        return DecodeGroup(
+            query_start=query_start,
+            block_tables=table[None].expand(n, -1).contiguous(),
+            context_lens=torch.arange(seq.start + 1, seq.start + n + 1, device=self.device),
+            max_context=seq.start + n,
+        )
 
     def _decode_groups(self, decodes: list[SeqInput], first_token: int) -> list[DecodeGroup]:
         """Split decodes (callers pass them sorted by context length) into groups whose

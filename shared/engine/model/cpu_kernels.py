@@ -245,6 +245,9 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.is_contiguous(), "q must be contiguous float32");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "k and v caches must be contiguous and of one dtype");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.is_contiguous() &&
+              context_lens.scalar_type() == torch::kInt64 && context_lens.is_contiguous(),
+              "block_tables and context_lens must be contiguous int64");
   auto out = torch::empty_like(q);
   Args a;
   a.Hq = q.size(1), a.D = q.size(2), a.bs = k_cache.size(1), a.Hkv = k_cache.size(2);
