@@ -71,3 +71,15 @@ def test_fused_elementwise_ops_match_torch():
     m.rope_(q, k, cos[:, 0].contiguous(), sin[:, 0].contiguous())
     torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_rejects_tables_that_point_outside_the_cache():
+    """A bad context length or block id is an error, never a read outside the cache."""
+    k = v = torch.zeros(4, 4, 2, 32)
+    q = torch.zeros(1, 2, 32)
+    m = cpu_kernels.load()
+    with pytest.raises(RuntimeError, match="context length"):
+        m.paged_decode_attention(q, k, v, torch.tensor([[0, 1]]), torch.tensor([9]), 1.0, 0)
+    with pytest.raises(RuntimeError, match="block id"):
+        m.paged_decode_attention(q, k, v, torch.tensor([[0, 7]]), torch.tensor([6]), 1.0, 0)
+    m.paged_decode_attention(q, k, v, torch.tensor([[0, 7]]), torch.tensor([4]), 1.0, 0)  # block 7 unused: fine

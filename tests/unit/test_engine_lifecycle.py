@@ -247,3 +247,30 @@ def test_async_engine_coalesces_outputs_for_a_slow_consumer(ckpt):
     aeng.shutdown()
     assert [t for o in outs for t in o.new_token_ids] == ref
     assert len(outs) < len(ref) and outs[-1].finished and outs[-1].num_output_tokens == 30
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_short_steps_through_the_decode_kernel_equal_the_prefill_path(ckpt, window):
+    """A step of a few new tokens after cached context (speculative verification, a draft's
+    tail) runs as decode-kernel rows on CPU; its logits equal the SDPA prefill path's."""
+    from shared.engine.model import cpu_kernels
+    from shared.engine.runner import SHORT_AS_DECODE, SeqInput
+
+    if cpu_kernels.load() is None:
+        pytest.skip("no C++ toolchain to build the kernel")
+    engine = make_engine(ckpt)
+    runner = engine.runner
+    runner.cfg.sliding_window = window
+    try:
+        tokens = list(range(5, 5 + 40))
+        blocks = list(range(3, 3 + -(-len(tokens) // engine.block_size)))
+        runner.forward([SeqInput(tokens, 0, 30, blocks)], [], [0])  # the cached context: 30 tokens
+        short = [SeqInput(tokens, 30, n, blocks) for n in (1, 4, SHORT_AS_DECODE - 7)]
+        fast = [runner.forward([s], [], [s.n]) for s in short]
+        runner._decode_kernel = False
+        slow = [runner.forward([s], [], [s.n]) for s in short]
+    finally:
+        runner.cfg.sliding_window = None
+        runner._decode_kernel = cpu_kernels.load() is not None
+    for f, s in zip(fast, slow, strict=True):
+        torch.testing.assert_close(f, s, atol=1e-4, rtol=1e-4)

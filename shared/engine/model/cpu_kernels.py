@@ -255,6 +255,16 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   a.q = q.data_ptr<float>(), a.k = k_cache.data_ptr(), a.v = v_cache.data_ptr();
   a.bt = block_tables.data_ptr<int64_t>(), a.cl = context_lens.data_ptr<int64_t>();
   a.out = out.data_ptr<float>(), a.scale = static_cast<float>(scale);
+  // Never read outside the cache: every context fits its table, every block it uses exists.
+  const int64_t num_blocks = k_cache.size(0);
+  for (int64_t b = 0; b < q.size(0); ++b) {
+    const int64_t ctx = a.cl[b];
+    TORCH_CHECK(ctx >= 1 && ctx <= a.max_blocks * a.bs, "context length ", ctx, " out of range for row ", b);
+    for (int64_t i = 0; i < (ctx + a.bs - 1) / a.bs; ++i) {
+      const int64_t blk = a.bt[b * a.max_blocks + i];
+      TORCH_CHECK(blk >= 0 && blk < num_blocks, "block id ", blk, " out of range for row ", b);
+    }
+  }
   AttendFn attend;
   switch (k_cache.scalar_type()) {
     case torch::kFloat32: attend = pick<float>(a.D); break;
