@@ -35,7 +35,7 @@ _SOURCE = r"""
 #include <cmath>
 #include <limits>
 #include <vector>
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define TANDEM_AVX2 1
 #endif
