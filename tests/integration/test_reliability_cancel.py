@@ -204,7 +204,9 @@ async def test_the_deadline_bounds_every_downstream_call(tiny_model, monkeypatch
         responses = [r async for r in c.stub.Generate(make_request(prompt=PROMPT, max_tokens=4), timeout=20)]
         assert len(token_ids(responses)) == 4
         assert seen["decode"] is not None and seen["prefill"] is not None, seen
-        # gRPC sends a timeout rounded up to a few significant digits: allow it a little slack
-        assert 0 < seen["prefill"] <= seen["decode"] + 0.05 and seen["decode"] <= 20.05, seen
+        # gRPC core sends a timeout rounded up to a coarse unit (a 20 s deadline can arrive as
+        # 20.1 s): allow each hop that much slack
+        slack = 0.15
+        assert 0 < seen["prefill"] <= seen["decode"] + slack and seen["decode"] <= 20 + slack, seen
     finally:
         await c.stop()
