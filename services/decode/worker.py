@@ -209,8 +209,8 @@ class DecodeWorker:
         finally:
             if not stream_done:
                 # frees the reservation or the running request (a no-op when already finished)
-                # and drops the output queue
-                await asyncio.shield(self._aengine.abort(rid))
+                # and drops the output queue, unless a newer request reusing the id took it over
+                await asyncio.shield(self._aengine.close_stream(rid, queue))
 
     async def _prefill_on_peer_traced(self, job: DecodeJob) -> PrefillOutcome:
         """_prefill_on_peer in a `kv_transfer` span, and the transfer in the metrics."""

@@ -112,12 +112,18 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            # A client may reuse a request id: once a newer stream registered under it, this
-            # one's late clean-up must neither unregister nor abort the newer request.
-            if self._streams.get(request_id, (None, None))[1] is q:
-                del self._streams[request_id]
-                if not finished:
-                    await asyncio.shield(self.abort(request_id))
+            await asyncio.shield(self.close_stream(request_id, q, abort=not finished))
+
+    async def close_stream(self, request_id: str, q: asyncio.Queue, *, abort: bool = True) -> None:
+        """Unregister the stream `q` and (with abort) abort its request, unless a newer stream
+        took the id over: a client may reuse a request id, and one request's late clean-up must
+        neither unregister nor abort the next one. Engine commands run in order, so an abort
+        sent here lands before anything a newer request under this id asks for."""
+        if self._streams.get(request_id, (None, None))[1] is not q:
+            return
+        del self._streams[request_id]
+        if abort:
+            await self.abort(request_id)
 
     # -- engine thread ----------------------------------------------------------------
     def _loop(self) -> None:

@@ -274,3 +274,25 @@ def test_short_steps_through_the_decode_kernel_equal_the_prefill_path(ckpt, wind
         runner._decode_kernel = cpu_kernels.load() is not None
     for f, s in zip(fast, slow, strict=True):
         torch.testing.assert_close(f, s, atol=1e-4, rtol=1e-4)
+
+
+def test_late_close_of_a_stream_spares_a_newer_request_reusing_its_id(ckpt):
+    """The decode worker's disaggregated path reserves blocks under the client's request id and
+    closes its stream when done. A client may send the next request under the same id before
+    the previous one's clean-up ran: that late clean-up must not free the newer reservation."""
+    engine = make_engine(ckpt)
+    aeng = AsyncEngine(engine).start()
+
+    async def main():
+        old = aeng.open_stream("x")  # the first request: finished, its clean-up still pending
+        new = aeng.open_stream("x")  # the next request under the same id
+        assert await aeng.call(lambda eng: eng.reserve("x", 20))
+        await aeng.close_stream("x", old)  # the first one's late clean-up: a no-op now
+        alive = "x" in engine.requests
+        await aeng.close_stream("x", new)  # the newer request's own clean-up aborts it
+        return alive, await aeng.call(lambda eng: eng.stats())
+
+    alive, stats = asyncio.run(main())
+    aeng.shutdown()
+    assert alive, "the newer request's reservation was freed by the older one's clean-up"
+    assert stats.num_free_blocks == stats.num_total_blocks and not engine.requests
