@@ -95,13 +95,14 @@ async def test_client_cancel_frees_blocks_on_both_workers(cluster):
 
 
 async def test_out_of_kv_blocks_is_resource_exhausted(tiny_model):
-    # 8 blocks of 16 tokens: a running 100-token request leaves too few for a 60-token prompt
-    c = await start_cluster(tiny_model, decode_overrides={"num_blocks": 8})
+    # 24 blocks of 16 tokens: a running 300-token request leaves too few for a 100-token prompt.
+    # It generates 80 tokens, so it still holds its blocks when the second request arrives.
+    c = await start_cluster(tiny_model, decode_overrides={"num_blocks": 24})
     try:
-        hog = c.stub.Generate(make_request(prompt=[1, *range(3, 102)], max_tokens=20))
+        hog = c.stub.Generate(make_request(prompt=[1, *range(3, 302)], max_tokens=80))
         await hog.read()
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await c.generate(prompt=[1, *range(200, 259)], max_tokens=4)
+            await c.generate(prompt=[1, *range(200, 299)], max_tokens=4)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         rest = await read_all(hog)
         assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
