@@ -112,18 +112,26 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            await asyncio.shield(self.close_stream(request_id, q, abort=not finished))
+            # no await once finished: a caller cancelled right after the last output must still
+            # see it (the prefill worker then owns a held request it has to release)
+            if self._unregister(request_id, q) and not finished:
+                await asyncio.shield(self.abort(request_id))
 
-    async def close_stream(self, request_id: str, q: asyncio.Queue, *, abort: bool = True) -> None:
-        """Unregister the stream `q` and (with abort) abort its request, unless a newer stream
-        took the id over: a client may reuse a request id, and one request's late clean-up must
-        neither unregister nor abort the next one. Engine commands run in order, so an abort
-        sent here lands before anything a newer request under this id asks for."""
-        if self._streams.get(request_id, (None, None))[1] is not q:
-            return
-        del self._streams[request_id]
-        if abort:
+    async def close_stream(self, request_id: str, q: asyncio.Queue) -> None:
+        """Unregister the stream `q` and abort its request, unless a newer stream took the id
+        over. Engine commands run in order, so an abort sent here lands before anything a newer
+        request under this id asks for."""
+        if self._unregister(request_id, q):
             await self.abort(request_id)
+
+    def _unregister(self, request_id: str, q: asyncio.Queue) -> bool:
+        """Drop the stream `q` if it is still the one registered under request_id. A client may
+        reuse a request id: one request's late clean-up must neither unregister nor abort the
+        next one's."""
+        if self._streams.get(request_id, (None, None))[1] is not q:
+            return False
+        del self._streams[request_id]
+        return True
 
     # -- engine thread ----------------------------------------------------------------
     def _loop(self) -> None:
