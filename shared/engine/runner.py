@@ -54,8 +54,7 @@ class ModelRunner:
         self.model = model.eval()
         self.kv_cache: torch.Tensor | None = None
         self.block_size = 0
-        self._decode_kernel = (self.device.type == "cpu" and self.dtype in cpu_kernels.KV_DTYPES
-                               and cpu_kernels.load() is not None)
+        self._decode_kernel = cpu_kernels.supports(self.device, self.dtype)
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         c = self.cfg
@@ -91,9 +90,11 @@ class ModelRunner:
             positions.extend(pos)
             slots.extend(seq.block_ids[p // bs] * bs + p % bs for p in pos)
             logit_index.extend(range(len(tokens) - want, len(tokens)))
-            if i < len(prefills) and seq.n <= SHORT_AS_DECODE and self._decode_kernel:
+            if i >= len(prefills):
+                continue
+            if seq.n <= SHORT_AS_DECODE and self._decode_kernel:
                 short_groups.append(self._rows_group(seq, start))
-            elif i < len(prefills):
+            else:
                 prefill_meta.append(PrefillSeq(
                     query_start=start, query_len=seq.n, context_len=seq.start + seq.n,
                     block_table=torch.tensor(seq.block_ids[: -(-(seq.start + seq.n) // bs)], dtype=torch.long,

@@ -54,13 +54,19 @@ struct Args {
   float scale;
 };
 
+// Per-task working memory, reused from one sequence to the next.
+struct Scratch {
+  std::vector<float> scores, acc, inv;
+  std::vector<int64_t> rows;
+};
+
 template <typename T>
 inline float ld1(const T* p) { return static_cast<float>(*p); }
 
 // Portable path: any head size, any CPU.
 template <typename T>
-void attend_scalar(const Args& a, int64_t b, std::vector<float>& scores, std::vector<float>&,
-                   std::vector<int64_t>&) {
+void attend_scalar(const Args& a, int64_t b, Scratch& w) {
+  std::vector<float>& scores = w.scores;
   const T* kc = static_cast<const T*>(a.k);
   const T* vc = static_cast<const T*>(a.v);
   const int64_t ctx = a.cl[b], start = a.window > 0 ? std::max<int64_t>(0, ctx - a.window) : 0, n = ctx - start;
@@ -138,8 +144,9 @@ inline void prefetch_rows(const T* base, const int64_t* rows, int64_t i, int64_t
 // Pass 1: the scores of all query heads, one transposed horizontal sum per eight dot products.
 // Pass 2: a vectorized softmax per head. Pass 3: the weighted sum of values.
 template <typename T, int NV>
-void attend_avx2(const Args& a, int64_t b, std::vector<float>& scores, std::vector<float>& acc,
-                 std::vector<int64_t>& rows) {
+void attend_avx2(const Args& a, int64_t b, Scratch& w) {
+  std::vector<float>&scores = w.scores, &acc = w.acc, &inv = w.inv;
+  std::vector<int64_t>& rows = w.rows;
   const T* kc = static_cast<const T*>(a.k);
   const T* vc = static_cast<const T*>(a.v);
   const int64_t ctx = a.cl[b], start = a.window > 0 ? std::max<int64_t>(0, ctx - a.window) : 0, n = ctx - start;
@@ -172,7 +179,7 @@ void attend_avx2(const Args& a, int64_t b, std::vector<float>& scores, std::vect
       _mm256_storeu_ps(scores.data() + hq * npad + i0, _mm256_mul_ps(hsum8(s), vscale));
     }
   }
-  std::vector<float> inv(a.Hq);
+  inv.resize(a.Hq);
   alignas(32) float tmp[8];
   const int64_t nv = n / 8 * 8;
   for (int64_t hq = 0; hq < a.Hq; ++hq) {
@@ -202,14 +209,14 @@ void attend_avx2(const Args& a, int64_t b, std::vector<float>& scores, std::vect
     const T* vr[8];
     for (int j = 0; j < 8; ++j) vr[j] = vc + rows[std::min(i0 + j, n - 1)];
     for (int64_t hq = 0; hq < a.Hq; ++hq) {
-      const float* w = scores.data() + hq * npad + i0;
+      const float* wt = scores.data() + hq * npad + i0;
       const int64_t voff = hq / a.G * a.D;
       float* ah = acc.data() + hq * a.D;
       for (int v = 0; v < NV; ++v) {
         __m256 x0 = _mm256_loadu_ps(ah + 8 * v), x1 = _mm256_setzero_ps();
         for (int j = 0; j < 8; j += 2) {  // two independent FMA chains
-          x0 = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), ld8(vr[j] + voff + 8 * v), x0);
-          x1 = _mm256_fmadd_ps(_mm256_set1_ps(w[j + 1]), ld8(vr[j + 1] + voff + 8 * v), x1);
+          x0 = _mm256_fmadd_ps(_mm256_set1_ps(wt[j]), ld8(vr[j] + voff + 8 * v), x0);
+          x1 = _mm256_fmadd_ps(_mm256_set1_ps(wt[j + 1]), ld8(vr[j + 1] + voff + 8 * v), x1);
         }
         _mm256_storeu_ps(ah + 8 * v, _mm256_add_ps(x0, x1));
       }
@@ -224,7 +231,7 @@ void attend_avx2(const Args& a, int64_t b, std::vector<float>& scores, std::vect
 }
 #endif
 
-using AttendFn = void (*)(const Args&, int64_t, std::vector<float>&, std::vector<float>&, std::vector<int64_t>&);
+using AttendFn = void (*)(const Args&, int64_t, Scratch&);
 
 template <typename T>
 AttendFn pick(int64_t D) {
@@ -273,9 +280,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
     default: TORCH_CHECK(false, "unsupported KV cache dtype ", k_cache.scalar_type());
   }
   at::parallel_for(0, q.size(0), 1, [&](int64_t begin, int64_t end) {  // one task per sequence
-    std::vector<float> scores, acc;
-    std::vector<int64_t> rows;
-    for (int64_t b = begin; b < end; ++b) attend(a, b, scores, acc, rows);
+    Scratch w;
+    for (int64_t b = begin; b < end; ++b) attend(a, b, w);
   });
   return out;
 }
@@ -352,14 +358,6 @@ void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor si
     }
   });
 }
-
-int64_t vector_width() {
-#ifdef TANDEM_AVX2
-  return 8;
-#else
-  return 1;
-#endif
-}
 """
 
 
@@ -377,7 +375,7 @@ def load():
         return load_inline(
             name="tandem_cpu_kernels",
             cpp_sources=[_SOURCE],
-            functions=["paged_decode_attention", "rms_norm", "silu_and_mul", "rope_", "vector_width"],
+            functions=["paged_decode_attention", "rms_norm", "silu_and_mul", "rope_"],
             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"],
             verbose=False,
         )
@@ -395,14 +393,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out.to(q.dtype)
 
 
-def usable(q: torch.Tensor) -> bool:
-    return q.device.type == "cpu" and q.dtype in KV_DTYPES and load() is not None
-
-
 KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether decode attention runs here for tensors of this device and dtype."""
+    return device.type == "cpu" and dtype in KV_DTYPES and load() is not None
+
+
+def usable(q: torch.Tensor) -> bool:
+    return supports(q.device, q.dtype)
 
 
 def fused_ok(x: torch.Tensor) -> bool:
     """Whether the fused float32 element-wise ops (rms_norm, silu_and_mul, rope_) apply to x.
     Half precision keeps the PyTorch ops, whose rounding steps match HF's."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and load() is not None
+    return x.dtype == torch.float32 and supports(x.device, x.dtype)
