@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import grpc
@@ -82,16 +82,22 @@ class Service:
 
 @contextlib.contextmanager
 def serving(services: dict[str, Service]) -> Iterator[dict[str, Service]]:
-    """Wait until every service is SERVING, yield them, then SIGTERM all (SIGKILL stragglers)."""
+    """Wait until every service is SERVING, yield them, then stop them all."""
     try:
         for s in services.values():
             s.wait_serving()
         yield services
     finally:
-        for s in services.values():
-            s.terminate()
-        for s in services.values():
-            try:
-                s.wait(15)
-            except subprocess.TimeoutExpired:
-                s.kill()
+        stop_all(services.values())
+
+
+def stop_all(services: Iterable[Service]) -> None:
+    """SIGTERM every service, then wait for each (SIGKILL a straggler after 15 s)."""
+    services = list(services)
+    for s in services:
+        s.terminate()
+    for s in services:
+        try:
+            s.wait(15)
+        except subprocess.TimeoutExpired:
+            s.kill()

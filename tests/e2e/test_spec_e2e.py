@@ -5,7 +5,6 @@ same token for token either way, and speculation resumes once the draft answers 
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 import urllib.request
@@ -16,7 +15,7 @@ import pytest
 from shared.pb.tandem.v1 import common_pb2, generate_pb2, generate_pb2_grpc
 from tests.helpers.models import make_tiny_checkpoint
 
-from .procs import Service, free_port
+from .procs import Service, free_port, stop_all
 
 pytestmark = pytest.mark.slow
 
@@ -100,13 +99,7 @@ def stack(tiny_model, draft_model, tmp_path_factory):
         wait_decode_healthy(s.scheduler.address)
         yield s
     finally:
-        for svc in s.services():
-            svc.terminate()
-        for svc in s.services():
-            try:
-                svc.wait(15)
-            except subprocess.TimeoutExpired:
-                svc.kill()
+        stop_all(s.services())
 
 
 def wait_decode_healthy(address: str, timeout_s: float = 30.0) -> None:
