@@ -451,13 +451,16 @@ def add_cli_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ..
         )
 
 
-def telemetry_from_env(default_service_name: str, env: Mapping[str, str] | None = None):
-    """Telemetry settings (OTEL_*, TANDEM_LOG_*, TANDEM_METRICS_PORT, ...), see shared/telemetry/config.py."""
+def telemetry_from_env(
+    default_service_name: str, env: Mapping[str, str] | None = None, host: str = "127.0.0.1"
+):
+    """Telemetry settings (OTEL_*, TANDEM_LOG_*, TANDEM_METRICS_PORT, ...), see shared/telemetry/config.py.
+    `host`: the service's TANDEM_HOST, which its metrics server binds to as well."""
     from shared.telemetry.config import TelemetryConfig
 
     try:
         return TelemetryConfig.from_env(
-            os.environ if env is None else env, default_service_name=default_service_name
+            os.environ if env is None else env, default_service_name=default_service_name, metrics_host=host
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -2,13 +2,21 @@
 
     python -m tools.run_local [--model models/tandem-demo-code/target] [--transport grpc|collective]
                               [--no-prefill] [--port 50051] [--spec draft|ngram|none]
+                              [--dtype float32] [--max-model-len N] [--kv-cache-memory 2GiB]
+                              [--metrics-port 9461]
+
+Ports (the services' defaults and the compose files' too): scheduler --port (50051), prefill
++1, decode +2, draft +3; metrics (Prometheus /metrics) on --metrics-port and the next three,
+in the same order. Everything binds to 127.0.0.1.
 
 The draft service runs when the model has a draft beside it (the demo pair's layout,
 <dir>/target and <dir>/draft; or --draft-model), and the decode worker speculates with it.
 
 Starts each service with `python -m services.<name>`, waits until every one reports SERVING
 on the gRPC health service, prints how to call it, and runs until Ctrl-C / SIGTERM, which it
-passes on to the services (they stop gracefully). Service logs are prefixed with their name.
+passes on to the services as SIGTERM (they stop gracefully; they run in their own process group,
+so a terminal's Ctrl-C reaches only this process). A clean stop exits with 0. Service logs are
+prefixed with their name.
 """
 
 from __future__ import annotations
@@ -27,6 +35,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "models/tandem-demo-code/target"
+# offsets from the scheduler's port (and from the first metrics port): the services' defaults
+PORT_OFFSETS = {"scheduler": 0, "prefill": 1, "decode": 2, "draft": 3}
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "1073741824", "512M", "2G", "2GiB", "1.5GB" (binary units)."""
+    raw = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = raw[-1:] if raw[-1:] in _SIZE_UNITS else ""
+    try:
+        value = float(raw[: len(raw) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 2GiB or 512M, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return int(value * _SIZE_UNITS[unit])
 
 
 def _pump(name: str, stream) -> None:
@@ -44,16 +68,25 @@ def start(name: str, module: str, env: dict[str, str]) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
+        # its own process group: a terminal's Ctrl-C reaches only run_local, which stops the
+        # services in order (SIGTERM), instead of every service at once
+        start_new_session=True,
     )
     threading.Thread(target=_pump, args=(name, proc.stdout), daemon=True).start()
     return proc
 
 
-def wait_healthy(procs: dict[str, subprocess.Popen], addrs: dict[str, str], timeout_s: float) -> None:
-    """Until every service answers SERVING; raises if one exits or the time runs out."""
+def wait_healthy(
+    procs: dict[str, subprocess.Popen],
+    addrs: dict[str, str],
+    timeout_s: float,
+    stop: threading.Event | None = None,
+) -> None:
+    """Until every service answers SERVING; raises if one exits or the time runs out. Returns
+    early when `stop` is set."""
     deadline = time.monotonic() + timeout_s
     pending = dict(addrs)
-    while pending:
+    while pending and not (stop is not None and stop.is_set()):
         for name, addr in list(pending.items()):
             if procs[name].poll() is not None:
                 raise RuntimeError(f"{name} exited with code {procs[name].returncode} during start-up")
@@ -69,7 +102,29 @@ def wait_healthy(procs: dict[str, subprocess.Popen], addrs: dict[str, str], time
         if pending and time.monotonic() > deadline:
             raise RuntimeError(f"not healthy after {timeout_s:.0f}s: {', '.join(pending)}")
         if pending:
-            time.sleep(0.25)
+            if stop is not None:
+                stop.wait(0.25)
+            else:
+                time.sleep(0.25)
+
+
+def wait_routable(scheduler: str, num_workers: int, timeout_s: float, stop: threading.Event) -> None:
+    """Until the scheduler sees its workers healthy (it checks them every health interval)."""
+    from shared.pb.tandem.v1 import generate_pb2, generate_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(scheduler) as channel:
+        stub = generate_pb2_grpc.TandemStub(channel)
+        while not stop.is_set():
+            try:
+                info = stub.GetModelInfo(generate_pb2.GetModelInfoRequest(), timeout=5.0)
+                if sum(w.healthy for w in info.workers) >= num_workers:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the scheduler sees no healthy workers after {timeout_s:.0f}s")
+            stop.wait(0.2)
 
 
 def stop_all(procs: dict[str, subprocess.Popen], grace_s: float) -> int:
@@ -90,16 +145,44 @@ def stop_all(procs: dict[str, subprocess.Popen], grace_s: float) -> int:
     return worst
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.run_local", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "python -m tools.run_local") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model directory (default %(default)s)")
-    parser.add_argument("--port", type=int, default=50051, help="scheduler port; workers use the next ones")
+    parser.add_argument(
+        "--port", type=int, default=50051, help="scheduler port; prefill, decode, draft use the next three"
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9461,
+        help="Prometheus /metrics port of the scheduler; prefill, decode, draft use the next three "
+        "(default %(default)s; 0: no metrics servers)",
+    )
     parser.add_argument("--transport", choices=("grpc", "collective"), default="grpc", help="KV transport")
     parser.add_argument(
         "--no-prefill", action="store_true", help="aggregated mode: the decode worker prefills"
     )
     parser.add_argument(
         "--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads per worker"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="weight and KV element type of the workers (TANDEM_DTYPE; default float32)",
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest sequence in tokens (TANDEM_MAX_MODEL_LEN; default: the model's, or what the KV "
+        "cache holds for one sequence if that is less)",
+    )
+    parser.add_argument(
+        "--kv-cache-memory",
+        type=parse_size,
+        default=None,
+        help="KV cache per worker, e.g. 2GiB or 512M (TANDEM_KV_CACHE_MEMORY; default 1GiB)",
     )
     parser.add_argument(
         "--num-blocks", type=int, default=None, help="KV blocks per worker (default: engine's)"
@@ -120,7 +203,27 @@ def main(argv: list[str] | None = None) -> int:
         "(default: $TANDEM_TRACE_FILE; none)",
     )
     parser.add_argument("--startup-timeout", type=float, default=300.0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def command(*args: str) -> str:
+    """How to run a Tandem command from any shell: the `tandem` console script when installed
+    next to this Python, else this Python with -m (a relative path when under the current directory)."""
+    bindir = Path(sys.executable).parent
+    script = bindir / "tandem"
+    exe = script if script.is_file() else Path(sys.executable)
+    try:
+        shown = str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(exe)
+    mod = {"generate": "tools.client", "traces": "tools.traces", "bench": "tools.bench"}
+    if script.is_file():
+        return " ".join([shown, *args])
+    return " ".join([shown, "-m", mod.get(args[0], args[0]), *args[1:]])
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m tools.run_local") -> int:
+    args = build_parser(prog).parse_args(argv)
 
     model = Path(args.model)
     if not (model / "config.json").is_file():
@@ -137,14 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no draft model at {draft_model} (config.json missing).", file=sys.stderr)
         return 2
 
-    ports = {
-        "scheduler": args.port,
-        "decode": args.port + 1,
-        "prefill": args.port + 2,
-        "draft": args.port + 3,
-    }
-    addrs = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
-    common = {"TANDEM_MODEL": str(model.resolve()), "TANDEM_HOST": "127.0.0.1", "TANDEM_LOG_JSON": "0"}
+    ports = {name: args.port + offset for name, offset in PORT_OFFSETS.items()}
+    host = "127.0.0.1"
+    addrs = {name: f"{host}:{port}" for name, port in ports.items()}
+    common = {"TANDEM_MODEL": str(model.resolve()), "TANDEM_HOST": host, "TANDEM_LOG_JSON": "0"}
     if args.trace_file:
         common["TANDEM_TRACE_FILE"] = str(Path(args.trace_file).resolve())
     worker = {
@@ -153,8 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         "TANDEM_TORCH_THREADS": str(args.threads),
         "TANDEM_KV_TRANSPORT": args.transport,
     }
-    if args.num_blocks:
-        worker["TANDEM_NUM_BLOCKS"] = str(args.num_blocks)
+    for env, value in (
+        ("TANDEM_NUM_BLOCKS", args.num_blocks),
+        ("TANDEM_DTYPE", args.dtype),
+        ("TANDEM_MAX_MODEL_LEN", args.max_model_len),
+        ("TANDEM_KV_CACHE_MEMORY", args.kv_cache_memory),
+    ):
+        if value:
+            worker[env] = str(value)
     services = {}
     decode = {**worker, "TANDEM_PORT": str(ports["decode"]), "TANDEM_SPEC_PROPOSER": spec}
     if spec == "draft":
@@ -173,41 +278,67 @@ def main(argv: list[str] | None = None) -> int:
             "TANDEM_PREFILL_ADDRS": "" if args.no_prefill else addrs["prefill"],
         },
     )
+    metrics = {}
+    if args.metrics_port:
+        for name, (_, env) in services.items():
+            env["TANDEM_METRICS_PORT"] = str(args.metrics_port + PORT_OFFSETS[name])
+            metrics[name] = f"http://{host}:{env['TANDEM_METRICS_PORT']}/metrics"
 
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl-C and SIGTERM: stop the services in order and exit 0
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     procs: dict[str, subprocess.Popen] = {}
     try:
         for name, (module, env) in services.items():
             procs[name] = start(name, module, env)
-        wait_healthy(procs, {n: addrs[n] for n in procs}, args.startup_timeout)
         print(
-            f"\nTandem is up: scheduler {addrs['scheduler']}, decode {addrs['decode']}"
-            + ("" if args.no_prefill else f", prefill {addrs['prefill']} ({args.transport} KV transport)")
-            + {"draft": f", draft {addrs['draft']}", "ngram": ", n-gram speculation", "none": ""}[spec]
-            + f'\n  python -m tools.client --addr {addrs["scheduler"]} "def fib(n):" --max-tokens 64'
-            + f'\n  grpcurl -plaintext -d \'{{"text": "def fib(n):", "stopping": {{"max_tokens": 32}}}}\' '
-            f"{addrs['scheduler']} tandem.v1.Tandem/Generate"
-            + (
-                f"\n  python -m tools.traces show <request id> --file {args.trace_file}   (a request's spans)"
-                if args.trace_file
-                else ""
-            )
-            + "\nCtrl-C stops everything.\n",
+            f"starting {', '.join(procs)} (the first start compiles the CPU kernels: about a minute)",
             file=sys.stderr,
         )
+        wait_healthy(procs, {n: addrs[n] for n in procs}, args.startup_timeout, stop)
+        workers = sum(name in procs for name in ("prefill", "decode"))
+        wait_routable(addrs["scheduler"], workers, args.startup_timeout, stop)
+        if not stop.is_set():
+            print(_banner(args, addrs, metrics, spec), file=sys.stderr)
         while not stop.is_set():
             for name, proc in procs.items():
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with code {proc.returncode}")
             stop.wait(0.5)
-    except KeyboardInterrupt:
-        pass
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         stop_all(procs, grace_s=5)
         return 1
-    return stop_all(procs, grace_s=5)
+    print("stopping ...", file=sys.stderr)
+    code = stop_all(procs, grace_s=5)
+    if code:
+        print(f"a service exited with code {code} while stopping", file=sys.stderr)
+    return code
+
+
+def _banner(args: argparse.Namespace, addrs: dict[str, str], metrics: dict[str, str], spec: str) -> str:
+    lines = [
+        "",
+        f"Tandem is up: scheduler {addrs['scheduler']}"
+        + ("" if args.no_prefill else f", prefill {addrs['prefill']} ({args.transport} KV transport)")
+        + f", decode {addrs['decode']}"
+        + {"draft": f", draft {addrs['draft']}", "ngram": ", n-gram speculation", "none": ""}[spec],
+    ]
+    if metrics:
+        order = sorted(metrics, key=PORT_OFFSETS.__getitem__)
+        lines.append("metrics: " + ", ".join(f"{name} {metrics[name]}" for name in order))
+    prompt = '"def fib(n):"'
+    body = '{"text": "def fib(n):", "sampling": {"temperature": 0}, "stopping": {"maxTokens": 32}}'
+    lines += [
+        "Try (both greedy):",
+        "  " + command("generate", "--addr", addrs["scheduler"], prompt, "--max-tokens", "64"),
+        f"  grpcurl -plaintext -d '{body}' {addrs['scheduler']} tandem.v1.Tandem/Generate",
+    ]
+    if args.trace_file:
+        lines.append("  " + command("traces", "show", "<request id>", "--file", args.trace_file))
+    lines.append("Ctrl-C stops everything.\n")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

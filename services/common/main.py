@@ -36,7 +36,7 @@ def service_main(
     args = parser.parse_args(argv)
     try:
         config = from_env(config_cls, overrides={**vars(args), **fixed})
-        telemetry_config = telemetry_from_env(f"tandem-{role}")
+        telemetry_config = telemetry_from_env(f"tandem-{role}", host=config.host)
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2

@@ -156,6 +156,14 @@ class WorkerPool:
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(w) for w in list(self.workers.values())))
 
+    async def refresh(self, timeout_s: float = CHECK_TIMEOUT_S) -> None:
+        """Check every worker now (GetModelInfo: the polled load may be a health interval old, and
+        would show a request that has finished as still running)."""
+        try:
+            await asyncio.wait_for(self.check_all(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+
     async def wait_ready(self, role: str = "decode", timeout_s: float = 30.0) -> None:
         """Until at least one worker of `role` is healthy (start-up helper for tools and tests)."""
         loop = asyncio.get_running_loop()

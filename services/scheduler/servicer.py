@@ -43,6 +43,7 @@ class TandemServicer(generate_pb2_grpc.TandemServicer):
             yield piece_to_pb(piece)
 
     async def GetModelInfo(self, request, context) -> generate_pb2.ModelInfo:
+        await self._pool.refresh()  # the load as it is now, not as of the last poll
         workers = list(self._pool.workers.values())
         infos = [w.info for w in workers if w.info is not None]
         return generate_pb2.ModelInfo(

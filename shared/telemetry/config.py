@@ -15,6 +15,7 @@ Environment variables (standard OpenTelemetry names where one exists):
 | `TANDEM_LOG_JSON` (`1/true`, `0/false`, `auto`) | `log_json` | auto: JSON unless stderr is a TTY |
 | `TANDEM_LOG_LEVEL` | `log_level` | `info` |
 | `TANDEM_METRICS_PORT` | `metrics_port` | unset: no metrics HTTP server; `0` picks a free port |
+| `TANDEM_HOST` (the service's, passed in by `shared/config.py`) | `metrics_host` | `127.0.0.1` |
 | `TANDEM_GPU_HOUR_USD` | `gpu_hour_usd` | `0` (cost gauge reads 0) |
 | `TANDEM_NUM_GPUS` | `num_gpus` | `1` |
 """
@@ -41,6 +42,7 @@ class TelemetryConfig:
     log_json: JSON log lines (True), console renderer (False), or by stderr being a TTY (None).
     log_level: lowest level logged, one of `LOG_LEVELS`.
     metrics_port: Prometheus HTTP port; 0 binds a free one; None: no metrics server.
+    metrics_host: interface the metrics server binds to: the service's gRPC host (TANDEM_HOST).
     gpu_hour_usd: price of one GPU-hour, for the cost-per-million-tokens gauge.
     num_gpus: GPUs this process holds (0 for the scheduler), for the same gauge.
     resource_attributes: extra OTel resource attributes (`deployment.environment`, ...).
@@ -53,6 +55,7 @@ class TelemetryConfig:
     log_json: bool | None = None
     log_level: str = "info"
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     gpu_hour_usd: float = 0.0
     num_gpus: int = 1
     resource_attributes: Mapping[str, str] = field(default_factory=dict)
@@ -77,7 +80,9 @@ class TelemetryConfig:
             raise ValueError(f"telemetry: GPU count {self.num_gpus} is negative (TANDEM_NUM_GPUS)")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str], *, default_service_name: str) -> TelemetryConfig:
+    def from_env(
+        cls, environ: Mapping[str, str], *, default_service_name: str, metrics_host: str = "127.0.0.1"
+    ) -> TelemetryConfig:
         """Read the variables in the module docstring from `environ`; empty values count as unset."""
 
         def get(name: str) -> str | None:
@@ -92,6 +97,7 @@ class TelemetryConfig:
             log_json=_parse_bool("TANDEM_LOG_JSON", get("TANDEM_LOG_JSON")),
             log_level=(get("TANDEM_LOG_LEVEL") or "info").lower(),
             metrics_port=_parse_number("TANDEM_METRICS_PORT", get("TANDEM_METRICS_PORT"), int),
+            metrics_host=metrics_host,
             gpu_hour_usd=_parse_number("TANDEM_GPU_HOUR_USD", get("TANDEM_GPU_HOUR_USD"), float) or 0.0,
             num_gpus=_or(_parse_number("TANDEM_NUM_GPUS", get("TANDEM_NUM_GPUS"), int), 1),
             resource_attributes=_parse_resource_attributes(get("OTEL_RESOURCE_ATTRIBUTES")),

@@ -187,7 +187,7 @@ class Metrics:
         """The Prometheus text format of this registry (what the HTTP endpoint serves)."""
         return generate_latest(self.registry)
 
-    def start_server(self, port: int = 0, addr: str = "0.0.0.0") -> int:
+    def start_server(self, port: int = 0, addr: str = "127.0.0.1") -> int:
         """Serve `/metrics` on a daemon thread; port 0 binds a free port. Returns the bound port."""
         if self._server is not None:
             raise RuntimeError("metrics server already running")
@@ -203,7 +203,7 @@ class Metrics:
             self._server = self._server_thread = None
 
 
-def start_metrics_server(metrics: Metrics, port: int = 0, addr: str = "0.0.0.0") -> int:
+def start_metrics_server(metrics: Metrics, port: int = 0, addr: str = "127.0.0.1") -> int:
     """Serve `metrics` on `port` (0: a free one); returns the bound port. Stop with `metrics.close()`."""
     return metrics.start_server(port, addr)
 

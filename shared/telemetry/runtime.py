@@ -82,5 +82,9 @@ def setup_telemetry(
     if configure_logs:
         configure_logging(config.service_name, json=config.log_json, level=config.log_level)
     metrics = Metrics(config.service_name, gpu_hour_usd=config.gpu_hour_usd, num_gpus=config.num_gpus)
-    port = metrics.start_server(config.metrics_port) if config.metrics_port is not None else None
+    port = (
+        metrics.start_server(config.metrics_port, config.metrics_host)
+        if config.metrics_port is not None
+        else None
+    )
     return Telemetry(config, provider, get_tracer(provider), metrics, port)
