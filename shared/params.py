@@ -31,6 +31,23 @@ class InvalidRequest(ValueError):
         self.message = message
 
 
+def check_length(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """The model-length rule (engine and scheduler): the prompt plus max_tokens must fit. A prompt
+    that alone leaves no room for a generated token is blamed on the prompt, not on max_tokens."""
+    if num_prompt_tokens >= max_model_len:
+        raise InvalidRequest(
+            "prompt",
+            f"prompt ({num_prompt_tokens} tokens) exceeds the model length {max_model_len} "
+            f"(at most {max_model_len - 1} prompt tokens, to leave room for one generated token)",
+        )
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise InvalidRequest(
+            "max_tokens",
+            f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
+            f"{num_prompt_tokens + max_tokens} exceeds the model length {max_model_len}",
+        )
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens and when to stop. temperature == 0 means greedy."""

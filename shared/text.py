@@ -176,6 +176,7 @@ class StopStringMatcher:
         self._max_hold = max((len(s) - 1 for s in self._stops), default=0)
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that stopped the text
 
     def push(self, delta: str) -> tuple[str, bool]:
         if self.stopped:
@@ -188,7 +189,8 @@ class StopStringMatcher:
             start = text.find(stop)
             if start >= 0:
                 key = (start + len(stop), -start)
-                best = key if best is None or key < best else best
+                if best is None or key < best:
+                    best, self.matched = key, stop
         if best is not None:
             self.stopped = True
             self._held = ""
@@ -223,6 +225,11 @@ class TextStream:
     @property
     def stopped(self) -> bool:
         return self._matcher.stopped
+
+    @property
+    def stop_string(self) -> str | None:
+        """The stop string that ended the text (None: none did)."""
+        return self._matcher.matched
 
     def push(self, new_token_ids: Sequence[int]) -> tuple[str, bool]:
         """Returns (text delta, stopped). After a stop, further pushes return ("", True)."""

@@ -37,6 +37,7 @@ from shared.engine import (
     TokenLogprobs,
 )
 from shared.kv.errors import KvTransferError, KvTransferTimeout
+from shared.params import check_length
 
 from .trtllm_config import ModelInfo, TrtllmApi, TrtllmSettings, check, engine_facade, llm_kwargs, load_api
 from .trtllm_convert import Handoff, finish_reason, sampling_params, token_logprobs
@@ -167,12 +168,7 @@ class TrtllmEngine:
         if any(not 0 <= t < self.info.vocab_size for t in prompt):
             raise InvalidRequest("prompt", f"token ids outside the vocabulary [0, {self.info.vocab_size})")
         params.validate(self.info.vocab_size)
-        if len(prompt) + params.max_tokens > self.engine.max_model_len:
-            raise InvalidRequest(
-                "max_tokens",
-                f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the model length "
-                f"{self.engine.max_model_len}",
-            )
+        check_length(len(prompt), params.max_tokens, self.engine.max_model_len)
 
     async def abort(self, request_id: str) -> None:
         result = self._requests.pop(request_id, None)

@@ -11,12 +11,13 @@ client's deadline bounds all of it: queueing, and every call downstream.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 
-from services.common.errors import InvalidArgument
+from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from shared.pb.tandem.v1 import common_pb2, generate_pb2
 from shared.telemetry import Telemetry, annotate, bind_request_id, get_logger
 from shared.text import Tokenizer, validate_stop_strings, validate_token_ids
@@ -71,7 +72,16 @@ class Frontend:
 
     # -- validation ---------------------------------------------------------------------
     def prepare(self, req: generate_pb2.GenerateRequest) -> Job:
-        """Validate and tokenize; raises InvalidArgument naming the field."""
+        """Validate and tokenize; raises InvalidArgument naming the field (and logs the refusal)."""
+        try:
+            return self._prepare(req)
+        except InvalidArgument as e:
+            access_log.info(
+                "request rejected", code="INVALID_ARGUMENT", reason=str(e), request_id=req.request_id[:128] or None
+            )
+            raise
+
+    def _prepare(self, req: generate_pb2.GenerateRequest) -> Job:
         kind = req.WhichOneof("prompt")
         if kind is None:
             raise InvalidArgument("prompt", "set either text or token_ids")
@@ -122,7 +132,14 @@ class Frontend:
                 ) as sp,
             ):
                 # a client that cancels or whose deadline passes while queued leaves the queue
-                await self.admission.acquire(job.priority, job.num_tokens)
+                try:
+                    await self.admission.acquire(job.priority, job.num_tokens)
+                except ResourceExhausted as e:
+                    access_log.info("request rejected", code="RESOURCE_EXHAUSTED", reason=str(e))
+                    raise
+                except asyncio.CancelledError:
+                    access_log.info("request cancelled", phase="queued", seconds=_since(start))
+                    raise
                 try:
                     annotate(sp, queue_seconds=time.perf_counter() - start)
                     async for piece in self.relay.run(job, deadline):
@@ -152,7 +169,25 @@ class Frontend:
                             annotate(sp, **finish)
                             access_log.info("request finished", **finish, seconds=round(now - start, 4))
                         yield piece
+                except (asyncio.CancelledError, GeneratorExit):
+                    # the client cancelled or went away (a stop string ends with a finish reason)
+                    access_log.info(
+                        "request cancelled",
+                        phase="running",
+                        completion_tokens=num_tokens,
+                        seconds=_since(start),
+                    )
+                    raise
+                except DeadlineExceeded as e:
+                    access_log.info(
+                        "request cancelled", phase="running", reason=str(e), seconds=_since(start)
+                    )
+                    raise
                 finally:
                     self.admission.release()
         finally:
             self._active.discard(job.request_id)
+
+
+def _since(start: float) -> float:
+    return round(time.perf_counter() - start, 4)

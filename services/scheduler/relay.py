@@ -218,12 +218,15 @@ class Relay:
                 if stopped:
                     # the decode worker aborts (and frees the blocks) when its call is cancelled
                     call.cancel()
-                    piece.finish_reason, piece.finish_message = FinishReason.FINISH_REASON_STOP, "stop string"
+                    piece.finish_reason = FinishReason.FINISH_REASON_STOP
+                    piece.finish_message = f"stop string {text.stop_string!r}"
                 elif resp.finish_reason != FinishReason.FINISH_REASON_UNSPECIFIED:
                     ended = True
                     piece.text += text.finish()
                     piece.finish_reason = resp.finish_reason
-                    piece.finish_message = "stop string" if text.stopped else self._why(job, resp)
+                    piece.finish_message = (
+                        f"stop string {text.stop_string!r}" if text.stopped else self._why(job, resp)
+                    )
                 if piece.finish_reason != FinishReason.FINISH_REASON_UNSPECIFIED:
                     piece.usage = _with_mean_accepted(usage)
                     yield piece

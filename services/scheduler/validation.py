@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError, Message
 
 from services.common.convert import sampling_from_pb
 from services.common.errors import InvalidArgument
+from shared import params
 from shared.params import InvalidRequest
 from shared.pb.tandem.v1 import common_pb2, generate_pb2
 
@@ -107,10 +108,10 @@ def check_sampling(
 
 
 def check_length(num_prompt_tokens: int, max_tokens: int, max_model_len: int | None) -> None:
-    """prompt + max_tokens within the model length (when the decode workers have told it)."""
-    if max_model_len and num_prompt_tokens + max_tokens > max_model_len:
-        raise InvalidArgument(
-            "max_tokens",
-            f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
-            f"{num_prompt_tokens + max_tokens} exceeds the model length {max_model_len}",
-        )
+    """prompt + max_tokens within the model length (when the decode workers have told it); the
+    engine's rule (shared.params.check_length)."""
+    if max_model_len:
+        try:
+            params.check_length(num_prompt_tokens, max_tokens, max_model_len)
+        except InvalidRequest as e:
+            raise InvalidArgument(e.field, e.message) from None

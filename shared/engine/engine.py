@@ -13,7 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.params import FinishReason, InvalidRequest, RequestOutput, SamplingParams, TokenLogprobs
+from shared.params import (
+    FinishReason,
+    InvalidRequest,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprobs,
+    check_length,
+)
 
 from .kv_manager import KVCacheManager
 from .model import ModelConfig, cpu_kernels
@@ -110,10 +117,8 @@ class LLMEngine:
         if bad is not None:
             raise InvalidRequest("prompt_token_ids", f"token id {bad} outside the vocabulary [0, {vocab})")
         params.validate(vocab)
+        check_length(len(prompt_token_ids), params.max_tokens, self.max_model_len)
         total = len(prompt_token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise InvalidRequest("max_tokens", f"prompt ({len(prompt_token_ids)} tokens) + max_tokens "
-                                 f"({params.max_tokens}) = {total} exceeds the model length {self.max_model_len}")
         if self.kv.pool.num_blocks * self.block_size < total:
             raise InvalidRequest("max_tokens", f"{total} tokens exceed the whole KV cache "
                                  f"({self.kv.pool.num_blocks * self.block_size} tokens)")

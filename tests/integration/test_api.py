@@ -49,7 +49,7 @@ async def test_stop_string_cuts_text_and_frees_blocks(cluster):
     responses = await cluster.generate(prompt=PROMPT, max_tokens=24, stop=[stop])
     assert text_of(responses) == expected
     last = responses[-1]
-    assert last.finish_reason == common_pb2.FINISH_REASON_STOP and last.finish_message == "stop string"
+    assert last.finish_reason == common_pb2.FINISH_REASON_STOP and last.finish_message == f"stop string {stop!r}"
     assert 0 < last.usage.completion_tokens < 24
     await cluster.wait_idle()  # the decode worker aborted the request when the scheduler hung up
 
@@ -61,6 +61,7 @@ async def test_stop_string_cuts_text_and_frees_blocks(cluster):
         (dict(top_p=0.0), "top_p"),
         (dict(max_tokens=0), "max_tokens"),
         (dict(max_tokens=600), "max_tokens"),  # prompt + max_tokens beyond the model length
+        (dict(prompt=[1] * 600, max_tokens=1), "prompt: prompt (600 tokens) exceeds the model length 512"),
         (dict(prompt=[1, 2, 100000]), "token_ids"),
         (dict(prompt=""), "text"),
         (dict(stop=[""]), "stop"),
@@ -233,3 +234,50 @@ async def test_deadline_is_enforced(cluster):
         [r async for r in cluster.stub.Generate(make_request(prompt=PROMPT, max_tokens=400), timeout=0.3)]
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     await cluster.wait_idle()
+
+
+async def test_model_info_shows_the_load_as_it_is_now(tiny_model):
+    # a health interval longer than the test: only a check made for GetModelInfo can see the changes
+    cluster = await start_cluster(tiny_model, scheduler_overrides=dict(health_interval_s=60.0))
+    try:
+        stub = cluster.stub
+
+        async def decode_running() -> int:
+            info = await stub.GetModelInfo(generate_pb2.GetModelInfoRequest())
+            (decode,) = [w for w in info.workers if w.role == "decode"]
+            assert decode.healthy
+            return decode.num_running
+
+        call = stub.Generate(make_request(prompt=PROMPT, max_tokens=400))
+        await call.read()
+        await call.read()
+        assert await decode_running() == 1
+        call.cancel()
+        await cluster.wait_idle()
+        assert await decode_running() == 0
+    finally:
+        await cluster.stop()
+
+
+async def test_rejected_and_cancelled_requests_are_logged(cluster):
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        bad = make_request(prompt=PROMPT, max_tokens=0)
+        bad.request_id = "bad-one"
+        with pytest.raises(grpc.aio.AioRpcError):
+            await read_all(cluster.stub.Generate(bad))
+        long = make_request(prompt=PROMPT, max_tokens=400)
+        long.request_id = "gone"
+        call = cluster.stub.Generate(long)
+        await call.read()
+        await call.read()
+        call.cancel()
+        await cluster.wait_idle()
+    # (the request id of a running request is bound to every line by bind_request_id, which
+    # capture_logs does not apply)
+    events = {e["event"]: e for e in logs}
+    rejected = events["request rejected"]
+    assert rejected["request_id"] == "bad-one" and rejected["code"] == "INVALID_ARGUMENT"
+    assert rejected["reason"].startswith("max_tokens")
+    assert events["request cancelled"]["phase"] == "running"

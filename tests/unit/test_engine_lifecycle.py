@@ -72,6 +72,7 @@ def test_eos_stops_unless_ignored(ckpt):
     ("prompt_token_ids", [1, 99999], GREEDY),
     ("max_tokens", [1, 2], SamplingParams(max_tokens=0)),
     ("max_tokens", [1] * 500, SamplingParams(max_tokens=100)),
+    ("prompt", [1] * 512, SamplingParams(max_tokens=1)),  # the prompt alone fills the model length
     ("temperature", [1, 2], SamplingParams(temperature=float("nan"))),
     ("temperature", [1, 2], SamplingParams(temperature=-1)),
     ("top_p", [1, 2], SamplingParams(top_p=0)),
@@ -83,6 +84,8 @@ def test_invalid_requests_name_the_field(ckpt, field, prompt, params):
     with pytest.raises(InvalidRequest) as e:
         engine.add_request("x", prompt, params)
     assert e.value.field == field
+    if len(prompt) >= engine.max_model_len:
+        assert e.value.message.startswith(f"prompt ({len(prompt)} tokens) exceeds the model length")
     assert engine.generate([PROMPTS[1]], GREEDY)[0]  # still serving
     assert all_free(engine)
 

@@ -172,6 +172,14 @@ def test_stop_strings(stops, pieces, expected):
     assert run_matcher(stops, pieces) == expected
 
 
+def test_matcher_names_the_stop_string_that_matched():
+    m = StopStringMatcher(["abcd", "bc", "zz"])
+    assert m.matched is None
+    for piece in "abcd":
+        m.push(piece)
+    assert m.stopped and m.matched == "bc"  # the one that ended first
+
+
 def test_matcher_holds_only_possible_stop_prefixes():
     m = StopStringMatcher(["<|end|>"])
     assert m.push("abc<|e") == ("abc", False)
