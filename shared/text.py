@@ -113,6 +113,22 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
 
+def tokenizer_mismatch(target_dir: str | Path, draft_dir: str | Path) -> str | None:
+    """Why a draft model cannot speculate for a target (its token ids mean other text), or None.
+    Compares the vocabularies (token -> id) of the two tokenizer.json files."""
+    target, draft = Tokenizer.from_dir(target_dir), Tokenizer.from_dir(draft_dir)
+    target_vocab = target._tok.get_vocab(with_added_tokens=True)
+    draft_vocab = draft._tok.get_vocab(with_added_tokens=True)
+    if target_vocab == draft_vocab:
+        return None
+    differ = sum(1 for tok, i in draft_vocab.items() if target_vocab.get(tok) != i)
+    return (
+        f"the draft's tokenizer ({draft_dir}, {len(draft_vocab)} tokens) is not the target's "
+        f"({target_dir}, {len(target_vocab)} tokens; {differ} draft tokens differ): a draft must share "
+        "the target's tokenizer"
+    )
+
+
 class IncrementalDetokenizer:
     """Token ids in, finalized text deltas out.
 

@@ -239,6 +239,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m tools.run_local")
     if spec == "draft" and not (draft_model / "config.json").is_file():
         print(f"error: no draft model at {draft_model} (config.json missing).", file=sys.stderr)
         return 2
+    if spec == "draft":
+        from shared.text import tokenizer_mismatch
+
+        why = tokenizer_mismatch(model, draft_model)
+        if why:
+            print(f"error: {why}", file=sys.stderr)
+            return 2
 
     ports = {name: args.port + offset for name, offset in PORT_OFFSETS.items()}
     host = "127.0.0.1"

@@ -17,7 +17,14 @@ from services.common.errors import ErrorInterceptor
 from services.common.server import CHANNEL_OPTIONS, GrpcServer
 from services.common.telemetry import quiet_telemetry, traced_server_interceptors
 from shared.config import ConfigError, WorkerConfig
-from shared.engine import AsyncEngine, EngineConfig, InvalidRequest, LLMEngine, ModelLoadError
+from shared.engine import (
+    AsyncEngine,
+    EngineConfig,
+    InvalidRequest,
+    KVCacheTooSmall,
+    LLMEngine,
+    ModelLoadError,
+)
 from shared.engine.async_engine import EngineDeadError
 from shared.kv.errors import KvTransferError, KvTransferTimeout
 from shared.pb.tandem.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
@@ -50,6 +57,8 @@ def build_engine(config: WorkerConfig) -> AsyncEngine:
         engine = LLMEngine(EngineConfig(**config.engine_kwargs()))
     except (ModelLoadError, FileNotFoundError) as e:
         raise ConfigError(f"TANDEM_MODEL: {e}") from None
+    except KVCacheTooSmall as e:
+        raise ConfigError(str(e)) from None
     return AsyncEngine(engine).start()
 
 

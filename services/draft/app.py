@@ -18,7 +18,7 @@ from services.common.errors import ErrorInterceptor
 from services.common.server import GrpcServer
 from services.common.telemetry import quiet_telemetry, traced_server_interceptors
 from shared.config import ConfigError, DraftConfig
-from shared.engine import EngineConfig, InvalidRequest, ModelLoadError
+from shared.engine import EngineConfig, InvalidRequest, KVCacheTooSmall, ModelLoadError
 from shared.engine.draft import DraftEngine
 from shared.pb.tandem.v1 import draft_pb2, draft_pb2_grpc, worker_pb2, worker_pb2_grpc
 from shared.telemetry import Telemetry
@@ -37,6 +37,8 @@ def build_engine(config: DraftConfig) -> DraftEngine:
         return DraftEngine(EngineConfig(**config.engine_kwargs()))
     except (ModelLoadError, FileNotFoundError) as e:
         raise ConfigError(f"TANDEM_MODEL: {e}") from None
+    except KVCacheTooSmall as e:
+        raise ConfigError(str(e)) from None
 
 
 class DraftApp:

@@ -3,10 +3,10 @@
 from shared.params import FinishReason, InvalidRequest, RequestOutput, SamplingParams, TokenLogprobs
 
 from .async_engine import AsyncEngine, EngineDeadError
-from .engine import EngineConfig, EngineStats, LLMEngine
+from .engine import EngineConfig, EngineStats, KVCacheTooSmall, LLMEngine
 from .model import ModelConfig, ModelLoadError
 
 __all__ = [
-    "AsyncEngine", "EngineDeadError", "EngineConfig", "EngineStats", "LLMEngine", "ModelConfig", "ModelLoadError",
+    "AsyncEngine", "EngineDeadError", "EngineConfig", "EngineStats", "KVCacheTooSmall", "LLMEngine", "ModelConfig", "ModelLoadError",
     "FinishReason", "InvalidRequest", "RequestOutput", "SamplingParams", "TokenLogprobs",
 ]

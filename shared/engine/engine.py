@@ -8,6 +8,7 @@ gRPC or text: prompts and outputs are token ids.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 
@@ -29,6 +30,12 @@ from .runner import ModelRunner, SeqInput
 from .sampler import SamplingRow, row_generator, sample, target_distribution, token_logprobs
 from .scheduler import Scheduler
 from .spec import Proposal, ProposalRequest, Proposer, verify
+
+log = logging.getLogger(__name__)
+
+
+class KVCacheTooSmall(ValueError):
+    """The KV cache cannot hold one sequence of the configured max_model_len."""
 
 
 @dataclass
@@ -84,6 +91,7 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
         num_blocks = config.num_blocks or self._auto_num_blocks()
+        self._fit_model_len(num_blocks)
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
@@ -100,13 +108,27 @@ class LLMEngine:
             budget = int(total * self.config.gpu_memory_fraction) - used
         else:
             budget = self.config.kv_cache_memory
-        # enough for max_num_seqs full-length sequences at most; at least one full-length one
+        # enough for max_num_seqs full-length sequences at most (_fit_model_len: at least one)
         cap = -(-self.max_model_len // self.block_size) * self.config.max_num_seqs
-        n = min(budget // per_block, cap)
-        if n * self.block_size < self.max_model_len:
-            raise ValueError(f"KV cache of {n} blocks cannot hold one {self.max_model_len}-token sequence; "
-                             "raise the memory budget or lower max_model_len")
-        return int(n)
+        return int(max(0, min(budget // per_block, cap)))
+
+    def _fit_model_len(self, num_blocks: int) -> None:
+        """The KV cache must hold one sequence of max_model_len tokens. Unless max_model_len was
+        set, it defaults to what the cache holds (a 128K-position model on a CPU's 1 GiB cache);
+        when it was set, a cache too small for it is a KVCacheTooSmall error naming both settings."""
+        holds = num_blocks * self.block_size
+        if holds >= self.max_model_len:
+            return
+        mib = self.runner.kv_bytes_per_block(self.block_size) * num_blocks / 2**20
+        size = f"{num_blocks} blocks of {self.block_size} tokens ({mib:.0f} MiB)"
+        if self.config.max_model_len is not None or holds < self.block_size:
+            raise KVCacheTooSmall(
+                f"a KV cache of {size} cannot hold one {self.max_model_len}-token sequence: "
+                "lower TANDEM_MAX_MODEL_LEN or raise TANDEM_KV_CACHE_MEMORY (or TANDEM_NUM_BLOCKS)")
+        log.info("max_model_len defaults to %d tokens, what a KV cache of %s holds for one sequence "
+                 "(the model allows %d); set TANDEM_MAX_MODEL_LEN / TANDEM_KV_CACHE_MEMORY to choose",
+                 holds, size, self.max_model_len)
+        self.max_model_len = holds
 
     # -- requests ---------------------------------------------------------------------
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:

@@ -16,6 +16,7 @@ from shared.text import (
     StopStringMatcher,
     TextStream,
     Tokenizer,
+    tokenizer_mismatch,
     validate_stop_strings,
     validate_token_ids,
 )
@@ -253,3 +254,14 @@ def test_validate_token_ids():
     for bad in ([], [10], [-1], [1.5], "abc"):
         with pytest.raises(ValueError, match="prompt_token_ids"):
             validate_token_ids(bad, vocab_size=10)
+
+
+def test_a_draft_must_share_the_targets_tokenizer(tmp_path):
+    from tests.helpers.tokenizers import make_tokenizer_dir
+
+    target = make_tokenizer_dir(tmp_path / "target")
+    same = make_tokenizer_dir(tmp_path / "same", add_bos_token=False)  # same vocabulary
+    other = make_tokenizer_dir(tmp_path / "other", kind="metaspace")
+    assert tokenizer_mismatch(target, same) is None
+    why = tokenizer_mismatch(target, other)
+    assert why is not None and "must share the target's tokenizer" in why

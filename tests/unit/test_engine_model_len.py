@@ -1,0 +1,82 @@
+"""A checkpoint with a long context (Llama 3.2's 131072 positions) on a KV budget that cannot hold
+one such sequence: max_model_len defaults to what the cache holds, with a log line; an explicit
+max_model_len that does not fit is a one-line configuration error naming the settings."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from services.common.worker_app import build_engine
+from shared.config import ConfigError, WorkerConfig, from_env
+from shared.engine import EngineConfig, KVCacheTooSmall, LLMEngine, SamplingParams
+from tests.helpers.models import make_tiny_checkpoint
+
+LLAMA32_ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+BUDGET = 1 << 22  # 4 MiB: 8192 tokens of the tiny model's KV (2 layers x 2 x 2 heads x 16 x 4 bytes)
+
+
+@pytest.fixture(scope="module")
+def long_ckpt(tmp_path_factory):
+    path = make_tiny_checkpoint(
+        tmp_path_factory.mktemp("llama32-shaped"), max_positions=131072, rope_scaling=LLAMA32_ROPE
+    )
+    assert json.loads((path / "config.json").read_text())["max_position_embeddings"] == 131072
+    return path
+
+
+def test_max_model_len_defaults_to_what_the_kv_cache_holds(long_ckpt, caplog):
+    with caplog.at_level(logging.INFO, logger="shared.engine.engine"):
+        engine = LLMEngine(EngineConfig(model=str(long_ckpt), kv_cache_memory=BUDGET))
+    assert engine.max_model_len == engine.kv.pool.num_blocks * engine.block_size == 8192
+    (line,) = [r.getMessage() for r in caplog.records if "max_model_len defaults to" in r.getMessage()]
+    assert "8192" in line and "131072" in line and "TANDEM_MAX_MODEL_LEN" in line
+    out = engine.generate([[1, 5, 6]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    assert len(out[0]) == 4
+
+
+def test_explicit_max_model_len_that_does_not_fit_names_the_settings(long_ckpt):
+    with pytest.raises(KVCacheTooSmall, match="TANDEM_MAX_MODEL_LEN.*TANDEM_KV_CACHE_MEMORY"):
+        LLMEngine(EngineConfig(model=str(long_ckpt), kv_cache_memory=BUDGET, max_model_len=131072))
+
+
+def test_worker_start_up_is_a_one_line_configuration_error(long_ckpt):
+    config = from_env(
+        WorkerConfig,
+        env={
+            "TANDEM_MODEL": str(long_ckpt),
+            "TANDEM_KV_CACHE_MEMORY": str(BUDGET),
+            "TANDEM_MAX_MODEL_LEN": "131072",
+        },
+    )
+    with pytest.raises(ConfigError) as err:
+        build_engine(config)
+    message = str(err.value)
+    assert "\n" not in message and "131072-token" in message
+    assert "TANDEM_MAX_MODEL_LEN" in message and "TANDEM_KV_CACHE_MEMORY" in message
+
+
+def test_an_explicit_max_model_len_that_fits_is_kept(long_ckpt):
+    engine = LLMEngine(EngineConfig(model=str(long_ckpt), kv_cache_memory=BUDGET, max_model_len=2048))
+    assert engine.max_model_len == 2048
+
+
+def test_unsupported_architecture_is_a_one_line_error_naming_it(long_ckpt, tmp_path):
+    for f in long_ckpt.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError) as err:
+        build_engine(from_env(WorkerConfig, env={"TANDEM_MODEL": str(tmp_path)}))
+    message = str(err.value)
+    assert "\n" not in message and "GPT2LMHeadModel" in message
+    assert "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM" in message
