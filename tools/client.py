@@ -1,7 +1,10 @@
 """A tiny command-line client of the Tandem API: stream one completion to stdout.
 
-    python -m tools.client "def fib(n):" --max-tokens 64
+    python -m tools.client "def fib(n):" --max-tokens 64   # or: tandem generate "def fib(n):" ...
     python -m tools.client --info                      # model and workers
+
+Greedy unless --temperature is given (the API itself samples at temperature 1.0 when a request
+does not set it). Ctrl-C cancels the request.
 
 The finish reason and token usage go to stderr, so stdout holds only the generated text.
 """
@@ -34,12 +37,17 @@ def build_request(args: argparse.Namespace) -> generate_pb2.GenerateRequest:
     return generate_pb2.GenerateRequest(text=args.prompt, sampling=sampling, stopping=stopping)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.client", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m tools.client") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("prompt", nargs="?", help="prompt text")
     parser.add_argument("--addr", default="localhost:50051", help="scheduler address (default %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 = greedy (this client's default; the API's default when a request leaves it unset is 1.0)",
+    )
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--min-p", type=float, default=0.0)
@@ -56,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.info and args.prompt is None:
         parser.error("a prompt is required (or --info)")
 
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C: the call is cancelled as the channel closes; no traceback
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     with grpc.insecure_channel(args.addr) as channel:
         stub = generate_pb2_grpc.TandemStub(channel)
         try:

@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m tools.run_local")
     args = build_parser(prog).parse_args(argv)
 
     model = Path(args.model)
+    if not model.is_absolute() and not model.exists() and (ROOT / model).exists():
+        model = ROOT / model  # the bundled demo model, when started from another directory
     if not (model / "config.json").is_file():
         print(
             f"error: no model at {model} (config.json missing).\n"

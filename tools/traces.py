@@ -1,18 +1,20 @@
 """Read the JSON-lines span files that services write with TANDEM_TRACE_FILE, without Jaeger.
 
-    python -m tools.traces show <request_id | trace_id> --file spans.jsonl
-    python -m tools.traces list --file spans.jsonl
+    python -m tools.traces show <request id | its first characters | trace id> [--file spans.jsonl]
+    python -m tools.traces list [--file spans.jsonl]
 
 `show` prints each matching trace as a tree: offset from the trace's start, duration,
 the span (indented under its parent), its service, and the attributes worth reading
 (Tandem's `tandem.*` ones without the prefix, the gRPC status, errors). A trace id may be
-given in full or as a prefix of 6+ hex digits. `--file` may be repeated when the
-services write separate files.
+given in full or as a prefix of 6+ hex digits, a request id in full or as a prefix of 4+
+characters. `--file` may be repeated when the services write separate files; without it,
+the file named by TANDEM_TRACE_FILE is read.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -25,17 +27,29 @@ from shared.telemetry.jsonl import read_spans
 
 _GRPC_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 _HEX = set("0123456789abcdef")
+MIN_REQUEST_PREFIX = 4
 
 
 def find_trace_ids(spans: Iterable[dict[str, Any]], ident: str) -> list[str]:
-    """Trace ids that `ident` names: a trace id (or a 6+ digit prefix of one), else a request id."""
+    """Trace ids that `ident` names: a request id, a trace id (or a 6+ digit prefix of one), else
+    a prefix of request ids (4+ characters; every request it starts)."""
     spans = list(spans)
+
+    def request_id(span: dict[str, Any]) -> str | None:
+        value = span.get("attributes", {}).get(REQUEST_ID)
+        return None if value is None else str(value)
+
+    exact = _ordered_unique(s["trace_id"] for s in spans if request_id(s) == ident)
+    if exact:
+        return exact
     ident_lower = ident.lower()
     if len(ident_lower) >= 6 and set(ident_lower) <= _HEX:
         by_trace = _ordered_unique(s["trace_id"] for s in spans if s["trace_id"].startswith(ident_lower))
         if by_trace:
             return by_trace
-    return _ordered_unique(s["trace_id"] for s in spans if s.get("attributes", {}).get(REQUEST_ID) == ident)
+    if len(ident) < MIN_REQUEST_PREFIX:
+        return []
+    return _ordered_unique(s["trace_id"] for s in spans if (request_id(s) or "").startswith(ident))
 
 
 def _ordered_unique(values: Iterable[str]) -> list[str]:
@@ -128,20 +142,25 @@ def render_list(spans: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.traces", description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None, prog: str = "python -m tools.traces") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     show = commands.add_parser("show", help="print the span tree of one request or trace")
-    show.add_argument("ident", help="request id, trace id, or a 6+ hex digit trace id prefix")
+    show.add_argument(
+        "ident", help="request id (or its first 4+ characters), trace id, or a 6+ hex digit trace id prefix"
+    )
     listing = commands.add_parser("list", help="one line per trace in the file")
     for sub in (show, listing):
         sub.add_argument(
             "--file",
             action="append",
-            required=True,
-            help="JSON-lines span file (TANDEM_TRACE_FILE); repeatable",
+            help="JSON-lines span file; repeatable (default: $TANDEM_TRACE_FILE)",
         )
     args = parser.parse_args(argv)
+    if not args.file:
+        if not os.environ.get("TANDEM_TRACE_FILE"):
+            parser.error("no span file: pass --file, or set TANDEM_TRACE_FILE as the services did")
+        args.file = [os.environ["TANDEM_TRACE_FILE"]]
 
     try:
         spans = list(read_spans(args.file))

@@ -2,8 +2,8 @@ import argparse
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m tools.bench") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     from tools.bench import engine as engine_bench
 

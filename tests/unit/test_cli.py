@@ -1,0 +1,91 @@
+"""The command-line tools a user runs: the `tandem` console script, the client's Ctrl-C, and
+`tools.traces` finding a request by an id prefix in $TANDEM_TRACE_FILE."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shared.pb.tandem.v1 import generate_pb2, generate_pb2_grpc
+from tools import cli, traces
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_console_script_is_declared_and_dispatches(capsys):
+    assert '[project.scripts]\ntandem = "tools.cli:main"\n' in (ROOT / "pyproject.toml").read_text()
+    assert set(cli.COMMANDS) >= {"serve", "generate", "bench"}
+    assert cli.main(["--help"]) == 0
+    assert "tandem serve" in capsys.readouterr().out
+    for command in ("serve", "generate", "bench", "traces"):
+        with pytest.raises(SystemExit) as done:
+            cli.main([command, "--help"])
+        assert done.value.code == 0
+        assert f"usage: tandem {command}" in capsys.readouterr().out
+    assert cli.main(["nope"]) == 2
+
+
+class SlowTandem(generate_pb2_grpc.TandemServicer):
+    """Streams a token every 50 ms, for as long as the client listens."""
+
+    def Generate(self, request, context):
+        for i in range(10_000):
+            if not context.is_active():
+                return
+            yield generate_pb2.GenerateResponse(request_id="slow", text=f"t{i} ", token_ids=[i % 100])
+            time.sleep(0.05)
+
+
+def test_client_ctrl_c_prints_no_traceback():
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    generate_pb2_grpc.add_TandemServicer_to_server(SlowTandem(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tools.client", "--addr", f"127.0.0.1:{port}", "hello"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ},
+        )
+        assert proc.stdout.read(3) == b"t0 "  # streaming
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130
+        assert b"Traceback" not in err and b"interrupted" in err, err
+    finally:
+        server.stop(0)
+
+
+def _span(trace_id: str, span_id: str, request_id: str) -> dict:
+    return {
+        "trace_id": trace_id, "span_id": span_id, "parent_span_id": None, "name": "generate",
+        "kind": "SERVER", "service": "tandem-scheduler", "start_time_unix_nano": 1_000_000,
+        "end_time_unix_nano": 3_000_000, "attributes": {"tandem.request_id": request_id}, "status": {},
+    }
+
+
+def test_traces_show_takes_a_request_id_prefix_and_the_trace_file_variable(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "spans.jsonl"
+    spans = [
+        _span("a" * 32, "1" * 16, "81a8587df522463482481260e6a58664"),
+        _span("b" * 32, "2" * 16, "9f00aa"),
+    ]
+    path.write_text("".join(json.dumps(s) + "\n" for s in spans))
+    monkeypatch.setenv("TANDEM_TRACE_FILE", str(path))
+    assert traces.main(["show", "81a8587d"]) == 0  # a request id prefix, file from the variable
+    out = capsys.readouterr().out
+    assert "request 81a8587df522463482481260e6a58664" in out and "9f00aa" not in out
+    assert traces.main(["show", "9f00aa"]) == 0  # a full request id still works
+    assert "request 9f00aa" in capsys.readouterr().out
+    monkeypatch.delenv("TANDEM_TRACE_FILE")
+    with pytest.raises(SystemExit):
+        traces.main(["show", "9f00aa"])  # no --file and no TANDEM_TRACE_FILE: a usage error
+    assert "TANDEM_TRACE_FILE" in capsys.readouterr().err
