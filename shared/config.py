@@ -141,6 +141,14 @@ class SchedulerConfig(ServerSettings):
         minimum=0,
     )
 
+    http_port: int = setting(
+        "TANDEM_HTTP_PORT",
+        8000,
+        "Port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, "
+        "/health, /metrics), bound to TANDEM_HOST beside the gRPC server; 0 turns it off.",
+        minimum=0,
+    )
+
     def validate(self) -> None:
         if not self.model:
             raise ConfigError(
@@ -152,6 +160,10 @@ class SchedulerConfig(ServerSettings):
         ):
             for addr in addrs:
                 _check_address(env, addr)
+        if self.http_port > 65535:
+            raise ConfigError(f"TANDEM_HTTP_PORT: {self.http_port} is not a port (0 turns the HTTP API off)")
+        if self.http_port and self.http_port == self.port:
+            raise ConfigError(f"TANDEM_HTTP_PORT: {self.http_port} is the gRPC port (TANDEM_PORT) too")
 
 
 @dataclass(frozen=True)

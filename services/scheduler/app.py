@@ -15,6 +15,8 @@ from shared.telemetry import Telemetry
 from shared.text import Tokenizer
 
 from .frontend import Frontend
+from .http import ChatTemplate, HttpServer, build_http_app
+from .http.chat import TemplateError
 from .pool import WorkerPool
 from .router import Router
 from .servicer import SchedulerServicer, TandemServicer, add_tandem_servicer
@@ -75,6 +77,25 @@ class SchedulerApp:
         worker_pb2_grpc.add_SchedulerServicer_to_server(
             SchedulerServicer(self.pool, model_name=self.model_name), self.server.grpc_server
         )
+        self.http: HttpServer | None = None
+        if config.http_port:
+            try:
+                self.chat_template = ChatTemplate.from_dir(model_dir)
+            except TemplateError as e:
+                raise ConfigError(f"TANDEM_MODEL: {e}") from None
+            self.http = HttpServer(
+                build_http_app(
+                    self.frontend,
+                    self.pool,
+                    self.tokenizer,
+                    self.telemetry,
+                    model_name=self.model_name,
+                    chat_template=self.chat_template,
+                ),
+                host=config.host,
+                port=config.http_port,
+                grace_period_s=config.grace_period_s,
+            )
 
     @property
     def address(self) -> str:
@@ -86,9 +107,21 @@ class SchedulerApp:
         for addr in self.config.prefill_addrs:
             self.pool.add(addr, "prefill")
         self.pool.start()
-        return await self.server.start()
+        port = await self.server.start()
+        if self.http is not None:
+            try:
+                await self.http.start()
+            except OSError as e:
+                await self.server.stop(0)
+                await self.pool.close()
+                raise ConfigError(str(e)) from None
+        return port
 
     async def stop(self, grace_s: float | None = None) -> None:
-        await self.server.stop(self.config.grace_period_s if grace_s is None else grace_s)
+        grace_s = self.config.grace_period_s if grace_s is None else grace_s
+        # both fronts stop accepting at once, and share the grace period
+        await asyncio.gather(
+            self.server.stop(grace_s), *([self.http.stop(grace_s)] if self.http is not None else [])
+        )
         await self.pool.close()
         await asyncio.to_thread(self.telemetry.shutdown)  # flushes buffered spans

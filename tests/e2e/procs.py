@@ -36,7 +36,14 @@ class Service:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}"],
             cwd=ROOT,
-            env={**os.environ, "TANDEM_HOST": "127.0.0.1", "TANDEM_TORCH_THREADS": "1", **env},
+            # the scheduler's HTTP API is off unless a test gives it a port (8000 would clash)
+            env={
+                **os.environ,
+                "TANDEM_HOST": "127.0.0.1",
+                "TANDEM_TORCH_THREADS": "1",
+                "TANDEM_HTTP_PORT": "0",
+                **env,
+            },
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

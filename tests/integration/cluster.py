@@ -47,6 +47,7 @@ def scheduler_config(model: Path, decodes: list[str], prefills: list[str], **ove
         prefill_addrs=prefills,
         health_interval_s=0.1,
         grace_period_s=0.5,
+        http_port=0,  # the HTTP API off unless a test asks for it (8000 would clash between tests)
     )
     values.update(overrides)
     return from_env(SchedulerConfig, env={}, overrides=values)

@@ -97,6 +97,7 @@ async def cluster(model_dir):
                 prefill_addrs=[prefill.address],
                 health_interval_s=0.1,
                 grace_period_s=0.2,
+                http_port=0,
             ),
         )
     )

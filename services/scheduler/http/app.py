@@ -1,0 +1,336 @@
+"""The OpenAI-compatible HTTP API of the scheduler, as one ASGI app over the gRPC front's pipeline.
+
+    POST /v1/completions, POST /v1/chat/completions   (stream: server-sent events, then `data: [DONE]`)
+    GET  /v1/models, GET /health, GET /metrics
+
+`build_http_app` takes the scheduler's pipeline objects (the Frontend that the gRPC servicer
+calls, the worker pool, the tokenizer, telemetry). A request body is parsed by pydantic
+(schemas.py), mapped to the GenerateRequests a gRPC client would send (convert.py), each
+prepared by `Frontend.prepare` and streamed by `Frontend.generate`: validation, admission,
+routing, migration, tracing and metrics are the gRPC path's own. What is HTTP's alone: the
+W3C `traceparent` comes from the HTTP headers (a SERVER span `POST /v1/...` joins the
+client's trace), `X-Request-Id` names the request, `X-Request-Timeout` (seconds) is its
+deadline, a client that disconnects cancels it (KV freed as on a gRPC cancel), and errors
+take OpenAI's JSON shape (errors.py).
+
+Checks that apply to every route (e.g. API keys) belong in `build_http_app`: every route is
+added there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from shared.telemetry import Telemetry, extract_context
+from shared.text import Tokenizer
+
+from ..frontend import Frontend, Piece
+from ..pool import WorkerPool
+from . import convert
+from .chat import ChatTemplate
+from .errors import HttpError, describe, error_body, error_response, validation_error
+from .run import ClientDisconnected, Run, until_disconnect
+from .schemas import ChatCompletionRequest, CompletionRequest
+
+DONE = b"data: [DONE]\n\n"
+
+
+def build_http_app(
+    frontend: Frontend,
+    pool: WorkerPool,
+    tokenizer: Tokenizer,
+    telemetry: Telemetry,
+    *,
+    model_name: str,
+    chat_template: ChatTemplate | None,
+) -> FastAPI:
+    """The ASGI app; every route and exception handler is added here."""
+    api = OpenAIFront(
+        frontend, pool, tokenizer, telemetry, model_name=model_name, chat_template=chat_template
+    )
+    app = FastAPI(title="Tandem", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(RequestValidationError, lambda request, exc: validation_error(exc))
+    app.add_exception_handler(
+        StarletteHTTPException,
+        lambda request, exc: JSONResponse(
+            error_body(str(exc.detail), "invalid_request_error"), exc.status_code, headers=exc.headers
+        ),
+    )
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await api.serve(request, body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await api.serve(request, body)
+
+    app.get("/v1/models")(api.models)
+    app.get("/health")(api.health)
+    app.get("/metrics")(api.metrics)
+    return app
+
+
+class OpenAIFront:
+    def __init__(
+        self,
+        frontend: Frontend,
+        pool: WorkerPool,
+        tokenizer: Tokenizer,
+        telemetry: Telemetry,
+        *,
+        model_name: str,
+        chat_template: ChatTemplate | None,
+    ):
+        self._frontend = frontend
+        self._pool = pool
+        self._tokenizer = tokenizer
+        self._tokens = convert.Tokens(tokenizer)
+        self._telemetry = telemetry
+        self._model_name = model_name
+        self._chat_template = chat_template
+        self._created = int(time.time())
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- generation ---------------------------------------------------------------------
+    async def serve(self, request: Request, body: CompletionRequest | ChatCompletionRequest) -> Response:
+        chat = isinstance(body, ChatCompletionRequest)
+        route = request.url.path
+        span = self._telemetry.tracer.start_span(
+            f"POST {route}",
+            context=extract_context(list(request.headers.items())),
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": "POST", "http.route": route, "tandem.api": "openai"},
+        )
+        rename: Callable[[str], str] = lambda f: f  # noqa: E731
+        try:
+            if body.model is not None and body.model != self._model_name:
+                raise HttpError(
+                    404,
+                    f"the model {body.model!r} does not exist; this server serves {self._model_name!r}",
+                    type="invalid_request_error",
+                    param="model",
+                    code="model_not_found",
+                )
+            request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+            span.set_attribute("tandem.request_id", request_id)
+            timeout_s = _timeout(request.headers.get("x-request-timeout"))
+            if chat:
+                plan = convert.chat_plan(
+                    body, request_id, self._chat_template, self._tokenizer, self._pool.max_model_len()
+                )
+            else:
+                plan = convert.completion_plan(body, request_id)
+            rename = plan.openai_field
+            jobs = [self._frontend.prepare(r) for r in plan.requests]
+            run = Run(self._frontend, jobs, timeout_s, trace.set_span_in_context(span), self._tasks)
+        except Exception as e:  # noqa: BLE001 - answered in OpenAI's shape
+            return _end(span, error_response(e, rename))
+        meta = _Meta(
+            ("chatcmpl-" if chat else "cmpl-") + request_id,
+            convert.now(),
+            self._model_name,
+            chat,
+            plan,
+            body.stream_options is not None and body.stream_options.include_usage,
+        )
+        try:
+            if body.stream:
+                # The first piece before the headers: an overloaded or failed request still gets its status.
+                first = await until_disconnect(request, run.next())
+            else:
+                pieces = await until_disconnect(request, run.collect())
+        except ClientDisconnected:
+            run.cancel()
+            return _end(span, Response(status_code=499))
+        except BaseException as e:
+            run.cancel()
+            if not isinstance(e, Exception):
+                _end(span, None)
+                raise
+            return _end(span, error_response(e, rename))
+        headers = {"x-request-id": request_id}
+        if not body.stream:
+            return _end(span, JSONResponse(self._answer(meta, pieces), headers=headers))
+        return StreamingResponse(
+            self._events(meta, run, first, span, rename),
+            media_type="text/event-stream",
+            headers={**headers, "Cache-Control": "no-cache"},
+        )
+
+    def _answer(self, meta: _Meta, pieces: list[list[Piece]]) -> dict[str, Any]:
+        """The non-streaming response body."""
+        choices = []
+        for index, choice in enumerate(pieces):
+            text = "".join(p.text for p in choice)
+            reason = next((convert.finish_reason(p) for p in choice if p.usage is not None), None)
+            entry: dict[str, Any] = {"index": index, "finish_reason": reason, "logprobs": None}
+            if meta.plan.logprobs is not None:
+                merged = Piece("", "", [], [lp for p in choice for lp in p.logprobs])
+                entry["logprobs"] = self._logprobs(meta, merged, 0)
+            if meta.chat:
+                entry["message"] = {"role": "assistant", "content": text}
+            else:
+                entry["text"] = text
+            choices.append(entry)
+        usages = [next((p.usage for p in choice if p.usage is not None), None) for choice in pieces]
+        return {
+            "id": meta.id,
+            "object": "chat.completion" if meta.chat else "text_completion",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": choices,
+            "usage": convert.usage_json(usages, meta.plan.prompt_of),
+        }
+
+    async def _events(
+        self, meta: _Meta, run: Run, first: tuple[int, Piece] | None, span: trace.Span, rename
+    ) -> AsyncIterator[bytes]:
+        """Server-sent events: one chunk per piece, the usage chunk when asked, then [DONE]."""
+        status = 200
+        usages: list[Any] = [None] * len(meta.plan.requests)
+        offsets = [0] * len(usages)
+        started = [False] * len(usages)
+        try:
+            item = first
+            while item is not None:
+                index, piece = item
+                if piece.usage is not None:
+                    usages[index] = piece.usage
+                if (
+                    piece.text
+                    or piece.usage is not None
+                    or meta.plan.logprobs is not None
+                    or (meta.chat and not started[index])
+                ):  # not for tokens whose text is held back (a split character, a possible stop string)
+                    yield self._chunk(meta, index, piece, offsets, started)
+                item = await run.next()
+            if meta.include_usage:
+                usage = convert.usage_json(usages, meta.plan.prompt_of)
+                yield _event({**meta.head(), "choices": [], "usage": usage})
+            yield DONE
+        except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
+            status, body = describe(e, rename)
+            yield _event(body)
+            yield DONE
+        finally:
+            run.cancel()  # the client went away (or an error): the choices still running stop
+            span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            span.end()
+
+    def _chunk(self, meta: _Meta, index: int, piece: Piece, offsets: list[int], started: list[bool]) -> bytes:
+        choice: dict[str, Any] = {"index": index}
+        if meta.chat:
+            delta: dict[str, Any] = {}
+            if not started[index]:
+                delta["role"] = "assistant"
+                started[index] = True
+            if piece.text or "role" in delta:
+                delta["content"] = piece.text
+            choice["delta"] = delta
+        else:
+            choice["text"] = piece.text
+        choice["logprobs"] = (
+            self._logprobs(meta, piece, offsets[index]) if meta.plan.logprobs is not None else None
+        )
+        if not meta.chat:
+            offsets[index] += len(piece.text)
+        choice["finish_reason"] = convert.finish_reason(piece)
+        chunk = {**meta.head(), "choices": [choice]}
+        if meta.include_usage:
+            chunk["usage"] = None
+        return _event(chunk)
+
+    def _logprobs(self, meta: _Meta, piece: Piece, offset: int) -> dict[str, Any]:
+        top_n = meta.plan.logprobs or 0
+        if meta.chat:
+            return convert.chat_logprobs(self._tokens, piece, top_n)
+        return convert.completion_logprobs(self._tokens, piece, top_n, offset)
+
+    # -- the other routes ---------------------------------------------------------------
+    async def models(self) -> dict[str, Any]:
+        entry = {"id": self._model_name, "object": "model", "created": self._created, "owned_by": "tandem"}
+        max_model_len = self._pool.max_model_len()
+        if max_model_len:
+            entry["max_model_len"] = max_model_len
+        return {"object": "list", "data": [entry]}
+
+    async def health(self) -> Response:
+        """200 while at least one decode worker is healthy; 503 otherwise."""
+        decode = len(self._pool.healthy("decode"))
+        if not decode:
+            body = error_body("no healthy decode worker", "service_unavailable", None, "unavailable")
+            return JSONResponse(body, status_code=503)
+        return JSONResponse(
+            {"status": "ok", "decode_workers": decode, "prefill_workers": len(self._pool.healthy("prefill"))}
+        )
+
+    async def metrics(self) -> Response:
+        return Response(generate_latest(self._telemetry.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class _Meta:
+    """What every chunk of one response repeats."""
+
+    __slots__ = ("id", "created", "model", "chat", "plan", "include_usage", "_head")
+
+    def __init__(
+        self, id: str, created: int, model: str, chat: bool, plan: convert.Plan, include_usage: bool
+    ):
+        self.id, self.created, self.model, self.chat = id, created, model, chat
+        self.plan, self.include_usage = plan, include_usage
+        self._head = {
+            "id": id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": model,
+        }
+
+    def head(self) -> dict[str, Any]:
+        return self._head
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+
+
+def _timeout(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise HttpError(
+            400,
+            f"x-request-timeout: expected a number of seconds > 0, got {value!r}",
+            type="invalid_request_error",
+            param="x-request-timeout",
+            code="invalid_value",
+        )
+    return seconds
+
+
+def _end(span: trace.Span, response: Response | None) -> Response | None:
+    if response is not None:
+        span.set_attribute("http.response.status_code", response.status_code)
+        if response.status_code >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+    span.end()
+    return response

@@ -1,0 +1,331 @@
+"""OpenAI request bodies -> the GenerateRequests the gRPC API takes; pipeline Pieces -> OpenAI JSON.
+
+A request becomes one `tandem.v1.GenerateRequest` per choice (each prompt times `n`), the
+very message a gRPC client would send, so that everything after this point (validation,
+admission, routing, tracing, metrics) is the gRPC path itself. Choice k of a seeded request
+uses seed + k, so that n choices differ and each is reproducible.
+
+Errors are `InvalidArgument`s named by the OpenAI field (`openai_field` renames the fields of
+the gRPC checks: `text`/`token_ids` -> `prompt` or `messages`, ...).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.common.errors import InvalidArgument
+from shared.pb.tandem.v1 import common_pb2, generate_pb2
+from shared.text import Tokenizer
+
+from ..relay import Piece
+from .chat import ChatTemplate, TemplateError
+from .schemas import ChatCompletionRequest, CompletionRequest
+
+MAX_N = 64  # choices per prompt
+_U64 = 1 << 64
+FINISH_REASONS = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_CANCELLED: "cancelled",
+    common_pb2.FINISH_REASON_ERROR: "error",
+}
+
+
+@dataclass
+class Plan:
+    """What one HTTP request becomes."""
+
+    requests: list[generate_pb2.GenerateRequest]  # one per choice; the choice index is the position
+    prompt_of: list[int]  # the prompt each choice answers (usage counts each prompt once)
+    logprobs: int | None  # None: none asked; 0: the sampled token's only; k: and the k most likely
+    fields: dict[str, str] = field(default_factory=dict)  # gRPC field -> OpenAI field, for errors
+
+    def openai_field(self, name: str) -> str:
+        return openai_field(name, self.fields)
+
+
+def openai_field(name: str, fields: dict[str, str]) -> str:
+    base, sep, rest = name.partition("[")
+    return fields.get(base, base) + sep + rest
+
+
+def renamed(error: InvalidArgument, fields: dict[str, str]) -> InvalidArgument:
+    """The same error, named by the OpenAI field."""
+    message = str(error).split(": ", 1)[-1]
+    return InvalidArgument(openai_field(error.field, fields), message)
+
+
+def _check_neutral(req: CompletionRequest | ChatCompletionRequest) -> None:
+    """OpenAI fields without an implementation must keep their neutral values."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name) not in (None, 0, 0.0):
+            raise InvalidArgument(name, "not supported (only 0)")
+    if req.logit_bias:
+        raise InvalidArgument("logit_bias", "not supported")
+    if isinstance(req, CompletionRequest):
+        if req.echo:
+            raise InvalidArgument("echo", "not supported")
+        if req.suffix:
+            raise InvalidArgument("suffix", "not supported")
+        if req.best_of is not None and req.best_of != req.n:
+            raise InvalidArgument("best_of", "not supported (only equal to n)")
+    else:
+        if req.tools:
+            raise InvalidArgument("tools", "tool calling is not supported")
+        if req.tool_choice not in (None, "none"):
+            raise InvalidArgument("tool_choice", "tool calling is not supported")
+        fmt = (req.response_format or {}).get("type", "text")
+        if fmt != "text":
+            raise InvalidArgument("response_format", f"only type 'text' is supported, got {fmt!r}")
+
+
+def _parameters(
+    req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, logprobs: int | None
+) -> tuple[common_pb2.SamplingParameters, common_pb2.StoppingCriteria]:
+    if not 1 <= req.n <= MAX_N:
+        raise InvalidArgument("n", f"must be in [1, {MAX_N}], got {req.n}")
+    if req.stream_options is not None and not req.stream:
+        raise InvalidArgument("stream_options", "only allowed when stream is true")
+    sampling = common_pb2.SamplingParameters()
+    if req.temperature is not None:
+        sampling.temperature = req.temperature
+    if req.top_p is not None:
+        sampling.top_p = req.top_p
+    if req.top_k is not None:
+        if req.top_k < -1:
+            raise InvalidArgument("top_k", f"must be >= 0, or -1 for off, got {req.top_k}")
+        sampling.top_k = max(req.top_k, 0)
+    if req.min_p is not None:
+        sampling.min_p = req.min_p
+    if req.repetition_penalty is not None:
+        sampling.repetition_penalty = req.repetition_penalty
+    if req.seed is not None:
+        if not -(1 << 63) <= req.seed < _U64:
+            raise InvalidArgument("seed", f"must fit in 64 bits, got {req.seed}")
+        sampling.seed = req.seed % _U64
+    if logprobs is not None:
+        if logprobs < 0:
+            raise InvalidArgument("logprobs", f"must be >= 0, got {logprobs}")
+        sampling.logprobs = max(logprobs, 1)  # 0: the worker returns the sampled token's with one alternative
+    stopping = common_pb2.StoppingCriteria(ignore_eos=req.ignore_eos)
+    if max_tokens is not None:
+        if not -(1 << 31) <= max_tokens < (1 << 31):
+            raise InvalidArgument("max_tokens", f"{max_tokens} is out of range")
+        stopping.max_tokens = max_tokens
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    stopping.stop.extend(stops)
+    for token_id in req.stop_token_ids or []:
+        if not 0 <= token_id < (1 << 32):
+            raise InvalidArgument("stop_token_ids", f"token id {token_id} outside the vocabulary")
+        stopping.stop_token_ids.append(token_id)
+    return sampling, stopping
+
+
+def _fan_out(
+    request_id: str,
+    prompts: list[str | list[int]],
+    n: int,
+    sampling: common_pb2.SamplingParameters,
+    stopping: common_pb2.StoppingCriteria,
+    priority: int,
+) -> tuple[list[generate_pb2.GenerateRequest], list[int]]:
+    requests, prompt_of = [], []
+    several = len(prompts) * n > 1
+    for p, prompt in enumerate(prompts):
+        for k in range(n):
+            req = generate_pb2.GenerateRequest(
+                request_id=f"{request_id}-{len(requests)}" if several else request_id,
+                sampling=sampling,
+                stopping=stopping,
+                priority=priority,
+            )
+            if k and sampling.HasField("seed"):
+                req.sampling.seed = (sampling.seed + k) % _U64
+            if isinstance(prompt, str):
+                req.text = prompt
+            else:
+                req.token_ids.ids.extend(prompt)
+            requests.append(req)
+            prompt_of.append(p)
+    return requests, prompt_of
+
+
+def _token_ids(ids: list[int], name: str) -> list[int]:
+    for i, token_id in enumerate(ids):
+        if not 0 <= token_id < (1 << 32):
+            raise InvalidArgument(name, f"{token_id} (at {i}) is not a token id")
+    return ids
+
+
+def completion_plan(req: CompletionRequest, request_id: str) -> Plan:
+    fields = {"text": "prompt", "token_ids": "prompt"}
+    try:
+        return _completion_plan(req, request_id, fields)
+    except InvalidArgument as e:
+        raise renamed(e, fields) from None
+
+
+def _completion_plan(req: CompletionRequest, request_id: str, fields: dict[str, str]) -> Plan:
+    _check_neutral(req)
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        prompts: list[str | list[int]] = [prompt]
+    elif not prompt:
+        raise InvalidArgument("prompt", "must not be empty")
+    elif isinstance(prompt[0], int):
+        prompts = [_token_ids(prompt, "prompt")]
+    else:
+        prompts = [p if isinstance(p, str) else _token_ids(p, "prompt") for p in prompt]
+    sampling, stopping = _parameters(req, req.max_tokens, req.logprobs)
+    requests, prompt_of = _fan_out(request_id, prompts, req.n, sampling, stopping, req.priority)
+    return Plan(requests, prompt_of, req.logprobs, fields)
+
+
+def chat_plan(
+    req: ChatCompletionRequest,
+    request_id: str,
+    template: ChatTemplate | None,
+    tokenizer: Tokenizer,
+    max_model_len: int | None,
+) -> Plan:
+    fields = {"text": "messages", "token_ids": "messages", "logprobs": "top_logprobs"}
+    if req.max_completion_tokens is not None:
+        fields["max_tokens"] = "max_completion_tokens"
+    try:
+        return _chat_plan(req, request_id, template, tokenizer, max_model_len, fields)
+    except InvalidArgument as e:
+        raise renamed(e, fields) from None
+
+
+def _chat_plan(
+    req: ChatCompletionRequest,
+    request_id: str,
+    template: ChatTemplate | None,
+    tokenizer: Tokenizer,
+    max_model_len: int | None,
+    fields: dict[str, str],
+) -> Plan:
+    _check_neutral(req)
+    if template is None:
+        raise InvalidArgument(
+            "messages",
+            "this model has no chat template (chat_template.jinja, or chat_template in "
+            "tokenizer_config.json); use /v1/completions with a prompt",
+        )
+    if not req.messages:
+        raise InvalidArgument("messages", "must not be empty")
+    messages = []
+    for i, message in enumerate(req.messages):
+        content = message.content
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            texts = []
+            for j, part in enumerate(content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise InvalidArgument(
+                        f"messages[{i}].content[{j}]", "only text parts are supported ({type: text, text})"
+                    )
+                texts.append(part["text"])
+            content = "".join(texts)
+        messages.append({**message.model_dump(exclude_none=True), "content": content or ""})
+    try:
+        text = template.render(
+            messages, add_generation_prompt=req.add_generation_prompt, **(req.chat_template_kwargs or {})
+        )
+    except TemplateError as e:
+        raise InvalidArgument("messages", f"the chat template refused them: {e}") from None
+    prompt = tokenizer.encode(text, add_special_tokens=False)
+    if not prompt:
+        raise InvalidArgument("messages", "the chat template rendered them as an empty prompt")
+    if req.max_completion_tokens is not None and req.max_tokens is not None:
+        raise InvalidArgument("max_completion_tokens", "set max_completion_tokens or max_tokens, not both")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is None and max_model_len:  # OpenAI's default: as many as fit
+        if len(prompt) >= max_model_len:
+            raise InvalidArgument(
+                "messages", f"the prompt ({len(prompt)} tokens) fills the model length {max_model_len}"
+            )
+        max_tokens = max_model_len - len(prompt)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InvalidArgument("top_logprobs", "requires logprobs: true")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    sampling, stopping = _parameters(req, max_tokens, logprobs)
+    requests, prompt_of = _fan_out(request_id, [prompt], req.n, sampling, stopping, req.priority)
+    return Plan(requests, prompt_of, logprobs, fields)
+
+
+# -- responses --------------------------------------------------------------------------------
+
+
+class Tokens:
+    """Token ids -> their text, for logprobs (cached: the same ids come back often)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def text(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._cache[token_id] = self._tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+
+def completion_logprobs(tokens: Tokens, piece: Piece, top_n: int, offset: int) -> dict[str, Any]:
+    """The `logprobs` of a completion choice for this piece's tokens; offset: text length before it."""
+    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for lp in piece.logprobs:
+        token = tokens.text(lp.token_id)
+        out["tokens"].append(token)
+        out["token_logprobs"].append(lp.logprob)
+        out["top_logprobs"].append(
+            {tokens.text(t.token_id): t.logprob for t in lp.top[:top_n]} if top_n else None
+        )
+        out["text_offset"].append(offset)
+        offset += len(token)
+    return out
+
+
+def chat_logprobs(tokens: Tokens, piece: Piece, top_n: int) -> dict[str, Any]:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        token = tokens.text(token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {
+                **entry(lp.token_id, lp.logprob),
+                "top_logprobs": [entry(t.token_id, t.logprob) for t in lp.top[:top_n]],
+            }
+            for lp in piece.logprobs
+        ]
+    }
+
+
+def usage_json(usages: list[common_pb2.Usage | None], prompt_of: list[int]) -> dict[str, Any]:
+    """Summed over choices; each prompt's tokens (and cached tokens) counted once, as OpenAI does for n."""
+    prompt = cached = completion = 0
+    seen: set[int] = set()
+    for usage, p in zip(usages, prompt_of, strict=True):
+        if usage is None:
+            continue
+        completion += usage.completion_tokens
+        if p not in seen:
+            seen.add(p)
+            prompt += usage.prompt_tokens
+            cached += usage.cached_tokens
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def finish_reason(piece: Piece) -> str | None:
+    return FINISH_REASONS.get(piece.finish_reason)
+
+
+def now() -> int:
+    return int(time.time())

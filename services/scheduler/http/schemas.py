@@ -1,0 +1,86 @@
+"""Request bodies of the OpenAI-compatible API, as pydantic models.
+
+Only the shapes are checked here (types, which fields exist); the values go through the same
+checks as a gRPC request (services/scheduler/frontend.py, validation.py) once mapped
+(convert.py). Fields of OpenAI's API that Tandem does not implement are declared too, so that
+setting one to anything but its neutral value is refused (400 naming it), never silently
+ignored. Unknown fields are ignored, as OpenAI's own server does.
+
+Extensions beyond OpenAI's fields, as vLLM names them: top_k (-1 or 0: off), min_p,
+repetition_penalty, ignore_eos, stop_token_ids, priority.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: StrictBool = False
+
+
+class _Common(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: StrictInt | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    n: StrictInt = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: StrictBool = False
+    priority: StrictInt = 0
+    user: StrictStr | None = None
+    # OpenAI fields without an implementation: only their neutral values are accepted.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+PromptType = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+
+
+class CompletionRequest(_Common):
+    """POST /v1/completions"""
+
+    prompt: PromptType
+    logprobs: StrictInt | None = None  # top-n alternatives per token; 0: the sampled token's only
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+    best_of: StrictInt | None = None
+
+
+class ChatMessage(BaseModel):
+    """One message; fields beyond role and content (name, tool_calls, ...) reach the template as they are."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: StrictStr
+    content: StrictStr | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_Common):
+    """POST /v1/chat/completions"""
+
+    messages: list[ChatMessage]
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
+    add_generation_prompt: StrictBool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None

@@ -1,0 +1,349 @@
+"""The OpenAI-compatible HTTP API, driven by the real `openai` SDK against real processes
+(scheduler + prefill + decode): completions and chat, streaming and not, greedy output equal to
+HF transformers, seeded sampling, stop strings, logprobs, usage, a disconnect that frees every
+KV block, and a 400 naming each bad field while the service keeps serving."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from shared.pb.tandem.v1 import worker_pb2, worker_pb2_grpc
+from shared.text import Tokenizer
+from tests.helpers.models import hf_greedy, load_hf, make_tiny_checkpoint
+
+from .procs import Service, free_port, serving
+
+pytestmark = pytest.mark.slow
+
+NUM_BLOCKS = 64
+# Exercises what transformers gives a template: bos_token, raise_exception, add_generation_prompt.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+    "{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-openai"))
+    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(model, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    http_port = free_port()
+    common = {"TANDEM_MODEL": str(model), "TANDEM_GRACE_PERIOD_S": "5"}
+    worker = {**common, "TANDEM_NUM_BLOCKS": str(NUM_BLOCKS)}
+    prefill = Service("prefill", {**worker, "TANDEM_PORT": str(free_port())}, logs)
+    decode = Service("decode", {**worker, "TANDEM_PORT": str(free_port())}, logs)
+    scheduler = Service(
+        "scheduler",
+        {
+            **common,
+            "TANDEM_PORT": str(free_port()),
+            "TANDEM_HTTP_PORT": str(http_port),
+            "TANDEM_MODEL_NAME": "tiny",
+            "TANDEM_DECODE_ADDRS": decode.address,
+            "TANDEM_PREFILL_ADDRS": prefill.address,
+            "TANDEM_HEALTH_INTERVAL_S": "0.2",
+        },
+        logs,
+    )
+    services = {"scheduler": scheduler, "prefill": prefill, "decode": decode}
+    with serving(services):
+        base = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{base}/health").status_code != 200:  # the scheduler has seen its workers
+            assert time.monotonic() < deadline, scheduler.log()
+            time.sleep(0.2)
+        yield {**services, "base": base}
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    with openai.OpenAI(base_url=stack["base"] + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model):
+    return Tokenizer.from_dir(model)
+
+
+@pytest.fixture(scope="module")
+def hf(model):
+    return load_hf(model)
+
+
+def loads(stack) -> list[worker_pb2.WorkerLoad]:
+    out = []
+    for name in ("decode", "prefill"):
+        with grpc.insecure_channel(stack[name].address) as channel:
+            out.append(worker_pb2_grpc.WorkerStub(channel).GetLoad(worker_pb2.GetLoadRequest(), timeout=5))
+    return out
+
+
+def wait_all_blocks_free(stack, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        current = loads(stack)
+        if all(
+            load.num_free_blocks == load.num_total_blocks == NUM_BLOCKS and not load.num_running
+            for load in current
+        ):
+            return
+        assert time.monotonic() < deadline, current
+        time.sleep(0.1)
+
+
+def test_completion_greedy_equals_transformers(client, tokenizer, hf):
+    prompt = "def hello world"
+    expected = tokenizer.decode(hf_greedy(hf, tokenizer.encode(prompt), 12))
+    resp = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, **GREEDY)
+    assert resp.choices[0].text == expected
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.model == "tiny" and resp.object == "text_completion"
+    # the same as a stream of chunks
+    chunks = list(
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=12, stream=True, **GREEDY)
+    )
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+    # token ids as the prompt, and several prompts in one request
+    ids = [1, *range(60, 90)]
+    expected_ids = tokenizer.decode(hf_greedy(hf, ids, 10))
+    resp = client.completions.create(model="tiny", prompt=[ids, ids[:20]], max_tokens=10, **GREEDY)
+    assert [c.index for c in resp.choices] == [0, 1]
+    assert resp.choices[0].text == expected_ids
+    assert resp.choices[1].text == tokenizer.decode(hf_greedy(hf, ids[:20], 10))
+
+
+def test_chat_uses_the_template_and_equals_transformers(client, model, tokenizer, hf):
+    import transformers
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"}]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(model)
+    prompt = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    expected = tokenizer.decode(hf_greedy(hf, prompt, 10))
+    resp = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, **GREEDY)
+    assert resp.choices[0].message.role == "assistant"
+    assert resp.choices[0].message.content == expected
+    assert resp.usage.prompt_tokens == len(prompt) and resp.usage.completion_tokens == 10
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=messages, max_completion_tokens=10, stream=True, **GREEDY
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+    # the template's raise_exception becomes a 400 naming messages
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "tool", "content": "x"}], max_tokens=4
+        )
+    assert e.value.body["param"] == "messages" and "unknown role tool" in e.value.body["message"]
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kw = dict(
+        model="tiny", prompt="hello world", max_tokens=16, temperature=1.0, extra_body={"ignore_eos": True}
+    )
+    a = client.completions.create(seed=7, **kw).choices[0].text
+    b = client.completions.create(seed=7, **kw).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(seed=7, stream=True, **kw))
+    assert a == b == streamed
+    others = {client.completions.create(seed=s, **kw).choices[0].text for s in (8, 9, 10)}
+    assert others - {a}, "other seeds should give other text"
+    # n choices: choice k is seed + k, so they differ and each is reproducible
+    many = client.completions.create(seed=7, n=3, **kw)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert many.choices[0].text == a and len({c.text for c in many.choices}) > 1
+    assert many.choices[1].text == client.completions.create(seed=8, **kw).choices[0].text
+
+
+def test_stop_strings(client, tokenizer, hf):
+    prompt = "the quick brown fox"
+    full = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, **GREEDY).choices[0].text
+    # a stop string of whole printable characters from the middle of the greedy text
+    start = next(
+        i
+        for i in range(4, len(full) - 3)
+        if all(ch.isprintable() and ch != "\ufffd" for ch in full[i : i + 3])
+    )
+    stop = full[start : start + 3]
+    cut = full[: full.index(stop)]
+    resp = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=24, stop=[stop, "never-there"], **GREEDY
+    )
+    assert resp.choices[0].text == cut and resp.choices[0].finish_reason == "stop"
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=24, stop=stop, stream=True, **GREEDY
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks) == cut
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_logprobs(client):
+    resp = client.completions.create(model="tiny", prompt="hello world", max_tokens=6, logprobs=3, **GREEDY)
+    lp = resp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    for logprob, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) == 3 and logprob <= 0
+        assert logprob == pytest.approx(max(top.values()))  # greedy: the sampled token is the likeliest
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=5,
+        logprobs=True,
+        top_logprobs=2,
+        **GREEDY,
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 5 and all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)
+    # logprobs=0: the sampled tokens' own, no alternatives
+    resp = client.completions.create(model="tiny", prompt="hello world", max_tokens=3, logprobs=0, **GREEDY)
+    assert (
+        len(resp.choices[0].logprobs.token_logprobs) == 3
+        and resp.choices[0].logprobs.top_logprobs == [None] * 3
+    )
+
+
+def test_usage_counts_prompt_completion_and_cached_tokens(client, tokenizer):
+    prompt = "the quick brown fox jumps over lazy dog " * 6  # several KV blocks
+    num_prompt = len(tokenizer.encode(prompt))
+    first = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, **GREEDY).usage
+    assert (first.prompt_tokens, first.completion_tokens, first.total_tokens) == (
+        num_prompt,
+        5,
+        num_prompt + 5,
+    )
+    second = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, **GREEDY).usage
+    assert second.prompt_tokens_details.cached_tokens >= 16  # the prefix cache served whole blocks
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt=prompt,
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    assert chunks[-1].usage.prompt_tokens == num_prompt
+
+
+def test_disconnect_mid_stream_frees_every_kv_block(stack, client):
+    wait_all_blocks_free(stack)
+    stream = client.completions.create(
+        model="tiny", prompt=[1, *range(40, 120)], max_tokens=400, stream=True, **GREEDY
+    )
+    chunks = iter(stream)
+    for _ in range(3):
+        next(chunks)
+    decode_load = loads(stack)[0]
+    assert decode_load.num_running == 1 and decode_load.num_free_blocks < NUM_BLOCKS  # still generating
+    stream.close()  # the client goes away mid-stream
+    wait_all_blocks_free(stack)
+    # a non-streaming request whose client gives up before the answer
+    with pytest.raises(openai.APITimeoutError):
+        client.with_options(timeout=0.5).completions.create(
+            model="tiny", prompt=[1, *range(40, 120)], max_tokens=400, **GREEDY
+        )
+    wait_all_blocks_free(stack)
+
+
+BAD_COMPLETION_FIELDS = [
+    ({"temperature": -1}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_k": -5}, "top_k"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 100_000}, "max_tokens"),  # past the model length
+    ({"logprobs": 21}, "logprobs"),
+    ({"n": 0}, "n"),
+    ({"seed": -(1 << 70)}, "seed"),
+    ({"stop": [""]}, "stop"),
+    ({"stop": 5}, "stop"),
+    ({"stop_token_ids": [10_000]}, "stop_token_ids"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [1, 10_000]}, "prompt"),
+    ({"prompt": None}, "prompt"),
+    ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"echo": True}, "echo"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"ignore_eos": "yes"}, "ignore_eos"),
+]
+BAD_CHAT_FIELDS = [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"content": "hi"}]}, "messages[0].role"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages[0].content[0]",
+    ),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+]
+
+
+@pytest.mark.parametrize(
+    "path,change,param",
+    [("/completions", c, p) for c, p in BAD_COMPLETION_FIELDS]
+    + [("/chat/completions", c, p) for c, p in BAD_CHAT_FIELDS],
+    ids=[f"completions-{p}-{i}" for i, (_, p) in enumerate(BAD_COMPLETION_FIELDS)]
+    + [f"chat-{p}-{i}" for i, (_, p) in enumerate(BAD_CHAT_FIELDS)],
+)
+def test_a_bad_field_is_a_400_naming_it_and_the_service_goes_on(client, path, change, param):
+    body = {"model": "tiny", "max_tokens": 4}
+    body.update(
+        {"prompt": "hello"} if path == "/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    )
+    body.update(change)
+    body = {k: v for k, v in body.items() if v is not None}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.post(path, body=body, cast_to=object)
+    assert e.value.status_code == 400
+    error = e.value.body
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert error["message"].startswith(param), error
+    # the service keeps serving
+    assert (
+        client.completions.create(model="tiny", prompt="hello", max_tokens=2, **GREEDY).choices[0].text
+        is not None
+    )
+
+
+def test_models_health_and_metrics(stack, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="other", prompt="hi", max_tokens=2)
+    assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
+    health = httpx.get(stack["base"] + "/health")
+    assert health.status_code == 200 and health.json()["decode_workers"] == 1
+    metrics = httpx.get(stack["base"] + "/metrics").text
+    ttft = [
+        line for line in metrics.splitlines() if line.startswith("tandem_time_to_first_token_seconds_count")
+    ]
+    assert ttft and float(ttft[0].split()[-1]) > 0  # the HTTP requests went through the pipeline's metrics
