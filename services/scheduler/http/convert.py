@@ -190,7 +190,7 @@ def chat_plan(
     tokenizer: Tokenizer,
     max_model_len: int | None,
 ) -> Plan:
-    fields = {"text": "messages", "token_ids": "messages", "logprobs": "top_logprobs"}
+    fields = {"text": "messages", "token_ids": "messages", "prompt": "messages", "logprobs": "top_logprobs"}
     if req.max_completion_tokens is not None:
         fields["max_tokens"] = "max_completion_tokens"
     try:
