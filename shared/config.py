@@ -149,6 +149,16 @@ class SchedulerConfig(ServerSettings):
         minimum=0,
     )
 
+    max_request_bytes: int = setting(
+        "TANDEM_MAX_REQUEST_BYTES",
+        16 << 20,
+        "Largest Generate request (serialized bytes) the public API takes; a larger one is refused with "
+        "INVALID_ARGUMENT naming this limit (up to 4x it; beyond that gRPC itself refuses it with "
+        "RESOURCE_EXHAUSTED before it is read). A text prompt is also refused, untokenized, when its "
+        "UTF-8 size exceeds what the model length could hold (max_model_len x twice the longest token's bytes).",
+        minimum=1024,
+    )
+
     def validate(self) -> None:
         if not self.model:
             raise ConfigError(

@@ -1,13 +1,15 @@
 """Request-level types that cross the engine boundary: sampling parameters in, outputs out.
 
 Nothing here knows about tensors, gRPC or tokenizers, and nothing imports torch: the
-scheduler validates requests with the same `SamplingParams.validate` the engine uses,
-without loading torch. Exported again by `shared.engine`.
+scheduler validates requests with the same rules the engine uses (`check_prompt`,
+`SamplingParams.validate`, `check_length`, in that order), without loading torch.
+Exported again by `shared.engine`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -31,9 +33,12 @@ class InvalidRequest(ValueError):
         self.message = message
 
 
-def check_length(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+def check_length(num_prompt_tokens: int, max_tokens: int, max_model_len: int | None) -> None:
     """The model-length rule (engine and scheduler): the prompt plus max_tokens must fit. A prompt
-    that alone leaves no room for a generated token is blamed on the prompt, not on max_tokens."""
+    that alone leaves no room for a generated token is blamed on the prompt, not on max_tokens.
+    `max_model_len` None: not known yet (the scheduler before any decode worker told it)."""
+    if max_model_len is None:
+        return
     if num_prompt_tokens >= max_model_len:
         raise InvalidRequest(
             "prompt",
@@ -96,11 +101,35 @@ class SamplingParams:
             raise InvalidRequest("seed_offset", f"must be >= 0, got {self.seed_offset}")
         k = self.num_speculative_tokens
         if k is not None and not 0 <= k <= MAX_SPECULATIVE_TOKENS:
-            raise InvalidRequest("num_speculative_tokens", f"must be in [0, {MAX_SPECULATIVE_TOKENS}], got {k}")
+            raise InvalidRequest(
+                "num_speculative_tokens", f"must be in [0, {MAX_SPECULATIVE_TOKENS}], got {k}"
+            )
         if vocab_size is not None:
             for t in self.stop_token_ids:
                 if not 0 <= t < vocab_size:
-                    raise InvalidRequest("stop_token_ids", f"token id {t} outside the vocabulary [0, {vocab_size})")
+                    raise InvalidRequest(
+                        "stop_token_ids", f"token id {t} outside the vocabulary [0, {vocab_size})"
+                    )
+
+
+def check_prompt(
+    prompt_token_ids: Sequence[int],
+    vocab_size: int,
+    max_model_len: int | None,
+    field_name: str = "prompt_token_ids",
+) -> None:
+    """A prompt the model can take: not empty (else `field_name`, the prompt as the caller calls
+    it), room for one generated token within the model length (check_length's prompt rule, checked
+    before the ids so that a huge prompt is refused without a pass over it), every id in the
+    vocabulary (`field_name`)."""
+    if not prompt_token_ids:
+        raise InvalidRequest(field_name, "must not be empty")
+    check_length(len(prompt_token_ids), 0, max_model_len)
+    for i, t in enumerate(prompt_token_ids):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise InvalidRequest(
+                field_name, f"[{i}] {t!r} is not a token id in the vocabulary [0, {vocab_size})"
+            )
 
 
 @dataclass

@@ -14,6 +14,7 @@ supported: a model directory must ship `tokenizer.json`.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,6 +107,14 @@ class Tokenizer:
         if self.add_bos_token and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids.insert(0, self.bos_token_id)
         return ids
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """UTF-8 length of the longest token string in the vocabulary: no token covers more bytes
+        of a text than this (byte-level tokens spell one byte per character, sentencepiece byte
+        fallbacks like "<0x41>" one byte in six), so a text of B bytes has at least
+        B / max_token_bytes tokens, up to what a normalizer changes."""
+        return max((len(t.encode("utf-8")) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -286,13 +295,3 @@ def validate_stop_strings(stops: Any, max_count: int = 16, max_len: int = 256) -
         if len(stop) > max_len:
             raise ValueError(f"stop[{i}]: longer than {max_len} characters ({len(stop)})")
     return list(stops)
-
-
-def validate_token_ids(ids: Any, vocab_size: int, field: str = "prompt_token_ids") -> list[int]:
-    """Checks client-supplied token ids: a non-empty list of ints in [0, vocab_size)."""
-    if not isinstance(ids, (list, tuple)) or not ids:
-        raise ValueError(f"{field}: expected a non-empty list of token ids")
-    for i, token_id in enumerate(ids):
-        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
-            raise ValueError(f"{field}[{i}]: {token_id!r} is not a token id in [0, {vocab_size})")
-    return list(ids)

@@ -38,8 +38,10 @@ class GrpcServer:
         service_names: Sequence[str],
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         advertise_address: str = "",
+        max_receive_bytes: int = MAX_MESSAGE_BYTES,
     ):
-        self._server = grpc.aio.server(interceptors=list(interceptors), options=CHANNEL_OPTIONS)
+        options = [*CHANNEL_OPTIONS[:1], ("grpc.max_receive_message_length", max_receive_bytes)]
+        self._server = grpc.aio.server(interceptors=list(interceptors), options=options)
         self._bind = f"{host}:{port}"
         self._advertise = advertise_address
         self.service_names = list(service_names)

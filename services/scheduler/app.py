@@ -63,6 +63,9 @@ class SchedulerApp:
                 worker_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
             ],
             interceptors=[*traced_server_interceptors(self.telemetry), ErrorInterceptor()],
+            # the transport takes up to 4x the limit, so that a request over it is read and
+            # refused with INVALID_ARGUMENT naming the limit, not RESOURCE_EXHAUSTED ("retry later")
+            max_receive_bytes=4 * config.max_request_bytes,
         )
         add_tandem_servicer(
             TandemServicer(
@@ -73,6 +76,7 @@ class SchedulerApp:
                 eos_token_ids=self.tokenizer.eos_token_ids,
             ),
             self.server.grpc_server,
+            max_request_bytes=config.max_request_bytes,
         )
         worker_pb2_grpc.add_SchedulerServicer_to_server(
             SchedulerServicer(self.pool, model_name=self.model_name), self.server.grpc_server
@@ -124,4 +128,5 @@ class SchedulerApp:
             self.server.stop(grace_s), *([self.http.stop(grace_s)] if self.http is not None else [])
         )
         await self.pool.close()
+        self.frontend.close()
         await asyncio.to_thread(self.telemetry.shutdown)  # flushes buffered spans

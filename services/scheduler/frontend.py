@@ -1,8 +1,11 @@
 """One request's life in the scheduler: validate, tokenize, admit, relay, measure.
 
 The scheduler validates the request itself (prompt text or ids, stop strings, the request id,
-and the engine's rules for the sampling parameters and the model length, see validation.py),
-so that a bad request is refused before it could wait in the admission queue. A valid one
+and the engine's rules for the prompt, the sampling parameters and the model length, see
+validation.py), so that a bad request is refused before it could wait in the admission queue.
+A long text prompt is tokenized in a worker process (tokenizing.py), so one huge prompt never
+stalls the event loop, and with it every other request; a text too large to fit the model
+length is refused before it is tokenized. A valid one
 waits for a running slot (admission.py: bounded by requests and by tokens, highest priority
 first; past the bounds RESOURCE_EXHAUSTED at once), then the relay (relay.py) streams its
 tokens from a decode worker, moving it to another one if its worker fails mid-stream. The
@@ -20,13 +23,14 @@ from collections.abc import AsyncIterator
 from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from shared.pb.tandem.v1 import common_pb2, generate_pb2
 from shared.telemetry import Telemetry, annotate, bind_request_id, get_logger
-from shared.text import Tokenizer, validate_stop_strings, validate_token_ids
+from shared.text import Tokenizer
 
 from .admission import AdmissionQueue
 from .pool import WorkerPool
 from .relay import Job, Piece, Relay
 from .router import Router
-from .validation import check_length, check_sampling
+from .tokenizing import PromptEncoder
+from .validation import check_options, check_prompt_ids, check_text_size
 
 __all__ = ["Frontend", "Job", "Piece"]
 
@@ -59,6 +63,7 @@ class Frontend:
         self._default_max_tokens = default_max_tokens
         self._max_stop_strings = max_stop_strings
         self._active: set[str] = set()
+        self._encoder = PromptEncoder(tokenizer)
         self.relay = Relay(tokenizer, pool, router, telemetry, max_migrations=max_migrations)
         self.admission = AdmissionQueue(
             lambda: max_inflight_per_decode * max(1, len(pool.healthy("decode"))),
@@ -71,40 +76,38 @@ class Frontend:
         telemetry.metrics.running_sequences.set_function(lambda: self.admission.num_running)
 
     # -- validation ---------------------------------------------------------------------
-    def prepare(self, req: generate_pb2.GenerateRequest) -> Job:
+    async def prepare(self, req: generate_pb2.GenerateRequest) -> Job:
         """Validate and tokenize; raises InvalidArgument naming the field (and logs the refusal)."""
         try:
-            return self._prepare(req)
+            return await self._prepare(req)
         except InvalidArgument as e:
             access_log.info(
-                "request rejected", code="INVALID_ARGUMENT", reason=str(e), request_id=req.request_id[:128] or None
+                "request rejected",
+                code="INVALID_ARGUMENT",
+                reason=str(e)[:500],
+                request_id=req.request_id[:128] or None,
             )
             raise
 
-    def _prepare(self, req: generate_pb2.GenerateRequest) -> Job:
+    async def _prepare(self, req: generate_pb2.GenerateRequest) -> Job:
         kind = req.WhichOneof("prompt")
         if kind is None:
             raise InvalidArgument("prompt", "set either text or token_ids")
+        vocab_size = self._tokenizer.vocab_size
+        max_model_len = self._pool.max_model_len()
         if kind == "text":
-            if not req.text:
-                raise InvalidArgument("text", "must not be empty")
-            prompt = self._tokenizer.encode(req.text)
+            prompt = await self.encode(req.text)
         else:
-            try:
-                prompt = validate_token_ids(list(req.token_ids.ids), self._tokenizer.vocab_size, "token_ids")
-            except ValueError as e:
-                raise InvalidArgument("token_ids", str(e).split(": ", 1)[-1]) from None
-        try:
-            stops = validate_stop_strings(list(req.stopping.stop), max_count=self._max_stop_strings)
-        except ValueError as e:
-            raise InvalidArgument("stop", str(e).split(": ", 1)[-1]) from None
-        stopping = common_pb2.StoppingCriteria()
-        stopping.CopyFrom(req.stopping)
-        del stopping.stop[:]
-        if not stopping.HasField("max_tokens"):
-            stopping.max_tokens = self._default_max_tokens
-        check_sampling(req.sampling, stopping, self._tokenizer.vocab_size)
-        check_length(len(prompt), stopping.max_tokens, self._pool.max_model_len())
+            prompt = list(req.token_ids.ids)
+        check_prompt_ids(prompt, vocab_size, max_model_len, field=kind)
+        stopping, stops = check_options(
+            req,
+            len(prompt),
+            vocab_size=vocab_size,
+            max_model_len=max_model_len,
+            default_max_tokens=self._default_max_tokens,
+            max_stop_strings=self._max_stop_strings,
+        )
         request_id = req.request_id or uuid.uuid4().hex
         if len(request_id) > MAX_REQUEST_ID_LEN or not all(" " <= ch <= "~" for ch in request_id):
             # it travels in gRPC metadata (x-request-id), which takes printable ASCII only
@@ -114,6 +117,16 @@ class Frontend:
         if request_id in self._active:
             raise InvalidArgument("request_id", f"{request_id!r} is already running")
         return Job(request_id, prompt, req.sampling, stopping, stops, req.priority)
+
+    async def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a prompt text (InvalidArgument "text" when empty or too large to fit the
+        model length, checked before tokenizing); a long text is tokenized off the event loop.
+        For every front door: the HTTP API's rendered chat templates come through here too."""
+        check_text_size(text, self._pool.max_model_len(), self._tokenizer.max_token_bytes)
+        return await self._encoder.encode(text, add_special_tokens)
+
+    def close(self) -> None:
+        self._encoder.close()
 
     # -- streaming ----------------------------------------------------------------------
     async def generate(self, job: Job, timeout_s: float | None = None) -> AsyncIterator[Piece]:

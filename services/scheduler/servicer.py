@@ -8,7 +8,7 @@ from shared.pb.tandem.v1 import generate_pb2, generate_pb2_grpc, worker_pb2, wor
 
 from .frontend import Frontend, Piece
 from .pool import WorkerPool
-from .validation import MalformedRequest, parse_generate_request
+from .validation import MalformedRequest, request_parser
 
 
 def piece_to_pb(piece: Piece) -> generate_pb2.GenerateResponse:
@@ -38,7 +38,7 @@ class TandemServicer(generate_pb2_grpc.TandemServicer):
     async def Generate(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         if isinstance(request, MalformedRequest):  # see parse_generate_request
             raise request.error()
-        job = self._frontend.prepare(request)
+        job = await self._frontend.prepare(request)
         async for piece in self._frontend.generate(job, timeout_s=context.time_remaining()):
             yield piece_to_pb(piece)
 
@@ -68,13 +68,14 @@ class TandemServicer(generate_pb2_grpc.TandemServicer):
         )
 
 
-def add_tandem_servicer(servicer: TandemServicer, server: grpc.aio.Server) -> None:
+def add_tandem_servicer(servicer: TandemServicer, server: grpc.aio.Server, *, max_request_bytes: int) -> None:
     """generate_pb2_grpc.add_TandemServicer_to_server, with a Generate deserializer that lets a
-    request with invalid UTF-8 reach the servicer (and be answered INVALID_ARGUMENT)."""
+    request with invalid UTF-8, or one over `max_request_bytes`, reach the servicer (and be
+    answered INVALID_ARGUMENT naming the field or the limit)."""
     handlers = {
         "Generate": grpc.unary_stream_rpc_method_handler(
             servicer.Generate,
-            request_deserializer=parse_generate_request,
+            request_deserializer=request_parser(max_request_bytes),
             response_serializer=generate_pb2.GenerateResponse.SerializeToString,
         ),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(

@@ -1,8 +1,12 @@
 """Checks of a GenerateRequest that the scheduler makes before the request may queue or route.
 
-Every failure is an `InvalidArgument` whose message starts with the field's name. The sampling
-rules are the engine's own (`shared.params.SamplingParams.validate`, torch-free), applied here
-so that an invalid request is refused at once, not after waiting in the admission queue.
+Every failure is an `InvalidArgument` whose message starts with the field's name. The rules for
+the prompt, the sampling parameters and the model length are the engine's own (`shared.params`:
+`check_prompt`, `SamplingParams.validate`, `check_length`, torch-free), applied here in the
+engine's order so that an invalid request is refused at once, not after waiting in the
+admission queue. Two bounds keep a huge request from costing the scheduler much before it is
+refused: the serialized size (`request_parser`, TANDEM_MAX_REQUEST_BYTES) and, for text, a byte
+bound derived from the model length (`check_text_size`), checked before tokenizing.
 
 `parse_generate_request` is the request deserializer of Tandem.Generate. proto3 refuses
 `string` fields that are not valid UTF-8 while parsing, before any handler runs, and gRPC
@@ -14,6 +18,7 @@ the bad field can be named: the handler then answers INVALID_ARGUMENT.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -21,9 +26,13 @@ from google.protobuf.message import DecodeError, Message
 
 from services.common.convert import sampling_from_pb
 from services.common.errors import InvalidArgument
-from shared import params
-from shared.params import InvalidRequest
+from shared.params import InvalidRequest, check_length, check_prompt
 from shared.pb.tandem.v1 import common_pb2, generate_pb2
+from shared.text import validate_stop_strings
+
+# A text prompt may have at most this many bytes per token of the model length: twice the
+# longest token (normalizers such as NFC may shorten a text a little before it is split).
+TEXT_BYTES_PER_TOKEN_FACTOR = 2
 
 
 @dataclass
@@ -35,6 +44,20 @@ class MalformedRequest:
 
     def error(self) -> InvalidArgument:
         return InvalidArgument(self.field, self.message)
+
+
+def request_parser(max_bytes: int) -> Callable[[bytes], generate_pb2.GenerateRequest | MalformedRequest]:
+    """The Generate deserializer: refuses a message over `max_bytes` unparsed, else parse_generate_request."""
+
+    def parse(data: bytes) -> generate_pb2.GenerateRequest | MalformedRequest:
+        if len(data) > max_bytes:
+            return MalformedRequest(
+                "request",
+                f"{len(data)} bytes exceed the limit of {max_bytes} bytes per request (TANDEM_MAX_REQUEST_BYTES)",
+            )
+        return parse_generate_request(data)
+
+    return parse
 
 
 def parse_generate_request(data: bytes) -> generate_pb2.GenerateRequest | MalformedRequest:
@@ -97,21 +120,62 @@ def _is_repeated(fd) -> bool:
     return fd.label == fd.LABEL_REPEATED
 
 
-def check_sampling(
-    sampling: common_pb2.SamplingParameters, stopping: common_pb2.StoppingCriteria, vocab_size: int
-) -> None:
-    """The engine's rules for the sampling parameters; unset fields take their defaults."""
+def _engine_rule(fn: Callable[..., None], *args) -> None:
     try:
-        sampling_from_pb(sampling, stopping).validate(vocab_size)
+        fn(*args)
     except InvalidRequest as e:
         raise InvalidArgument(e.field, e.message) from None
 
 
-def check_length(num_prompt_tokens: int, max_tokens: int, max_model_len: int | None) -> None:
-    """prompt + max_tokens within the model length (when the decode workers have told it); the
-    engine's rule (shared.params.check_length)."""
-    if max_model_len:
-        try:
-            params.check_length(num_prompt_tokens, max_tokens, max_model_len)
-        except InvalidRequest as e:
-            raise InvalidArgument(e.field, e.message) from None
+def text_byte_limit(max_model_len: int, max_token_bytes: int) -> int:
+    """Bytes of prompt text beyond which the text cannot fit the model length, whatever its tokens."""
+    return max_model_len * max_token_bytes * TEXT_BYTES_PER_TOKEN_FACTOR
+
+
+def check_text_size(text: str, max_model_len: int | None, max_token_bytes: int) -> None:
+    """A text prompt: not empty, and not so large it cannot fit the model length (checked
+    before tokenizing it, which costs about a second per megabyte)."""
+    if not text:
+        raise InvalidArgument("text", "must not be empty")
+    if max_model_len is None:  # no decode worker has told its model length yet
+        return
+    limit = text_byte_limit(max_model_len, max_token_bytes)
+    # characters <= bytes: the cheap count decides most huge texts without encoding them
+    if len(text) > limit or len(text.encode("utf-8")) > limit:
+        raise InvalidArgument(
+            "text",
+            f"{len(text.encode('utf-8'))} bytes cannot fit the model length of {max_model_len} tokens "
+            f"(the limit is {limit} bytes: {TEXT_BYTES_PER_TOKEN_FACTOR} x {max_token_bytes} bytes, "
+            "the longest token, per token)",
+        )
+
+
+def check_prompt_ids(prompt: list[int], vocab_size: int, max_model_len: int | None, field: str) -> None:
+    """The engine's prompt rule: not empty, room for output within the model length, ids in range."""
+    _engine_rule(check_prompt, prompt, vocab_size, max_model_len, field)
+
+
+def check_options(
+    req: generate_pb2.GenerateRequest,
+    num_prompt_tokens: int,
+    *,
+    vocab_size: int,
+    max_model_len: int | None,
+    default_max_tokens: int,
+    max_stop_strings: int,
+) -> tuple[common_pb2.StoppingCriteria, list[str]]:
+    """Stop strings, then the engine's rules for the sampling parameters (unset fields take their
+    defaults) and for prompt + max_tokens. Returns the stopping criteria to send downstream
+    (max_tokens filled in, stop strings removed: the scheduler applies them) and the stop strings."""
+    try:
+        stops = validate_stop_strings(list(req.stopping.stop), max_count=max_stop_strings)
+    except ValueError as e:
+        raise InvalidArgument("stop", str(e).split(": ", 1)[-1]) from None
+    stopping = common_pb2.StoppingCriteria()
+    stopping.CopyFrom(req.stopping)
+    del stopping.stop[:]
+    if not stopping.HasField("max_tokens"):
+        stopping.max_tokens = default_max_tokens
+    _engine_rule(lambda: sampling_from_pb(req.sampling, stopping).validate(vocab_size))
+    _engine_rule(check_length, num_prompt_tokens, stopping.max_tokens, max_model_len)
+    return stopping, stops

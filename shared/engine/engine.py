@@ -21,6 +21,7 @@ from shared.params import (
     SamplingParams,
     TokenLogprobs,
     check_length,
+    check_prompt,
 )
 
 from .kv_manager import KVCacheManager
@@ -132,13 +133,9 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_token_ids:
-            raise InvalidRequest("prompt", "must not be empty")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequest("prompt_token_ids", f"token id {bad} outside the vocabulary [0, {vocab})")
-        params.validate(vocab)
+        """The rules of shared.params (the scheduler applies the same ones), then the KV capacity."""
+        check_prompt(prompt_token_ids, self.model_config.vocab_size, self.max_model_len)
+        params.validate(self.model_config.vocab_size)
         check_length(len(prompt_token_ids), params.max_tokens, self.max_model_len)
         total = len(prompt_token_ids) + params.max_tokens
         if self.kv.pool.num_blocks * self.block_size < total:

@@ -68,7 +68,7 @@ def test_eos_stops_unless_ignored(ckpt):
 
 
 @pytest.mark.parametrize("field,prompt,params", [
-    ("prompt", [], GREEDY),
+    ("prompt_token_ids", [], GREEDY),
     ("prompt_token_ids", [1, 99999], GREEDY),
     ("max_tokens", [1, 2], SamplingParams(max_tokens=0)),
     ("max_tokens", [1] * 500, SamplingParams(max_tokens=100)),

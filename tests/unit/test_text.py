@@ -18,7 +18,6 @@ from shared.text import (
     Tokenizer,
     tokenizer_mismatch,
     validate_stop_strings,
-    validate_token_ids,
 )
 from tests.helpers.tokenizers import BOS_ID, EOS_ID, make_tokenizer_dir
 
@@ -247,13 +246,6 @@ def test_validate_stop_strings_rejects(stops, match):
 def test_validate_stop_strings_accepts():
     assert validate_stop_strings(None) == []
     assert validate_stop_strings(("a", "b" * 256)) == ["a", "b" * 256]
-
-
-def test_validate_token_ids():
-    assert validate_token_ids([0, 5, 9], vocab_size=10) == [0, 5, 9]
-    for bad in ([], [10], [-1], [1.5], "abc"):
-        with pytest.raises(ValueError, match="prompt_token_ids"):
-            validate_token_ids(bad, vocab_size=10)
 
 
 def test_a_draft_must_share_the_targets_tokenizer(tmp_path):

@@ -20,6 +20,7 @@ added there.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -129,13 +130,17 @@ class OpenAIFront:
             span.set_attribute("tandem.request_id", request_id)
             timeout_s = _timeout(request.headers.get("x-request-timeout"))
             if chat:
-                plan = convert.chat_plan(
-                    body, request_id, self._chat_template, self._tokenizer, self._pool.max_model_len()
+                plan = await convert.chat_plan(
+                    body,
+                    request_id,
+                    self._chat_template,
+                    functools.partial(self._frontend.encode, add_special_tokens=False),
+                    self._pool.max_model_len(),
                 )
             else:
                 plan = convert.completion_plan(body, request_id)
             rename = plan.openai_field
-            jobs = [self._frontend.prepare(r) for r in plan.requests]
+            jobs = [await self._frontend.prepare(r) for r in plan.requests]
             run = Run(self._frontend, jobs, timeout_s, trace.set_span_in_context(span), self._tasks)
         except Exception as e:  # noqa: BLE001 - answered in OpenAI's shape
             return _end(span, error_response(e, rename))

@@ -12,6 +12,7 @@ the gRPC checks: `text`/`token_ids` -> `prompt` or `messages`, ...).
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,27 +184,28 @@ def _completion_plan(req: CompletionRequest, request_id: str, fields: dict[str, 
     return Plan(requests, prompt_of, req.logprobs, fields)
 
 
-def chat_plan(
+async def chat_plan(
     req: ChatCompletionRequest,
     request_id: str,
     template: ChatTemplate | None,
-    tokenizer: Tokenizer,
+    encode: Callable[[str], Awaitable[list[int]]],
     max_model_len: int | None,
 ) -> Plan:
+    """`encode`: the rendered template's token ids, without BOS (Frontend.encode, off the event loop)."""
     fields = {"text": "messages", "token_ids": "messages", "prompt": "messages", "logprobs": "top_logprobs"}
     if req.max_completion_tokens is not None:
         fields["max_tokens"] = "max_completion_tokens"
     try:
-        return _chat_plan(req, request_id, template, tokenizer, max_model_len, fields)
+        return await _chat_plan(req, request_id, template, encode, max_model_len, fields)
     except InvalidArgument as e:
         raise renamed(e, fields) from None
 
 
-def _chat_plan(
+async def _chat_plan(
     req: ChatCompletionRequest,
     request_id: str,
     template: ChatTemplate | None,
-    tokenizer: Tokenizer,
+    encode: Callable[[str], Awaitable[list[int]]],
     max_model_len: int | None,
     fields: dict[str, str],
 ) -> Plan:
@@ -235,7 +237,7 @@ def _chat_plan(
         )
     except TemplateError as e:
         raise InvalidArgument("messages", f"the chat template refused them: {e}") from None
-    prompt = tokenizer.encode(text, add_special_tokens=False)
+    prompt = await encode(text)
     if not prompt:
         raise InvalidArgument("messages", "the chat template rendered them as an empty prompt")
     if req.max_completion_tokens is not None and req.max_tokens is not None:
