@@ -8,6 +8,7 @@ request's asyncio queue through `call_soon_threadsafe`. Knows nothing of gRPC.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -76,10 +77,21 @@ class AsyncEngine:
         """Stream a request's outputs. Leaving the iteration early (cancel, break) aborts it,
         unless it finished with hold_kv, whose blocks the caller releases."""
         q = self.open_stream(request_id)
+        added: list[bool] = []  # set on the engine thread once the request is in
+
+        def add(eng: LLMEngine) -> None:
+            eng.add_request(request_id, prompt_token_ids, params, hold_kv=hold_kv)
+            added.append(True)
+
         try:
-            await self.call(lambda eng: eng.add_request(request_id, prompt_token_ids, params, hold_kv=hold_kv))
+            await self.call(add)
         except BaseException:
-            self._streams.pop(request_id, None)
+            self._unregister(request_id, q)
+            # Cancelled while the command waited for the engine thread: it may still run. The
+            # abort queued behind it (commands run in order) removes the request if it did; a
+            # held request would otherwise keep its blocks with no one left to release them.
+            with contextlib.suppress(EngineDeadError):
+                await asyncio.shield(self.call(lambda eng: added and eng.abort(request_id)))
             raise
         async for out in self.stream(request_id, q):
             yield out

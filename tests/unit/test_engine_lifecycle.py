@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -298,4 +299,41 @@ def test_late_close_of_a_stream_spares_a_newer_request_reusing_its_id(ckpt):
     alive, stats = asyncio.run(main())
     aeng.shutdown()
     assert alive, "the newer request's reservation was freed by the older one's clean-up"
+    assert stats.num_free_blocks == stats.num_total_blocks and not engine.requests
+
+
+@pytest.mark.parametrize("hold_kv", [False, True])
+def test_cancel_while_the_request_is_being_added_frees_its_blocks(ckpt, hold_kv):
+    """A caller cancelled while its add_request command waits for the engine thread (a prefill
+    worker whose caller's deadline passed right then): the request is added a moment later and
+    must be aborted, or it runs on (and, holding its KV, keeps its blocks) with no one to free it."""
+    engine = make_engine(ckpt)
+    aeng = AsyncEngine(engine).start()
+    params = SamplingParams(temperature=0.0, max_tokens=1 if hold_kv else 50, ignore_eos=True)
+
+    async def main():
+        gate = threading.Event()
+        busy = asyncio.ensure_future(aeng.call(lambda eng: gate.wait(10)))  # the engine thread is busy
+        await asyncio.sleep(0.05)
+
+        async def consume():
+            async for _ in aeng.generate("p", PROMPTS[0], params, hold_kv=hold_kv):
+                pass
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.05)  # add_request is queued behind the busy command
+        task.cancel()
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await busy
+        for _ in range(200):
+            stats = await aeng.call(lambda eng: eng.stats())
+            if not engine.has_unfinished() and stats.num_free_blocks == stats.num_total_blocks:
+                break
+            await asyncio.sleep(0.01)
+        return stats
+
+    stats = asyncio.run(main())
+    aeng.shutdown()
     assert stats.num_free_blocks == stats.num_total_blocks and not engine.requests
