@@ -171,15 +171,18 @@ class DecodeWorker:
     async def _generate_disaggregated(self, job: DecodeJob) -> AsyncIterator[RequestOutput]:
         rid, prompt, params = job.request_id, job.prompt_token_ids, job.params
         await self._aengine.call(lambda eng: eng.validate_request(prompt, params))
-        if not await self._aengine.call(lambda eng: eng.reserve(rid, len(prompt))):
-            stats = self._aengine.stats()
-            raise ResourceExhausted(
-                f"not enough free KV blocks for a {len(prompt)}-token prompt "
-                f"({stats.num_free_blocks} of {stats.num_total_blocks} free)"
-            )
         stream_done = False  # the engine stream ran to its end (and dropped its queue itself)
-        queue = self._aengine.open_stream(rid)  # before add_prefilled: no output may be missed
+        # Opened before the reservation, so that the clean-up below covers a caller cancelled
+        # while the reserve command waits for the engine thread (it reserves all the same), and
+        # before add_prefilled, so that no output is missed.
+        queue = self._aengine.open_stream(rid)
         try:
+            if not await self._aengine.call(lambda eng: eng.reserve(rid, len(prompt))):
+                stats = self._aengine.stats()
+                raise ResourceExhausted(
+                    f"not enough free KV blocks for a {len(prompt)}-token prompt "
+                    f"({stats.num_free_blocks} of {stats.num_total_blocks} free)"
+                )
             outcome = await self._prefill_on_peer_traced(job)
             first_lp = logprob_from_pb(outcome.first_logprob) if outcome.first_logprob is not None else None
             done = await self._aengine.call(

@@ -34,7 +34,25 @@ class Phase:
         self.gate = asyncio.Event()  # set: let the held work go on
         self.blocker = None
         loop = asyncio.get_running_loop()
-        if name == "prefill":  # the prefill worker's engine step waits while the request is in it
+        if name in ("reserving", "prefill admission"):
+            # the engine thread has done the caller's command (the decode worker's reservation,
+            # the prefill worker's add_request) but the caller has not seen the result yet
+            app, verb = (
+                (cluster.decodes[0], "reserve")
+                if name == "reserving"
+                else (cluster.prefills[0], "add_request")
+            )
+            engine = app.aengine.engine
+            done = getattr(engine, verb)
+
+            def held_command(*args, **kwargs):
+                result = done(*args, **kwargs)
+                loop.call_soon_threadsafe(self.here.set)
+                _wait_threadsafe(self.gate)
+                return result
+
+            setattr(engine, verb, held_command)
+        elif name == "prefill":  # the prefill worker's engine step waits while the request is in it
             engine = cluster.prefills[0].aengine.engine
             step = engine.step
 
@@ -84,7 +102,7 @@ class Phase:
         if self.name == "queued":
             while self.c.scheduler.frontend.admission.num_queued == 0:
                 await asyncio.sleep(0.005)
-        elif self.name in ("prefill", "kv transfer"):
+        elif self.name in ("reserving", "prefill admission", "prefill", "kv transfer"):
             await self.here.wait()
         else:
             assert len(token_ids([await call.read(), await call.read()])) >= 2
@@ -108,7 +126,16 @@ def _wait_threadsafe(event: asyncio.Event, timeout_s: float = 10.0) -> None:
         time.sleep(0.005)
 
 
-PHASES = ["queued", "prefill", "kv transfer", "decode", "speculation", "draft speculation"]
+PHASES = [
+    "queued",
+    "reserving",
+    "prefill admission",
+    "prefill",
+    "kv transfer",
+    "decode",
+    "speculation",
+    "draft speculation",
+]
 
 
 async def assert_all_freed(c) -> None:
