@@ -286,13 +286,13 @@ class WorkerConfig(EngineSettings):
         "TANDEM_TRTLLM_KV_BACKEND",
         "UCX",
         "trtllm engine: TensorRT-LLM cache transceiver backend that moves the KV between workers.",
-        choices=("UCX", "NIXL", "MPI", "DEFAULT"),
+        choices=("UCX", "NIXL", "DEFAULT"),
     )
     trtllm_max_tokens_in_buffer: int | None = setting(
         "TANDEM_TRTLLM_MAX_TOKENS_IN_BUFFER",
         None,
         "trtllm engine: cache transceiver buffer in tokens, a multiple of TANDEM_BLOCK_SIZE; "
-        "default: the longest sequence, rounded up to a block.",
+        "default: the longest sequence up to 8192 tokens, rounded up to a block (memory formula in docs/deploy.md).",
         minimum=1,
     )
     scheduler_addr: str = setting(

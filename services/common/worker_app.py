@@ -1,8 +1,9 @@
 """What prefill and decode workers share: the engine, load/info reporting, registration.
 
-`WorkerApp` builds the engine (in an `AsyncEngine` thread), the gRPC server with the
-`Worker` service (GetLoad, GetInfo), and registers with the scheduler when
-TANDEM_SCHEDULER_ADDR is set. The prefill and decode apps add their own servicers.
+`WorkerApp` builds the engine (TANDEM_ENGINE: the torch `AsyncEngine`, or TensorRT-LLM's),
+the gRPC server with the `Worker` service (GetLoad, GetInfo), and registers with the
+scheduler when TANDEM_SCHEDULER_ADDR is set. The prefill and decode apps add their own
+servicers. The engine is used only through the engine interface (shared/engine/interface.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from services.common.telemetry import quiet_telemetry, traced_server_interceptor
 from shared.config import ConfigError, WorkerConfig
 from shared.engine import (
     AsyncEngine,
+    EngineClient,
     EngineConfig,
     InvalidRequest,
     KVCacheTooSmall,
@@ -43,12 +45,12 @@ WORKER_ERRORS = {
 }
 
 
-def build_engine(config: WorkerConfig) -> AsyncEngine:
-    """Load the model and start the engine thread."""
+def build_engine(config: WorkerConfig, draft_client_factory=None) -> EngineClient:
+    """Load the model and start the engine (the torch engine's thread, or TensorRT-LLM)."""
     if config.engine == "trtllm":  # the TensorRT-LLM image only: never imported otherwise
-        from services.common.trtllm_workers import build_trtllm_engine
+        from shared.engines.trtllm import build_trtllm_engine
 
-        return build_trtllm_engine(config)
+        return build_trtllm_engine(config, draft_client_factory)
     import torch
 
     if config.torch_threads is not None:
@@ -77,7 +79,7 @@ class ActiveRequests:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, aengine: AsyncEngine, config: WorkerConfig, model_name: str, active: ActiveRequests):
+    def __init__(self, aengine: EngineClient, config: WorkerConfig, model_name: str, active: ActiveRequests):
         self._aengine = aengine
         self._config = config
         self._model_name = model_name
@@ -98,22 +100,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         )
 
     async def GetInfo(self, request, context) -> worker_pb2.WorkerInfo:
-        engine = self._aengine.engine
-        mc = engine.model_config
+        info = self._aengine.info()
         return worker_pb2.WorkerInfo(
             role=self._config.role,
             model_name=self._model_name,
-            max_model_len=engine.max_model_len,
-            vocab_size=mc.vocab_size,
-            block_size=engine.block_size,
-            num_layers=mc.num_layers,
-            num_kv_heads=mc.num_kv_heads,
-            head_dim=mc.head_dim,
+            max_model_len=info.max_model_len,
+            vocab_size=info.vocab_size,
+            block_size=info.block_size,
+            num_layers=info.num_layers,
+            num_kv_heads=info.num_kv_heads,
+            head_dim=info.head_dim,
             dtype=self._config.dtype,
             device=self._config.device,
             engine=self._config.engine,
             kv_transport=TRANSPORT_TO_PB[self._config.kv_transport],
-            eos_token_ids=mc.eos_token_ids,
+            eos_token_ids=list(info.eos_token_ids),
         )
 
 
@@ -123,12 +124,12 @@ class WorkerApp:
     role = ""
 
     def __init__(
-        self, config: WorkerConfig, *, telemetry: Telemetry | None = None, aengine: AsyncEngine | None = None
+        self, config: WorkerConfig, *, telemetry: Telemetry | None = None, aengine: EngineClient | None = None
     ):
         self.config = config
         self.telemetry = telemetry if telemetry is not None else quiet_telemetry(f"tandem-{self.role}")
-        self.aengine = aengine if aengine is not None else build_engine(config)
-        self.model_name = config.model_name or self.aengine.engine.model_config.name
+        self.aengine = aengine if aengine is not None else build_engine(config, self._draft_client_factory())
+        self.model_name = config.model_name or self.aengine.info().model_name
         self.active = ActiveRequests()
         self.server = GrpcServer(
             host=config.host,
@@ -147,6 +148,10 @@ class WorkerApp:
         self._add_servicers(self.server.grpc_server)
         self._registration: asyncio.Task | None = None
         self._sampler: asyncio.Task | None = None
+
+    def _draft_client_factory(self):
+        """Subclass hook: a picklable factory of the draft client an engine's drafter uses (or None)."""
+        return None
 
     def _service_names(self) -> Sequence[str]:
         raise NotImplementedError

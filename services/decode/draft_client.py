@@ -8,10 +8,9 @@ TANDEM_DRAFT_RETRY_S, so a dead draft costs nothing per step, and tried again af
 The client's output never depends on it: verification keeps greedy outputs exact and sampled
 ones distributed as without speculation.
 
-Per sequence it remembers the draft's copy (the tokens it last sent plus the proposals that
-came back), so each call carries only the tokens after the longest prefix that copy shares
-with the sequence. Ended sequences are released with the next call (or at once when none is
-left). A draft that answers "unknown sequence" (it restarted) gets the whole list next step.
+The delta protocol (only the tokens after the prefix the draft's copy still shares with the
+sequence; releases; whole lists after "unknown sequence") is shared/draft_delta.py's; ended
+sequences are released with the next call, or at once when none is left.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from opentelemetry.trace import Link, SpanKind
 from services.common.convert import sampling_to_pb
 from services.common.server import CHANNEL_OPTIONS
 from shared.config import WorkerConfig
+from shared.draft_delta import DeltaTracker
 from shared.engine.draft import probs_from_bytes
 from shared.engine.spec import NgramProposer, Proposal, ProposalRequest, Proposer
 from shared.params import RequestOutput
@@ -86,10 +86,7 @@ class DraftProposer:
         ]
         self._channel = grpc.insecure_channel(address, options=options)
         self._stub = draft_pb2_grpc.DraftStub(self._channel)
-        # request id -> (the draft's copy of its tokens, how many of them were the sequence's)
-        self._copies: dict[str, tuple[list[int], int]] = {}
-        self._sent: set[str] = set()  # sequences any call carried (the draft may hold them)
-        self._released: list[str] = []  # ended sequences the draft has not been told of
+        self._delta = DeltaTracker()
         self._retry_at = 0.0
         self._failing = False
         self.num_calls = 0
@@ -106,19 +103,17 @@ class DraftProposer:
             return {}
 
     def release(self, request_id: str) -> None:
-        self._copies.pop(request_id, None)
-        if request_id in self._sent:
-            self._sent.discard(request_id)
-            self._released.append(request_id)
-        if not self._sent and self._released and self._clock() >= self._retry_at:
+        self._delta.release(request_id)
+        released = self._delta.releases
+        if not self._delta.tracked() and released and self._clock() >= self._retry_at:
             # nothing left to speculate on: no next call would carry the releases
             try:
                 self._stub.Release(
-                    draft_pb2.ReleaseRequest(client_id=self.client_id, sequence_ids=self._released),
+                    draft_pb2.ReleaseRequest(client_id=self.client_id, sequence_ids=released),
                     timeout=self._timeout_s,
                     metadata=inject_context(),
                 )
-                self._released = []
+                self._delta.releases_delivered(released)
             except grpc.RpcError as e:
                 self._failed(e)  # the draft frees them after its idle timeout anyway
 
@@ -132,11 +127,10 @@ class DraftProposer:
             entry, prev_accepted = self._entry(req)
             entries.append(entry)
             accepted += prev_accepted
-        request = draft_pb2.ProposeRequest(
-            client_id=self.client_id, sequences=entries, released_ids=self._released
-        )
+        released = self._delta.releases
+        request = draft_pb2.ProposeRequest(client_id=self.client_id, sequences=entries, released_ids=released)
         ids = [r.request_id for r in batch]
-        self._sent.update(ids)
+        self._delta.sent(ids)
         # One call serves every speculating request: its span is a child of the oldest one's
         # (the batch is in arrival order) and links to each request's span.
         spans = [(rid, self._telemetry.request_spans.get(rid)) for rid in ids[:MAX_LOGGED_IDS]]
@@ -159,17 +153,17 @@ class DraftProposer:
                 sp.set_attribute(RPC_GRPC_STATUS_CODE, e.code().value[0])
                 raise
             sp.set_attribute(RPC_GRPC_STATUS_CODE, grpc.StatusCode.OK.value[0])
-            self._released = []
+            self._delta.releases_delivered(released)
             if self._failing:
                 log.info("draft service %s answers again: speculating", self.address)
                 self._failing = False
             out: dict[str, Proposal] = {}
             for req, prop in zip(batch, response.proposals, strict=True):
                 if prop.unknown_sequence:
-                    self._copies.pop(req.request_id, None)  # whole list next step
+                    self._delta.unknown(req.request_id)  # whole list next step
                     continue
                 tokens = list(prop.token_ids)
-                self._copies[req.request_id] = (req.token_ids + tokens, len(req.token_ids))
+                self._delta.answered(req.request_id, req.token_ids, tokens)
                 proposal = self._proposal(req, tokens, prop.probs, response.vocab_size)
                 if proposal is not None:
                     out[req.request_id] = proposal
@@ -178,22 +172,16 @@ class DraftProposer:
 
     def _entry(self, req: ProposalRequest) -> tuple[draft_pb2.DraftSequence, int]:
         """The delta for one sequence, and how many of the previous proposals it accepted."""
-        tokens = req.token_ids
-        keep = accepted = 0
-        if req.request_id in self._copies:
-            copy, num_sent = self._copies[req.request_id]
-            # a sequence only grows: its first num_sent tokens are still the copy's
-            keep = min(_common_prefix(copy, tokens, num_sent), len(tokens) - 1)  # send at least one token
-            accepted = max(0, keep - num_sent)
+        delta = self._delta.delta(req.request_id, req.token_ids)
         entry = draft_pb2.DraftSequence(
             sequence_id=req.request_id,
-            num_kept_tokens=keep,
-            token_ids=tokens[keep:],
+            num_kept_tokens=delta.num_kept,
+            token_ids=delta.token_ids,
             num_proposals=req.num_tokens,
         )
         if not (req.params.greedy and req.params.repetition_penalty == 1.0):
             entry.sampling.CopyFrom(sampling_to_pb(req.params))
-        return entry, accepted
+        return entry, delta.num_accepted
 
     def _proposal(
         self, req: ProposalRequest, tokens: list[int], probs: bytes, draft_vocab: int
@@ -252,12 +240,3 @@ def spec_attributes(out: RequestOutput) -> dict[str, int]:
         spec_accepted=out.num_spec_accepted,
         spec_steps=out.num_spec_steps,
     )
-
-
-def _common_prefix(a: list[int], b: list[int], start: int = 0) -> int:
-    """Length of the common prefix of a and b, given that the first `start` tokens agree."""
-    n = min(len(a), len(b))
-    i = min(start, n)
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

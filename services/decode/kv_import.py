@@ -1,8 +1,8 @@
 """Receive one request's prompt KV from a prefill worker into its reserved blocks.
 
 Pieces are verified as they arrive (crc32 per gRPC chunk, the sender's checksum for a
-collective transfer) and scattered into the reserved blocks on the engine thread. Imports
-are batched: at most one engine call per request is in flight, and it takes every piece that
+collective transfer) and handed to the engine's `import_kv` (engine interface). Imports are
+batched: at most one engine call per request is in flight, and it takes every piece that
 arrived meanwhile, so a long transfer costs few engine round trips.
 """
 
@@ -11,16 +11,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from shared.engine import AsyncEngine
+from shared.engine import EngineClient, Reservation
 from shared.kv.chunks import KvAssembler, KvChunk, KvPiece
 from shared.kv.collective import TransferMeta
 from shared.kv.collective_receiver import CollectiveKvReceiver
 from shared.kv.errors import KvShapeMismatch, KvTransferError
-
-
-def _import_pieces(engine, request_id: str, pieces: list[KvPiece]) -> None:
-    for piece in pieces:
-        engine.import_kv(request_id, piece.tensor, piece.layer_start, piece.token_start)
 
 
 class KvImporter:
@@ -28,15 +23,16 @@ class KvImporter:
 
     def __init__(
         self,
-        aengine: AsyncEngine,
-        request_id: str,
+        engine: EngineClient,
+        reservation: Reservation,
         shape: tuple[int, ...],  # [num_layers, 2, num_prompt_tokens, num_kv_heads, head_dim]
         dtype: str,
         receiver: CollectiveKvReceiver | None = None,
         timeout_s: float | None = None,
     ):
-        self._aengine = aengine
-        self._request_id = request_id
+        self._engine = engine
+        self._reservation = reservation
+        self._request_id = reservation.request_id
         self._assembler = KvAssembler(shape, dtype)
         self._receiver = receiver
         self._timeout_s = timeout_s
@@ -85,7 +81,7 @@ class KvImporter:
     async def _drain(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
-            await self._aengine.call(_import_pieces, self._request_id, batch)
+            await self._engine.import_kv(self._reservation, batch)
 
     async def finish(self) -> None:
         """Wait until every queued piece is in the blocks; raise unless the whole prompt arrived."""

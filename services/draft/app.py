@@ -50,7 +50,7 @@ class DraftApp:
         self.config = config
         self.telemetry = telemetry if telemetry is not None else quiet_telemetry("tandem-draft")
         self.engine = engine if engine is not None else build_engine(config)
-        self.model_name = config.model_name or self.engine.model_config.name
+        self.model_name = config.model_name or self.engine.model_name
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-engine")
         self.server = GrpcServer(
             host=config.host,

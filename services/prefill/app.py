@@ -20,12 +20,8 @@ class PrefillApp(WorkerApp):
 
     def _add_servicers(self, server) -> None:
         self.senders = KvSenderPool(device=self.config.device, timeout_s=self.config.kv_timeout_s)
-        if self.config.engine == "trtllm":  # TensorRT-LLM's cache transceiver moves the KV
-            from services.common.trtllm_workers import TrtllmPrefillWorker
-
-            self.worker = TrtllmPrefillWorker(self.aengine, self.telemetry)
-        else:
-            self.worker = PrefillWorker(self.aengine, self.senders, self.telemetry)
+        # how the KV leaves follows the engine (engine interface: PrefillOutput.kv or .handoff)
+        self.worker = PrefillWorker(self.aengine, self.senders, self.telemetry)
         worker_pb2_grpc.add_PrefillServicer_to_server(
             PrefillServicer(
                 self.worker,

@@ -4,9 +4,22 @@ from shared.params import FinishReason, InvalidRequest, RequestOutput, SamplingP
 
 from .async_engine import AsyncEngine, EngineDeadError
 from .engine import EngineConfig, EngineStats, KVCacheTooSmall, LLMEngine
+from .interface import (
+    KV_HANDOFF_ENGINE,
+    KV_HANDOFF_TENSORS,
+    EngineClient,
+    EngineInfo,
+    FirstToken,
+    KvPieceIn,
+    Prefilled,
+    PrefillOutput,
+    Reservation,
+)
 from .model import ModelConfig, ModelLoadError
 
 __all__ = [
     "AsyncEngine", "EngineDeadError", "EngineConfig", "EngineStats", "KVCacheTooSmall", "LLMEngine", "ModelConfig", "ModelLoadError",
     "FinishReason", "InvalidRequest", "RequestOutput", "SamplingParams", "TokenLogprobs",
+    "EngineClient", "EngineInfo", "FirstToken", "KvPieceIn", "Prefilled", "PrefillOutput", "Reservation",
+    "KV_HANDOFF_ENGINE", "KV_HANDOFF_TENSORS",
 ]

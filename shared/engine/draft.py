@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shared.draft_delta import common_prefix
 from shared.params import InvalidRequest, SamplingParams
 
 from .engine import EngineConfig, LLMEngine
@@ -75,6 +76,7 @@ class DraftEngine:
         base = LLMEngine(config)  # loads the model and sizes the KV cache; its scheduler stays unused
         self.config = config
         self.model_config = base.model_config
+        self.model_name = base.model_config.name
         self.runner = base.runner
         self.kv = base.kv
         self.max_model_len = base.max_model_len
@@ -108,7 +110,7 @@ class DraftEngine:
             if seq is None:
                 seq = self.seqs[ask.key] = DraftSequence(ask.key)
             # a resent whole list keeps whatever prefix (and KV) of the old copy still matches
-            keep = _common_prefix(seq.token_ids, ask.token_ids)
+            keep = common_prefix(seq.token_ids, ask.token_ids)
             new = ask.token_ids[keep:]
         elif seq is None or ask.num_kept > len(seq.token_ids):
             self.release([ask.key])
@@ -252,11 +254,3 @@ def probs_from_bytes(data: bytes, num_rows: int) -> torch.Tensor:
     if num_rows == 0 or flat.numel() % num_rows:
         raise ValueError(f"{flat.numel()} probabilities do not split into {num_rows} rows")
     return flat.view(num_rows, -1)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

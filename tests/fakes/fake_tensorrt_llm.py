@@ -2,9 +2,11 @@
 
 It runs no model and imports nothing of tensorrt_llm: a deterministic toy next-token rule
 stands in for the network, an in-process registry for the cache transceiver. What it does
-reproduce is the documented contract of the real API (tensorrt_llm 1.x, PyTorch backend), as
-read from its sources (tensorrt_llm/llmapi/llm.py, executor/result.py, sampling_params.py,
-disaggregated_params.py, llmapi/llm_args.py, _torch/speculative/drafter.py):
+reproduce is the contract of the real API (tensorrt_llm 1.2, PyTorch backend), as read from
+its sources; each rule below names, beside its code, the real file and function it models
+(tensorrt_llm/llmapi/llm.py, llmapi/llm_args.py, executor/result.py, sampling_params.py,
+disaggregated_params.py, _torch/pyexecutor/py_executor.py, _torch/speculative/drafter.py,
+serve/openai_disagg_service.py). Summary:
 
 - `LLM(model, **kwargs)`: unknown keyword arguments are rejected (LlmArgs forbids extras);
   `generate_async(inputs, sampling_params, streaming=..., disaggregated_params=...)` is a plain
@@ -13,20 +15,31 @@ disaggregated_params.py, llmapi/llm_args.py, _torch/speculative/drafter.py):
   `logprobs` (one `{token_id: Logprob}` dict per token) and `token_ids_diff`; `abort()` ends
   the request with `finish_reason == "cancelled"`; errors surface as `RequestError`.
 - `skip_tokenizer_init=True` requires `SamplingParams.end_id` (there is no tokenizer to ask).
-- Disaggregation: a `context_only` request answers once, with `finished` and
-  `outputs[0].disaggregated_params` (`first_gen_tokens`, `ctx_request_id`, `opaque_state`,
+- A prompt longer than `max_num_tokens` is refused with `RequestError` at submission unless
+  `enable_chunked_prefill` (generation-only requests are not checked).
+- A stop token matched from `stop_token_ids` is stripped from `token_ids` unless
+  `include_stop_str_in_output`; an EOS (`end_id`) stays.
+- A streaming request's first update carries its first generated token.
+- Disaggregation: a `context_only` request answers once, with `finished`, finish reason
+  `not_finished` (or `length` in older releases: the real orchestrator goes on to generation on
+  either) and `outputs[0].disaggregated_params` (`first_gen_tokens`, `ctx_request_id`, `opaque_state`,
   `draft_tokens`); its KV blocks stay held until a `generation_only` request on a peer pulls
   them through the cache transceiver, or `kv_transfer_timeout_ms` passes (then they are freed
   and the peer's request fails). A `generation_only` request's `token_ids` start with
-  `first_gen_tokens` (its diff skips it, as the real result does in streaming mode).
+  `first_gen_tokens`, which arrives with the first streamed update (its diff skips it, as the
+  real result does in streaming mode).
 - Traps of the real one, which the adapter must avoid: `max_tokens_in_buffer` that is not a
   multiple of `tokens_per_block` fails start-up with the C++ assertion of cacheTransBuffer;
   a `context_only` request needs `disable_overlap_scheduler=True` on its LLM; a context or
   generation request needs a `cache_transceiver_config`.
-- `UserProvidedDecodingConfig(max_draft_len, drafter)`: each generation step calls
-  `drafter.prepare_draft_tokens(scheduled_requests, resource_manager)` on the executor's
-  thread (not the event loop) with `LlmRequest`-like objects (`request_id`, `get_tokens(0)`,
-  `py_orig_prompt_len`, `py_max_new_tokens`, `py_draft_tokens`), then verifies the drafts.
+- `UserProvidedDecodingConfig(max_draft_len, drafter)`: the executor loop runs one step for
+  all generation requests; per step it calls `drafter.prepare_draft_tokens(scheduled_requests,
+  resource_manager)` once, synchronously, off the event loop, with every generation request
+  (`LlmRequest`-like: `request_id`, `get_tokens(0)`, `py_orig_prompt_len`,
+  `py_max_new_tokens`, `py_draft_tokens`), then `pad_draft_tokens_for_cuda_graph` pads the
+  drafts with zeros to the static maximum, then verifies them. A drafter must call
+  `Drafter.__init__(max_draft_len, max_total_draft_tokens, ...)`, and padded drafts need
+  `_needs_padding_kv_extension` (the verifying TorchSampler rewinds by the padded length).
 - `get_stats(timeout)` returns iteration-stats dicts with `kvCacheStats`.
 """
 
@@ -69,13 +82,38 @@ class CacheTransceiverConfig:
 
 
 class Drafter(ABC):
-    """tensorrt_llm._torch.speculative.drafter.Drafter."""
+    """tensorrt_llm._torch.speculative.drafter.Drafter, current signature (`Drafter.__init__`)."""
 
-    def __init__(self, max_concurrency: int | None = None) -> None:
+    # drafter.py: drafters whose sampler rewinds by the padded draft length (TorchSampler:
+    # user-provided, NGram) must set it, so that padding extends the KV capacity
+    _needs_padding_kv_extension: bool = False
+
+    def __init__(
+        self,
+        max_draft_len: int | None = None,
+        max_total_draft_tokens: int | None = None,
+        max_concurrency: int | None = None,
+        draft_len_schedule: dict[int, int] | None = None,
+    ) -> None:
+        self.max_draft_len = max_draft_len
+        self.max_total_draft_tokens = max_total_draft_tokens
+        self._static_max_total_draft_tokens = max_total_draft_tokens
         self.max_concurrency = max_concurrency
+        self.draft_len_schedule = draft_len_schedule
 
     @abstractmethod
     def prepare_draft_tokens(self, scheduled_requests, resource_manager=None) -> None: ...
+
+    def pad_draft_tokens_for_cuda_graph(self, scheduled_requests, resource_manager=None) -> None:
+        # drafter.py, `Drafter.pad_draft_tokens_for_cuda_graph` (final): zeros up to the static
+        # maximum, then the KV capacity extension for drafters that ask for it
+        pad_to = self._static_max_total_draft_tokens
+        for req in scheduled_requests.generation_requests:
+            req.py_draft_tokens_effective_len = len(req.py_draft_tokens)
+            req.py_draft_tokens.extend(0 for _ in range(pad_to - len(req.py_draft_tokens)))
+        if self._needs_padding_kv_extension and resource_manager is not None:
+            for req in scheduled_requests.generation_requests:
+                resource_manager.extend_capacity_for_tokens(req)
 
 
 @dataclass(kw_only=True)
@@ -101,6 +139,7 @@ class SamplingParams:
     logprobs: int | None = None
     ignore_eos: bool = False
     detokenize: bool = True
+    include_stop_str_in_output: bool = False
 
 
 @dataclass(kw_only=True)
@@ -180,6 +219,8 @@ class LlmRequest:
     py_orig_prompt_len: int
     py_max_new_tokens: int
     py_draft_tokens: list[int] = field(default_factory=list)
+    py_draft_tokens_effective_len: int | None = None
+    kv_extended: bool = False
 
     def get_tokens(self, beam: int) -> list[int]:
         return list(self.tokens)
@@ -189,6 +230,13 @@ class LlmRequest:
 class ScheduledRequests:
     context_requests: list[LlmRequest] = field(default_factory=list)
     generation_requests: list[LlmRequest] = field(default_factory=list)
+
+
+class ResourceManager:
+    """What the padding's KV extension touches (resource_manager.py, `KVCacheManager.extend_capacity_for_tokens`)."""
+
+    def extend_capacity_for_tokens(self, req: LlmRequest) -> None:
+        req.kv_extended = True
 
 
 # -- the cache transceiver: contexts held for transfer, by instance -----------------------------
@@ -235,6 +283,7 @@ class RequestOutput:
     def abort(self) -> None:
         self._aborted = True
         self._llm.num_aborts += 1
+        self._llm._expire(self.request_id)  # a context held for transfer is given up: its blocks go back
 
     def aborted(self) -> bool:
         return self._aborted
@@ -253,13 +302,24 @@ class RequestOutput:
         out._last_token_ids_len = len(out.token_ids)
         out._last_logprobs_len = len(out.logprobs)
         tokens, logprobs, finish, disagg = update
+        first_update = not out.token_ids
         out.token_ids.extend(tokens)
         out.logprobs.extend(logprobs)
+        gen_only = self.disaggregated_params is not None and self.disaggregated_params.request_type == "generation_only"
+        if gen_only and self._streaming and first_update:
+            # executor/result.py, `GenerationResultBase._handle_sequence`: "in PD, the first
+            # token should be ignored in streaming mode": the diff skips first_gen_tokens
+            out._last_token_ids_len = 1
         if disagg is not None:
             out.disaggregated_params = disagg
         if finish is not None:
             out.finish_reason = finish
             self._done = True
+            p = self.sampling_params
+            if finish == "stop" and out.stop_reason is not None and not p.include_stop_str_in_output:
+                # executor/result.py, `GenerationResultBase._handle_sequence`: a matched stop
+                # word (stop_token_ids count as one-token stop words) is cut from token_ids
+                out.token_ids = out.token_ids[:-1]
         return self
 
     async def aresult(self) -> RequestOutput:
@@ -286,6 +346,7 @@ class LLM:
         "max_num_tokens",
         "max_seq_len",
         "enable_iter_perf_stats",
+        "enable_chunked_prefill",
     }
 
     def __init__(self, model: str, **kwargs: Any) -> None:
@@ -308,6 +369,11 @@ class LLM:
         config = Path(model) / "config.json"
         self.vocab_size = json.loads(config.read_text())["vocab_size"] if config.is_file() else 512
         self.max_seq_len = kwargs.get("max_seq_len") or 2048
+        self.max_num_tokens = kwargs.get("max_num_tokens") or 8192  # llm_args.py default
+        self.chunked_prefill = bool(kwargs.get("enable_chunked_prefill", False))
+        # what a finished context_only request reports: "not_finished" in current releases,
+        # "length" in older ones (tests set either; serve/openai_disagg_service.py accepts both)
+        self.context_finish_reason = "not_finished"
         self.overlap = not kwargs.get("disable_overlap_scheduler", False)
         spec = kwargs.get("speculative_config")
         self.drafter = spec.drafter if isinstance(spec, UserProvidedDecodingConfig) else None
@@ -319,8 +385,12 @@ class LLM:
         self.num_aborts = 0
         self.step_s = 0.001  # the fake's time per generation step (tests slow it down to cancel mid-way)
         self.num_drafted = self.num_accepted = 0
+        self.drafter_batches: list[int] = []  # generation requests per drafter call, one call per step
+        self.resource_manager = ResourceManager()
         self.requests: list[RequestOutput] = []
         self._tasks: set[asyncio.Task] = set()
+        self._waiting: list[tuple[RequestOutput, list[int], asyncio.Future]] = []  # the next step's requests
+        self._executor: asyncio.Task | None = None
         self._shutdown = False
         _instances[self.instance] = self
 
@@ -346,12 +416,23 @@ class LLM:
             raise ValueError(
                 "tokenizer is required to reset end_id if it is None, or you can explicitly specify the end_id for sampling_params"
             )
+        gen_only = disaggregated_params is not None and disaggregated_params.request_type == "generation_only"
+        if not self.chunked_prefill and not gen_only and len(prompt) > self.max_num_tokens:
+            # llmapi/llm.py, `LLM._check_arguments` (PyTorch backend): RequestError in current
+            # releases (ValueError in older ones), unless chunked prefill is on
+            raise RequestError(
+                f"The sum of prompt length ({float(len(prompt))}), query length (0) should not exceed "
+                f"max_num_tokens ({self.max_num_tokens})"
+            )
         if len(prompt) + params.max_tokens > self.max_seq_len:
+            # the executor refuses a request whose sequence cannot fit max_seq_len
             raise ValueError(
                 f"The sum of prompt length ({len(prompt)}) and max_tokens ({params.max_tokens}) should not exceed max_seq_len ({self.max_seq_len})"
             )
         result = RequestOutput(self, next(_ids), list(prompt), params, streaming, disaggregated_params)
         self.requests.append(result)
+        if self._executor is None:
+            self._executor = asyncio.get_running_loop().create_task(self._executor_loop())
         task = asyncio.get_running_loop().create_task(self._run(result))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -372,7 +453,7 @@ class LLM:
 
     def shutdown(self) -> None:
         self._shutdown = True
-        for task in list(self._tasks):
+        for task in [*self._tasks, *([self._executor] if self._executor else [])]:
             task.cancel()
         _instances.pop(self.instance, None)
 
@@ -391,16 +472,16 @@ class LLM:
         try:
             if kind in ("context_only", "generation_only") and self.transceiver is None:
                 raise RequestError("disaggregated requests need cache_transceiver_config")
+            pending: list[int] = []  # tokens the next update carries besides the new ones
             if kind == "generation_only":
                 blocks = await self._receive(r)
-                # the first token came from the context server: token_ids start with it, and it
-                # is not part of the first streamed diff
+                # the first token came from the context server: token_ids start with it, it
+                # arrives with the first update, and is not part of that update's diff
                 tokens = list(r.disaggregated_params.first_gen_tokens)
-                r.outputs[0].token_ids = list(tokens)
-                r.outputs[0].logprobs = self._lps(r, tokens)
+                pending = list(tokens)
                 finish = self._finish(r, tokens)
                 if finish:
-                    await r._updates.put(([], [], finish, None))
+                    await r._updates.put((pending, self._lps(r, pending), finish, None))
                     return
             else:
                 if kind == "context_only" and self.overlap:
@@ -422,19 +503,23 @@ class LLM:
                         opaque_state=f"fake-{self.transceiver.backend}:{self.instance}:{r.request_id}".encode(),
                         draft_tokens=None,
                     )
-                    await r._updates.put((tokens, self._lps(r, tokens), "length", disagg))
+                    # executor/result.py: a context-only request ends at its first token
+                    await r._updates.put((tokens, self._lps(r, tokens), self.context_finish_reason, disagg))
                     return
                 finish = self._finish(r, tokens)
+                # a streaming request's first update is its first generated token
                 await r._updates.put((tokens, self._lps(r, tokens), finish, None))
                 if finish:
                     return
             while True:
-                await asyncio.sleep(self.step_s)
                 if r._aborted:
                     await r._updates.put(([], [], "cancelled", None))
                     return
                 seq = r.prompt_token_ids + tokens
-                new = await self._step(r, seq, len(tokens))
+                new = await self._next_step(r, seq)
+                if r._aborted:
+                    await r._updates.put(([], [], "cancelled", None))
+                    return
                 grown = self._blocks(len(seq) + len(new)) - self._blocks(len(seq))
                 self._allocate(grown)
                 blocks += grown
@@ -446,7 +531,8 @@ class LLM:
                     if finish:
                         break
                 tokens += out
-                await r._updates.put((out, self._lps(r, out), finish, None))
+                await r._updates.put((pending + out, self._lps(r, pending + out), finish, None))
+                pending = []
                 if finish:
                     return
         except RequestError as e:
@@ -454,32 +540,75 @@ class LLM:
         finally:
             self.used_blocks -= blocks
 
-    async def _step(self, r: RequestOutput, seq: list[int], num_generated: int) -> list[int]:
-        """One target step: the next token, or the accepted drafts plus one (speculation)."""
+    async def _next_step(self, r: RequestOutput, seq: list[int]) -> list[int]:
+        """Wait for the executor's next step; returns this request's new tokens."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.append((r, seq, fut))
+        return await fut
+
+    async def _executor_loop(self) -> None:
+        """_torch/pyexecutor/py_executor.py, `PyExecutor._executor_loop` (overlap scheduler off):
+        one step for every scheduled generation request, the drafter called once per step."""
+        while True:
+            await asyncio.sleep(self.step_s)
+            batch, self._waiting = self._waiting, []
+            if not batch:
+                continue
+            try:
+                results = await self._step(batch)
+            except RequestError as e:
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (_, _, fut), new in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(new)
+
+    async def _step(self, batch: list[tuple[RequestOutput, list[int], asyncio.Future]]) -> list[list[int]]:
+        """One target step: each request's next token, or its accepted drafts plus one."""
         if self.drafter is None:
-            return [next_token(seq, self.vocab_size)]
-        request = LlmRequest(r.request_id, list(seq), len(r.prompt_token_ids), r.sampling_params.max_tokens)
-        await asyncio.to_thread(
-            self.drafter.prepare_draft_tokens, ScheduledRequests(generation_requests=[request]), None
-        )
-        drafts = list(request.py_draft_tokens or [])
-        if len(drafts) > self.max_draft_len:
-            raise RequestError(f"{len(drafts)} draft tokens exceed max_draft_len={self.max_draft_len}")
-        accepted: list[int] = []
-        for d in drafts:
-            if d != next_token(seq + accepted, self.vocab_size):
-                break
-            accepted.append(d)
-        self.num_drafted += len(drafts)
-        self.num_accepted += len(accepted)
-        return accepted + [next_token(seq + accepted, self.vocab_size)]
+            return [[next_token(seq, self.vocab_size)] for _, seq, _ in batch]
+        requests = [
+            LlmRequest(r.request_id, list(seq), len(r.prompt_token_ids), r.sampling_params.max_tokens)
+            for r, seq, _ in batch
+        ]
+        scheduled = ScheduledRequests(generation_requests=requests)
+
+        def draft() -> None:
+            # py_executor.py: prepare_draft_tokens, then the base class's padding, synchronously
+            self.drafter.prepare_draft_tokens(scheduled, self.resource_manager)
+            self.drafter.pad_draft_tokens_for_cuda_graph(scheduled, self.resource_manager)
+
+        await asyncio.to_thread(draft)
+        self.drafter_batches.append(len(requests))
+        out = []
+        for request, (_, seq, _) in zip(requests, batch, strict=True):
+            drafts = list(request.py_draft_tokens or [])
+            if len(drafts) > self.max_draft_len:
+                raise RequestError(f"{len(drafts)} draft tokens exceed max_draft_len={self.max_draft_len}")
+            effective = request.py_draft_tokens_effective_len
+            if effective is not None and effective < len(drafts) and not request.kv_extended:
+                # TorchSampler rewinds the KV by the padded draft length: without the capacity
+                # extension (Drafter._needs_padding_kv_extension) the request's KV is corrupt
+                raise RequestError("padded draft tokens without KV capacity extension")
+            accepted: list[int] = []
+            for d in drafts[:effective]:  # the padding is never verified (py_draft_tokens_effective_len)
+                if d != next_token(seq + accepted, self.vocab_size):
+                    break
+                accepted.append(d)
+            self.num_drafted += effective if effective is not None else len(drafts)
+            self.num_accepted += len(accepted)
+            out.append(accepted + [next_token(seq + accepted, self.vocab_size)])
+        return out
 
     def _finish(self, r: RequestOutput, tokens: list[int]) -> str | None:
         p = r.sampling_params
         if not p.ignore_eos and tokens[-1] == p.end_id:
+            # END_ID: the sampled EOS stays in token_ids (the sampler appends before it checks)
             return "stop"
         if tokens[-1] in (p.stop_token_ids or []):
-            r.outputs[0].stop_reason = tokens[-1]
+            r.outputs[0].stop_reason = tokens[-1]  # stripped at the end unless include_stop_str_in_output
             return "stop"
         if len(tokens) >= p.max_tokens:
             return "length"

@@ -1,4 +1,4 @@
-"""The TensorRT-LLM engine adapter (services/common/trtllm_*.py) against a fake of TensorRT-LLM's
+"""The TensorRT-LLM engine adapter (shared/engines/trtllm/) against a fake of TensorRT-LLM's
 LLM API (tests/fakes/fake_tensorrt_llm.py): disaggregated prefill -> handoff -> decode,
 cancel -> abort, finish reason / usage / logprob mapping, the remote drafter hook, and the
 known traps (buffer a multiple of tokens_per_block, no overlap scheduler on the prefill side,
@@ -13,7 +13,9 @@ import sys
 
 import pytest
 
-from services.common.trtllm_config import (
+from shared.config import ConfigError
+from shared.engine import FinishReason, FirstToken, SamplingParams
+from shared.engines.trtllm.config import (
     ModelInfo,
     TrtllmApi,
     TrtllmSettings,
@@ -21,11 +23,9 @@ from services.common.trtllm_config import (
     llm_kwargs,
     read_model_info,
 )
-from services.common.trtllm_convert import Handoff, finish_reason, sampling_params, token_logprobs
-from services.common.trtllm_draft import DraftAsk, remote_drafter
-from services.common.trtllm_engine import TrtllmEngine
-from shared.config import ConfigError
-from shared.engine import FinishReason, SamplingParams
+from shared.engines.trtllm.convert import Handoff, finish_reason, sampling_params, token_logprobs
+from shared.engines.trtllm.drafter import DraftAsk, remote_drafter
+from shared.engines.trtllm.engine import TrtllmEngine
 from shared.kv.errors import KvTransferTimeout
 from tests.fakes import fake_tensorrt_llm as fake
 
@@ -78,6 +78,17 @@ async def collect(stream) -> list:
     return [out async for out in stream]
 
 
+async def add_prefilled(engine: TrtllmEngine, rid: str, prompt, params, handoff: bytes, num_cached_tokens: int = 0):
+    """The decode side's engine verbs for a request prefilled elsewhere: reserve, add_prefilled."""
+    reservation = await engine.reserve(rid, prompt, params)
+    first = FirstToken(Handoff.decode(handoff).first_gen_tokens[0], None, num_cached_tokens)
+    return await engine.add_prefilled(reservation, first, handoff)
+
+
+async def decode_prefilled(engine: TrtllmEngine, rid: str, prompt, params, handoff: bytes, **kw) -> list:
+    return await collect((await add_prefilled(engine, rid, prompt, params, handoff, **kw)).outputs)
+
+
 async def until(predicate, timeout_s: float = 2.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while not predicate():
@@ -110,11 +121,14 @@ def test_buffer_not_a_multiple_of_tokens_per_block_fails_at_start_up_with_a_clea
         )
 
 
-def test_default_buffer_is_the_longest_sequence_rounded_up_to_a_block(model_dir):
+def test_default_buffer_is_the_longest_sequence_rounded_up_to_a_block_and_bounded(model_dir):
     info = read_model_info(str(model_dir))
     checked = check(settings(model_dir, "decode", max_model_len=250), info)
     assert checked.max_tokens_in_buffer == 256
     assert check(settings(model_dir, "decode"), info).max_tokens_in_buffer == 256  # max_position_embeddings
+    # a 128k-context model: a model-length buffer would cost 16 GiB (Llama-3-8B); the default stays bounded
+    long = ModelInfo(**{**info.__dict__, "max_position_embeddings": 131072})
+    assert check(settings(model_dir, "decode"), long).max_tokens_in_buffer == 8192
 
 
 @pytest.mark.parametrize(
@@ -123,6 +137,7 @@ def test_default_buffer_is_the_longest_sequence_rounded_up_to_a_block(model_dir)
         ({"tokens_per_block": 24}, "TANDEM_BLOCK_SIZE"),
         ({"max_batched_tokens": 100}, "TANDEM_MAX_BATCHED_TOKENS"),
         ({"kv_backend": "TCP"}, "TANDEM_TRTLLM_KV_BACKEND"),
+        ({"kv_backend": "MPI"}, "TANDEM_TRTLLM_KV_BACKEND.*MPI is deprecated"),
         ({"num_speculative_tokens": 4}, "TANDEM_DRAFT_ADDR"),
     ],
 )
@@ -147,6 +162,7 @@ def test_llm_arguments_prefill_without_overlap_scheduler_and_with_a_transfer_tim
     )
     assert prefill["kv_cache_config"].tokens_per_block == 16
     assert prefill["skip_tokenizer_init"] is True
+    assert prefill["enable_chunked_prefill"] is decode["enable_chunked_prefill"] is True
     fake.LLM(**prefill).shutdown()  # every argument is one the LLM accepts
 
 
@@ -169,10 +185,10 @@ async def test_disaggregated_request_equals_the_aggregated_one_and_frees_every_b
     )
     params = greedy(8, ignore_eos=True)
     result = await prefill.prefill("r1", PROMPT, params)
-    wire = result.handoff.encode()  # what travels in PrefillResult.engine_handoff
-    assert result.first.new_token_ids == expected(PROMPT, 1)
+    wire = result.handoff  # what travels in PrefillResult.engine_handoff
+    assert result.kv is None and result.first.new_token_ids == expected(PROMPT, 1)
     assert prefill.llm.held, "the context's KV waits for the decode worker"
-    outs = await collect(decode.generate_prefilled("r1", PROMPT, params, Handoff.decode(wire)))
+    outs = await decode_prefilled(decode, "r1", PROMPT, params, wire)
     tokens = result.first.new_token_ids + [t for o in outs for t in o.new_token_ids]
     assert tokens == expected(PROMPT, 8)
     assert tokens == [
@@ -182,7 +198,7 @@ async def test_disaggregated_request_equals_the_aggregated_one_and_frees_every_b
     assert outs[-1].finish_reason == FinishReason.LENGTH
     req = decode.llm.requests[-1]
     assert req.disaggregated_params.request_type == "generation_only"
-    assert req.disaggregated_params.opaque_state == result.handoff.opaque_state
+    assert req.disaggregated_params.opaque_state == Handoff.decode(wire).opaque_state
     for engine in (prefill, decode, single):
         assert engine.llm.used_blocks == 0 and not engine._requests
     assert fake.transfer_pending() == 0
@@ -204,7 +220,8 @@ def test_handoff_round_trip_and_malformed_bytes():
 async def test_a_first_token_that_ends_the_request_still_releases_the_context_at_once(model_dir):
     prefill, decode = build(model_dir, "prefill", kv_timeout_s=30), build(model_dir, "decode")
     result = await prefill.prefill("r", PROMPT, greedy(1))
-    assert await collect(decode.generate_prefilled("r", PROMPT, greedy(1), result.handoff)) == []
+    prefilled = await add_prefilled(decode, "r", PROMPT, greedy(1), result.handoff)
+    assert prefilled.finish == FinishReason.LENGTH and await collect(prefilled.outputs) == []
     await until(lambda: decode.llm.used_blocks == 0)
     assert prefill.llm.used_blocks == 0 and fake.transfer_pending() == 0, "freed now, not after 30 s"
 
@@ -220,7 +237,7 @@ async def test_cancelling_a_decode_stream_aborts_the_request_and_frees_its_block
     seen = []
 
     async def consume():
-        async for out in decode.generate_prefilled("r", PROMPT, params, handoff):
+        async for out in (await add_prefilled(decode, "r", PROMPT, params, handoff)).outputs:
             seen.append(out)
 
     task = asyncio.create_task(consume())
@@ -274,7 +291,7 @@ async def test_decode_of_an_expired_context_fails_with_kv_transfer_timeout_and_f
     handoff = (await prefill.prefill("r", PROMPT, greedy(4))).handoff
     await until(lambda: not prefill.llm.held)  # expired on the prefill worker
     with pytest.raises(KvTransferTimeout):
-        await collect(decode.generate_prefilled("r", PROMPT, greedy(4), handoff))
+        await decode_prefilled(decode, "r", PROMPT, greedy(4), handoff)
     assert decode.llm.used_blocks == 0 and not decode._requests
 
 
@@ -309,7 +326,7 @@ async def test_usage_counts_prompt_output_and_the_prefill_workers_cached_tokens(
     params = greedy(5, ignore_eos=True)
     result = await prefill.prefill("r", PROMPT, params)
     assert (result.first.num_prompt_tokens, result.first.num_output_tokens) == (len(PROMPT), 1)
-    outs = await collect(decode.generate_prefilled("r", PROMPT, params, result.handoff, num_cached_tokens=16))
+    outs = await decode_prefilled(decode, "r", PROMPT, params, result.handoff, num_cached_tokens=16)
     assert [o.num_output_tokens for o in outs] == list(range(2, 6))
     assert {(o.num_prompt_tokens, o.num_cached_tokens) for o in outs} == {(len(PROMPT), 16)}
 
@@ -321,7 +338,7 @@ async def test_logprobs_of_the_first_and_later_tokens(model_dir):
     first = result.first.logprobs[0]
     assert (first.token_id, first.logprob) == (result.first.new_token_ids[0], -0.25)
     assert [t for t, _ in first.top] == [first.token_id, (first.token_id + 1) % VOCAB]
-    outs = await collect(decode.generate_prefilled("r", PROMPT, params, result.handoff))
+    outs = await decode_prefilled(decode, "r", PROMPT, params, result.handoff)
     lps = [lp for o in outs for lp in o.logprobs]
     assert [lp.token_id for lp in lps] == [t for o in outs for t in o.new_token_ids]
     assert all(len(lp.top) == 2 for lp in lps)
@@ -428,6 +445,6 @@ async def test_stats_report_tensorrt_llms_kv_blocks_and_requests_in_flight(model
     stats = engine.refresh_stats()
     assert stats.num_total_blocks == 64 and 0 < stats.num_free_blocks < 64 and stats.num_running == 1
     await stream.aclose()
-    facade = engine.engine
-    assert (facade.model_config.num_layers, facade.model_config.num_kv_heads, facade.block_size) == (2, 2, 16)
-    assert facade.max_model_len == 256 and facade.config.dtype == "bfloat16"
+    info = engine.info()
+    assert (info.num_layers, info.num_kv_heads, info.block_size, info.vocab_size) == (2, 2, 16, VOCAB)
+    assert info.max_model_len == 256 and info.kv_dtype == "bfloat16" and info.kv_handoff == "engine"

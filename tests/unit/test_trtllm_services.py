@@ -15,14 +15,13 @@ from concurrent import futures
 import grpc
 import pytest
 
-from services.common.trtllm_config import TrtllmApi, TrtllmSettings, read_model_info
-from services.common.trtllm_draft import DraftAsk, GrpcDraftClient
-from services.common.trtllm_engine import TrtllmEngine
-from services.common.trtllm_workers import TrtllmDecodeWorker, TrtllmPrefillWorker
 from services.decode.app import DecodeApp
+from services.decode.handoff import EngineHandoff
+from services.decode.trtllm_draft import GrpcDraftClient
 from services.prefill.app import PrefillApp
 from services.scheduler.app import SchedulerApp
 from shared.config import SchedulerConfig, WorkerConfig, from_env
+from shared.engines.trtllm import DraftAsk, TrtllmApi, TrtllmEngine, TrtllmSettings, read_model_info
 from shared.pb.tandem.v1 import (
     common_pb2,
     draft_pb2,
@@ -134,10 +133,9 @@ async def until(predicate, timeout_s: float = 3.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_the_engine_setting_picks_the_trtllm_request_paths(cluster):
+async def test_the_engine_setting_picks_the_engine_kv_handoff(cluster):
     _, prefill, decode = cluster
-    assert isinstance(prefill.worker, TrtllmPrefillWorker)
-    assert isinstance(decode.worker, TrtllmDecodeWorker)
+    assert isinstance(decode.worker.handoff, EngineHandoff) and decode.worker.handoff.transport == "trtllm"
     async with grpc.aio.insecure_channel(decode.address) as channel:
         info = await worker_pb2_grpc.WorkerStub(channel).GetInfo(worker_pb2.GetInfoRequest())
     assert (info.engine, info.num_layers, info.block_size, info.vocab_size) == ("trtllm", 2, 16, VOCAB_SIZE)

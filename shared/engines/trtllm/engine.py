@@ -1,57 +1,59 @@
 """The TensorRT-LLM engine behind a prefill or decode worker (TANDEM_ENGINE=trtllm).
 
-`TrtllmEngine` offers the asyncio surface the services use of `shared.engine.AsyncEngine`
-(`generate`, `abort`, `stats`, `shutdown`, `.engine` for GetInfo) over `tensorrt_llm.LLM`,
-plus the two halves of a disaggregated request:
+`TrtllmEngine` implements the engine interface (shared/engine/interface.py) over
+`tensorrt_llm.LLM`; its KV hand-off is KV_HANDOFF_ENGINE:
 
-  prefill worker:  prefill(...)            -> a `context_only` request; returns the first
-                                              token and the Handoff (DisaggregatedParams)
-                   ... the Handoff travels to the decode worker in the Prefill stream ...
-  decode worker:   generate_prefilled(...) -> a streaming `generation_only` request; the
-                                              cache transceiver (UCX/NIXL) pulls the KV from
-                                              the prefill worker's GPU itself
+  prefill worker:  prefill(...)        -> a `context_only` request; returns the first token and
+                                          the Handoff (DisaggregatedParams) as bytes
+                   ... the handoff travels to the decode worker in the Prefill stream ...
+  decode worker:   reserve(...)        -> validation only: TensorRT-LLM allocates the blocks
+                                          when the generation request arrives
+                   add_prefilled(...)  -> a streaming `generation_only` request; the cache
+                                          transceiver (UCX/NIXL) pulls the KV from the prefill
+                                          worker's GPU itself
 
 Cancelling an iteration aborts the request (`RequestOutput.abort()`), which frees its blocks.
 The decode side owns the transfer's outcome: when the KV never arrives, TensorRT-LLM's
 `kv_transfer_timeout_ms` frees the blocks on both sides and the request fails here with
 KvTransferTimeout. Outputs are Tandem `RequestOutput`s with only the new tokens.
 
-Knows nothing of gRPC or protobuf (services/common/trtllm_workers.py does).
+Submission errors of the LLM API (`ValueError` from argument checks, `RequestError` from
+`LLM._check_arguments` in current releases) become InvalidRequest naming the prompt.
+Knows nothing of gRPC or protobuf.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from shared.engine import (
+    KV_HANDOFF_ENGINE,
+    EngineInfo,
     EngineStats,
     FinishReason,
+    FirstToken,
     InvalidRequest,
+    KvPieceIn,
+    Prefilled,
+    PrefillOutput,
     RequestOutput,
+    Reservation,
     SamplingParams,
     TokenLogprobs,
 )
 from shared.kv.errors import KvTransferError, KvTransferTimeout
 from shared.params import check_length
 
-from .trtllm_config import ModelInfo, TrtllmApi, TrtllmSettings, check, engine_facade, llm_kwargs, load_api
-from .trtllm_convert import Handoff, finish_reason, sampling_params, token_logprobs
-from .trtllm_draft import remote_drafter
+from .config import ModelInfo, TrtllmApi, TrtllmSettings, check, llm_kwargs, load_api
+from .convert import CONTEXT_DONE, Handoff, finish_reason, sampling_params, token_logprobs
+from .drafter import remote_drafter
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PrefillResult:
-    """The context phase of one request: its first token, and what the decode side needs."""
-
-    first: RequestOutput  # the first token (with its logprobs), not finished
-    handoff: Handoff
 
 
 class TrtllmEngine:
@@ -67,8 +69,8 @@ class TrtllmEngine:
         self.llm = llm
         self.api = api
         self.settings = settings
-        self.info = info
-        self.engine = engine_facade(info, settings)
+        self.model = info
+        self.max_model_len = settings.max_model_len or info.max_position_embeddings
         self._requests: dict[str, Any] = {}  # Tandem request id -> TensorRT-LLM RequestOutput
         self._stats = EngineStats(0, 0, 0, 0, 0, 0, 0, 0)
         self._stats_interval_s = stats_interval_s
@@ -95,6 +97,24 @@ class TrtllmEngine:
         if drafter is None and draft_client_factory is not None and settings.num_speculative_tokens:
             drafter = remote_drafter(api.Drafter, draft_client_factory, settings.num_speculative_tokens)
         return cls(api.LLM(**llm_kwargs(api, settings, drafter)), api, settings, info, **kwargs)
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            model_name=self.model.name,
+            vocab_size=self.model.vocab_size,
+            max_model_len=self.max_model_len,
+            block_size=self.settings.tokens_per_block,
+            num_layers=self.model.num_layers,
+            num_kv_heads=self.model.num_kv_heads,
+            head_dim=self.model.head_dim,
+            kv_dtype=self.settings.dtype,
+            eos_token_ids=tuple(self.model.eos_token_ids),
+            kv_handoff=KV_HANDOFF_ENGINE,
+        )
+
+    def set_proposer(self, proposer: Any) -> None:
+        if proposer is not None:
+            raise ValueError("the trtllm engine speculates through its drafter, set when it is built")
 
     def start(self) -> TrtllmEngine:
         self._stats_thread.start()
@@ -152,12 +172,12 @@ class TrtllmEngine:
         try:
             result = self.llm.generate_async(
                 prompt,
-                sampling_params(self.api, params, self.info, max_tokens=max_tokens),
+                sampling_params(self.api, params, self.model, max_tokens=max_tokens),
                 streaming=streaming,
                 disaggregated_params=disaggregated_params,
             )
-        except ValueError as e:  # TensorRT-LLM's argument checks (lengths, ...)
-            raise InvalidRequest("prompt", str(e)) from None
+        except (ValueError, self.api.RequestError) as e:  # the LLM API's argument checks (lengths, ...)
+            raise InvalidRequest("prompt", f"refused by TensorRT-LLM: {e}") from None
         self._requests[request_id] = result
         return result
 
@@ -165,33 +185,29 @@ class TrtllmEngine:
         """Raise InvalidRequest naming the field, before TensorRT-LLM sees the request."""
         if not prompt:
             raise InvalidRequest("prompt", "empty")
-        if any(not 0 <= t < self.info.vocab_size for t in prompt):
-            raise InvalidRequest("prompt", f"token ids outside the vocabulary [0, {self.info.vocab_size})")
-        params.validate(self.info.vocab_size)
-        check_length(len(prompt), params.max_tokens, self.engine.max_model_len)
+        if any(not 0 <= t < self.model.vocab_size for t in prompt):
+            raise InvalidRequest("prompt", f"token ids outside the vocabulary [0, {self.model.vocab_size})")
+        params.validate(self.model.vocab_size)
+        check_length(len(prompt), params.max_tokens, self.max_model_len)
 
     async def abort(self, request_id: str) -> None:
         result = self._requests.pop(request_id, None)
         if result is not None and not result.finished:
             result.abort()
 
-    async def generate(
-        self, request_id: str, prompt: list[int], params: SamplingParams, *, hold_kv: bool = False
-    ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Prefill and decode here (a context_and_generation request), streaming new tokens."""
-        if hold_kv:
-            raise InvalidRequest(
-                "hold_kv", "the trtllm engine moves KV with its cache transceiver: use prefill()"
-            )
         result = self._submit(request_id, prompt, params)
         async for out in self._stream(request_id, result, prompt, params, already=0):
             yield out
 
-    async def prefill(self, request_id: str, prompt: list[int], params: SamplingParams) -> PrefillResult:
-        """The context phase: the first token, and the Handoff for the decode worker.
+    async def prefill(self, request_id: str, prompt: list[int], params: SamplingParams) -> PrefillOutput:
+        """The context phase: the first token (EOS and stop tokens ignored, as with the torch
+        engine: the decode side decides), and the encoded Handoff for the decode worker.
 
         After it returns, TensorRT-LLM holds the prompt's KV until a decode worker pulls it or
         kv_transfer_timeout_ms passes; a cancel before then aborts the context request."""
+        params = dataclasses.replace(params, max_tokens=1, ignore_eos=True, stop_token_ids=[])
         done = False
         try:
             result = self._submit(
@@ -207,7 +223,7 @@ class TrtllmEngine:
             except self.api.RequestError as e:
                 raise KvTransferError(f"TensorRT-LLM context phase failed: {e}") from None
             out = result.outputs[0]
-            if finish_reason(out.finish_reason).value in ("cancelled", "error") or not out.token_ids:
+            if out.finish_reason not in CONTEXT_DONE or not out.token_ids:
                 raise KvTransferError(f"TensorRT-LLM context phase ended with {out.finish_reason!r}")
             handoff = Handoff.from_params(out.disaggregated_params)
             first_token = out.token_ids[0]
@@ -220,52 +236,58 @@ class TrtllmEngine:
                 num_output_tokens=1,
             )
             done = True
-            return PrefillResult(first, handoff)
+            return PrefillOutput(first, handoff=handoff.encode())
         finally:
             if done:
                 self._requests.pop(request_id, None)  # the KV is the transceiver's now
             else:
                 await asyncio.shield(self.abort(request_id))
 
-    async def generate_prefilled(
-        self,
-        request_id: str,
-        prompt: list[int],
-        params: SamplingParams,
-        handoff: Handoff,
-        *,
-        num_cached_tokens: int = 0,
-    ) -> AsyncIterator[RequestOutput]:
-        """Decode a request prefilled elsewhere: a generation_only request whose KV the cache
-        transceiver pulls. Yields from the *second* token on (the first came with the handoff).
+    async def reserve(self, request_id: str, prompt: list[int], params: SamplingParams) -> Reservation | None:
+        """Validation only: TensorRT-LLM allocates the blocks when the generation_only request
+        arrives (and fails it when it cannot)."""
+        self.validate(prompt, params)
+        if request_id in self._requests:
+            raise InvalidRequest("request_id", f"{request_id!r} is already running on this worker")
+        return Reservation(request_id, list(prompt), params)
 
-        If the first token already ended the request, the KV is still pulled (so that the
-        prefill worker frees it now, not at the transfer timeout) and nothing is yielded."""
-        first = handoff.first_gen_tokens
-        ends_at_first = first_token_finish(params, first, self.info.eos_token_ids) is not None
+    async def import_kv(self, reservation: Reservation, pieces: Sequence[KvPieceIn]) -> None:
+        raise KvTransferError("the trtllm engine takes no KV tensors: its cache transceiver moves the KV")
+
+    async def release(self, reservation: Reservation) -> None:
+        await self.abort(reservation.request_id)
+
+    async def add_prefilled(self, reservation: Reservation, first: FirstToken, handoff: bytes = b"") -> Prefilled:
+        """Decode a request prefilled elsewhere: a generation_only request whose KV the cache
+        transceiver pulls. Its outputs start at the *second* token (the first came with the handoff).
+
+        If the first token already ends the request, the KV is still pulled (so that the
+        prefill worker frees it now, not at the transfer timeout) before this returns."""
+        try:
+            decoded = Handoff.decode(handoff)
+        except ValueError as e:
+            raise KvTransferError(str(e)) from None
+        rid, prompt, params = reservation.request_id, reservation.prompt_token_ids, reservation.params
+        tokens = decoded.first_gen_tokens
+        finish = first_token_finish(params, tokens, self.model.eos_token_ids)
         result = self._submit(
-            request_id,
+            rid,
             prompt,
             params,
-            disaggregated_params=handoff.to_params(self.api),
-            max_tokens=max(params.max_tokens, len(first) + 1) if ends_at_first else None,
+            disaggregated_params=decoded.to_params(self.api),
+            max_tokens=max(params.max_tokens, len(tokens) + 1) if finish is not None else None,
         )
-        if ends_at_first:
+        if finish is not None:
             try:
                 await self._first_update(result)  # the transfer is done once anything comes back
             finally:
-                await asyncio.shield(self.abort(request_id))
-            return
-        async for out in self._stream(
-            request_id,
-            result,
-            prompt,
-            params,
-            already=len(first),
-            num_cached_tokens=num_cached_tokens,
+                await asyncio.shield(self.abort(rid))
+            return Prefilled(finish, _no_outputs())
+        outputs = self._stream(
+            rid, result, prompt, params, already=len(tokens), num_cached_tokens=first.num_cached_tokens,
             generation_only=True,
-        ):
-            yield out
+        )
+        return Prefilled(None, outputs)
 
     async def _first_update(self, result: Any) -> None:
         try:
@@ -338,6 +360,11 @@ def first_token_finish(
     if params.max_tokens <= len(first):
         return FinishReason.LENGTH
     return None
+
+
+async def _no_outputs() -> AsyncIterator[RequestOutput]:
+    return
+    yield  # an async generator that yields nothing
 
 
 async def _updates(result: Any) -> AsyncIterator[Any]:

@@ -10,11 +10,22 @@ built, with a message naming the Tandem variable to change:
   (TANDEM_BLOCK_SIZE); otherwise the executor dies at start-up on a C++ assertion
   (`maxNumTokens % tokensPerBlock == 0`, cacheTransBuffer.cpp). The same holds for
   `max_num_tokens` (TANDEM_MAX_BATCHED_TOKENS), and tokens_per_block is a power of two.
+  Its default is bounded (DEFAULT_MAX_TOKENS_IN_BUFFER): a buffer the size of the longest
+  sequence costs tokens x layers x 2 x kv_heads x head_dim x dtype bytes, 16 GiB for a
+  128k-context Llama-3-8B (see docs/deploy.md).
+- the LLM API refuses a prompt longer than `max_num_tokens` unless chunked prefill is on
+  (llmapi/llm.py, `LLM._check_arguments`): `enable_chunked_prefill=True`, so a prompt up to
+  the model length is prefilled in TANDEM_MAX_BATCHED_TOKENS pieces, as with the torch engine.
 - the prefill side runs with `disable_overlap_scheduler=True`: context-only requests are
-  not supported by the overlap scheduler.
+  not supported by the overlap scheduler. So does a decode side with the remote drafter:
+  user-provided drafting is not among the modes that support the overlap scheduler
+  (_torch/speculative/interface.py, `SpeculativeDecodingMode.support_overlap_scheduler`),
+  and the drafter must see each step's accepted tokens before proposing.
 - `kv_transfer_timeout_ms` is always set (from TANDEM_KV_TIMEOUT_S): without it, a context
   whose KV no decode worker ever pulls (the decode side gave up, or died) keeps its blocks
   on the prefill worker for good.
+- the cache transceiver backend is UCX, NIXL or DEFAULT; MPI is refused (deprecated, and it
+  needs every worker in one MPI world, which separate containers are not).
 """
 
 from __future__ import annotations
@@ -22,12 +33,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from shared.config import ConfigError
 
-KV_BACKENDS = ("UCX", "NIXL", "MPI", "DEFAULT")
+KV_BACKENDS = ("UCX", "NIXL", "DEFAULT")
+# tokens; the transfer buffer bound when TANDEM_TRTLLM_MAX_TOKENS_IN_BUFFER is unset
+DEFAULT_MAX_TOKENS_IN_BUFFER = 8192
 _API_NAMES = (
     "LLM",
     "SamplingParams",
@@ -74,7 +86,7 @@ def load_api() -> TrtllmApi:
     except ImportError as e:
         raise ConfigError(
             f"TANDEM_ENGINE=trtllm: tensorrt_llm cannot be imported ({e}); run the worker in the image of "
-            "deploy/compose/Dockerfile.trtllm (nvcr.io/nvidia/tensorrt-llm/release)"
+            "deploy/compose/Dockerfile.trtllm (nvcr.io/nvidia/tensorrt-llm/release, see docs/deploy.md)"
         ) from None
     return TrtllmApi(
         LLM=LLM,
@@ -191,16 +203,18 @@ def check(settings: TrtllmSettings, info: ModelInfo) -> TrtllmSettings:
             f"(TensorRT-LLM's max_num_tokens); use {_round_up(settings.max_batched_tokens, tpb)}"
         )
     if settings.kv_backend not in KV_BACKENDS:
+        why = " (MPI is deprecated and needs one MPI world across workers)" if settings.kv_backend == "MPI" else ""
         raise ConfigError(
-            f"TANDEM_TRTLLM_KV_BACKEND: expected one of {', '.join(KV_BACKENDS)}, got {settings.kv_backend!r}"
+            f"TANDEM_TRTLLM_KV_BACKEND: expected one of {', '.join(KV_BACKENDS)}, got {settings.kv_backend!r}{why}"
         )
     if settings.role not in ("prefill", "decode"):
         raise ConfigError(f"TANDEM_ROLE: expected prefill or decode, got {settings.role!r}")
     max_seq_len = settings.max_model_len or info.max_position_embeddings
     buffer = settings.max_tokens_in_buffer
     if buffer is None:
-        # one whole prompt fits in the transfer buffer (TensorRT-LLM's advice), block-aligned
-        buffer = _round_up(max_seq_len, tpb)
+        # the longest sequence, up to a bound: the buffer is GPU memory held for good, and a
+        # model-length buffer of a long-context model costs gigabytes (docs/deploy.md)
+        buffer = _round_up(min(max_seq_len, DEFAULT_MAX_TOKENS_IN_BUFFER), tpb)
     elif buffer < 1 or buffer % tpb:
         raise ConfigError(
             f"TANDEM_TRTLLM_MAX_TOKENS_IN_BUFFER: {buffer} is not a positive multiple of TANDEM_BLOCK_SIZE={tpb}: "
@@ -227,11 +241,14 @@ def llm_kwargs(api: TrtllmApi, settings: TrtllmSettings, drafter: Any = None) ->
         backend="pytorch",
         dtype=settings.dtype,
         # Tandem sends token ids and detokenizes in the scheduler: no tokenizer in the worker,
-        # so every request names its end_id (see trtllm_convert.sampling_params)
+        # so every request names its end_id (see convert.sampling_params)
         skip_tokenizer_init=True,
         max_batch_size=settings.max_num_seqs,
         max_num_tokens=settings.max_batched_tokens,
         max_seq_len=settings.max_model_len,
+        # prompts longer than max_num_tokens are prefilled in pieces instead of refused
+        # (LLM._check_arguments raises RequestError for them without it)
+        enable_chunked_prefill=True,
         kv_cache_config=api.KvCacheConfig(
             enable_block_reuse=settings.prefix_caching,
             tokens_per_block=settings.tokens_per_block,
@@ -250,14 +267,6 @@ def llm_kwargs(api: TrtllmApi, settings: TrtllmSettings, drafter: Any = None) ->
         kwargs["speculative_config"] = api.UserProvidedDecodingConfig(
             max_draft_len=settings.num_speculative_tokens, drafter=drafter
         )
+        # the executor turns it off for user-provided drafting anyway; say so plainly
+        kwargs["disable_overlap_scheduler"] = True
     return kwargs
-
-
-def engine_facade(info: ModelInfo, settings: TrtllmSettings) -> SimpleNamespace:
-    """What the services read from `aengine.engine` (GetInfo, the decode worker's KV geometry)."""
-    return SimpleNamespace(
-        model_config=info,
-        max_model_len=settings.max_model_len or info.max_position_embeddings,
-        block_size=settings.tokens_per_block,
-        config=SimpleNamespace(dtype=settings.dtype),
-    )

@@ -13,7 +13,7 @@ from typing import Any
 
 from shared.engine import FinishReason, SamplingParams, TokenLogprobs
 
-from .trtllm_config import ModelInfo, TrtllmApi
+from .config import ModelInfo, TrtllmApi
 
 # CompletionOutput.finish_reason -> Tandem. "timeout" is TensorRT-LLM's own per-request time
 # limit, which Tandem never sets: if it shows up the request did not end normally.
@@ -23,6 +23,10 @@ FINISH_REASONS = {
     "cancelled": FinishReason.CANCELLED,
     "timeout": FinishReason.ERROR,
 }
+# How a context_only request may end and still have its KV ready for a generation_only one:
+# TensorRT-LLM's own orchestrator goes on to generation on either (serve/openai_disagg_service.py,
+# `OpenAIDisaggregatedService._need_gen`); newer releases report "not_finished" there.
+CONTEXT_DONE = ("length", "not_finished")
 HANDOFF_VERSION = 1
 
 
@@ -36,7 +40,11 @@ def sampling_params(
     - Tandem's defaults that mean "off" become None (TensorRT-LLM's runtime defaults);
     - end_id is the model's first EOS id (the worker has no tokenizer), the other EOS ids join
       stop_token_ids, and ignore_eos is passed through;
-    - stop strings are not passed: the scheduler applies them to the detokenized text.
+    - stop strings are not passed: the scheduler applies them to the detokenized text;
+    - the token that ends a request stays in its output, as with the torch engine (whose last
+      output token is the EOS or stop token that ended it): TensorRT-LLM strips a matched stop
+      token from `token_ids` unless `include_stop_str_in_output` (executor/result.py,
+      `GenerationResultBase._handle_sequence`), so it is always set.
     """
     eos = info.eos_token_ids
     stop_ids = list(params.stop_token_ids)
@@ -51,6 +59,7 @@ def sampling_params(
         seed=params.seed,
         logprobs=params.logprobs or None,
         detokenize=False,
+        include_stop_str_in_output=True,
     )
     if params.greedy:
         kwargs["top_k"] = 1
