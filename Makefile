@@ -46,3 +46,10 @@ demo-model: install
 
 clean:
 	rm -rf $(VENV) shared/pb .pytest_cache .ruff_cache
+
+# The whole stack under mixed load for SOAK_SECONDS while workers are killed and restarted
+# (tools/soak.py); exits non-zero on a wrong output, a leaked KV block or a hung request.
+SOAK_SECONDS ?= 600
+.PHONY: soak
+soak: install
+	$(PY) -m tools.soak --duration $(SOAK_SECONDS)
