@@ -44,8 +44,7 @@ PROMPT = [1, *range(10, 30)]
 def shut_down_fakes():
     """Contexts a test left held for transfer must not count in another test's transfer_pending()."""
     yield
-    for llm in list(fake._instances.values()):
-        llm.shutdown()
+    fake.shutdown_all()
 
 
 @pytest.fixture

@@ -173,6 +173,28 @@ async def test_client_cancel_aborts_the_generation_and_frees_both_workers(cluste
     assert not decode.aengine._requests and fake.transfer_pending() == 0
 
 
+async def test_a_prompt_tensorrt_llm_refuses_at_submission_is_invalid_argument_and_the_worker_lives_on(cluster):
+    stub, prefill, decode = cluster
+    llm = decode.aengine.llm
+    llm.chunked_prefill, llm.max_num_tokens = False, 64  # the LLM API's own max_num_tokens check applies
+    long_prompt = [1, *((i % 200) + 5 for i in range(100))]
+    async with grpc.aio.insecure_channel(decode.address) as channel:
+        call = worker_pb2_grpc.DecodeStub(channel).Generate(
+            worker_pb2.DecodeRequest(
+                request_id="long",
+                prompt_token_ids=long_prompt,
+                sampling=common_pb2.SamplingParameters(temperature=0.0),
+                stopping=common_pb2.StoppingCriteria(max_tokens=4, ignore_eos=True),
+            )
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            [r async for r in call]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prompt" in info.value.details() and "max_num_tokens" in info.value.details()
+    responses = [r async for r in stub.Generate(request(3))]  # the worker still serves
+    assert [t for r in responses for t in r.token_ids] == expected(3)
+
+
 # -- the draft service behind TensorRT-LLM's drafter hook ----------------------------------------
 
 
