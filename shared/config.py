@@ -133,6 +133,13 @@ class SchedulerConfig(ServerSettings):
         "Prompt + max_tokens tokens that may wait in the admission queue; past it: RESOURCE_EXHAUSTED.",
         minimum=0,
     )
+    worker_expiry_s: float = setting(
+        "TANDEM_WORKER_EXPIRY_S",
+        60.0,
+        "A self-registered worker that fails its health checks and has not registered again for this long "
+        "is forgotten (a pod scaled down or replaced); configured workers are never forgotten.",
+        minimum=0.05,
+    )
     max_migrations: int = setting(
         "TANDEM_MAX_MIGRATIONS",
         2,
@@ -298,7 +305,14 @@ class WorkerConfig(EngineSettings):
     scheduler_addr: str = setting(
         "TANDEM_SCHEDULER_ADDR",
         "",
-        "host:port of the scheduler to register with at start-up; empty: do not register.",
+        "host:port of the scheduler to register with (e.g. its Kubernetes Service); empty: do not register.",
+    )
+    register_interval_s: float = setting(
+        "TANDEM_REGISTER_INTERVAL_S",
+        5.0,
+        "With TANDEM_SCHEDULER_ADDR: seconds between repeated registrations, which bring this worker back "
+        "into the pool of a restarted (or replaced) scheduler; failed attempts retry sooner.",
+        minimum=0.05,
     )
     spec_proposer: str = setting(
         "TANDEM_SPEC_PROPOSER",

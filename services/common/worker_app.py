@@ -201,35 +201,42 @@ class WorkerApp:
         """Subclass hook: close peer channels and the like."""
 
     async def _register(self) -> None:
-        """Announce this worker to the scheduler, retrying until it accepts."""
+        """Announce this worker to the scheduler, then again every TANDEM_REGISTER_INTERVAL_S.
+
+        Registering is idempotent on the scheduler; repeating it is how a restarted scheduler (a
+        new pod behind the same Service) learns its workers back. Failures retry with a backoff
+        capped at the interval; a refusal (wrong model, bad address) is final.
+        """
         request = worker_pb2.RegisterWorkerRequest(
             address=self.address, role=self.role, model_name=self.model_name
         )
-        delay = 0.2
-        async with grpc.aio.insecure_channel(
-            self.config.scheduler_addr,
-            options=CHANNEL_OPTIONS,
-            interceptors=self.telemetry.client_interceptors(),
-        ) as channel:
+        interval = self.config.register_interval_s
+        delay = min(0.2, interval)
+        registered = False
+        # untraced: a heartbeat every few seconds would be a trace every few seconds
+        async with grpc.aio.insecure_channel(self.config.scheduler_addr, options=CHANNEL_OPTIONS) as channel:
             stub = worker_pb2_grpc.SchedulerStub(channel)
             while True:
                 try:
                     resp = await stub.RegisterWorker(request, timeout=5.0)
                 except grpc.aio.AioRpcError as e:
-                    log.info(
+                    log_fn = log.warning if registered else log.info
+                    log_fn(
                         "registration with %s failed (%s); retrying",
                         self.config.scheduler_addr,
                         e.code().name,
                     )
-                else:
-                    if resp.accepted:
-                        log.info(
-                            "registered with scheduler %s as %s", self.config.scheduler_addr, self.address
-                        )
-                        return
+                    registered = False
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0, interval)
+                    continue
+                if not resp.accepted:
                     log.error(
                         "scheduler %s refused registration: %s", self.config.scheduler_addr, resp.message
                     )
                     return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                if not registered:
+                    log.info("registered with scheduler %s as %s", self.config.scheduler_addr, self.address)
+                registered = True
+                delay = min(0.2, interval)
+                await asyncio.sleep(interval)

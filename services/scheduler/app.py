@@ -39,6 +39,7 @@ class SchedulerApp:
         self.pool = WorkerPool(
             interval_s=config.health_interval_s,
             prefix_memory_blocks=config.prefix_memory_blocks,
+            expiry_s=config.worker_expiry_s,
             interceptors=self.telemetry.client_interceptors(),
         )
         self.router = Router(self.pool, disagg_min_tokens=config.disagg_min_tokens)

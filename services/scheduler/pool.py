@@ -2,13 +2,17 @@
 
 Workers come from configuration or register themselves; a background task checks each one's
 gRPC health and polls its load every `interval_s`. A worker that fails a check, or a call,
-is skipped by routing until a later check passes.
+is skipped by routing until a later check passes. Self-registered workers register again
+every few seconds (so a restarted scheduler learns them back); one that is unhealthy and has
+not registered for `expiry_s` is forgotten, as pods scaled down or replaced never come back
+under the same address.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,10 +43,12 @@ class WorkerHandle:
 
     address: str
     role: str  # "prefill" | "decode"
-    registered: bool
+    registered: bool  # it registered itself (at least once)
     channel: grpc.aio.Channel  # health and load polls
     call_channel: grpc.aio.Channel  # requests: traced (client interceptors), unlike the polls
     prefix: PrefixMemory
+    configured: bool = False  # named in the scheduler's configuration: never forgotten
+    last_registered: float = 0.0  # time.monotonic() of its last registration
     healthy: bool = False
     info: worker_pb2.WorkerInfo | None = None
     load: worker_pb2.WorkerLoad = field(default_factory=worker_pb2.WorkerLoad)
@@ -75,8 +81,11 @@ class WorkerHandle:
 class WorkerPool:
     """Configured and registered workers, kept fresh by a health/load loop."""
 
-    def __init__(self, *, interval_s: float, prefix_memory_blocks: int, interceptors=()):
+    def __init__(
+        self, *, interval_s: float, prefix_memory_blocks: int, interceptors=(), expiry_s: float = 60.0
+    ):
         self._interval_s = interval_s
+        self._expiry_s = expiry_s
         self._interceptors = list(interceptors)
         self._prefix_memory_blocks = prefix_memory_blocks
         self.workers: dict[str, WorkerHandle] = {}
@@ -89,8 +98,9 @@ class WorkerPool:
         """Add a worker (idempotent); it is checked right away, and routable once healthy."""
         handle = self.workers.get(address)
         if handle is not None and handle.role == role:
-            handle.registered = handle.registered or registered
-            self._changed.set()
+            self._mark_source(handle, registered)
+            if not handle.healthy:  # a worker back from a restart: check it now, not next interval
+                self._changed.set()
             return handle
         if handle is not None:  # same address, new role: a restarted worker
             asyncio.ensure_future(handle.close())
@@ -104,9 +114,37 @@ class WorkerPool:
             ),
             prefix=PrefixMemory(self._prefix_memory_blocks),
         )
+        self._mark_source(handle, registered)
         self.workers[address] = handle
         self._changed.set()
         return handle
+
+    @staticmethod
+    def _mark_source(handle: WorkerHandle, registered: bool) -> None:
+        if registered:
+            handle.registered = True
+            handle.last_registered = time.monotonic()
+        else:
+            handle.configured = True
+
+    def expire(self) -> list[str]:
+        """Forget self-registered workers that are unhealthy and silent for `expiry_s`; their addresses."""
+        now = time.monotonic()
+        gone = [
+            w
+            for w in self.workers.values()
+            if not w.configured and not w.healthy and now - w.last_registered > self._expiry_s
+        ]
+        for w in gone:
+            log.info(
+                "worker %s (%s) forgotten: unhealthy and not registered for %.0fs",
+                w.address,
+                w.role,
+                now - w.last_registered,
+            )
+            del self.workers[w.address]
+            asyncio.ensure_future(w.close())
+        return [w.address for w in gone]
 
     def healthy(self, role: str) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.role == role and w.healthy]
@@ -182,6 +220,7 @@ class WorkerPool:
         while True:
             self._changed.clear()
             await self.check_all()
+            self.expire()
             # a worker added or failed meanwhile is checked right away, not after a full interval
             try:
                 await asyncio.wait_for(self._changed.wait(), self._interval_s)
