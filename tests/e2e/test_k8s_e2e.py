@@ -50,7 +50,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPT = [1, *range(60, 100)]
 MAX_TOKENS = 300
 STARTUP_S = 90.0
-PORTS = {"scheduler": 50051, "prefill": 50052, "decode": 50053, "draft": 50054}
+# the manifests' gRPC and metrics ports, which every simulated pod binds on its own IP
+PORTS = (50051, 50052, 50053, 50054, 9461, 9462, 9463, 9464)
 
 
 def free_ports(n: int) -> list[int]:
@@ -68,9 +69,10 @@ def pick_pod_subnet() -> str:
         prefix = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}"
         try:
             with contextlib.ExitStack() as stack:
-                for i, port in enumerate(PORTS.values()):
-                    s = stack.enter_context(socket.socket())
-                    s.bind((f"{prefix}.{10 + i}", port))
+                for host in range(10, 60):
+                    for port in PORTS:
+                        s = stack.enter_context(socket.socket())
+                        s.bind((f"{prefix}.{host}", port))
             return prefix
         except OSError:
             continue
@@ -126,14 +128,14 @@ def cluster(tiny_model, tmp_path_factory):
     try:
         for pod_name, deployment, identity in pods:
             container = tandem_container(deployment)
-            metrics_port, kv_port = free_ports(2)
+            (kv_port,) = free_ports(1)
             env = pod_process_env(
                 container,
                 config_maps(objects),
                 identity,
                 hosts=hosts,
                 models_dir=models,
-                host_ports={"TANDEM_METRICS_PORT": metrics_port, "TANDEM_KV_RECEIVER_PORT": kv_port},
+                host_ports={"TANDEM_KV_RECEIVER_PORT": kv_port},
             )
             assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://tandem-jaeger:4317"  # no Jaeger pod here:
             env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{receiver.port}"  # the receiver plays it
@@ -178,7 +180,9 @@ def busy_decode(procs) -> Pod:
 
 
 def collective_bytes(pod: Pod) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{pod.env['TANDEM_METRICS_PORT']}/metrics", timeout=5) as r:
+    with urllib.request.urlopen(
+        f"http://{pod.env['TANDEM_HOST']}:{pod.env['TANDEM_METRICS_PORT']}/metrics", timeout=5
+    ) as r:
         text = r.read().decode()
     m = re.search(r'^tandem_kv_transfer_bytes_total\{transport="collective"\} (\S+)$', text, re.M)
     return float(m.group(1)) if m else 0.0
@@ -229,7 +233,7 @@ def test_every_pod_serves_metrics_and_the_request_is_one_trace(cluster):
         if pod.proc.poll() is not None:
             continue  # the killed decode replica
         with urllib.request.urlopen(
-            f"http://127.0.0.1:{pod.env['TANDEM_METRICS_PORT']}/metrics", timeout=5
+            f"http://{pod.env['TANDEM_HOST']}:{pod.env['TANDEM_METRICS_PORT']}/metrics", timeout=5
         ) as r:
             assert b"tandem_" in r.read(), pod.name
     with grpc.insecure_channel(procs["tandem-scheduler-0"].address) as channel:

@@ -17,10 +17,10 @@ Containers Through Environment Variables", "DNS for Services and Pods"):
   so `tandem-scheduler:50051` reaches the scheduler process;
 - the `tandem-models` volume mounted at /models is a local directory.
 
-One thing cannot be simulated in a single network namespace: servers that bind every interface
-(the Prometheus endpoint, TANDEM_METRICS_PORT; the collective KV transport's TCPStore,
-TANDEM_KV_RECEIVER_PORT) would collide between two pods using the same port, so those ports
-get a free port of this host per pod. Their hosts are still the pod IPs.
+One thing cannot be simulated in a single network namespace: a server that binds every
+interface (the collective KV transport's TCPStore, TANDEM_KV_RECEIVER_PORT) would collide
+between two pods using the same port, so that port becomes a free port of this host per pod.
+Its host is still the pod IP. (The gRPC and metrics servers bind TANDEM_HOST, the pod IP.)
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = ROOT / "deploy" / "k8s"
 # ports a service binds on every interface: one free host port per simulated pod
-HOST_WIDE_PORT_SETTINGS = ("TANDEM_METRICS_PORT", "TANDEM_KV_RECEIVER_PORT")
+HOST_WIDE_PORT_SETTINGS = ("TANDEM_KV_RECEIVER_PORT",)
 
 
 def kubectl() -> str:
