@@ -14,6 +14,7 @@ replica is killed mid-stream and the request migrates to the other, nothing repe
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import re
@@ -51,7 +52,7 @@ PROMPT = [1, *range(60, 100)]
 MAX_TOKENS = 300
 STARTUP_S = 90.0
 # the manifests' gRPC and metrics ports, which every simulated pod binds on its own IP
-PORTS = (50051, 50052, 50053, 50054, 9461, 9462, 9463, 9464)
+PORTS = (50051, 50052, 50053, 50054, 8000, 9461, 9462, 9463, 9464)
 
 
 def free_ports(n: int) -> list[int]:
@@ -260,3 +261,22 @@ def test_every_pod_serves_metrics_and_the_request_is_one_trace(cluster):
         )
 
     assert one_trace_across_pods(receiver.wait_for_spans(one_trace_across_pods, timeout=20))
+
+
+def test_the_openai_api_answers_on_the_scheduler_service_http_port(cluster):
+    procs, objects, _ = cluster
+    scheduler = procs["tandem-scheduler-0"]
+    http_port = next(
+        p["port"]
+        for p in by_kind(objects, "Service")["tandem-scheduler"]["spec"]["ports"]
+        if p["name"] == "http"
+    )
+    base = f"http://{scheduler.env['TANDEM_HOST']}:{http_port}/v1"
+    with urllib.request.urlopen(f"{base}/models", timeout=10) as r:
+        (model,) = [m["id"] for m in json.load(r)["data"]]
+    assert model == scheduler.env["TANDEM_MODEL_NAME"]
+    body = json.dumps({"model": model, "prompt": "def f(x):", "max_tokens": 3, "temperature": 0}).encode()
+    request = urllib.request.Request(f"{base}/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        completion = json.load(r)
+    assert completion["usage"]["completion_tokens"] == 3

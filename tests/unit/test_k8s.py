@@ -190,7 +190,8 @@ def test_the_scheduler_service_has_grpc_and_http_ports(overlay):
     assert (ports["grpc"]["port"], ports["http"]["port"]) == (50051, 8000)
     container = tandem_container(tandem_deployments(objects)["scheduler"])
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert (named["grpc"], named["http"]) == (50051, 8000)
+    env = env_of(objects, tandem_deployments(objects)["scheduler"])
+    assert (named["grpc"], named["http"]) == (int(env["TANDEM_PORT"]), int(env["TANDEM_HTTP_PORT"]))
     for svc in by_kind(objects, "Service").values():
         deployment = next(
             d
