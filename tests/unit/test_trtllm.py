@@ -428,11 +428,21 @@ def broken_factory():
     raise ConnectionError("draft service down")
 
 
-def test_a_missing_draft_service_means_no_drafts_not_a_failure():
-    drafter = remote_drafter(fake.Drafter, broken_factory, max_draft_len=3)
-    request = fake.LlmRequest(1, list(PROMPT), len(PROMPT), 10)
-    drafter.prepare_draft_tokens(fake.ScheduledRequests(generation_requests=[request]))
-    assert request.py_draft_tokens == [] and drafter.num_failures == 1
+def test_a_missing_draft_service_means_no_drafts_not_a_failure_and_is_left_alone_for_a_while():
+    now = [100.0]
+    drafter = remote_drafter(fake.Drafter, broken_factory, max_draft_len=3, retry_s=2.0)
+    drafter.clock = lambda: now[0]
+
+    def step():
+        request = fake.LlmRequest(1, list(PROMPT), len(PROMPT), 10)
+        drafter.prepare_draft_tokens(fake.ScheduledRequests(generation_requests=[request]))
+        return request.py_draft_tokens
+
+    assert step() == [] and drafter.num_failures == 1
+    now[0] += 1.0
+    assert step() == [] and drafter.num_failures == 1, "not asked again within TANDEM_DRAFT_RETRY_S"
+    now[0] += 1.5
+    assert step() == [] and drafter.num_failures == 2, "tried again after it"
 
 
 # -- load and GetInfo -------------------------------------------------------------------------

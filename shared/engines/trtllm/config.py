@@ -158,6 +158,7 @@ class TrtllmSettings:
     max_tokens_in_buffer: int | None = None  # TANDEM_TRTLLM_MAX_TOKENS_IN_BUFFER
     num_speculative_tokens: int = 0  # > 0 with a draft service: UserProvidedDecodingConfig
     draft_addr: str = ""
+    draft_retry_s: float = 2.0  # TANDEM_DRAFT_RETRY_S: how long a failed draft is left alone
 
     @classmethod
     def from_worker_config(cls, config: Any) -> TrtllmSettings:
@@ -176,6 +177,7 @@ class TrtllmSettings:
             # the draft service only: TensorRT-LLM's drafter hook is how it plugs in
             num_speculative_tokens=config.num_speculative_tokens if _speculation(config) == "draft" else 0,
             draft_addr=getattr(config, "draft_addr", "") or "",
+            draft_retry_s=getattr(config, "draft_retry_s", 2.0),
         )
 
 

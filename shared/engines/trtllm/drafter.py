@@ -14,7 +14,9 @@ list of at most max_draft_len tokens on each of them (an empty one when the draf
 It sets `_needs_padding_kv_extension`: TensorRT-LLM's TorchSampler, which verifies user-provided
 drafts, rewinds the KV by the *padded* draft length, so the base class must extend the KV
 capacity after padding (_torch/speculative/drafter.py, `Drafter.pad_draft_tokens_for_cuda_graph`).
-If the draft service is slow or gone, the step goes on without drafts.
+If the draft service is slow or gone, the step goes on without drafts, and the draft is left
+alone for `retry_s` (TANDEM_DRAFT_RETRY_S) so that a dead draft does not cost every step its
+timeout; it is tried again after that.
 
 The drafter may be pickled into TensorRT-LLM's executor process, so it carries only a client
 *factory* (a picklable callable) and opens its client lazily in whichever process runs it.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -53,12 +56,22 @@ class _RemoteDrafter:
     # the verifying sampler rewinds by the padded draft length (see the module docstring)
     _needs_padding_kv_extension = True
 
-    def __init__(self, client_factory: Callable[[], DraftClient], max_draft_len: int):
+    def __init__(
+        self,
+        client_factory: Callable[[], DraftClient],
+        max_draft_len: int,
+        retry_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         _init_base(type(self).__mro__[2], self, max_draft_len)
         self.client_factory = client_factory
         self.max_draft_len = max_draft_len
+        self.retry_s = retry_s
+        self.clock = clock
         self.client: DraftClient | None = None
         self.num_failures = 0
+        self._retry_at = 0.0
+        self._failing = False
 
     def prepare_draft_tokens(self, scheduled_requests: Any, resource_manager: Any = None) -> None:
         requests = list(scheduled_requests.generation_requests)
@@ -68,7 +81,7 @@ class _RemoteDrafter:
             # no proposals past the request's last position (TensorRT-LLM would reject them)
             room = r.py_orig_prompt_len + r.py_max_new_tokens - len(tokens) - 1
             asks.append(DraftAsk(str(r.request_id), tokens, max(0, min(self.max_draft_len, room))))
-        wanted = [a for a in asks if a.k > 0]
+        wanted = [a for a in asks if a.k > 0] if self.clock() >= self._retry_at else []
         proposals: dict[str, list[int]] = {}
         if wanted:
             try:
@@ -79,20 +92,32 @@ class _RemoteDrafter:
                     raise ValueError(f"{len(answers)} proposals for {len(wanted)} sequences")
                 for ask, tokens in zip(wanted, answers, strict=True):
                     proposals[ask.seq_id] = [int(t) for t in tokens[: ask.k]]
+                if self._failing:
+                    log.info("draft service answers again: speculating")
+                    self._failing = False
             except Exception as e:  # noqa: BLE001 - a missing draft only costs speed
                 self.num_failures += 1
-                log.warning("draft service unavailable, decoding without drafts this step: %s", e)
+                self._retry_at = self.clock() + self.retry_s
+                if not self._failing:
+                    log.warning(
+                        "draft service unavailable (%s): decoding without drafts, trying again every %.1f s",
+                        e,
+                        self.retry_s,
+                    )
+                    self._failing = True
         for r, ask in zip(requests, asks, strict=True):
             r.py_draft_tokens = list(proposals.get(ask.seq_id, []))  # a list of its own: padding extends it
 
     def __reduce__(self):
-        return (remote_drafter, (type(self).__mro__[2], self.client_factory, self.max_draft_len))
+        return (remote_drafter, (type(self).__mro__[2], self.client_factory, self.max_draft_len, self.retry_s))
 
 
-def remote_drafter(drafter_base: type, client_factory: Callable[[], DraftClient], max_draft_len: int):
+def remote_drafter(
+    drafter_base: type, client_factory: Callable[[], DraftClient], max_draft_len: int, retry_s: float = 2.0
+):
     """A TensorRT-LLM Drafter (subclass of `drafter_base`, i.e. api.Drafter) over a DraftClient."""
     cls = type("RemoteDrafter", (_RemoteDrafter, drafter_base), {"__module__": __name__})
-    return cls(client_factory, max_draft_len)
+    return cls(client_factory, max_draft_len, retry_s)
 
 
 def _init_base(base: type, self: Any, max_draft_len: int) -> None:

@@ -95,7 +95,9 @@ class TrtllmEngine:
         settings = check(settings, info)
         api = api if api is not None else load_api()
         if drafter is None and draft_client_factory is not None and settings.num_speculative_tokens:
-            drafter = remote_drafter(api.Drafter, draft_client_factory, settings.num_speculative_tokens)
+            drafter = remote_drafter(
+                api.Drafter, draft_client_factory, settings.num_speculative_tokens, settings.draft_retry_s
+            )
         return cls(api.LLM(**llm_kwargs(api, settings, drafter)), api, settings, info, **kwargs)
 
     def info(self) -> EngineInfo:
