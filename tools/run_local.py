@@ -3,11 +3,12 @@
     python -m tools.run_local [--model models/tandem-demo-code/target] [--transport grpc|collective]
                               [--no-prefill] [--port 50051] [--spec draft|ngram|none]
                               [--dtype float32] [--max-model-len N] [--kv-cache-memory 2GiB]
-                              [--metrics-port 9461]
+                              [--metrics-port 9461] [--http-port 8000]
 
 Ports (the services' defaults and the compose files' too): scheduler --port (50051), prefill
 +1, decode +2, draft +3; metrics (Prometheus /metrics) on --metrics-port and the next three,
-in the same order. Everything binds to 127.0.0.1.
+in the same order; the OpenAI-compatible HTTP API on --http-port (8000). Everything binds to
+127.0.0.1.
 
 The draft service runs when the model has a draft beside it (the demo pair's layout,
 <dir>/target and <dir>/draft; or --draft-model), and the decode worker speculates with it.
@@ -158,6 +159,12 @@ def build_parser(prog: str = "python -m tools.run_local") -> argparse.ArgumentPa
         help="Prometheus /metrics port of the scheduler; prefill, decode, draft use the next three "
         "(default %(default)s; 0: no metrics servers)",
     )
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="the scheduler's OpenAI-compatible HTTP API (default %(default)s; 0: off)",
+    )
     parser.add_argument("--transport", choices=("grpc", "collective"), default="grpc", help="KV transport")
     parser.add_argument(
         "--no-prefill", action="store_true", help="aggregated mode: the decode worker prefills"
@@ -283,6 +290,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m tools.run_local")
         {
             **common,
             "TANDEM_PORT": str(ports["scheduler"]),
+            "TANDEM_HTTP_PORT": str(args.http_port),
             "TANDEM_DECODE_ADDRS": addrs["decode"],
             "TANDEM_PREFILL_ADDRS": "" if args.no_prefill else addrs["prefill"],
         },
@@ -344,6 +352,16 @@ def _banner(args: argparse.Namespace, addrs: dict[str, str], metrics: dict[str, 
         "  " + command("generate", "--addr", addrs["scheduler"], prompt, "--max-tokens", "64"),
         f"  grpcurl -plaintext -d '{body}' {addrs['scheduler']} tandem.v1.Tandem/Generate",
     ]
+    if args.http_port:
+        base = f"http://127.0.0.1:{args.http_port}/v1"
+        http_body = '{"prompt": "def fib(n):", "max_tokens": 32, "temperature": 0}'
+        lines += [
+            f"OpenAI-compatible API at {base} (any api_key):",
+            f"  curl {base}/completions -H 'Content-Type: application/json' -d '{http_body}'",
+            f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='none'); "
+            "print(c.chat.completions.create(model=c.models.list().data[0].id, max_tokens=32, "
+            "messages=[{'role': 'user', 'content': 'fibonacci numbers'}]).choices[0].message.content)\"",
+        ]
     if args.trace_file:
         lines.append("  " + command("traces", "show", "<request id>", "--file", args.trace_file))
     lines.append("Ctrl-C stops everything.\n")

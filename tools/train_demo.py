@@ -13,7 +13,8 @@ agree with the target often: that agreement is what speculative decoding turns i
 
 Output, in Hugging Face layout so that the engine and transformers both load it:
     <out>/target/, <out>/draft/   config.json, model.safetensors (bfloat16), generation_config.json,
-                                  tokenizer.json, tokenizer_config.json
+                                  tokenizer.json, tokenizer_config.json,
+                                  chat_template.jinja
     <out>/README.md               the model card, with the figures of this run
 The run is deterministic for a given seed (same interpreter, same torch, same thread count).
 """
@@ -263,6 +264,24 @@ def train(args, train_stream: torch.Tensor, eval_batches: list[torch.Tensor], vo
     return target, draft, curve
 
 
+# The demo models continue Python, so a chat turns into Python: what the system and the user say
+# becomes comment lines, an assistant's turn is code, and the model answers with code after the
+# last comment. transformers (and Tandem's /v1/chat/completions) read it from chat_template.jinja.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}\n"
+    "{%- for message in messages -%}\n"
+    "{%- if message['role'] in ['system', 'developer', 'user'] -%}\n"
+    "{{- '# ' + message['content'] | trim | replace('\\n', '\\n# ') + '\\n' -}}\n"
+    "{%- elif message['role'] == 'assistant' -%}\n"
+    "{{- message['content'] | trim + '\\n' -}}\n"
+    "{%- else -%}\n"
+    "{{- raise_exception('the demo chat template knows the roles system, developer, user and assistant, "
+    "not ' + message['role']) -}}\n"
+    "{%- endif -%}\n"
+    "{%- endfor -%}\n"
+)
+
+
 def save(model: LlamaForCausalLM, tok: Tokenizer, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out)
@@ -284,6 +303,7 @@ def save(model: LlamaForCausalLM, tok: Tokenizer, out: Path) -> None:
         "model_max_length": MAX_POSITIONS,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
 
 # ---- model card -----------------------------------------------------------------------------------

@@ -17,10 +17,12 @@ import warnings
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.pb.tandem.v1 import common_pb2, generate_pb2, generate_pb2_grpc
+from shared.text import Tokenizer
 from tests.fakes.fake_compose import ContainerProcess, load_project
 from tests.helpers.otlp import OtlpReceiver
 
@@ -50,7 +52,7 @@ def deployment(tiny_model, tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     (models / "target").symlink_to(tiny_model, target_is_directory=True)
     (models / "draft").symlink_to(tiny_model, target_is_directory=True)  # a perfect draft; cheap to make
-    ports = iter(free_ports(2 * len(TANDEM) + 1))
+    ports = iter(free_ports(2 * len(TANDEM) + 2))
     variables = {
         # what a user would put in .env: the model, small KV pools, free ports on this host
         "TANDEM_MODELS_DIR": str(models),
@@ -62,6 +64,7 @@ def deployment(tiny_model, tmp_path_factory):
         **{f"TANDEM_{name.upper()}_PORT": str(next(ports)) for name in TANDEM},
         **{f"TANDEM_{name.upper()}_METRICS_PORT": str(next(ports)) for name in TANDEM},
         "TANDEM_KV_RECEIVER_PORT": str(next(ports)),
+        "TANDEM_HTTP_PORT": str(next(ports)),
     }
     model = load_project(FILES, variables)
     services = model["services"]
@@ -207,6 +210,36 @@ def test_the_draft_service_is_healthy(deployment):
             "services/draft/__main__.py does not exist yet: the compose draft service was not started"
         )
     assert procs["draft"].healthy()
+
+
+def test_openai_sdk_through_the_published_http_port_joins_the_callers_trace(
+    deployment, tiny_model, reference
+):
+    procs, variables, receiver = deployment
+    base = f"http://127.0.0.1:{variables['TANDEM_HTTP_PORT']}/v1"  # the `ports:` mapping of the HTTP API
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    with openai.OpenAI(base_url=base, api_key="any", max_retries=0, timeout=60) as client:
+        model = client.models.list().data[0].id
+        resp = client.completions.create(
+            model=model,
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+            extra_headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+        )
+    assert resp.choices[0].text == Tokenizer.from_dir(tiny_model).decode(reference(PROMPT, 12))
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (len(PROMPT), 12)
+
+    def in_the_callers_trace(spans):
+        return {"tandem-scheduler", "tandem-decode", "tandem-prefill"} <= {
+            s["service"] for s in spans if s["trace_id"] == trace_id
+        }
+
+    spans = receiver.wait_for_spans(in_the_callers_trace, timeout=20)
+    assert in_the_callers_trace(spans)
+    http = [s for s in spans if s["trace_id"] == trace_id and s["name"] == "POST /v1/completions"]
+    assert http and http[0]["parent_span_id"] == "00f067aa0ba902b7"  # the caller's span is its parent
 
 
 def test_services_stop_gracefully_on_sigterm(deployment):

@@ -3,7 +3,9 @@ the model flags reaching the workers, and Ctrl-C ending with exit code 0."""
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -37,7 +39,7 @@ def test_parse_size():
 
 
 def test_make_run_serves_and_ctrl_c_exits_cleanly(tiny_model):
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -49,6 +51,8 @@ def test_make_run_serves_and_ctrl_c_exits_cleanly(tiny_model):
             str(port),
             "--metrics-port",
             str(metrics_port),
+            "--http-port",
+            str(http_port),
             "--threads",
             "1",
             "--max-model-len",
@@ -102,6 +106,13 @@ def test_make_run_serves_and_ctrl_c_exits_cleanly(tiny_model):
                 )
             )
             assert resps[-1].usage.completion_tokens == 4
+        # the printed curl works as printed
+        curl = next(line.strip() for line in out.splitlines() if line.strip().startswith("curl "))
+        assert f"http://127.0.0.1:{http_port}/v1/completions" in curl
+        answer = json.loads(
+            subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=60).stdout
+        )
+        assert answer["object"] == "text_completion" and answer["usage"]["completion_tokens"] > 0
         os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C
         assert proc.wait(60) == 0, "".join(lines)
         reader.join(10)

@@ -165,7 +165,7 @@ def test_gpu_ids_model_engine_and_ports_are_overridable_without_editing():
     assert changed["decode"]["volumes"] == ["/data/llm:/models:ro"]
     assert environment_of(changed["decode"])["TANDEM_MODEL"] == "/models/llama-8b"
     assert environment_of(changed["prefill"])["TANDEM_ENGINE"] == "trtllm"
-    assert changed["scheduler"]["ports"] == ["6000:6000"]
+    assert changed["scheduler"]["ports"] == ["6000:6000", "8000:8000"]
     assert environment_of(changed["scheduler"])["TANDEM_DECODE_ADDRS"] == "decode:6003"
     assert environment_of(changed["decode"])["TANDEM_PORT"] == "6003"
 
@@ -203,6 +203,7 @@ def test_cpu_variant_runs_the_same_topology_with_the_torch_engine_and_no_gpu():
         )
         assert cpu[name]["build"]["dockerfile"] == "deploy/compose/Dockerfile.torch"
     assert environment_of(cpu["draft"])["TANDEM_DEVICE"] == "cpu"
+    assert "8000:8000" in cpu["scheduler"]["ports"]  # the OpenAI-compatible API, as in the GPU file
 
 
 def test_health_checks_dependencies_and_restart_policies():
@@ -234,7 +235,12 @@ def test_service_addresses_name_the_ports_the_services_listen_on():
         assert env[name]["TANDEM_ADVERTISE_ADDR"] == f"{name}:{listen[name]}"
     for name in TANDEM:
         assert env[name]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
-    assert services["scheduler"]["ports"] == [f"{listen['scheduler']}:{listen['scheduler']}"]
+    http = env["scheduler"]["TANDEM_HTTP_PORT"]
+    assert http == "8000"  # the OpenAI-compatible API, published beside the gRPC one
+    assert services["scheduler"]["ports"] == [
+        f"{listen['scheduler']}:{listen['scheduler']}",
+        f"{http}:{http}",
+    ]
     assert "4317:4317" in services["jaeger"]["ports"] and "16686:16686" in services["jaeger"]["ports"]
     assert environment_of(services["jaeger"])["COLLECTOR_OTLP_ENABLED"] == "true"
 
@@ -321,3 +327,4 @@ def test_exposed_ports_cover_the_default_grpc_ports():
     example = env_example()
     for name in TANDEM:
         assert example[f"TANDEM_{name.upper()}_PORT"] in exposed, name
+    assert example["TANDEM_HTTP_PORT"] in exposed

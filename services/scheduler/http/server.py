@@ -53,7 +53,8 @@ class HttpServer:
         config = uvicorn.Config(
             self._app,
             lifespan="off",
-            log_config=None,
+            log_config=None,  # the service's logging (structlog) stays as it is
+            log_level="warning",  # uvicorn's start/stop lines are info; the service logs its own
             access_log=False,
             timeout_graceful_shutdown=max(1, round(self._grace_period_s)),
             timeout_keep_alive=30,
