@@ -5,6 +5,7 @@ tools/train_demo writes it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -101,14 +102,14 @@ def test_a_template_from_each_place_renders_like_transformers(tmp_path, where):
 def test_no_template_a_broken_one_and_the_sandbox(tmp_path):
     make_tokenizer_dir(tmp_path)
     assert ChatTemplate.from_dir(tmp_path) is None
+    tokenizer = Tokenizer.from_dir(tmp_path)
+
+    async def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    request = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(InvalidArgument, match="no chat template") as e:
-        chat_plan(
-            ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}]),
-            "r1",
-            None,
-            Tokenizer.from_dir(tmp_path),
-            512,
-        )
+        asyncio.run(chat_plan(request, "r1", None, encode, 512))
     assert e.value.field == "messages"
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }")
     with pytest.raises(TemplateError, match="does not compile"):
