@@ -83,3 +83,11 @@ def test_kernel_rejects_tables_that_point_outside_the_cache():
     with pytest.raises(RuntimeError, match="block id"):
         m.paged_decode_attention(q, k, v, torch.tensor([[0, 7]]), torch.tensor([6]), 1.0, 0)
     m.paged_decode_attention(q, k, v, torch.tensor([[0, 7]]), torch.tensor([4]), 1.0, 0)  # block 7 unused: fine
+
+
+def test_a_start_that_compiles_the_kernels_says_so(monkeypatch, caplog):
+    assert cpu_kernels._built()  # loaded above: in torch's extension cache
+    monkeypatch.setattr(cpu_kernels, "_built", lambda: False)  # as on a first start
+    with caplog.at_level("INFO", logger=cpu_kernels.__name__):
+        assert cpu_kernels.load.__wrapped__() is not None
+    assert any("compiling the CPU kernels" in r.getMessage() for r in caplog.records)

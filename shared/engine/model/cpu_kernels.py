@@ -23,6 +23,8 @@ import functools
 import logging
 import os
 import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -361,6 +363,19 @@ void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor si
 """
 
 
+_NAME = "tandem_cpu_kernels"
+
+
+def _built() -> bool:
+    """Whether a compiled module is in torch's extension cache (a guess: a changed source rebuilds)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(_NAME, False)) / f"{_NAME}.so").is_file()
+    except Exception:  # noqa: BLE001 - a private helper; without it, say nothing
+        return True
+
+
 @functools.cache
 def load():
     """The compiled module, or None when it cannot be built here (then callers use torch ops)."""
@@ -369,16 +384,22 @@ def load():
     bindir = os.path.dirname(sys.executable)
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    start = time.monotonic()
+    if not _built():
+        log.info("compiling the CPU kernels (first start only: about a minute; cached afterwards)")
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(
-            name="tandem_cpu_kernels",
+        module = load_inline(
+            name=_NAME,
             cpp_sources=[_SOURCE],
             functions=["paged_decode_attention", "rms_norm", "silu_and_mul", "rope_"],
             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"],
             verbose=False,
         )
+        if time.monotonic() - start > 5:
+            log.info("CPU kernels ready after %.0f s", time.monotonic() - start)
+        return module
     except Exception as e:  # noqa: BLE001 - any build failure means "use the fallback"
         log.warning("CPU kernels unavailable (%s); using the PyTorch path", e)
         return None
