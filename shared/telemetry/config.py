@@ -16,7 +16,7 @@ Environment variables (standard OpenTelemetry names where one exists):
 | `TANDEM_LOG_LEVEL` | `log_level` | `info` |
 | `TANDEM_METRICS_PORT` | `metrics_port` | unset: no metrics HTTP server; `0` picks a free port |
 | `TANDEM_HOST` (the service's, passed in by `shared/config.py`) | `metrics_host` | `127.0.0.1` |
-| `TANDEM_GPU_HOUR_USD` | `gpu_hour_usd` | `0` (cost gauge reads 0) |
+| `TANDEM_GPU_HOUR_USD` | `gpu_hour_usd` | unset: the price and cost gauges read NaN ("unset", not $0) |
 | `TANDEM_NUM_GPUS` | `num_gpus` | `1` |
 """
 
@@ -43,7 +43,7 @@ class TelemetryConfig:
     log_level: lowest level logged, one of `LOG_LEVELS`.
     metrics_port: Prometheus HTTP port; 0 binds a free one; None: no metrics server.
     metrics_host: interface the metrics server binds to: the service's gRPC host (TANDEM_HOST).
-    gpu_hour_usd: price of one GPU-hour, for the cost-per-million-tokens gauge.
+    gpu_hour_usd: price of one GPU-hour, for the cost-per-million-tokens gauge; None: unset.
     num_gpus: GPUs this process holds (0 for the scheduler), for the same gauge.
     resource_attributes: extra OTel resource attributes (`deployment.environment`, ...).
     """
@@ -56,7 +56,7 @@ class TelemetryConfig:
     log_level: str = "info"
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
-    gpu_hour_usd: float = 0.0
+    gpu_hour_usd: float | None = None
     num_gpus: int = 1
     resource_attributes: Mapping[str, str] = field(default_factory=dict)
 
@@ -72,7 +72,7 @@ class TelemetryConfig:
             raise ValueError(
                 f"telemetry: metrics port {self.metrics_port} is out of range (TANDEM_METRICS_PORT)"
             )
-        if self.gpu_hour_usd < 0:
+        if self.gpu_hour_usd is not None and self.gpu_hour_usd < 0:
             raise ValueError(
                 f"telemetry: GPU-hour price {self.gpu_hour_usd} is negative (TANDEM_GPU_HOUR_USD)"
             )
@@ -98,7 +98,7 @@ class TelemetryConfig:
             log_level=(get("TANDEM_LOG_LEVEL") or "info").lower(),
             metrics_port=_parse_number("TANDEM_METRICS_PORT", get("TANDEM_METRICS_PORT"), int),
             metrics_host=metrics_host,
-            gpu_hour_usd=_parse_number("TANDEM_GPU_HOUR_USD", get("TANDEM_GPU_HOUR_USD"), float) or 0.0,
+            gpu_hour_usd=_parse_number("TANDEM_GPU_HOUR_USD", get("TANDEM_GPU_HOUR_USD"), float),
             num_gpus=_or(_parse_number("TANDEM_NUM_GPUS", get("TANDEM_NUM_GPUS"), int), 1),
             resource_attributes=_parse_resource_attributes(get("OTEL_RESOURCE_ATTRIBUTES")),
         )

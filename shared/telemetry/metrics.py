@@ -9,6 +9,8 @@ Cost estimate (gauge `tandem_estimated_cost_usd_per_million_generated_tokens`):
     gpu_cost_usd = uptime_hours * num_gpus * gpu_hour_usd
     usd_per_million_generated_tokens = gpu_cost_usd / generated_tokens * 1e6
 
+With no price set (gpu_hour_usd None, TANDEM_GPU_HOUR_USD unset) the price and both cost
+gauges read NaN: unset, not free (a process holding no GPU still costs 0).
 uptime runs from the construction of `Metrics` (service start, model loading included: a
 rented GPU is paid for while it loads). With no generated token yet the ratio is NaN.
 It is the cost of this process's GPUs per token this process generated; for the whole
@@ -41,7 +43,7 @@ class Metrics:
         self,
         service: str,
         *,
-        gpu_hour_usd: float = 0.0,
+        gpu_hour_usd: float | None = None,
         num_gpus: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -133,14 +135,21 @@ class Metrics:
         )
 
         # Cost (formula in the module docstring).
-        Gauge("tandem_gpu_hour_price_usd", "Configured price of one GPU-hour.", registry=r).set(gpu_hour_usd)
+        Gauge(
+            "tandem_gpu_hour_price_usd",
+            "Configured price of one GPU-hour (TANDEM_GPU_HOUR_USD; NaN: unset).",
+            registry=r,
+        ).set(math.nan if gpu_hour_usd is None else gpu_hour_usd)
         Gauge("tandem_gpus", "GPUs held by this process.", registry=r).set(num_gpus)
-        Gauge("tandem_gpu_cost_usd", "uptime_hours * gpus * price per GPU-hour.", registry=r).set_function(
+        Gauge(
+            "tandem_gpu_cost_usd", "uptime_hours * gpus * price per GPU-hour (NaN: price unset).", registry=r
+        ).set_function(
             self.gpu_cost_usd
         )
         Gauge(
             "tandem_estimated_cost_usd_per_million_generated_tokens",
-            "tandem_gpu_cost_usd / tandem_generation_tokens_total * 1e6 (NaN before the first token).",
+            "tandem_gpu_cost_usd / tandem_generation_tokens_total * 1e6 (NaN before the first token, "
+            "or with the price unset).",
             registry=r,
         ).set_function(self.cost_per_million_tokens)
 
@@ -169,13 +178,18 @@ class Metrics:
         return self._clock() - self._started
 
     def gpu_cost_usd(self) -> float:
+        if self.num_gpus == 0:
+            return 0.0
+        if self.gpu_hour_usd is None:
+            return math.nan  # unset, not free
         return self.uptime_seconds() / 3600.0 * self.num_gpus * self.gpu_hour_usd
 
     def cost_per_million_tokens(self) -> float:
         generated = _counter_value(self.generation_tokens)
-        if generated <= 0:
+        cost = self.gpu_cost_usd()
+        if generated <= 0 or math.isnan(cost):
             return math.nan
-        return self.gpu_cost_usd() / generated * 1e6
+        return cost / generated * 1e6
 
     def _prefix_cache_hit_ratio(self) -> float:
         queried = _counter_value(self.prefix_cache_queried_tokens)

@@ -134,9 +134,8 @@ def test_held_out_split_is_the_demo_models():
     import sysconfig
     from pathlib import Path
 
+    from tools import train_demo
     from tools.bench.workloads import heldout_sources
-
-    train_demo = pytest.importorskip("tools.train_demo")
     root = Path(sysconfig.get_paths()["stdlib"])
     sources = heldout_sources()
     assert sources and all(train_demo.is_heldout(p.relative_to(root).as_posix()) for p in sources)

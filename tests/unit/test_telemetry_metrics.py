@@ -117,6 +117,21 @@ def test_cost_per_million_tokens_follows_the_documented_formula():
     assert no_gpu.cost_per_million_tokens() == 0.0
 
 
+def test_an_unset_price_reads_unset_not_zero():
+    clock = _Clock()
+    metrics = Metrics("decode", num_gpus=1, clock=clock)  # TANDEM_GPU_HOUR_USD unset
+    metrics.generation_tokens.inc(1000)
+    clock.now += 3600
+    assert math.isnan(metrics.gpu_cost_usd()) and math.isnan(metrics.cost_per_million_tokens())
+    text = metrics.exposition().decode()
+    assert "tandem_gpu_hour_price_usd NaN" in text
+    assert "tandem_estimated_cost_usd_per_million_generated_tokens NaN" in text
+    assert "NaN: unset" in text  # the HELP line says what NaN means
+    free = Metrics("decode", gpu_hour_usd=0.0, num_gpus=1, clock=clock)  # a price of 0 is a price
+    free.generation_tokens.inc(1000)
+    assert free.cost_per_million_tokens() == 0.0
+
+
 def test_setup_telemetry_serves_metrics_on_the_configured_port_until_shutdown():
     telemetry = setup_telemetry(
         TelemetryConfig(service_name="prefill", metrics_port=0), set_global=False, configure_logs=False
