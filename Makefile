@@ -33,7 +33,7 @@ lint: install
 	$(VENV)/bin/ruff format --check . || true
 
 run: install
-	$(PY) -m tools.run_local --model $(MODEL)
+	$(PY) -m tools.run_local --model $(MODEL) $(ARGS)
 
 bench-engine: install
 	$(PY) -m tools.bench engine --model $(MODEL)
