@@ -30,6 +30,11 @@ KV_TRANSPORTS = ("grpc", "collective")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def auto_dtype(device: str) -> str:
+    """The element type when TANDEM_DTYPE is not set: bfloat16 on CUDA, float32 on CPU."""
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the environment variable."""
 
@@ -192,7 +197,12 @@ class EngineSettings(ServerSettings):
         "TANDEM_MODEL_NAME", "", "Name reported to the scheduler; default: the model directory's name."
     )
     device: str = setting("TANDEM_DEVICE", "cpu", "torch device of the engine: cpu, cuda, cuda:N.")
-    dtype: str = setting("TANDEM_DTYPE", "float32", "Weight and KV element type.", choices=DTYPES)
+    dtype: str = setting(
+        "TANDEM_DTYPE",
+        "auto",
+        "Weight and KV element type; auto: bfloat16 on cuda, float32 on cpu.",
+        choices=(*DTYPES, "auto"),
+    )
     block_size: int = setting("TANDEM_BLOCK_SIZE", 16, "Tokens per KV block.", minimum=1)
     num_blocks: int | None = setting(
         "TANDEM_NUM_BLOCKS",
@@ -203,8 +213,19 @@ class EngineSettings(ServerSettings):
     kv_cache_memory: int | None = setting(
         "TANDEM_KV_CACHE_MEMORY",
         None,
-        "Bytes of KV cache on cpu when TANDEM_NUM_BLOCKS is not set; default: the engine's.",
+        "Bytes of KV cache when TANDEM_NUM_BLOCKS is not set; default: 1 GiB on cpu, "
+        "TANDEM_KV_CACHE_MEMORY_FRACTION of the free memory on cuda.",
         minimum=1,
+    )
+    kv_cache_memory_fraction: float = setting(
+        "TANDEM_KV_CACHE_MEMORY_FRACTION",
+        0.85,
+        "On cuda, without TANDEM_NUM_BLOCKS or TANDEM_KV_CACHE_MEMORY: share of the GPU memory still free "
+        "once the weights are loaded that goes to the KV cache (the rest: activations, CUDA graphs).",
+        minimum=0.01,
+    )
+    cuda_graphs: bool = setting(
+        "TANDEM_CUDA_GRAPHS", True, "On cuda, replay decode steps as CUDA graphs (captured at start)."
     )
     max_num_seqs: int = setting("TANDEM_MAX_NUM_SEQS", 64, "Most sequences in one batch.", minimum=1)
     max_model_len: int | None = setting(
@@ -220,7 +241,15 @@ class EngineSettings(ServerSettings):
         minimum=1,
     )
 
+    def __post_init__(self) -> None:
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype", auto_dtype(self.device))
+
     def _validate_engine(self) -> None:
+        if self.kv_cache_memory_fraction > 1:
+            raise ConfigError(
+                f"TANDEM_KV_CACHE_MEMORY_FRACTION: must be <= 1, got {self.kv_cache_memory_fraction}"
+            )
         if not self.model:
             raise ConfigError("TANDEM_MODEL: required (the model directory)")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
@@ -235,6 +264,8 @@ class EngineSettings(ServerSettings):
             num_blocks=self.num_blocks,
             max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len,
+            kv_cache_memory_fraction=self.kv_cache_memory_fraction,
+            cuda_graphs=self.cuda_graphs,
         )
         if self.kv_cache_memory is not None:
             kwargs["kv_cache_memory"] = self.kv_cache_memory

@@ -8,3 +8,7 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("TANDEM_TORCH_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Without a GPU, Triton kernels run on CPU tensors through Triton's interpreter, which must be
+# chosen before Triton is first imported (tests/unit/test_triton_attention.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

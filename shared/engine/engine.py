@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.config import auto_dtype
 from shared.params import (
     FinishReason,
     InvalidRequest,
@@ -42,12 +43,13 @@ class KVCacheTooSmall(ValueError):
 @dataclass
 class EngineConfig:
     model: str  # Hugging Face checkpoint directory
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bfloat16 on cuda, float32 on cpu)
     device: str = "cpu"  # cpu | cuda | cuda:N
     block_size: int = 16
-    num_blocks: int | None = None  # None: sized from kv_cache_memory (cpu) or memory fraction (cuda)
-    kv_cache_memory: int = 1 << 30  # bytes of KV cache on cpu when num_blocks is None
-    gpu_memory_fraction: float = 0.85  # share of total GPU memory for weights + KV when num_blocks is None
+    num_blocks: int | None = None  # None: sized from kv_cache_memory, or on cuda from the free memory
+    kv_cache_memory: int | None = None  # bytes of KV cache when num_blocks is None (cpu default: 1 GiB)
+    kv_cache_memory_fraction: float = 0.85  # cuda, neither set: share of the memory free after the weights
+    cuda_graphs: bool = True  # cuda: decode steps replay CUDA graphs captured per batch-size bucket
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # None: the model's max_position_embeddings
@@ -64,8 +66,22 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
-        if not 0 < self.gpu_memory_fraction <= 1:
-            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
+            raise ValueError(f"kv_cache_memory must be >= 1 byte, got {self.kv_cache_memory}")
+
+
+def kv_cache_budget(config: EngineConfig, device: torch.device,
+                    mem_get_info=torch.cuda.mem_get_info) -> int:
+    """Bytes for the KV cache: kv_cache_memory when set; else on cuda the given fraction of the
+    memory free now (the weights are loaded, so it is what they left), on cpu 1 GiB."""
+    if config.kv_cache_memory is not None:
+        return config.kv_cache_memory
+    if device.type == "cuda":
+        free, _total = mem_get_info(device)
+        return int(free * config.kv_cache_memory_fraction)
+    return 1 << 30
 
 
 @dataclass
@@ -83,6 +99,8 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         config.validate()
+        if config.dtype == "auto":
+            config.dtype = auto_dtype(config.device)
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
         self.runner = ModelRunner(config.model, self.model_config, config.dtype, config.device)
@@ -94,6 +112,8 @@ class LLMEngine:
         num_blocks = config.num_blocks or self._auto_num_blocks()
         self._fit_model_len(num_blocks)
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
+        if self.runner.device.type == "cuda" and config.cuda_graphs:
+            self.runner.enable_decode_graphs(config.max_num_seqs, self.max_model_len)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
@@ -103,12 +123,7 @@ class LLMEngine:
 
     def _auto_num_blocks(self) -> int:
         per_block = self.runner.kv_bytes_per_block(self.config.block_size)
-        if self.runner.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.runner.device)
-            used = total - free
-            budget = int(total * self.config.gpu_memory_fraction) - used
-        else:
-            budget = self.config.kv_cache_memory
+        budget = kv_cache_budget(self.config, self.runner.device)
         # enough for max_num_seqs full-length sequences at most (_fit_model_len: at least one)
         cap = -(-self.max_model_len // self.block_size) * self.config.max_num_seqs
         return int(max(0, min(budget // per_block, cap)))

@@ -6,14 +6,19 @@ Owns the device, the model weights and the KV cache tensor
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
 
+from shared.config import auto_dtype
+
 from . import hugepages
+from .cuda_graphs import CudaGraphBackend, DecodeGraphs, GraphBackend, StaticInputs, default_buckets
 from .model import (
     AttentionMetadata,
     DecodeGroup,
+    GpuBatch,
     LlamaForCausalLM,
     ModelConfig,
     PrefillSeq,
@@ -41,6 +46,8 @@ class SeqInput:
 
 class ModelRunner:
     def __init__(self, model_dir: str, cfg: ModelConfig, dtype: str, device: str):
+        if dtype == "auto":  # bfloat16 on CUDA, float32 on CPU
+            dtype = auto_dtype(device)
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.cfg = cfg
@@ -55,15 +62,23 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None
         self.block_size = 0
         self._decode_kernel = cpu_kernels.supports(self.device, self.dtype)
+        # on CUDA, attention runs through the Triton kernels (model/triton_attention.py)
+        self._triton = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self._triton else 0
+        self.pad_block = 0  # the KV block written by padding rows (see cuda_graphs.py)
+        self.graphs: DecodeGraphs | None = None
+        self._graph_max_context = 0
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         c = self.cfg
         return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        """num_blocks for sequences, plus one more: the pad block, which no sequence ever owns."""
         c = self.cfg
         self.block_size = block_size
-        shape = (c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        self.pad_block = num_blocks
+        shape = (c.num_layers, 2, num_blocks + 1, block_size, c.num_kv_heads, c.head_dim)
         if self.device.type == "cpu":
             self.kv_cache = hugepages.zeros(shape, self.dtype)
         else:
@@ -76,6 +91,11 @@ class ModelRunner:
         num_logits[i]: how many trailing positions of sequence i (prefills + decodes order)
         need logits (0: none, 1: the next token, k + 1: speculative verification).
         Returns logits [sum(num_logits), V], in that order."""
+        if self.graphs is not None and not prefills and decodes:
+            hidden = self.graphs.run([d.token_ids[d.start] for d in decodes], [d.start for d in decodes],
+                                     [d.block_ids for d in decodes])
+            if hidden is not None:
+                return self.model.compute_logits(hidden)
         bs = self.block_size
         tokens: list[int] = []
         positions: list[int] = []
@@ -90,7 +110,7 @@ class ModelRunner:
             positions.extend(pos)
             slots.extend(seq.block_ids[p // bs] * bs + p % bs for p in pos)
             logit_index.extend(range(len(tokens) - want, len(tokens)))
-            if i >= len(prefills):
+            if i >= len(prefills) or self._triton:
                 continue
             if seq.n <= SHORT_AS_DECODE and self._decode_kernel:
                 short_groups.append(self._rows_group(seq, start))
@@ -104,13 +124,78 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             prefills=prefill_meta,
-            decodes=short_groups + self._decode_groups(decodes, len(tokens) - len(decodes)),
+            decodes=[] if self._triton else short_groups + self._decode_groups(decodes, len(tokens) - len(decodes)),
             sliding_window=self.cfg.sliding_window,
+            gpu=self._gpu_batch(prefills, decodes) if self._triton else None,
         )
         hidden = self.model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
                             self.kv_cache, meta)
         rows = torch.tensor(logit_index, dtype=torch.long, device=dev)
         return self.model.compute_logits(hidden[rows])
+
+    def _gpu_batch(self, prefills: list[SeqInput], decodes: list[SeqInput]) -> GpuBatch:
+        """Index tensors of the Triton kernels: one varlen launch for the prefills (and
+        verifications), one split-K launch for the decodes."""
+        bs, dev = self.block_size, self.device
+
+        def table(seqs: list[SeqInput], lens: list[int]) -> torch.Tensor:
+            rows = [s.block_ids[: -(-n // bs)] for s, n in zip(seqs, lens, strict=True)]
+            width = max(len(r) for r in rows)
+            return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32, device=dev)
+
+        g = GpuBatch(num_prefill_tokens=sum(p.n for p in prefills))
+        if prefills:
+            lens = [p.start + p.n for p in prefills]
+            cu = [0]
+            for p in prefills:
+                cu.append(cu[-1] + p.n)
+            g.cu_q_lens = torch.tensor(cu, dtype=torch.int32, device=dev)
+            g.prefill_context_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+            g.prefill_block_tables = table(prefills, lens)
+            g.max_q_len = max(p.n for p in prefills)
+        if decodes:
+            lens = [d.start + 1 for d in decodes]
+            g.decode_context_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+            g.decode_block_tables = table(decodes, lens)
+            g.num_splits = self._num_splits(len(decodes), max(lens))
+        return g
+
+    def _num_splits(self, batch: int, max_context: int) -> int:
+        from .model.attention import DECODE_BLOCK_N
+        from .model.triton_attention import default_num_splits
+
+        return default_num_splits(batch, self.cfg.num_kv_heads, max_context, self._num_sms, DECODE_BLOCK_N)
+
+    # -- CUDA graphs for decode steps ---------------------------------------------------------
+    def enable_decode_graphs(self, max_batch: int, max_model_len: int, backend: GraphBackend | None = None,
+                             buckets: list[int] | None = None) -> DecodeGraphs:
+        """Capture the decode forward per batch-size bucket (after allocate_kv_cache). backend:
+        CUDA graphs by default; tests pass one that replays eagerly, to run the same bookkeeping on CPU."""
+        if self.kv_cache is None:
+            raise RuntimeError("allocate the KV cache before capturing graphs")
+        self._graph_max_context = max_model_len
+        self.graphs = DecodeGraphs(
+            self._graph_forward, max_blocks=-(-max_model_len // self.block_size) + 1, block_size=self.block_size,
+            pad_block=self.pad_block, device=self.device,
+            index_dtype=torch.int32 if self._triton else torch.long,  # the C++ kernel reads int64
+            backend=backend or CudaGraphBackend(self.device), buckets=buckets or default_buckets(max_batch),
+        )
+        with torch.inference_mode():
+            self.graphs.capture()
+        return self.graphs
+
+    def _graph_forward(self, s: StaticInputs) -> torch.Tensor:
+        """The decode forward over static buffers (no tensor built here, no length read on the host)."""
+        n = s.input_ids.shape[0]
+        if self._triton:
+            # splits fixed for the bucket: sized for the longest context any step may bring
+            gpu = GpuBatch(num_prefill_tokens=0, decode_block_tables=s.block_tables, decode_context_lens=s.context_lens,
+                           num_splits=self._num_splits(n, self._graph_max_context))
+            meta = AttentionMetadata(s.slot_mapping, [], [], self.cfg.sliding_window, gpu=gpu)
+        else:
+            group = DecodeGroup(0, s.block_tables, s.context_lens, s.block_tables.shape[1] * self.block_size)
+            meta = AttentionMetadata(s.slot_mapping, [], [group], self.cfg.sliding_window)
+        return self.model(s.input_ids, s.positions, self.kv_cache, meta)
 
     def _rows_group(self, seq: SeqInput, query_start: int) -> DecodeGroup:
         """A few new tokens of one sequence (speculative verification, a draft's tail) as decode

@@ -2,8 +2,15 @@
 
 The batch is a mix of prefill chunks (many query tokens per sequence) and decodes (one
 query token per sequence). Keys and values of the new tokens are written into the cache
-slots first; then each query attends to its sequence's cached context, gathered from the
-block table. Knows nothing about scheduling or sampling.
+slots first; then each query attends to its sequence's cached context through the block table.
+Knows nothing about scheduling or sampling.
+
+Two paths, chosen by the runner through the metadata it builds:
+- CUDA (`AttentionMetadata.gpu` set): the Triton kernels of triton_attention.py, two launches
+  per layer whatever the batch (all prefill-like sequences in one varlen launch, all decodes in
+  one split-K decode launch), reading K/V in place.
+- otherwise (CPU): decode groups through the C++ kernel (cpu_kernels.py), prefills through SDPA
+  over each sequence's gathered context.
 """
 
 from __future__ import annotations
@@ -35,11 +42,28 @@ class DecodeGroup:
 
 
 @dataclass
+class GpuBatch:
+    """The batch as the Triton kernels read it: `num_prefill_tokens` tokens of sequences with
+    any number of new tokens (prefill chunks, speculative verification), then one token per
+    decode. Index tensors are int32 on the device; None where that part is empty."""
+
+    num_prefill_tokens: int
+    max_q_len: int = 0
+    cu_q_lens: torch.Tensor | None = None  # [Np + 1] query offsets of the prefill part
+    prefill_context_lens: torch.Tensor | None = None  # [Np] tokens in the cache after this step
+    prefill_block_tables: torch.Tensor | None = None  # [Np, max_blocks]
+    decode_block_tables: torch.Tensor | None = None  # [Bd, max_blocks]
+    decode_context_lens: torch.Tensor | None = None  # [Bd]
+    num_splits: int = 1  # split-K parts of the decode kernel (fixed per captured CUDA graph)
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: cache slot of every new token
     prefills: list[PrefillSeq]
     decodes: list[DecodeGroup]
     sliding_window: int | None = None
+    gpu: GpuBatch | None = None  # set: the Triton path (prefills/decodes are then empty)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -52,6 +76,8 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, Hq, D] -> out [T, Hq, D]. The cache already holds this step's keys/values."""
+    if meta.gpu is not None:
+        return _triton_attention(q, k_cache, v_cache, meta.gpu, scale, meta.sliding_window)
     out = torch.empty_like(q)
     block_size = k_cache.shape[1]
     for seq in meta.prefills:
@@ -90,6 +116,27 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         )  # [B, Hq, 1, D]
         out[group.query_start: group.query_start + b] = o[:, :, 0, :]
     return out
+
+
+def _triton_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: GpuBatch, scale: float,
+                      window: int | None) -> torch.Tensor:
+    global _triton
+    if _triton is None:  # imported on first use: CPU engines never load Triton
+        from . import triton_attention as _triton
+    out = torch.empty_like(q)
+    n = g.num_prefill_tokens
+    if g.cu_q_lens is not None:
+        _triton.varlen_attention(q[:n], k_cache, v_cache, g.cu_q_lens, g.prefill_context_lens,
+                                          g.prefill_block_tables, g.max_q_len, scale, window, out=out[:n])
+    if g.decode_block_tables is not None:
+        _triton.decode_attention(q[n:], k_cache, v_cache, g.decode_block_tables, g.decode_context_lens,
+                                          scale, window, num_splits=g.num_splits, block_n=DECODE_BLOCK_N,
+                                          out=out[n:])
+    return out
+
+
+DECODE_BLOCK_N = 32  # keys per tile of the decode kernel on the GPU
+_triton = None  # the triton_attention module, once a GPU batch needed it
 
 
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:

@@ -1,0 +1,253 @@
+"""The Triton paged-attention kernels equal reference attention (SDPA over gathered K/V), run on
+CPU tensors by Triton's interpreter (sizes are tiny: it runs every program in numpy). Where
+Triton was imported for a GPU instead (a CUDA machine), the same tests run compiled on CUDA
+tensors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+# Triton reads the flag on import and when the kernels are defined: set it before either
+os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+import shared.engine.model.triton_attention as ta  # noqa: E402
+
+DEVICE = "cpu" if ta.INTERPRETED else "cuda"
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("Triton was imported without TRITON_INTERPRET and there is no GPU", allow_module_level=True)
+
+
+def dev(*tensors):
+    return [t.to(DEVICE) for t in tensors]
+
+BS = 8  # KV block size in these tests
+
+
+def make_cache(num_blocks, hkv, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(num_blocks, BS, hkv, d, generator=g).to(dtype)
+    v = torch.randn(num_blocks, BS, hkv, d, generator=g).to(dtype)
+    return k, v
+
+
+def block_tables(ctx_lens, num_blocks, seed=0):
+    """Each sequence gets its own blocks, scattered over the cache; rows padded with 0."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    need = [-(-c // BS) for c in ctx_lens]
+    width = max(need)
+    rows, i = [], 0
+    for n in need:
+        rows.append(perm[i: i + n] + [0] * (width - n))
+        i += n
+    assert i <= num_blocks
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def reference(q, k_cache, v_cache, tables, ctx_lens, q_lens, scale, window=None, k_scale=None, v_scale=None):
+    """Per sequence: gather its context, causal (+ window) mask at its offset, SDPA in float32."""
+    outs, start = [], 0
+    for i, (c, n) in enumerate(zip(ctx_lens, q_lens, strict=True)):
+        blocks = tables[i, : -(-c // BS)].long()
+        k = k_cache[blocks].float()
+        v = v_cache[blocks].float()
+        if k_scale is not None:
+            k = k * k_scale[blocks][:, None, :, None]
+            v = v * v_scale[blocks][:, None, :, None]
+        k, v = k.flatten(0, 1)[:c], v.flatten(0, 1)[:c]
+        qs = q[start: start + n].float()
+        q_pos = torch.arange(c - n, c)[:, None]
+        k_pos = torch.arange(c)[None, :]
+        mask = k_pos <= q_pos
+        if window:
+            mask &= q_pos - k_pos < window
+        o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                           v.transpose(0, 1)[None], attn_mask=mask, scale=scale, enable_gqa=True)
+        outs.append(o[0].transpose(0, 1))
+        start += n
+    return torch.cat(outs)
+
+
+def run_decode(ctx_lens, hq, hkv, d, window=None, num_splits=1, dtype=torch.float32, seed=0, **kw):
+    k_cache, v_cache = make_cache(64, hkv, d, dtype, seed)
+    tables = block_tables(ctx_lens, 64, seed)
+    q = torch.randn(len(ctx_lens), hq, d, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    lens = torch.tensor(ctx_lens, dtype=torch.int32)
+    kw = dict(zip(kw, dev(*kw.values()), strict=True))
+    out = ta.decode_attention(*dev(q, k_cache, v_cache, tables, lens), d ** -0.5, window, num_splits=num_splits,
+                              **kw).cpu()
+    kw = {k: v.cpu() for k, v in kw.items()}
+    ref = reference(q, k_cache, v_cache, tables, ctx_lens, [1] * len(ctx_lens), d ** -0.5, window,
+                    kw.get("k_scale"), kw.get("v_scale"))
+    return out, ref
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("ratio", [1, 4, 8])
+def test_decode_matches_reference(d, ratio):
+    out, ref = run_decode([1, 7, 19, 40], hq=ratio * 1 if ratio > 1 else 2, hkv=1 if ratio > 1 else 2, d=d)
+    torch.testing.assert_close(out.float(), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_splits", [2, 4, 8])
+def test_decode_split_k_matches_reference(num_splits):
+    # splits larger than a short context's tile count leave some splits empty (weight 0 in the merge)
+    out, ref = run_decode([3, 33, 70], hq=4, hkv=1, d=64, num_splits=num_splits)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_sliding_window(num_splits):
+    out, ref = run_decode([5, 21, 50], hq=4, hkv=2, d=64, window=12, num_splits=num_splits)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_decode_bfloat16_cache():
+    out, ref = run_decode([9, 30], hq=8, hkv=1, d=64, dtype=torch.bfloat16, num_splits=2)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_decode_int8_cache_with_scales():
+    """The dequantize-on-load hook: an int8 cache with one scale per (block, KV head)."""
+    g = torch.Generator().manual_seed(3)
+    k_cache = torch.randint(-127, 128, (64, BS, 2, 64), generator=g, dtype=torch.int8)
+    v_cache = torch.randint(-127, 128, (64, BS, 2, 64), generator=g, dtype=torch.int8)
+    k_scale = torch.rand(64, 2, generator=g) / 100
+    v_scale = torch.rand(64, 2, generator=g) / 100
+    ctx = [6, 25]
+    tables = block_tables(ctx, 64)
+    q = torch.randn(2, 4, 64, generator=g)
+    scales = dict(zip(("k_scale", "v_scale"), dev(k_scale, v_scale), strict=True))
+    out = ta.decode_attention(*dev(q, k_cache, v_cache, tables, torch.tensor(ctx)), 0.125, num_splits=2,
+                              **scales).cpu()
+    ref = reference(q, k_cache, v_cache, tables, ctx, [1, 1], 0.125, None, k_scale, v_scale)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    qv = torch.randn(5, 4, 64, generator=g)  # the varlen kernel reads through the same hook
+    out = ta.varlen_attention(*dev(qv, k_cache, v_cache, torch.tensor([0, 2, 5]), torch.tensor(ctx), tables), 3,
+                              0.125, **scales, block_m=16, block_n=16).cpu()
+    ref = reference(qv, k_cache, v_cache, tables, ctx, [2, 3], 0.125, None, k_scale, v_scale)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def run_varlen(ctx_lens, q_lens, hq, hkv, d, window=None, dtype=torch.float32, seed=0):
+    k_cache, v_cache = make_cache(64, hkv, d, dtype, seed)
+    tables = block_tables(ctx_lens, 64, seed)
+    q = torch.randn(sum(q_lens), hq, d, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    out = ta.varlen_attention(*dev(q, k_cache, v_cache, cu, torch.tensor(ctx_lens, dtype=torch.int32), tables),
+                              max(q_lens), d ** -0.5, window, block_m=16, block_n=16).cpu()
+    ref = reference(q, k_cache, v_cache, tables, ctx_lens, q_lens, d ** -0.5, window)
+    return out, ref
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("ratio", [1, 4, 8])
+def test_varlen_mixed_batch_matches_reference(d, ratio):
+    # a whole prompt, a chunk after a cached prefix, a decode, a speculative verification (k=3)
+    ctx, qs = [21, 37, 13, 30], [21, 17, 1, 4]
+    hq, hkv = (2, 2) if ratio == 1 else (ratio, 1)
+    out, ref = run_varlen(ctx, qs, hq, hkv, d, seed=ratio)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_varlen_sliding_window():
+    out, ref = run_varlen([40, 27, 9], [40, 6, 1], hq=4, hkv=2, d=64, window=11)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_varlen_bfloat16():
+    out, ref = run_varlen([20, 35], [20, 3], hq=4, hkv=1, d=64, dtype=torch.bfloat16)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_verification_rows_equal_decodes():
+    """k + 1 query tokens of one sequence through the varlen kernel = k + 1 decodes of growing context."""
+    k_cache, v_cache = make_cache(64, 1, 64)
+    tables = block_tables([29], 64)
+    q = torch.randn(5, 4, 64)
+    out = ta.varlen_attention(*dev(q, k_cache, v_cache, torch.tensor([0, 5]), torch.tensor([29]), tables), 5,
+                              0.125, block_m=16, block_n=16)
+    dec = ta.decode_attention(*dev(q, k_cache, v_cache, tables.expand(5, -1).contiguous(), torch.arange(25, 30)),
+                              0.125, num_splits=2)
+    torch.testing.assert_close(out, dec, atol=2e-5, rtol=1e-4)
+
+
+def test_bad_arguments_are_refused():
+    k_cache, v_cache = dev(*make_cache(4, 2, 64))
+    with pytest.raises(ValueError, match="num_splits"):
+        ta.decode_attention(torch.randn(1, 4, 64), k_cache, v_cache, torch.zeros(1, 1, dtype=torch.int32),
+                            torch.tensor([1]), 0.1, num_splits=3)
+    with pytest.raises(ValueError, match="does not fit"):
+        ta.decode_attention(torch.randn(1, 3, 64), k_cache, v_cache, torch.zeros(1, 1, dtype=torch.int32),
+                            torch.tensor([1]), 0.1)
+    with pytest.raises(ValueError, match="come together"):
+        ta.decode_attention(torch.randn(1, 4, 64), k_cache, v_cache, torch.zeros(1, 1, dtype=torch.int32),
+                            torch.tensor([1]), 0.1, k_scale=torch.ones(4, 2))
+
+
+def test_default_num_splits():
+    assert ta.default_num_splits(1, 8, 4096, num_sms=132) == 32  # batch 1: many splits fill the GPU
+    assert ta.default_num_splits(64, 8, 4096, num_sms=132) == 1  # a big batch fills it alone
+    assert ta.default_num_splits(1, 8, 20, num_sms=132) == 2  # no more splits than key tiles
+
+
+@pytest.fixture(scope="module")
+def sliding_checkpoint(tmp_path_factory):
+    from tests.helpers.models import hf_greedy, load_hf, make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("triton-engine"), arch="mistral", sliding_window=16,
+                                hidden=128, heads=4, kv_heads=1)  # head_dim 32, GQA ratio 4
+    hf = load_hf(path)
+    prompts = [[1, *range(5, 45)], [1, 30, 31], [1, 7]]
+    return path, prompts, [hf_greedy(hf, p, 8) for p in prompts]
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.skipif(DEVICE != "cpu", reason="tests/gpu and tools/gpu_check.py cover the engine on CUDA")
+def test_engine_through_the_triton_path_matches_hf(sliding_checkpoint, graphs):
+    """The runner's CUDA path (one varlen + one decode launch per layer, int32 index tensors,
+    split-K, optionally the decode graphs) on CPU tensors: HF's greedy tokens, chunked prefill
+    and staggered joins included."""
+    from shared.engine import EngineConfig, LLMEngine, SamplingParams
+    from tests.unit.test_cuda_graphs import ReplayAgain
+
+    path, prompts, refs = sliding_checkpoint
+    engine = LLMEngine(EngineConfig(model=str(path), num_blocks=64, block_size=8, max_num_batched_tokens=24,
+                                    max_num_seqs=4))
+    runner = engine.runner
+    runner._triton, runner._num_sms = True, 4  # as on a (small) GPU: several decode splits
+    if graphs:
+        runner.enable_decode_graphs(4, engine.max_model_len, backend=ReplayAgain())
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outputs = {i: [] for i in range(len(prompts))}
+    pending, steps = list(enumerate(prompts)), 0
+    while pending or engine.has_unfinished():
+        if pending and steps % 2 == 0:
+            i, p = pending.pop(0)
+            engine.add_request(str(i), p, params)
+        for out in engine.step():
+            outputs[int(out.request_id)].extend(out.new_token_ids)
+        steps += 1
+    assert [outputs[i] for i in range(len(prompts))] == refs
+    if graphs:
+        assert sum(runner.graphs.replays.values()) > 0
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the other tests compile the kernels for it")
+def test_kernels_compile_for_hopper():
+    """Compiled (not interpreted) for sm_90 with the ptxas Triton ships: no GPU needed. Catches
+    what the interpreter accepts but the compiler does not. Runs in a child process, without
+    TRITON_INTERPRET."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "tests.helpers.triton_compile", "--cases", "quick"], env=env,
+                          capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled 3 kernel variants for sm_90" in done.stdout
