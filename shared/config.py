@@ -336,7 +336,8 @@ class WorkerConfig(EngineSettings):
     scheduler_addr: str = setting(
         "TANDEM_SCHEDULER_ADDR",
         "",
-        "host:port of the scheduler to register with (e.g. its Kubernetes Service); empty: do not register.",
+        "host:port of the scheduler to register with; the worker registers with every IPv4 address the host "
+        "resolves to (a Kubernetes headless Service names every scheduler pod); empty: do not register.",
     )
     register_interval_s: float = setting(
         "TANDEM_REGISTER_INTERVAL_S",

@@ -64,18 +64,28 @@ class GrpcServer:
         """host:port other processes dial (the advertised address, or loopback and the bound port)."""
         return self._advertise or f"127.0.0.1:{self.port}"
 
-    async def start(self) -> int:
-        """Bind, start and report SERVING; returns the bound port."""
+    async def start(self, *, hold: Sequence[str] = ()) -> int:
+        """Bind, start and report SERVING (except the service names in `hold`, which stay
+        NOT_SERVING until `set_serving`); returns the bound port."""
         self.port = self._server.add_insecure_port(self._bind)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self._bind}")
         await self._server.start()
         for name in ["", *self.service_names]:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            serving = name not in hold
+            status = health_pb2.HealthCheckResponse
+            await self.health.set(name, status.SERVING if serving else status.NOT_SERVING)
         log.info(
             "serving %s on %s", ", ".join(self.service_names), self._bind.rsplit(":", 1)[0] + f":{self.port}"
         )
         return self.port
+
+    async def set_serving(self, service: str, serving: bool) -> None:
+        """Health of one service name; a server that is stopping stays NOT_SERVING."""
+        if self._stopping:
+            return
+        status = health_pb2.HealthCheckResponse
+        await self.health.set(service, status.SERVING if serving else status.NOT_SERVING)
 
     async def stop(self, grace_s: float) -> None:
         """NOT_SERVING, then give running calls grace_s seconds, then cancel them."""

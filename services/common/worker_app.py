@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import grpc
 
 from services.common.errors import ErrorInterceptor
-from services.common.server import CHANNEL_OPTIONS, GrpcServer
+from services.common.registration import Registrar
+from services.common.server import GrpcServer
 from services.common.telemetry import quiet_telemetry, traced_server_interceptors
 from shared.config import ConfigError, WorkerConfig
 from shared.engine import (
@@ -146,6 +147,7 @@ class WorkerApp:
             WorkerServicer(self.aengine, config, self.model_name, self.active), self.server.grpc_server
         )
         self._add_servicers(self.server.grpc_server)
+        self.registrar: Registrar | None = None
         self._registration: asyncio.Task | None = None
         self._sampler: asyncio.Task | None = None
 
@@ -166,7 +168,14 @@ class WorkerApp:
     async def start(self) -> int:
         port = await self.server.start()
         if self.config.scheduler_addr:
-            self._registration = asyncio.create_task(self._register(), name="register")
+            self.registrar = Registrar(
+                self.config.scheduler_addr,
+                worker_pb2.RegisterWorkerRequest(
+                    address=self.address, role=self.role, model_name=self.model_name
+                ),
+                interval_s=self.config.register_interval_s,
+            )
+            self._registration = asyncio.create_task(self.registrar.run(), name="register")
         self._sampler = asyncio.create_task(self._sample_engine_stats(), name="engine-stats")
         return port
 
@@ -199,44 +208,3 @@ class WorkerApp:
 
     async def _close(self) -> None:
         """Subclass hook: close peer channels and the like."""
-
-    async def _register(self) -> None:
-        """Announce this worker to the scheduler, then again every TANDEM_REGISTER_INTERVAL_S.
-
-        Registering is idempotent on the scheduler; repeating it is how a restarted scheduler (a
-        new pod behind the same Service) learns its workers back. Failures retry with a backoff
-        capped at the interval; a refusal (wrong model, bad address) is final.
-        """
-        request = worker_pb2.RegisterWorkerRequest(
-            address=self.address, role=self.role, model_name=self.model_name
-        )
-        interval = self.config.register_interval_s
-        delay = min(0.2, interval)
-        registered = False
-        # untraced: a heartbeat every few seconds would be a trace every few seconds
-        async with grpc.aio.insecure_channel(self.config.scheduler_addr, options=CHANNEL_OPTIONS) as channel:
-            stub = worker_pb2_grpc.SchedulerStub(channel)
-            while True:
-                try:
-                    resp = await stub.RegisterWorker(request, timeout=5.0)
-                except grpc.aio.AioRpcError as e:
-                    log_fn = log.warning if registered else log.info
-                    log_fn(
-                        "registration with %s failed (%s); retrying",
-                        self.config.scheduler_addr,
-                        e.code().name,
-                    )
-                    registered = False
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0, interval)
-                    continue
-                if not resp.accepted:
-                    log.error(
-                        "scheduler %s refused registration: %s", self.config.scheduler_addr, resp.message
-                    )
-                    return
-                if not registered:
-                    log.info("registered with scheduler %s as %s", self.config.scheduler_addr, self.address)
-                registered = True
-                delay = min(0.2, interval)
-                await asyncio.sleep(interval)

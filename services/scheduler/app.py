@@ -23,6 +23,8 @@ from .servicer import SchedulerServicer, TandemServicer, add_tandem_servicer
 
 log = logging.getLogger(__name__)
 
+TANDEM_SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Tandem"].full_name
+
 
 class SchedulerApp:
     def __init__(self, config: SchedulerConfig, *, telemetry: Telemetry | None = None):
@@ -60,7 +62,7 @@ class SchedulerApp:
             port=config.port,
             advertise_address=config.advertise_address,
             service_names=[
-                generate_pb2.DESCRIPTOR.services_by_name["Tandem"].full_name,
+                TANDEM_SERVICE,
                 worker_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
             ],
             interceptors=[*traced_server_interceptors(self.telemetry), ErrorInterceptor()],
@@ -112,7 +114,11 @@ class SchedulerApp:
         for addr in self.config.prefill_addrs:
             self.pool.add(addr, "prefill")
         self.pool.start()
-        port = await self.server.start()
+        # The Tandem service's health (what a Kubernetes readiness probe asks) turns SERVING once
+        # a decode worker is healthy, so that a new scheduler gets no clients before its workers
+        # have registered; the server's own health ("") is SERVING from the start.
+        self.pool.on_healthy.append(self._worker_healthy)
+        port = await self.server.start(hold=[] if self.pool.healthy("decode") else [TANDEM_SERVICE])
         if self.http is not None:
             try:
                 await self.http.start()
@@ -121,6 +127,10 @@ class SchedulerApp:
                 await self.pool.close()
                 raise ConfigError(str(e)) from None
         return port
+
+    def _worker_healthy(self, worker) -> None:
+        if worker.role == "decode":
+            asyncio.ensure_future(self.server.set_serving(TANDEM_SERVICE, True))
 
     async def stop(self, grace_s: float | None = None) -> None:
         grace_s = self.config.grace_period_s if grace_s is None else grace_s

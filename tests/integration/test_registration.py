@@ -1,16 +1,19 @@
 """Self-registration as Kubernetes needs it: a restarted scheduler learns its workers back from
-their repeated registrations, and workers that went away for good (pods scaled down) are
-forgotten, while configured ones stay."""
+their repeated registrations; a worker registers with every scheduler its address resolves to
+(a headless Service); workers that went away for good (pods scaled down) are forgotten, while
+configured ones stay; a scheduler is ready for clients once a decode worker is."""
 
 from __future__ import annotations
 
 import asyncio
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import registration
 from services.decode.app import DecodeApp
 from services.prefill.app import PrefillApp
-from services.scheduler.app import SchedulerApp
+from services.scheduler.app import TANDEM_SERVICE, SchedulerApp
 from shared.pb.tandem.v1 import generate_pb2_grpc
 
 from .cluster import make_request, scheduler_config, token_ids, worker_config
@@ -89,3 +92,76 @@ async def test_gone_registered_workers_are_forgotten_configured_ones_kept(tiny_m
         await sched.stop(0)
         await scaled.stop(0)
         await configured.stop(0)
+
+
+async def test_a_worker_registers_with_every_scheduler_its_address_resolves_to(tiny_model, monkeypatch):
+    """A headless Service name resolves to every scheduler pod: each one learns the worker."""
+    schedulers = [SchedulerApp(scheduler_config(tiny_model, [], [])) for _ in range(2)]
+    for s in schedulers:
+        await s.start()
+    addresses = [f"127.0.0.1:{s.server.port}" for s in schedulers]
+
+    async def resolve(address):  # the DNS answer for the Service name: both pods
+        assert address == "tandem-scheduler-peers:50051"
+        return addresses
+
+    monkeypatch.setattr(registration, "resolve_targets", resolve)
+    decode = DecodeApp(
+        worker_config(
+            tiny_model, "decode", scheduler_addr="tandem-scheduler-peers:50051", register_interval_s=0.1
+        )
+    )
+    try:
+        await decode.start()
+        for s in schedulers:
+            await s.pool.wait_ready("decode", timeout_s=20)
+            assert s.pool.workers[decode.address].registered
+        assert decode.registrar.registered == set(addresses)
+        # one scheduler goes away: the worker keeps registering with the other
+        await schedulers[0].stop(0)
+        addresses.pop(0)
+        await _until(lambda: decode.registrar.registered == set(addresses), what="the gone scheduler dropped")
+    finally:
+        for s in schedulers:
+            await s.stop(0)
+        await decode.stop(0)
+
+
+async def test_the_scheduler_is_ready_for_clients_once_a_decode_worker_is(tiny_model):
+    """Health of tandem.v1.Tandem (the readiness probe): NOT_SERVING until a decode worker is healthy;
+    the server's own health (startup and liveness probes) SERVING from the start."""
+    sched = SchedulerApp(scheduler_config(tiny_model, [], []))
+    await sched.start()
+    decode = DecodeApp(
+        worker_config(
+            tiny_model, "decode", scheduler_addr=f"127.0.0.1:{sched.server.port}", register_interval_s=0.1
+        )
+    )
+    try:
+        async with grpc.aio.insecure_channel(sched.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def status(service):
+                return (await health.Check(health_pb2.HealthCheckRequest(service=service))).status
+
+            assert await status("") == health_pb2.HealthCheckResponse.SERVING
+            assert await status(TANDEM_SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
+            await decode.start()
+            await sched.pool.wait_ready("decode", timeout_s=20)
+            await _until_async(lambda: status(TANDEM_SERVICE), health_pb2.HealthCheckResponse.SERVING)
+    finally:
+        await sched.stop(0)
+        await decode.stop(0)
+
+
+async def _until_async(get, want, timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while (got := await get()) != want:
+        assert loop.time() < deadline, f"{got} != {want}"
+        await asyncio.sleep(0.05)
+
+
+async def test_registration_targets_are_the_addresses_a_name_resolves_to():
+    assert await registration.resolve_targets("127.0.0.7:50051") == ["127.0.0.7:50051"]
+    assert await registration.resolve_targets("localhost:50051") == ["127.0.0.1:50051"]

@@ -159,8 +159,11 @@ def test_probes_are_native_grpc_health_checks_on_the_served_port(overlay):
         container = tandem_container(deployment)
         port = int(env_of(objects, deployment)["TANDEM_PORT"])
         assert {"name": "grpc", "containerPort": port} in container["ports"], role
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        for probe in ("startupProbe", "livenessProbe"):
             assert container[probe]["grpc"] == {"port": port}, (role, probe)  # service "": the server
+        # a scheduler is ready for clients once it has a decode worker (its Tandem service's health)
+        ready = {"port": port, "service": "tandem.v1.Tandem"} if role == "scheduler" else {"port": port}
+        assert container["readinessProbe"]["grpc"] == ready, role
 
 
 def test_grace_periods_cover_the_drain(overlay):
@@ -259,6 +262,9 @@ def test_workers_advertise_their_pod_ip_and_register_through_the_scheduler_servi
         host, _, port = env["TANDEM_SCHEDULER_ADDR"].rpartition(":")
         service = by_kind(objects, "Service")[host]
         assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+        # headless, not-ready pods included: workers register with every scheduler pod, new ones too
+        assert (service["spec"]["clusterIP"], service["spec"]["publishNotReadyAddresses"]) == ("None", True)
+        assert service["spec"]["selector"]["app.kubernetes.io/component"] == "scheduler"
         assert float(env["TANDEM_REGISTER_INTERVAL_S"]) <= 10, "a restarted scheduler gets workers back soon"
     scheduler = env_of(objects, tandem_deployments(objects)["scheduler"])
     assert "TANDEM_DECODE_ADDRS" not in scheduler and "TANDEM_PREFILL_ADDRS" not in scheduler
