@@ -9,7 +9,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 MODEL  ?= models/tandem-demo-code/target
 
-.PHONY: install protos test test-unit lint run bench-engine bench-serve clean demo-model
+.PHONY: install protos test test-unit lint run bench-engine bench-serve bench-spec bench-kv clean demo-model
 
 install: $(VENV)/.installed protos
 
@@ -40,6 +40,14 @@ bench-engine: install
 
 bench-serve: install
 	$(PY) -m tools.bench serve --model $(MODEL)
+
+# speculation with / without, concurrency 1 and saturation, against Leviathan et al.'s formula
+bench-spec: install
+	$(PY) -m tools.bench spec --model $(MODEL)
+
+# KV transfer bandwidth (gRPC stream, torch.distributed) against memcpy on this host
+bench-kv: install
+	$(PY) -m tools.bench_kv
 
 demo-model: install
 	$(PY) -m tools.train_demo --out models/tandem-demo-code

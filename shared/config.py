@@ -361,6 +361,13 @@ class WorkerConfig(EngineSettings):
         "may ask for another k or 0 (off). 0 here turns speculation off.",
         minimum=0,
     )
+    spec_adaptive: bool = setting(
+        "TANDEM_SPEC_ADAPTIVE",
+        True,
+        "Decode worker: choose each step's k (up to TANDEM_NUM_SPECULATIVE_TOKENS, down to 0) from the measured "
+        "draft and target step costs and acceptance rate, so that speculation turns itself down in large "
+        "batches or at low acceptance; 0: always the configured k.",
+    )
     draft_timeout_s: float = setting(
         "TANDEM_DRAFT_TIMEOUT_S",
         0.5,
@@ -403,6 +410,7 @@ class WorkerConfig(EngineSettings):
             "max_num_batched_tokens": self.max_batched_tokens,
             "enable_prefix_caching": self.prefix_caching,
             "num_speculative_tokens": self.num_speculative_tokens,
+            "adaptive_speculation": self.spec_adaptive,
         }
 
 

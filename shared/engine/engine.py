@@ -32,6 +32,7 @@ from .runner import ModelRunner, SeqInput
 from .sampler import SamplingRow, row_generator, sample, target_distribution, token_logprobs
 from .scheduler import Scheduler
 from .spec import Proposal, ProposalRequest, Proposer, verify
+from .spec_policy import SpecPolicy
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # for requests without their own seed
     num_speculative_tokens: int = 4  # draft tokens per step when a proposer is set (per request override)
+    adaptive_speculation: bool = True  # k per step from measured costs and acceptance (spec_policy.py), <= the above
 
     def validate(self) -> None:
         if self.block_size < 1:
@@ -120,6 +122,7 @@ class LLMEngine:
         self._arrival = itertools.count()
         self._generator = torch.Generator().manual_seed(config.seed)
         self.proposer: Proposer | None = None
+        self.spec_policy = SpecPolicy(adaptive=config.adaptive_speculation)
 
     def _auto_num_blocks(self) -> int:
         per_block = self.runner.kv_bytes_per_block(self.config.block_size)
@@ -204,7 +207,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
-        spec = self._propose(batch.decodes)
+        num_prefill_tokens = sum(n for _, n in batch.prefills)
+        spec = self._propose(batch.decodes, num_prefill_tokens)
+        started = time.perf_counter()
         prefills = [(r, n, 1 if r.num_computed_tokens + n == r.num_tokens else 0) for r, n in batch.prefills]
         verifies = [(r, 1 + len(spec[r.request_id].token_ids), 1 + len(spec[r.request_id].token_ids))
                     for r in batch.decodes if r.request_id in spec]
@@ -243,6 +248,8 @@ class LLMEngine:
             tokens, logprobs = sample(torch.cat(sample_logits), rows, self._generator)
             for r, token, lp in zip(sample_reqs, tokens, logprobs, strict=True):
                 outputs.append(self._append_tokens(r, [token], [lp] if lp is not None else None))
+        num_tokens = num_prefill_tokens + len(decodes) + sum(n for _, n, _ in verifies)
+        self.spec_policy.observe_step(num_tokens, time.perf_counter() - started)
         return outputs
 
     def _seq_input(self, req: Request, n: int, spec: dict[str, Proposal]) -> SeqInput:
@@ -259,14 +266,26 @@ class LLMEngine:
                         self.max_model_len - req.num_tokens)
         return max(0, min(k, remaining - 1))
 
-    def _propose(self, decodes: list[Request]) -> dict[str, Proposal]:
+    def _propose(self, decodes: list[Request], num_prefill_tokens: int) -> dict[str, Proposal]:
         if self.proposer is None or not decodes:
             return {}
-        asks = [ProposalRequest(r.request_id, r.all_token_ids, k, r.params)
-                for r in decodes if (k := self._spec_k(r)) > 0]
+        caps = [(r, k) for r in decodes if (k := self._spec_k(r)) > 0]
+        if not caps:
+            return {}
+        # this step's k from measured costs and acceptance (0: plain decoding this step)
+        k_step = self.spec_policy.choose_k(max(k for _, k in caps), len(caps),
+                                           num_prefill_tokens + len(decodes) - len(caps))
+        # A seeded sampled request keeps its k: its draws depend on where steps begin, and its
+        # output must not depend on timing. Greedy outputs do not depend on k at all.
+        asks = [ProposalRequest(r.request_id, r.all_token_ids, k if _k_fixed(r) else min(k, k_step), r.params)
+                for r, k in caps]
+        asks = [a for a in asks if a.num_tokens > 0]
         if not asks:
             return {}
+        started = time.perf_counter()
         proposals = self.proposer.propose(asks)
+        if proposals:  # an empty answer (the draft skipped or gone) says nothing of its cost
+            self.spec_policy.observe_draft(sum(a.num_tokens for a in asks), time.perf_counter() - started)
         accepted: dict[str, Proposal] = {}
         for ask, r in zip(asks, (self.requests[a.request_id] for a in asks), strict=True):
             prop = proposals.get(ask.request_id)
@@ -293,6 +312,7 @@ class LLMEngine:
         req.num_spec_proposed += len(drafts)
         req.num_spec_accepted += accepted
         req.num_spec_steps += 1
+        self.spec_policy.observe_verify(len(drafts), accepted)
         # KV is valid for the last known token and the accepted drafts; rejected positions leave
         req.num_computed_tokens = req.num_tokens + accepted
         self.kv.truncate(req, req.num_computed_tokens)
@@ -416,3 +436,7 @@ class LLMEngine:
                 if out.request_id in results:
                     results[out.request_id].extend(out.new_token_ids)
         return [results[rid] for rid in ids]
+
+
+def _k_fixed(req: Request) -> bool:
+    return req.params.seed is not None and not req.params.greedy

@@ -73,6 +73,7 @@ class Stack:
                 "TANDEM_PORT": str(self.ports["decode"]),
                 "TANDEM_DRAFT_ADDR": addr["draft"],
                 "TANDEM_DRAFT_TIMEOUT_S": "10",  # generous: these machines are busy
+                "TANDEM_SPEC_ADAPTIVE": "0",  # always k, so every request shows draft spans
             },
             "scheduler": {
                 **common,

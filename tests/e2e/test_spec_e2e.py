@@ -51,6 +51,7 @@ class Stack:
                 "TANDEM_NUM_BLOCKS": "128",
                 "TANDEM_DRAFT_ADDR": f"127.0.0.1:{self.draft_port}",
                 "TANDEM_DRAFT_TIMEOUT_S": "5",  # generous: these machines are busy
+                "TANDEM_SPEC_ADAPTIVE": "0",  # always k: these tests check the mechanics
                 "TANDEM_DRAFT_RETRY_S": "0.2",
                 "TANDEM_METRICS_PORT": str(self.metrics_port),
             },

@@ -33,6 +33,9 @@ def worker_config(model: Path, role: str, **overrides) -> WorkerConfig:
         kv_chunk_bytes=1024,  # many chunks even for tiny prompts
         kv_timeout_s=20.0,
         grace_period_s=0.5,
+        # these tests check speculation's mechanics (the tiny models rarely agree, so the adaptive
+        # policy would turn it off); the policy has its own tests
+        spec_adaptive=False,
     )
     values.update(overrides)
     return from_env(WorkerConfig, env={}, overrides=values)

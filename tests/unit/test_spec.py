@@ -18,7 +18,8 @@ def ckpt(tmp_path_factory):
 
 
 def engine(ckpt, **kw) -> LLMEngine:
-    cfg = dict(model=str(ckpt), num_blocks=96, block_size=8, max_num_batched_tokens=64)
+    # the proposers here test verification, not the policy that may turn them down (adaptive)
+    cfg = dict(model=str(ckpt), num_blocks=96, block_size=8, max_num_batched_tokens=64, adaptive_speculation=False)
     cfg.update(kw)
     return LLMEngine(EngineConfig(**cfg))
 
@@ -190,3 +191,32 @@ def test_sampling_with_speculation_matches_model_distribution(tmp_path):
     expected = p2 * n
     stat = float(((counts - expected) ** 2 / expected).sum())
     assert stat < 24.322, (counts, expected)  # chi-square, 7 degrees of freedom, significance 0.001
+
+
+class WrongProposer:
+    """Proposes tokens the target never picks (acceptance 0); counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def propose(self, batch):
+        self.calls += 1
+        return {req.request_id: Proposal([3] * req.num_tokens) for req in batch}
+
+    def release(self, request_id):
+        pass
+
+
+def test_adaptive_speculation_stops_proposing_when_nothing_is_accepted(ckpt):
+    greedy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    plain = engine(ckpt).generate(PROMPTS[:2], greedy)
+    fixed, adaptive = engine(ckpt), engine(ckpt, adaptive_speculation=True)
+    proposers = WrongProposer(), WrongProposer()
+    fixed.set_proposer(proposers[0])
+    adaptive.set_proposer(proposers[1])
+    assert fixed.generate(PROMPTS[:2], greedy) == adaptive.generate(PROMPTS[:2], greedy) == plain
+    assert proposers[0].calls >= 35  # one call per step (but the last ones, with room for one token)
+    # the policy sees nothing accepted and, once its estimate has fallen (this proposer costs
+    # nothing, so a little acceptance would still pay), decodes plainly from then on
+    assert proposers[1].calls <= proposers[0].calls // 2, proposers[1].calls
+    assert adaptive.spec_policy.last_k == 0 and adaptive.spec_policy.acceptance.value < 0.2

@@ -14,6 +14,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m tools.bench") -> 
         serve_bench = None
     if serve_bench is not None:
         serve_bench.add_parser(sub)
+        from tools.bench import spec as spec_bench
+
+        spec_bench.add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -27,12 +27,15 @@ class Configuration:
     disaggregated: bool = False
     prefix_caching: bool = True
     speculation: str = ""  # "" (off), "draft" (the draft service) or "ngram" (no model)
+    adaptive: bool = True  # speculation: k per step from measured costs (TANDEM_SPEC_ADAPTIVE), or always k
 
     def describe(self) -> str:
+        spec = SPECULATION[self.speculation]
+        if self.speculation:
+            spec += ", adaptive k" if self.adaptive else ", fixed k"
         return (
             f"{'1 prefill + 1 decode worker' if self.disaggregated else 'decode worker prefills'}, "
-            f"prefix caching {'on' if self.prefix_caching else 'off'}, "
-            f"speculation {SPECULATION[self.speculation]}"
+            f"prefix caching {'on' if self.prefix_caching else 'off'}, speculation {spec}"
         )
 
 
@@ -44,6 +47,7 @@ CONFIGURATIONS = {
         Configuration("agg-nocache", prefix_caching=False),
         Configuration("disagg-nocache", disaggregated=True, prefix_caching=False),
         Configuration("agg-spec", speculation="draft"),
+        Configuration("agg-spec-fixed", speculation="draft", adaptive=False),
         Configuration("disagg-spec", disaggregated=True, speculation="draft"),
         Configuration("agg-ngram", speculation="ngram"),
     )
@@ -194,7 +198,12 @@ class Services:
             "TANDEM_KV_TRANSPORT": "grpc",
         }
         plan: dict[str, tuple[str, dict[str, str]]] = {}
-        decode = {**base("decode"), **worker, "TANDEM_SPEC_PROPOSER": self.config.speculation or "none"}
+        decode = {
+            **base("decode"),
+            **worker,
+            "TANDEM_SPEC_PROPOSER": self.config.speculation or "none",
+            "TANDEM_SPEC_ADAPTIVE": "1" if self.config.adaptive else "0",
+        }
         if self.config.speculation == "draft":
             draft_env = {**base("draft"), **worker, "TANDEM_MODEL": str(draft_model_dir(self.model))}
             plan["draft"] = ("services.draft", draft_env)
@@ -209,6 +218,7 @@ class Services:
                 "TANDEM_DECODE_ADDRS": self.addrs["decode"],
                 "TANDEM_PREFILL_ADDRS": self.addrs.get("prefill", ""),
                 "TANDEM_HEALTH_INTERVAL_S": "0.5",
+                "TANDEM_HTTP_PORT": "0",  # the benchmark drives gRPC; port 8000 may be taken
             },
         )
         return plan

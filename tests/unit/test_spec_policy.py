@@ -1,0 +1,102 @@
+"""The speculation policy (shared/engine/spec_policy.py): Leviathan et al.'s expected tokens per
+step, the cost lines it fits, and the k it picks: the configured k at batch 1 with a cheap draft
+and good acceptance, 0 in a large batch or at low acceptance."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.engine.spec_policy import (
+    SpecPolicy,
+    StepCostFit,
+    best_k,
+    expected_tokens,
+    leviathan_speedup,
+)
+
+
+def test_expected_tokens_is_leviathans_formula():
+    assert expected_tokens(0.5, 0) == 1.0
+    assert expected_tokens(0.5, 1) == pytest.approx(1.5)
+    assert expected_tokens(0.5, 4) == pytest.approx((1 - 0.5**5) / 0.5)
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.0, 4) == 1.0
+    # speedup E(k) / (1 + k c): Leviathan et al.'s example, a = 0.8, c = 0.05, k = 4 -> ~2.8x
+    assert leviathan_speedup(0.8, 4, 0.05) == pytest.approx((1 - 0.8**5) / 0.2 / 1.2)
+
+
+def test_cost_fit_recovers_a_line_and_keeps_its_slope_without_spread():
+    fit = StepCostFit()
+    for n in [1, 5, 24, 120, 512, 3, 64] * 5:
+        fit.add(n, 0.007 + 0.0008 * n)
+    t0, t1 = fit.coefficients()
+    assert t0 == pytest.approx(0.007, rel=1e-6) and t1 == pytest.approx(0.0008, rel=1e-6)
+    for _ in range(500):  # only one token count for a long time: the slope stays the last fitted
+        fit.add(120, 0.007 + 0.0008 * 120)
+    assert fit.coefficients()[1] == pytest.approx(0.0008, rel=1e-3)
+    assert fit(24) == pytest.approx(0.007 + 0.0008 * 24, rel=1e-3)
+
+
+def flat(seconds):  # a batch-1 target pass: the same cost for 1 to 5 tokens
+    return lambda n: seconds
+
+
+def line(t0, t1):
+    return lambda n: t0 + t1 * n
+
+
+def test_batch_one_with_a_cheap_draft_speculates():
+    # a = 0.8, c = 0.05: every k up to 4 pays; the largest wins
+    assert best_k(0.8, 4, line(0.0, 0.00035), flat(0.007), num_seqs=1) == 4
+    # acceptance 46%, draft 10% of a target step: 2 drafts are best (more rarely survive)
+    assert best_k(0.46, 4, line(0.0, 0.0007), line(0.007, 0.00015), num_seqs=1) == 2
+
+
+def test_a_large_batch_turns_speculation_off():
+    # the target pass grows with its tokens: verifying k + 1 per sequence costs more than it yields
+    assert best_k(0.46, 4, line(0.001, 0.0002), line(0.007, 0.0008), num_seqs=24) == 0
+    assert best_k(0.46, 4, line(0.001, 0.0002), line(0.007, 0.0008), num_seqs=1) > 0
+
+
+def test_low_acceptance_turns_speculation_off():
+    assert best_k(0.02, 4, line(0.0, 0.0007), flat(0.007), num_seqs=1) == 0
+
+
+def fed(policy: SpecPolicy, *, target, draft, acceptance: float, rounds: int = 60) -> SpecPolicy:
+    """Feeds a policy the measurements of a machine with these costs and this acceptance."""
+    for i in range(rounds):
+        for n in (1, 3, 5, 24, 48, 120, 256):
+            policy.observe_step(n, target(n))
+        for m in (1, 2, 4, 24, 96):
+            policy.observe_draft(m, draft(m))
+        accepted = 4 if i % 10 < acceptance * 10 else 0  # crude, but averages to `acceptance`
+        policy.observe_verify(4, accepted)
+    return policy
+
+
+def test_policy_speculates_until_it_has_measured():
+    policy = SpecPolicy()
+    assert policy.choose_k(4, 32) == 4  # nothing measured: speculate, to measure
+    assert SpecPolicy(adaptive=False).choose_k(3, 64) == 3
+
+
+def test_policy_picks_k_from_what_it_measured():
+    cpu = dict(target=line(0.007, 0.0008), draft=line(0.001, 0.0002))
+    policy = fed(SpecPolicy(), acceptance=0.9, **cpu)
+    assert policy.choose_k(4, 1) >= 2  # batch 1: speculate
+    assert policy.choose_k(4, 32) == 0  # saturation: off
+    assert policy.choose_k(0, 1) == 0  # the request asked for none
+    low = fed(SpecPolicy(), acceptance=0.0, **cpu)
+    assert low.choose_k(4, 1) == 0
+    fixed = fed(SpecPolicy(adaptive=False), acceptance=0.0, **cpu)
+    assert fixed.choose_k(4, 32) == 4
+
+
+def test_acceptance_estimate_counts_the_first_rejection_as_a_failure():
+    policy = SpecPolicy()
+    for _ in range(300):
+        policy.observe_verify(4, 1)  # one success, one failure
+    assert policy.acceptance.value == pytest.approx(0.5, abs=0.01)
+    for _ in range(300):
+        policy.observe_verify(4, 4)  # all accepted: no failure seen
+    assert policy.acceptance.value > 0.95
