@@ -30,6 +30,7 @@ from tests.fakes.fake_kubelet import (
     render,
     role_of,
     tandem_container,
+    write_kustomization,
 )
 
 OVERLAYS = ("gpu", "cpu")
@@ -410,3 +411,106 @@ def test_docs_describe_the_kubernetes_deployment():
         "port-forward svc/tandem-jaeger",
     ):
         assert needle in text, needle
+
+
+def test_one_patch_reaches_every_tandem_container_and_nothing_else(tmp_path):
+    """How secrets (TLS certificates) get into every service: one patch on the container named
+    `tandem`, targeting the Deployments labelled app.kubernetes.io/name=tandem."""
+    (tmp_path / "secret-mount.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": "any"},
+                "spec": {
+                    "template": {
+                        "spec": {
+                            "containers": [
+                                {
+                                    "name": "tandem",
+                                    "env": [{"name": "TANDEM_LOG_LEVEL", "value": "debug"}],
+                                    "volumeMounts": [
+                                        {"name": "certs", "mountPath": "/certs", "readOnly": True}
+                                    ],
+                                }
+                            ],
+                            "volumes": [{"name": "certs", "secret": {"secretName": "tandem-certs"}}],
+                        }
+                    }
+                },
+            }
+        )
+    )
+    write_kustomization(tmp_path, resources=[K8S_DIR / "overlays" / "gpu"])
+    doc = yaml.safe_load((tmp_path / "kustomization.yaml").read_text())
+    doc["patches"] = [
+        {
+            "path": "secret-mount.yaml",
+            "target": {"kind": "Deployment", "labelSelector": "app.kubernetes.io/name=tandem"},
+        }
+    ]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(doc))
+    objects = render(tmp_path)
+    for deployment in by_kind(objects, "Deployment").values():
+        spec = deployment["spec"]["template"]["spec"]
+        patched = any(v["name"] == "certs" for v in spec.get("volumes", []))
+        assert patched == (deployment["metadata"]["labels"]["app.kubernetes.io/name"] == "tandem")
+        if patched:
+            container = tandem_container(deployment)
+            assert {"name": "certs", "mountPath": "/certs", "readOnly": True} in container["volumeMounts"]
+            assert any(m["name"] == "models" for m in container["volumeMounts"]), "merged, not replaced"
+            assert env_of(objects, deployment)["TANDEM_LOG_LEVEL"] == "debug"
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+    assert (
+        len(
+            [
+                d
+                for d in by_kind(objects, "Deployment").values()
+                if d["metadata"]["labels"]["app.kubernetes.io/name"] == "tandem"
+            ]
+        )
+        == 4
+    )
+
+
+def test_models_from_hub_fills_each_pods_model_directory_before_it_starts(tmp_path, monkeypatch):
+    """components/models-from-hub: an emptyDir at /models filled by an init container; its script
+    runs here against a stand-in for huggingface_hub.snapshot_download that records its call."""
+    import os
+    import shlex
+    import sys
+    import types
+
+    write_kustomization(
+        tmp_path,
+        resources=[K8S_DIR / "overlays" / "gpu"],
+        components=[K8S_DIR / "components" / "models-from-hub"],
+    )
+    objects = render(tmp_path)
+    assert "tandem-models" not in by_kind(objects, "PersistentVolumeClaim")
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    for role, deployment in tandem_deployments(objects).items():
+        spec = deployment["spec"]["template"]["spec"]
+        volume = next(v for v in spec["volumes"] if v["name"] == "models")
+        assert set(volume) == {"name", "emptyDir"}, role
+        (init,) = spec["initContainers"]
+        assert {"name": "models", "mountPath": "/models"} in init["volumeMounts"]
+        script = init["command"][2]
+        code = shlex.split(script[script.index("python -c") :])[2]
+        calls = []
+        hub = types.ModuleType("huggingface_hub")
+        hub.snapshot_download = lambda repo, calls=calls, **kw: calls.append((repo, kw))
+        monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+        init_env = {e["name"]: e["value"] for e in init["env"] if "value" in e}
+        monkeypatch.setattr(os, "environ", {**os.environ, **init_env})
+        exec(compile(code, "fetch-model", "exec"), {})
+        ((repo, kwargs),) = calls
+        model_dir = env_of(objects, deployment)["TANDEM_MODEL"]
+        assert (repo, kwargs["local_dir"]) == (init_env["HF_MODEL_REPO"], model_dir), role
+        if role == "scheduler":  # the tokenizer is all it reads
+            assert "tokenizer.json" in kwargs["allow_patterns"] and not any(
+                p.endswith(".safetensors") for p in kwargs["allow_patterns"]
+            )
+        else:
+            assert kwargs["allow_patterns"] is None, role
