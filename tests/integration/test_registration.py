@@ -70,7 +70,7 @@ async def test_a_restarted_scheduler_gets_its_workers_back(tiny_model, reference
 async def test_gone_registered_workers_are_forgotten_configured_ones_kept(tiny_model):
     configured = DecodeApp(worker_config(tiny_model, "decode"))
     await configured.start()
-    sched = SchedulerApp(scheduler_config(tiny_model, [configured.address], [], worker_expiry_s=0.5))
+    sched = SchedulerApp(scheduler_config(tiny_model, [configured.address], [], worker_expiry_s=2.0))
     await sched.start()
     address = f"127.0.0.1:{sched.server.port}"
     scaled = DecodeApp(worker_config(tiny_model, "decode", scheduler_addr=address, register_interval_s=0.1))
