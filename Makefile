@@ -9,7 +9,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 MODEL  ?= models/tandem-demo-code/target
 
-.PHONY: install protos test test-unit lint run bench-engine bench-serve bench-spec bench-kv clean demo-model
+.PHONY: install protos test test-unit lint run bench-engine bench-serve bench-spec bench-kv clean demo-model gpu-check
 
 install: $(VENV)/.installed protos
 
@@ -37,6 +37,11 @@ run: install
 
 bench-engine: install
 	$(PY) -m tools.bench engine --model $(MODEL)
+
+# On a CUDA machine, with its own torch, triton and transformers (no install, no network).
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m tools.gpu_check $(ARGS)
 
 bench-serve: install
 	$(PY) -m tools.bench serve --model $(MODEL)

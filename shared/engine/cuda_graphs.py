@@ -77,6 +77,15 @@ class CudaGraphBackend:
         return replay
 
 
+class EagerReplayBackend:
+    """Not CUDA graphs: "replays" by calling the function again over the same static buffers. For
+    CPU runs of the bookkeeping (tests, tools/gpu_check.py --device cpu); same results, no speed-up."""
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        fn()
+        return fn
+
+
 class DecodeGraphs:
     """Bucket choice, padding and static buffers for decode steps, around captured forwards.
 

@@ -9,12 +9,13 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 # Triton reads the flag on import and when the kernels are defined: set it before either
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 import shared.engine.model.triton_attention as ta  # noqa: E402
+from tests.helpers import attention_ref  # noqa: E402
+from tests.helpers.attention_ref import reference  # noqa: E402
 
 DEVICE = "cpu" if ta.INTERPRETED else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -35,41 +36,7 @@ def make_cache(num_blocks, hkv, d, dtype=torch.float32, seed=0):
 
 
 def block_tables(ctx_lens, num_blocks, seed=0):
-    """Each sequence gets its own blocks, scattered over the cache; rows padded with 0."""
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    need = [-(-c // BS) for c in ctx_lens]
-    width = max(need)
-    rows, i = [], 0
-    for n in need:
-        rows.append(perm[i: i + n] + [0] * (width - n))
-        i += n
-    assert i <= num_blocks
-    return torch.tensor(rows, dtype=torch.int32)
-
-
-def reference(q, k_cache, v_cache, tables, ctx_lens, q_lens, scale, window=None, k_scale=None, v_scale=None):
-    """Per sequence: gather its context, causal (+ window) mask at its offset, SDPA in float32."""
-    outs, start = [], 0
-    for i, (c, n) in enumerate(zip(ctx_lens, q_lens, strict=True)):
-        blocks = tables[i, : -(-c // BS)].long()
-        k = k_cache[blocks].float()
-        v = v_cache[blocks].float()
-        if k_scale is not None:
-            k = k * k_scale[blocks][:, None, :, None]
-            v = v * v_scale[blocks][:, None, :, None]
-        k, v = k.flatten(0, 1)[:c], v.flatten(0, 1)[:c]
-        qs = q[start: start + n].float()
-        q_pos = torch.arange(c - n, c)[:, None]
-        k_pos = torch.arange(c)[None, :]
-        mask = k_pos <= q_pos
-        if window:
-            mask &= q_pos - k_pos < window
-        o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                           v.transpose(0, 1)[None], attn_mask=mask, scale=scale, enable_gqa=True)
-        outs.append(o[0].transpose(0, 1))
-        start += n
-    return torch.cat(outs)
+    return attention_ref.block_tables(ctx_lens, num_blocks, BS, seed)
 
 
 def run_decode(ctx_lens, hq, hkv, d, window=None, num_splits=1, dtype=torch.float32, seed=0, **kw):

@@ -31,6 +31,8 @@ Import with TRITON_INTERPRET=1 set to run the kernels on CPU tensors with Triton
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -39,9 +41,18 @@ try:
 except ImportError:  # the CPU engine does not need Triton
     triton = None
 
+
+def _interpreted() -> bool:
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older ones read the variable directly
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 # Under Triton's interpreter (numpy), tl.dot of half types gives wrong results: the kernels then
 # compute the dot products in float32 (flag UPCAST); compiled for a GPU they use the tensor cores.
-INTERPRETED = triton is not None and bool(triton.knobs.runtime.interpret)
+INTERPRETED = triton is not None and _interpreted()
+
 
 def available() -> bool:
     return triton is not None
