@@ -72,6 +72,49 @@ class ServerSettings:
         "On SIGTERM: seconds running requests get to finish before they are cancelled.",
         minimum=0,
     )
+    tls_cert: str = setting(
+        "TANDEM_TLS_CERT",
+        "",
+        "PEM certificate (chain) of this service: served on its port(s), and presented as the client "
+        "certificate on its calls to other services. Empty (with TANDEM_TLS_KEY): plaintext, for local "
+        "development only. See docs/security.md.",
+    )
+    tls_key: str = setting("TANDEM_TLS_KEY", "", "PEM private key of TANDEM_TLS_CERT.")
+    tls_ca: str = setting(
+        "TANDEM_TLS_CA",
+        "",
+        "PEM CA bundle of the cluster. Set: every internal hop (scheduler -> decode -> prefill, decode -> "
+        "draft, worker registration, the gRPC KV stream) uses mutual TLS, and only peers with a certificate "
+        "it signed are accepted. Needs TANDEM_TLS_CERT and TANDEM_TLS_KEY.",
+    )
+    tls_server_name: str = setting(
+        "TANDEM_TLS_SERVER_NAME",
+        "",
+        "Name checked against the certificates of the services this one dials (e.g. one SAN every "
+        "cluster certificate carries, when workers are dialled by pod IP); empty: the host of the address dialled.",
+    )
+
+    def _validate_tls(self, *, internal_only: bool = False) -> None:
+        """Certificate and key come together, the CA needs both (mutual TLS presents them), the
+        files exist; `internal_only` services (workers, draft) serve no public API, so a
+        certificate without the CA (server TLS no peer of theirs could verify) is refused."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("TANDEM_TLS_CERT and TANDEM_TLS_KEY: set both or neither")
+        if self.tls_ca and not self.tls_cert:
+            raise ConfigError(
+                "TANDEM_TLS_CA: mutual TLS needs this service's certificate too (TANDEM_TLS_CERT, TANDEM_TLS_KEY)"
+            )
+        if internal_only and self.tls_cert and not self.tls_ca:
+            raise ConfigError(
+                "TANDEM_TLS_CA: required with TANDEM_TLS_CERT on internal services (mutual TLS, or neither)"
+            )
+        for env, path in (
+            ("TANDEM_TLS_CERT", self.tls_cert),
+            ("TANDEM_TLS_KEY", self.tls_key),
+            ("TANDEM_TLS_CA", self.tls_ca),
+        ):
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{env}: {path} is not a file")
 
 
 @dataclass(frozen=True)
@@ -145,6 +188,27 @@ class SchedulerConfig(ServerSettings):
         "is forgotten (a pod scaled down or replaced); configured workers are never forgotten.",
         minimum=0.05,
     )
+    internal_port: int = setting(
+        "TANDEM_INTERNAL_PORT",
+        50055,
+        "With TANDEM_TLS_CA: a second port of the scheduler's gRPC server that requires a client "
+        "certificate signed by the CA; workers register here (their TANDEM_SCHEDULER_ADDR), since the public "
+        "port asks clients for no certificate. 0 picks a free one.",
+        minimum=0,
+    )
+    api_keys_file: str = setting(
+        "TANDEM_API_KEYS_FILE",
+        "",
+        "File of API keys, one per line (# comments); clients send `authorization: Bearer <key>`. "
+        "Re-read when it changes (add the new key, move clients, remove the old one). Empty: no keys "
+        "needed (local development).",
+    )
+    api_key_max_concurrency: int = setting(
+        "TANDEM_API_KEY_MAX_CONCURRENCY",
+        64,
+        "Requests one API key may have running at once; past it: RESOURCE_EXHAUSTED (HTTP 429). 0: no limit.",
+        minimum=0,
+    )
     max_migrations: int = setting(
         "TANDEM_MAX_MIGRATIONS",
         2,
@@ -176,6 +240,9 @@ class SchedulerConfig(ServerSettings):
             raise ConfigError(
                 "TANDEM_MODEL: required (the model directory; the scheduler needs its tokenizer.json)"
             )
+        self._validate_tls()
+        if self.api_keys_file and not os.path.isfile(self.api_keys_file):
+            raise ConfigError(f"TANDEM_API_KEYS_FILE: {self.api_keys_file} is not a file")
         for env, addrs in (
             ("TANDEM_DECODE_ADDRS", self.decode_addrs),
             ("TANDEM_PREFILL_ADDRS", self.prefill_addrs),
@@ -246,6 +313,7 @@ class EngineSettings(ServerSettings):
             object.__setattr__(self, "dtype", auto_dtype(self.device))
 
     def _validate_engine(self) -> None:
+        self._validate_tls(internal_only=True)
         if self.kv_cache_memory_fraction > 1:
             raise ConfigError(
                 f"TANDEM_KV_CACHE_MEMORY_FRACTION: must be <= 1, got {self.kv_cache_memory_fraction}"

@@ -15,12 +15,14 @@ Knows nothing of the worker beyond the request it sends.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 
 import grpc
 
 from services.common.server import CHANNEL_OPTIONS
+from services.common.tls import PLAINTEXT, Tls
 from shared.pb.tandem.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -43,11 +45,29 @@ async def resolve_targets(address: str) -> list[str]:
     return [f"{ip}:{port}" for ip in ips] or [address]
 
 
+def _dns_name(address: str) -> str:
+    """The host of host:port when it is a name (its resolved addresses are checked against it)."""
+    host = address.rpartition(":")[0]
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host
+    return ""
+
+
 class Registrar:
     """Registers `request` with every scheduler `address` resolves to, every `interval_s`."""
 
-    def __init__(self, address: str, request: worker_pb2.RegisterWorkerRequest, *, interval_s: float):
+    def __init__(
+        self,
+        address: str,
+        request: worker_pb2.RegisterWorkerRequest,
+        *,
+        interval_s: float,
+        tls: Tls = PLAINTEXT,
+    ):
         self.address = address
+        self._tls = tls  # each resolved address is checked against the scheduler's name in `address`
         self.request = request
         self.interval_s = interval_s
         self.resolve = resolve_targets  # replaceable: tests stand in for a DNS name with several records
@@ -83,7 +103,9 @@ class Registrar:
         channel = self._channels.get(target)
         if channel is None:
             # untraced: a heartbeat every few seconds would be a trace every few seconds
-            channel = self._channels[target] = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+            channel = self._channels[target] = self._tls.aio_channel(
+                target, options=CHANNEL_OPTIONS, server_name=_dns_name(self.address)
+            )
         was_registered = target in self._registered
         try:
             resp = await worker_pb2_grpc.SchedulerStub(channel).RegisterWorker(

@@ -17,6 +17,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.tls import PLAINTEXT, Tls
+
 log = logging.getLogger(__name__)
 
 # Large enough for KV chunks (bounded well below this by TANDEM_KV_CHUNK_BYTES) and long prompts.
@@ -39,11 +41,21 @@ class GrpcServer:
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         advertise_address: str = "",
         max_receive_bytes: int = MAX_MESSAGE_BYTES,
+        tls: Tls = PLAINTEXT,
+        public: bool = False,
+        internal_port: int | None = None,
     ):
+        """`tls`: how the ports are secured (services/common/tls.py). A `public` port asks clients
+        for no certificate; any other requires one signed by the CA when mutual TLS is on.
+        `internal_port` (a public server with mutual TLS): a second port that requires one."""
         options = [*CHANNEL_OPTIONS[:1], ("grpc.max_receive_message_length", max_receive_bytes)]
         self._server = grpc.aio.server(interceptors=list(interceptors), options=options)
         self._bind = f"{host}:{port}"
         self._advertise = advertise_address
+        self._tls = tls
+        self._public = public
+        self._internal_bind = f"{host}:{internal_port}" if internal_port is not None and tls.mutual else None
+        self.internal_port: int | None = None
         self.service_names = list(service_names)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -67,17 +79,24 @@ class GrpcServer:
     async def start(self, *, hold: Sequence[str] = ()) -> int:
         """Bind, start and report SERVING (except the service names in `hold`, which stay
         NOT_SERVING until `set_serving`); returns the bound port."""
-        self.port = self._server.add_insecure_port(self._bind)
+        self.port = self._tls.add_port(self._server, self._bind, require_client_cert=not self._public)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self._bind}")
+        if self._internal_bind is not None:
+            self.internal_port = self._tls.add_port(
+                self._server, self._internal_bind, require_client_cert=True
+            )
+            if self.internal_port == 0:
+                raise RuntimeError(f"could not bind {self._internal_bind}")
         await self._server.start()
         for name in ["", *self.service_names]:
             serving = name not in hold
             status = health_pb2.HealthCheckResponse
             await self.health.set(name, status.SERVING if serving else status.NOT_SERVING)
-        log.info(
-            "serving %s on %s", ", ".join(self.service_names), self._bind.rsplit(":", 1)[0] + f":{self.port}"
-        )
+        host = self._bind.rsplit(":", 1)[0]
+        log.info("serving %s on %s:%d", ", ".join(self.service_names), host, self.port)
+        if self.internal_port is not None:
+            log.info("internal port (mutual TLS, worker registration) on %s:%d", host, self.internal_port)
         return self.port
 
     async def set_serving(self, service: str, serving: bool) -> None:

@@ -18,6 +18,7 @@ from services.common.errors import ErrorInterceptor
 from services.common.registration import Registrar
 from services.common.server import GrpcServer
 from services.common.telemetry import quiet_telemetry, traced_server_interceptors
+from services.common.tls import Tls
 from shared.config import ConfigError, WorkerConfig
 from shared.engine import (
     AsyncEngine,
@@ -129,6 +130,8 @@ class WorkerApp:
     ):
         self.config = config
         self.telemetry = telemetry if telemetry is not None else quiet_telemetry(f"tandem-{self.role}")
+        self.tls = Tls.from_config(config)  # before the engine: its drafter's channel uses it
+        self.tls.log_mode(self.role)
         self.aengine = aengine if aengine is not None else build_engine(config, self._draft_client_factory())
         self.model_name = config.model_name or self.aengine.info().model_name
         self.active = ActiveRequests()
@@ -136,6 +139,7 @@ class WorkerApp:
             host=config.host,
             port=config.port,
             advertise_address=config.advertise_address,
+            tls=self.tls,
             service_names=[
                 *self._service_names(),
                 worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,
@@ -174,6 +178,7 @@ class WorkerApp:
                     address=self.address, role=self.role, model_name=self.model_name
                 ),
                 interval_s=self.config.register_interval_s,
+                tls=self.tls,
             )
             self._registration = asyncio.create_task(self.registrar.run(), name="register")
         self._sampler = asyncio.create_task(self._sample_engine_stats(), name="engine-stats")

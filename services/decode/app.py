@@ -26,12 +26,12 @@ class DecodeApp(WorkerApp):
         """The trtllm engine's drafter talks to the draft service through this client."""
         if self.config.speculation != "draft":
             return None
-        return draft_client_factory(self.config.draft_addr, self.config.draft_timeout_s)
+        return draft_client_factory(self.config.draft_addr, self.config.draft_timeout_s, self.tls)
 
     def _add_servicers(self, server) -> None:
         config = self.config
         self.receiver = None
-        peers = PrefillPeers(self.telemetry.client_interceptors())
+        peers = PrefillPeers(self.telemetry.client_interceptors(), self.tls)
         handoff: KvHandoff
         if self.aengine.info().kv_handoff == KV_HANDOFF_ENGINE:  # e.g. TensorRT-LLM's cache transceiver
             handoff = EngineHandoff(peers)
@@ -53,7 +53,7 @@ class DecodeApp(WorkerApp):
         worker_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(self.worker, self.active), server)
         self.proposer = None
         if config.engine == "torch":  # the trtllm engine's drafter is set when it is built
-            self.proposer = build_proposer(config, self.aengine.info().vocab_size, self.telemetry)
+            self.proposer = build_proposer(config, self.aengine.info().vocab_size, self.telemetry, self.tls)
             if self.proposer is not None:
                 self.aengine.set_proposer(self.proposer)
 

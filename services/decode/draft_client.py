@@ -26,6 +26,7 @@ from opentelemetry.trace import Link, SpanKind
 
 from services.common.convert import sampling_to_pb
 from services.common.server import CHANNEL_OPTIONS
+from services.common.tls import PLAINTEXT, Tls
 from shared.config import WorkerConfig
 from shared.draft_delta import DeltaTracker
 from shared.engine.draft import probs_from_bytes
@@ -40,7 +41,9 @@ log = logging.getLogger(__name__)
 MAX_LOGGED_IDS = 32  # request ids put on one span
 
 
-def build_proposer(config: WorkerConfig, vocab_size: int, telemetry: Telemetry) -> Proposer | None:
+def build_proposer(
+    config: WorkerConfig, vocab_size: int, telemetry: Telemetry, tls: Tls = PLAINTEXT
+) -> Proposer | None:
     """The proposer the configuration asks for (None: no speculation)."""
     kind = config.speculation
     if kind == "ngram":
@@ -52,6 +55,7 @@ def build_proposer(config: WorkerConfig, vocab_size: int, telemetry: Telemetry) 
             timeout_s=config.draft_timeout_s,
             retry_s=config.draft_retry_s,
             telemetry=telemetry,
+            tls=tls,
         )
     return None
 
@@ -68,6 +72,7 @@ class DraftProposer:
         retry_s: float,
         telemetry: Telemetry,
         clock: Callable[[], float] = time.monotonic,
+        tls: Tls = PLAINTEXT,
     ):
         self.address = address
         self.client_id = uuid.uuid4().hex[:16]  # this process's sequences, to the draft
@@ -84,7 +89,7 @@ class DraftProposer:
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", backoff_ms),
         ]
-        self._channel = grpc.insecure_channel(address, options=options)
+        self._channel = tls.channel(address, options=options)
         self._stub = draft_pb2_grpc.DraftStub(self._channel)
         self._delta = DeltaTracker()
         self._retry_at = 0.0

@@ -23,6 +23,7 @@ import grpc
 
 from services.common.errors import Unavailable
 from services.common.server import CHANNEL_OPTIONS
+from services.common.tls import PLAINTEXT, Tls
 from shared.engine import EngineClient, Reservation
 from shared.kv.chunks import KvChunk
 from shared.kv.collective import TransferMeta
@@ -64,14 +65,15 @@ class PrefillPeerUnavailable(Exception):
 class PrefillPeers:
     """Channels to prefill workers, opened on first use and kept."""
 
-    def __init__(self, interceptors=()) -> None:
+    def __init__(self, interceptors=(), tls: Tls = PLAINTEXT) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._interceptors = list(interceptors)
+        self._tls = tls
 
     def stub(self, address: str) -> worker_pb2_grpc.PrefillStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(
+            channel = self._channels[address] = self._tls.aio_channel(
                 address, options=CHANNEL_OPTIONS, interceptors=self._interceptors
             )
         return worker_pb2_grpc.PrefillStub(channel)

@@ -13,21 +13,20 @@ import functools
 import uuid
 from collections.abc import Callable, Sequence
 
-import grpc
-
 from services.common.server import CHANNEL_OPTIONS
+from services.common.tls import PLAINTEXT, Tls
 from shared.draft_delta import DeltaTracker
 from shared.engines.trtllm import DraftAsk, DraftClient
 from shared.pb.tandem.v1 import draft_pb2, draft_pb2_grpc
 
 
-def draft_client_factory(address: str, timeout_s: float) -> Callable[[], DraftClient]:
-    return functools.partial(GrpcDraftClient, address, timeout_s)
+def draft_client_factory(address: str, timeout_s: float, tls: Tls = PLAINTEXT) -> Callable[[], DraftClient]:
+    return functools.partial(GrpcDraftClient, address, timeout_s, tls)
 
 
 class GrpcDraftClient:
-    def __init__(self, address: str, timeout_s: float = 0.5):
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    def __init__(self, address: str, timeout_s: float = 0.5, tls: Tls = PLAINTEXT):
+        self._channel = tls.channel(address, options=CHANNEL_OPTIONS)
         self._stub = draft_pb2_grpc.DraftStub(self._channel)
         self._timeout_s = timeout_s
         self.client_id = f"trtllm-{uuid.uuid4().hex[:12]}"

@@ -17,6 +17,7 @@ import grpc
 from services.common.errors import ErrorInterceptor
 from services.common.server import GrpcServer
 from services.common.telemetry import quiet_telemetry, traced_server_interceptors
+from services.common.tls import Tls
 from shared.config import ConfigError, DraftConfig
 from shared.engine import EngineConfig, InvalidRequest, KVCacheTooSmall, ModelLoadError
 from shared.engine.draft import DraftEngine
@@ -52,10 +53,13 @@ class DraftApp:
         self.engine = engine if engine is not None else build_engine(config)
         self.model_name = config.model_name or self.engine.model_name
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-engine")
+        self.tls = Tls.from_config(config)
+        self.tls.log_mode(self.role)
         self.server = GrpcServer(
             host=config.host,
             port=config.port,
             advertise_address=config.advertise_address,
+            tls=self.tls,
             service_names=[
                 draft_pb2.DESCRIPTOR.services_by_name["Draft"].full_name,
                 worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,

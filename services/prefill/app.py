@@ -19,7 +19,9 @@ class PrefillApp(WorkerApp):
         return [worker_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name]
 
     def _add_servicers(self, server) -> None:
-        self.senders = KvSenderPool(device=self.config.device, timeout_s=self.config.kv_timeout_s)
+        # gloo listens on this worker's advertised host only (see docs/security.md)
+        host = self.config.advertise_address.rpartition(":")[0] or "127.0.0.1"
+        self.senders = KvSenderPool(device=self.config.device, timeout_s=self.config.kv_timeout_s, host=host)
         # how the KV leaves follows the engine (engine interface: PrefillOutput.kv or .handoff)
         self.worker = PrefillWorker(self.aengine, self.senders, self.telemetry)
         worker_pb2_grpc.add_PrefillServicer_to_server(

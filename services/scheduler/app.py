@@ -6,9 +6,11 @@ import asyncio
 import logging
 from pathlib import Path
 
+from services.common.api_keys import ApiKeyInterceptor, ApiKeys
 from services.common.errors import ErrorInterceptor
 from services.common.server import GrpcServer
 from services.common.telemetry import quiet_telemetry, traced_server_interceptors
+from services.common.tls import Tls
 from shared.config import ConfigError, SchedulerConfig
 from shared.pb.tandem.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 from shared.telemetry import Telemetry
@@ -38,11 +40,21 @@ class SchedulerApp:
             self.tokenizer = Tokenizer.from_dir(model_dir)
         except FileNotFoundError as e:
             raise ConfigError(f"TANDEM_MODEL: {e}") from None
+        self.tls = Tls.from_config(config)
+        self.tls.log_mode("scheduler", public=True)
+        self.api_keys = None
+        if config.api_keys_file:
+            self.api_keys = ApiKeys(config.api_keys_file, max_concurrency=config.api_key_max_concurrency)
+        else:
+            log.warning(
+                "scheduler: API keys are OFF (no TANDEM_API_KEYS_FILE): anyone who reaches the port can generate"
+            )
         self.pool = WorkerPool(
             interval_s=config.health_interval_s,
             prefix_memory_blocks=config.prefix_memory_blocks,
             expiry_s=config.worker_expiry_s,
             interceptors=self.telemetry.client_interceptors(),
+            tls=self.tls,
         )
         self.router = Router(self.pool, disagg_min_tokens=config.disagg_min_tokens)
         self.frontend = Frontend(
@@ -61,11 +73,18 @@ class SchedulerApp:
             host=config.host,
             port=config.port,
             advertise_address=config.advertise_address,
+            tls=self.tls,
+            public=True,
+            internal_port=config.internal_port,
             service_names=[
                 TANDEM_SERVICE,
                 worker_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
             ],
-            interceptors=[*traced_server_interceptors(self.telemetry), ErrorInterceptor()],
+            interceptors=[
+                *traced_server_interceptors(self.telemetry),
+                *([ApiKeyInterceptor(self.api_keys)] if self.api_keys is not None else []),
+                ErrorInterceptor(),
+            ],
             # the transport takes up to 4x the limit, so that a request over it is read and
             # refused with INVALID_ARGUMENT naming the limit, not RESOURCE_EXHAUSTED ("retry later")
             max_receive_bytes=4 * config.max_request_bytes,
@@ -82,7 +101,8 @@ class SchedulerApp:
             max_request_bytes=config.max_request_bytes,
         )
         worker_pb2_grpc.add_SchedulerServicer_to_server(
-            SchedulerServicer(self.pool, model_name=self.model_name), self.server.grpc_server
+            SchedulerServicer(self.pool, model_name=self.model_name, require_peer_cert=self.tls.mutual),
+            self.server.grpc_server,
         )
         self.http: HttpServer | None = None
         if config.http_port:

@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.server import CHANNEL_OPTIONS
+from services.common.tls import PLAINTEXT, Tls
 from shared.pb.tandem.v1 import worker_pb2, worker_pb2_grpc
 
 from .router import PrefixMemory
@@ -82,10 +83,17 @@ class WorkerPool:
     """Configured and registered workers, kept fresh by a health/load loop."""
 
     def __init__(
-        self, *, interval_s: float, prefix_memory_blocks: int, interceptors=(), expiry_s: float = 60.0
+        self,
+        *,
+        interval_s: float,
+        prefix_memory_blocks: int,
+        interceptors=(),
+        expiry_s: float = 60.0,
+        tls: Tls = PLAINTEXT,
     ):
         self._interval_s = interval_s
         self._expiry_s = expiry_s
+        self._tls = tls
         self._interceptors = list(interceptors)
         self._prefix_memory_blocks = prefix_memory_blocks
         self.workers: dict[str, WorkerHandle] = {}
@@ -108,8 +116,8 @@ class WorkerPool:
             address,
             role,
             registered,
-            channel=grpc.aio.insecure_channel(address, options=POOL_CHANNEL_OPTIONS),
-            call_channel=grpc.aio.insecure_channel(
+            channel=self._tls.aio_channel(address, options=POOL_CHANNEL_OPTIONS),
+            call_channel=self._tls.aio_channel(
                 address, options=POOL_CHANNEL_OPTIONS, interceptors=self._interceptors
             ),
             prefix=PrefixMemory(self._prefix_memory_blocks),

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
+from services.common.tls import peer_certificate
 from shared.pb.tandem.v1 import generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from .frontend import Frontend, Piece
 from .pool import WorkerPool
 from .validation import MalformedRequest, request_parser
+
+log = logging.getLogger(__name__)
 
 
 def piece_to_pb(piece: Piece) -> generate_pb2.GenerateResponse:
@@ -90,15 +95,30 @@ def add_tandem_servicer(servicer: TandemServicer, server: grpc.aio.Server, *, ma
 
 
 class SchedulerServicer(worker_pb2_grpc.SchedulerServicer):
-    """Self-registration of workers."""
+    """Self-registration of workers.
 
-    def __init__(self, pool: WorkerPool, *, model_name: str):
+    With mutual TLS (`require_peer_cert`), only a peer that presented a certificate signed by the
+    cluster CA registers: the internal port asks for one, the public port does not, so a call
+    over the public port is refused. No registration replaces a healthy worker of another role at
+    the same address (a restarted worker registers once its old self failed its health check)."""
+
+    def __init__(self, pool: WorkerPool, *, model_name: str, require_peer_cert: bool = False):
         self._pool = pool
         self._model_name = model_name
+        self._require_peer_cert = require_peer_cert
 
     async def RegisterWorker(
         self, request: worker_pb2.RegisterWorkerRequest, context
     ) -> worker_pb2.RegisterWorkerResponse:
+        peer = peer_certificate(context)
+        if self._require_peer_cert and peer is None:
+            log.warning(
+                "refused a registration of %r from %s: no client certificate", request.address, context.peer()
+            )
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "worker registration needs a client certificate signed by the cluster CA (the scheduler's internal port)",
+            )
         if request.role not in ("prefill", "decode"):
             return worker_pb2.RegisterWorkerResponse(
                 accepted=False, message=f"role must be prefill or decode, got {request.role!r}"
@@ -113,5 +133,19 @@ class SchedulerServicer(worker_pb2_grpc.SchedulerServicer):
             return worker_pb2.RegisterWorkerResponse(
                 accepted=False, message=f"address must be host:port, got {request.address!r}"
             )
+        existing = self._pool.workers.get(request.address)
+        if existing is not None and existing.healthy and existing.role != request.role:
+            log.warning(
+                "refused a registration of %s as %s (certificate %s): a healthy %s worker is there",
+                request.address,
+                request.role,
+                peer,
+                existing.role,
+            )
+            return worker_pb2.RegisterWorkerResponse(
+                accepted=False,
+                message=f"{request.address} is a healthy {existing.role} worker; a registration cannot replace it",
+            )
         self._pool.add(request.address, request.role, registered=True)
+        log.info("registered %s worker %s (certificate %s)", request.role, request.address, peer or "none")
         return worker_pb2.RegisterWorkerResponse(accepted=True)

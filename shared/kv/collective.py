@@ -160,8 +160,10 @@ class CollectiveKvSender:
         *,
         device: torch.device | str = "cpu",
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        host: str | None = None,
     ):
         self.address = address
+        self.local_host = host  # where this side's gloo listens (see PairGroup)
         self.host, self.port = parse_address(address)
         self.pair_name = pair_name
         self.device = torch.device(device)
@@ -256,7 +258,7 @@ class CollectiveKvSender:
                         group.abort()
                     group, store, group_epoch = None, None, None
                     store = self._announce(epoch)
-                    group = PairGroup(store, SENDER_RANK, self.device, self.timeout_s)
+                    group = PairGroup(store, SENDER_RANK, self.device, self.timeout_s, self.local_host)
                     group_epoch = epoch
                 if item.ready is not None:
                     torch.cuda.current_stream(self.device).wait_event(item.ready)
@@ -295,9 +297,16 @@ class CollectiveKvSender:
 class KvSenderPool:
     """The prefill worker's senders, one per (receiver address, pair name), reused across requests."""
 
-    def __init__(self, *, device: torch.device | str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(
+        self,
+        *,
+        device: torch.device | str = "cpu",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        host: str | None = None,
+    ):
         self.device = torch.device(device)
         self.timeout_s = timeout_s
+        self.host = host
         self._lock = threading.Lock()
         self._senders: dict[tuple[str, str], CollectiveKvSender] = {}
 
@@ -306,7 +315,9 @@ class KvSenderPool:
         with self._lock:
             sender = self._senders.get(key)
             if sender is None:
-                sender = CollectiveKvSender(address, pair_name, device=self.device, timeout_s=self.timeout_s)
+                sender = CollectiveKvSender(
+                    address, pair_name, device=self.device, timeout_s=self.timeout_s, host=self.host
+                )
                 self._senders[key] = sender
             return sender
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -82,8 +83,16 @@ class CollectiveKvReceiver:
         self.timeout_s = timeout_s
         self.result_ttl_s = timeout_s if result_ttl_s is None else result_ttl_s
         self.buffers = HostBufferPool(buffer_pool_bytes)  # CPU receive buffers, reused
+        # TCPStore's server listens on every interface unless handed a socket: bind it to `host`
+        # only (the pod or host address senders dial), and let the store own the socket.
+        listener = socket.create_server((host, port), backlog=128)
         self._server = dist.TCPStore(
-            host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
+            host,
+            listener.getsockname()[1],
+            is_master=True,
+            wait_for_workers=False,
+            timeout=timedelta(seconds=timeout_s),
+            master_listen_fd=listener.detach(),
         )
         self.port = self._server.port
         self._cond = threading.Condition()
@@ -315,7 +324,7 @@ class _PairWorker(threading.Thread):
         try:
             client = connect_store(owner.host, owner.port, owner.timeout_s)
             store = dist.PrefixStore(epoch_prefix(self.epoch), client)
-            group = PairGroup(store, RECEIVER_RANK, owner.device, owner.timeout_s)
+            group = PairGroup(store, RECEIVER_RANK, owner.device, owner.timeout_s, owner.host)
         except KvTransferError as e:
             owner._teardown(self.pair_name, self.epoch, e)
             return

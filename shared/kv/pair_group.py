@@ -49,7 +49,16 @@ class PairGroup:
     sides.
     """
 
-    def __init__(self, store: dist.Store, rank: int, device: torch.device | str, timeout_s: float):
+    def __init__(
+        self,
+        store: dist.Store,
+        rank: int,
+        device: torch.device | str,
+        timeout_s: float,
+        host: str | None = None,
+    ):
+        """`host`: the address gloo listens on and announces to the peer (this side's pod or host
+        address, never every interface); None: gloo's default (the machine's host name)."""
         self.rank = rank
         self.peer = 1 - rank
         self.device = torch.device(device)
@@ -58,7 +67,13 @@ class PairGroup:
         timeout = timedelta(seconds=timeout_s)
         try:
             if self.backend == "gloo":
-                self._pg = dist.ProcessGroupGloo(store, rank, 2, timeout)
+                if host:
+                    opts = dist.ProcessGroupGloo._Options()
+                    opts._timeout = timeout
+                    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+                    self._pg = dist.ProcessGroupGloo(store, rank, 2, opts)
+                else:
+                    self._pg = dist.ProcessGroupGloo(store, rank, 2, timeout)
             else:
                 opts = dist.ProcessGroupNCCL.Options()
                 # The watchdog's timeout is a backstop only: our own deadline (below)

@@ -15,6 +15,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.tls import PLAINTEXT, Tls
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -32,6 +34,8 @@ class Service:
         self.port = int(env["TANDEM_PORT"])
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log_dir / f"{name}-{self.port}.log"
+        # with TANDEM_TLS_*: the tests dial the service as its own peers do (its certificate, the CA)
+        self.tls = _tls_of(env)
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}"],
@@ -51,11 +55,15 @@ class Service:
     def health(self, service: str = "") -> int | None:
         """The health status, or None when the server does not answer."""
         try:
-            with grpc.insecure_channel(self.address) as channel:
+            with self.channel() as channel:
                 req = health_pb2.HealthCheckRequest(service=service)
                 return health_pb2_grpc.HealthStub(channel).Check(req, timeout=1.0).status
         except grpc.RpcError:
             return None
+
+    def channel(self) -> grpc.Channel:
+        """A channel to the service, secured the way its own peers' are."""
+        return self.tls.channel(self.address)
 
     def wait_serving(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -85,6 +93,16 @@ class Service:
     def log(self) -> str:
         self._log.flush()
         return self.log_path.read_text()[-4000:]
+
+
+def _tls_of(env: dict[str, str]) -> Tls:
+    if not env.get("TANDEM_TLS_CERT"):
+        return PLAINTEXT
+
+    def read(name: str) -> bytes | None:
+        return Path(env[name]).read_bytes() if env.get(name) else None
+
+    return Tls(cert=read("TANDEM_TLS_CERT"), key=read("TANDEM_TLS_KEY"), ca=read("TANDEM_TLS_CA"))
 
 
 @contextlib.contextmanager
