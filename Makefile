@@ -9,7 +9,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 MODEL  ?= models/tandem-demo-code/target
 
-.PHONY: install protos test test-unit lint run bench-engine bench-serve bench-spec bench-kv clean demo-model gpu-check
+.PHONY: install protos test test-unit lint run bench-engine bench-serve bench-spec bench-kv clean demo-model gpu-check certs
 
 install: $(VENV)/.installed protos
 
@@ -53,6 +53,11 @@ bench-spec: install
 # KV transfer bandwidth (gRPC stream, torch.distributed) against memcpy on this host
 bench-kv: install
 	$(PY) -m tools.bench_kv
+
+# A development CA, a certificate per service and an API key file in deploy/certs/ (git-ignored),
+# for the compose deployment and TLS tests; see docs/security.md. `make run` stays plaintext.
+certs: install
+	$(PY) -m tools.certs --out deploy/certs
 
 demo-model: install
 	$(PY) -m tools.train_demo --out models/tandem-demo-code

@@ -4,8 +4,9 @@
     python -m tools.certs --out DIR --san tandem.example.com --days 30
 
 Writes `ca.pem` (the CA certificate: TANDEM_TLS_CA of every service), `ca.key` (the CA's key:
-keep it away from the services), and for each service `<name>.pem` / `<name>.key`
-(TANDEM_TLS_CERT / TANDEM_TLS_KEY). Every service certificate is valid as a server and as a
+keep it away from the services), for each service `<name>.pem` / `<name>.key`
+(TANDEM_TLS_CERT / TANDEM_TLS_KEY), and, unless it exists, `api-keys` with one random API key
+(TANDEM_API_KEYS_FILE of the scheduler; clients send it as `authorization: Bearer <key>`). Every service certificate is valid as a server and as a
 client (it is served on the service's port and presented on its calls to other services),
 and names the service (compose's host name), `localhost`, `127.0.0.1`, `::1` and any
 `--san`. Keys are ECDSA P-256, written readable by the owner only.
@@ -20,6 +21,7 @@ import argparse
 import datetime
 import ipaddress
 import os
+import secrets
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -164,6 +166,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     Authority(days=args.days).write(out, names, args.san)
     print(f"wrote {out}/ca.pem, ca.key and {', '.join(f'{n}.pem/.key' for n in names)}")
+    keys = out / "api-keys"
+    if not keys.exists():
+        _write(
+            keys,
+            f"# one API key per line (TANDEM_API_KEYS_FILE)\ntandem-dev-{secrets.token_urlsafe(24)}\n".encode(),
+            private=True,
+        )
+        print(f"wrote {keys} (one random development key)")
     return 0
 
 

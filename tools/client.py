@@ -2,6 +2,7 @@
 
     python -m tools.client "def fib(n):" --max-tokens 64   # or: tandem generate "def fib(n):" ...
     python -m tools.client --info                      # model and workers
+    python -m tools.client "hi" --ca deploy/certs/ca.pem --api-key-file deploy/certs/api-keys   # TLS, a key
 
 Greedy unless --temperature is given (the API itself samples at temperature 1.0 when a request
 does not set it). Ctrl-C cancels the request.
@@ -12,6 +13,7 @@ The finish reason and token usage go to stderr, so stdout holds only the generat
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import grpc
@@ -60,6 +62,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m tools.client") ->
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds (default %(default)s)")
     parser.add_argument("--info", action="store_true", help="print the model info and exit")
+    parser.add_argument(
+        "--ca", help="PEM CA to verify the scheduler's TLS certificate with (default: plaintext)"
+    )
+    parser.add_argument(
+        "--api-key-file",
+        help="file whose first non-comment line is the API key (default: the TANDEM_API_KEY environment variable)",
+    )
     args = parser.parse_args(argv)
     if not args.info and args.prompt is None:
         parser.error("a prompt is required (or --info)")
@@ -71,15 +80,34 @@ def main(argv: list[str] | None = None, prog: str = "python -m tools.client") ->
         return 130
 
 
+def _api_key(path: str | None) -> str:
+    if not path:
+        return os.environ.get("TANDEM_API_KEY", "").strip()
+    with open(path, encoding="utf-8") as f:
+        lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    return lines[0] if lines else ""
+
+
 def _run(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.addr) as channel:
+    key = _api_key(args.api_key_file)
+    metadata = [("authorization", f"Bearer {key}")] if key else None
+    if args.ca:
+        with open(args.ca, "rb") as f:
+            channel = grpc.secure_channel(args.addr, grpc.ssl_channel_credentials(f.read()))
+    else:
+        channel = grpc.insecure_channel(args.addr)
+    with channel:
         stub = generate_pb2_grpc.TandemStub(channel)
         try:
             if args.info:
-                print(stub.GetModelInfo(generate_pb2.GetModelInfoRequest(), timeout=args.timeout))
+                print(
+                    stub.GetModelInfo(
+                        generate_pb2.GetModelInfoRequest(), timeout=args.timeout, metadata=metadata
+                    )
+                )
                 return 0
             last = None
-            for resp in stub.Generate(build_request(args), timeout=args.timeout):
+            for resp in stub.Generate(build_request(args), timeout=args.timeout, metadata=metadata):
                 sys.stdout.write(resp.text)
                 sys.stdout.flush()
                 for lp in resp.logprobs:

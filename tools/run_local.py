@@ -364,6 +364,9 @@ def _banner(args: argparse.Namespace, addrs: dict[str, str], metrics: dict[str, 
         ]
     if args.trace_file:
         lines.append("  " + command("traces", "show", "<request id>", "--file", args.trace_file))
+    lines.append(
+        "WARNING: plaintext and no API keys: local development only (TLS and keys: docs/security.md)."
+    )
     lines.append("Ctrl-C stops everything.\n")
     return "\n".join(lines)
 

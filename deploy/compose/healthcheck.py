@@ -7,6 +7,11 @@ docker-compose.yml runs it in every Tandem container (`healthcheck.test`), so a 
 healthy exactly when its server is up and not shutting down (the server reports NOT_SERVING
 during its grace period). It asks for the overall status (service name ""), which every
 Tandem server sets. Exit 1 otherwise, with the reason on stderr (shown by `docker inspect`).
+
+With TLS on (TANDEM_TLS_CERT), it dials the way the service's peers do: TLS verified against
+TANDEM_TLS_CA, presenting the service's own certificate (workers require one), and checking the
+server's certificate for TANDEM_TLS_SERVER_NAME, or for 127.0.0.1 when that is not set. The
+health service needs no API key.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ def main(argv: list[str]) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     try:
-        with grpc.insecure_channel(target) as channel:
+        with _channel(grpc, target) as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
     except grpc.RpcError as e:
         print(f"healthcheck: {target}: {e.code().name}: {e.details()}", file=sys.stderr)
@@ -39,6 +44,29 @@ def main(argv: list[str]) -> int:
         print(f"healthcheck: {target}: {status}", file=sys.stderr)
         return 1
     return 0
+
+
+def _channel(grpc, target: str):
+    cert = os.environ.get("TANDEM_TLS_CERT", "").strip()
+    if not cert:
+        return grpc.insecure_channel(target)
+
+    def read(env: str) -> bytes | None:
+        path = os.environ.get(env, "").strip()
+        if not path:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    ca = read("TANDEM_TLS_CA")
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ca,
+        private_key=read("TANDEM_TLS_KEY") if ca else None,
+        certificate_chain=read("TANDEM_TLS_CERT") if ca else None,
+    )
+    name = os.environ.get("TANDEM_TLS_SERVER_NAME", "").strip()
+    options = [("grpc.ssl_target_name_override", name)] if name else []
+    return grpc.secure_channel(target, creds, options=options)
 
 
 if __name__ == "__main__":

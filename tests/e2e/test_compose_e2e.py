@@ -2,7 +2,9 @@
 runs as a local process with exactly the command and environment its container would get
 (service hostnames mapped to loopback, the /models mount to a tiny random checkpoint, Jaeger
 played by an OTLP receiver), becomes healthy through the compose health check, and serves a
-Generate through the scheduler's published port, disaggregated over prefill and decode.
+Generate through the scheduler's published port, disaggregated over prefill and decode. As in
+the containers, every hop is mutual TLS with the certificates `make certs` writes
+(TANDEM_CERTS_DIR), and the public API wants a key from its api-keys file.
 
 What the containers need that this test cannot see is checked in tests/unit/test_compose.py.
 """
@@ -21,10 +23,12 @@ import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.tls import Tls
 from shared.pb.tandem.v1 import common_pb2, generate_pb2, generate_pb2_grpc
 from shared.text import Tokenizer
 from tests.fakes.fake_compose import ContainerProcess, load_project
 from tests.helpers.otlp import OtlpReceiver
+from tools.certs import main as make_certs
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +57,10 @@ def deployment(tiny_model, tmp_path_factory):
     (models / "target").symlink_to(tiny_model, target_is_directory=True)
     (models / "draft").symlink_to(tiny_model, target_is_directory=True)  # a perfect draft; cheap to make
     ports = iter(free_ports(2 * len(TANDEM) + 2))
+    certs = tmp_path_factory.mktemp("certs")
+    assert make_certs(["--out", str(certs)]) == 0  # what `make certs` runs
     variables = {
+        "TANDEM_CERTS_DIR": str(certs),
         # what a user would put in .env: the model, small KV pools, free ports on this host
         "TANDEM_MODELS_DIR": str(models),
         "TANDEM_TARGET_MODEL": "target",
@@ -116,7 +123,7 @@ def _wait_healthy(proc: ContainerProcess, logs: Path) -> None:
     """Until the service answers SERVING; then its compose health check must pass too."""
     deadline = time.monotonic() + STARTUP_S
     address = f"127.0.0.1:{proc.env['TANDEM_PORT']}"
-    while not _serving(address):
+    while not _serving(proc, address):
         if proc.proc.poll() is not None:
             log = (logs / f"{proc.name}.log").read_text()[-3000:]
             pytest.fail(f"{proc.name} exited with code {proc.proc.returncode}:\n{log}")
@@ -127,9 +134,31 @@ def _wait_healthy(proc: ContainerProcess, logs: Path) -> None:
     assert proc.healthy(), f"{proc.name}: the compose health check fails on a SERVING server"
 
 
-def _serving(address: str) -> bool:
+def _tls_of(env: dict[str, str]) -> Tls:
+    """The credentials a container has: its certificate and key, and the CA."""
+
+    def read(name: str) -> bytes:
+        return Path(env[name]).read_bytes()
+
+    return Tls(cert=read("TANDEM_TLS_CERT"), key=read("TANDEM_TLS_KEY"), ca=read("TANDEM_TLS_CA"))
+
+
+def _client_channel(variables: dict[str, str]) -> grpc.Channel:
+    """An API client outside compose: TLS trusting the CA, no client certificate."""
+    ca = (Path(variables["TANDEM_CERTS_DIR"]) / "ca.pem").read_bytes()
+    address = f"127.0.0.1:{variables['TANDEM_SCHEDULER_PORT']}"  # the `ports:` mapping of the scheduler
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(ca))
+
+
+def _api_key(variables: dict[str, str]) -> list[tuple[str, str]]:
+    lines = (Path(variables["TANDEM_CERTS_DIR"]) / "api-keys").read_text().splitlines()
+    key = next(ln.strip() for ln in lines if ln.strip() and not ln.startswith("#"))
+    return [("authorization", f"Bearer {key}")]
+
+
+def _serving(proc: ContainerProcess, address: str) -> bool:
     try:
-        with grpc.insecure_channel(address) as channel:
+        with _tls_of(proc.env).channel(address) as channel:
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
         return status.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
@@ -148,16 +177,19 @@ def test_containers_get_the_cpu_torch_settings_with_loopback_addresses(deploymen
 
 def test_generate_through_the_published_scheduler_port(deployment, reference):
     procs, variables, _ = deployment
-    address = f"127.0.0.1:{variables['TANDEM_SCHEDULER_PORT']}"  # the `ports:` mapping of the scheduler
     request = generate_pb2.GenerateRequest(
         token_ids=common_pb2.TokenIds(ids=PROMPT),
         sampling=common_pb2.SamplingParameters(temperature=0.0),
         stopping=common_pb2.StoppingCriteria(max_tokens=12, ignore_eos=True),
     )
-    with grpc.insecure_channel(address) as channel:
+    with _client_channel(variables) as channel:
         stub = generate_pb2_grpc.TandemStub(channel)
-        responses = list(stub.Generate(request, timeout=60))
-        info = stub.GetModelInfo(generate_pb2.GetModelInfoRequest(), timeout=10)
+        with pytest.raises(grpc.RpcError) as err:  # the compose deployment wants a key
+            list(stub.Generate(request, timeout=60))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        key = _api_key(variables)
+        responses = list(stub.Generate(request, timeout=60, metadata=key))
+        info = stub.GetModelInfo(generate_pb2.GetModelInfoRequest(), timeout=10, metadata=key)
     tokens = [t for r in responses for t in r.token_ids]
     assert tokens == reference(PROMPT, 12), "the deployment must generate what one engine generates"
     last = responses[-1]
@@ -178,8 +210,7 @@ def test_every_service_serves_prometheus_metrics_on_its_compose_port(deployment)
 
 def test_the_request_is_one_trace_in_jaeger(deployment):
     procs, variables, receiver = deployment
-    address = f"127.0.0.1:{variables['TANDEM_SCHEDULER_PORT']}"
-    with grpc.insecure_channel(address) as channel:
+    with _client_channel(variables) as channel:
         list(
             generate_pb2_grpc.TandemStub(channel).Generate(
                 generate_pb2.GenerateRequest(
@@ -187,6 +218,7 @@ def test_the_request_is_one_trace_in_jaeger(deployment):
                     stopping=common_pb2.StoppingCriteria(max_tokens=4, ignore_eos=True),
                 ),
                 timeout=60,
+                metadata=_api_key(variables),
             )
         )
 

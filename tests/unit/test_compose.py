@@ -175,12 +175,38 @@ def test_gpu_ids_model_engine_and_ports_are_overridable_without_editing():
     )["services"]
     assert _devices(default["decode"])[0]["device_ids"] == ["1"]
     assert _devices(changed["decode"])[0]["device_ids"] == ["5"]
-    assert changed["decode"]["volumes"] == ["/data/llm:/models:ro"]
+    assert changed["decode"]["volumes"][0] == "/data/llm:/models:ro"
     assert environment_of(changed["decode"])["TANDEM_MODEL"] == "/models/llama-8b"
     assert environment_of(changed["prefill"])["TANDEM_ENGINE"] == "trtllm"
     assert changed["scheduler"]["ports"] == ["6000:6000", "8000:8000"]
     assert environment_of(changed["scheduler"])["TANDEM_DECODE_ADDRS"] == "decode:6003"
     assert environment_of(changed["decode"])["TANDEM_PORT"] == "6003"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_service_mounts_only_its_own_certificate_and_key(variant):
+    """Mutual TLS everywhere (docs/security.md): every Tandem service reads its certificate, its
+    key and the CA certificate from /certs, mounted read-only from TANDEM_CERTS_DIR; no container
+    gets the CA's key or another service's key; only the scheduler gets the API keys file."""
+    services = project(variant, TANDEM_CERTS_DIR="/etc/tandem-certs")["services"]
+    for name in TANDEM:
+        env = environment_of(services[name])
+        mounts = {v.split(":")[1]: v for v in services[name]["volumes"]}
+        for setting, target, source in (
+            ("TANDEM_TLS_CERT", "/certs/tls.pem", f"{name}.pem"),
+            ("TANDEM_TLS_KEY", "/certs/tls.key", f"{name}.key"),
+            ("TANDEM_TLS_CA", "/certs/ca.pem", "ca.pem"),
+        ):
+            assert env[setting] == target, (name, setting)
+            assert mounts[target] == f"/etc/tandem-certs/{source}:{target}:ro", name
+        assert not any("ca.key" in v for v in services[name]["volumes"]), name
+        others = [f"{o}.key" for o in TANDEM if o != name]
+        assert not any(o in v for o in others for v in services[name]["volumes"]), name
+        has_keys = "/certs/api-keys" in mounts
+        assert has_keys == (name == "scheduler"), name
+    scheduler = environment_of(services["scheduler"])
+    assert scheduler["TANDEM_API_KEYS_FILE"] == "/certs/api-keys"
+    assert "/deploy/certs/" in (ROOT / ".gitignore").read_text().splitlines()
 
 
 # -- what the containers need -----------------------------------------------------------------
