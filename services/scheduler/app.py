@@ -118,10 +118,13 @@ class SchedulerApp:
                     self.telemetry,
                     model_name=self.model_name,
                     chat_template=self.chat_template,
+                    api_keys=self.api_keys,
                 ),
                 host=config.host,
                 port=config.http_port,
                 grace_period_s=config.grace_period_s,
+                tls_cert=config.tls_cert,
+                tls_key=config.tls_key,
             )
 
     @property

@@ -1,5 +1,6 @@
 """Security across real processes: mutual TLS on every internal hop, TLS and API keys on the
-public API, worker registration only with a cluster certificate.
+public APIs (gRPC and the OpenAI-compatible HTTP API), worker registration only with a cluster
+certificate.
 
 One stack: scheduler, prefill, decode (KV over the gRPC stream) and draft, all with
 certificates from a development CA (tools/certs.py), workers registering on the scheduler's
@@ -9,10 +10,12 @@ docs/security.md lists the threats and these tests."""
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -58,6 +61,8 @@ class Stack:
         logs.mkdir()
         ports = {name: free_port() for name in SERVICES}
         self.internal_port = free_port()
+        self.http_port = free_port()
+        self.ca_file = certs / "ca.pem"
 
         def tls(name: str) -> dict[str, str]:
             cert, key = self.paths[name]
@@ -109,6 +114,7 @@ class Stack:
                 "TANDEM_MODEL": str(tiny_model),
                 "TANDEM_PORT": str(ports["scheduler"]),
                 "TANDEM_INTERNAL_PORT": str(self.internal_port),
+                "TANDEM_HTTP_PORT": str(self.http_port),
                 "TANDEM_HEALTH_INTERVAL_S": "0.2",
                 "TANDEM_API_KEYS_FILE": str(self.keys_file),
                 "TANDEM_API_KEY_MAX_CONCURRENCY": "1",
@@ -128,6 +134,12 @@ class Stack:
         """An API client's channel: TLS trusting the CA, no client certificate."""
         ca = (self.rogue_paths if rogue_ca else self.paths)["client"][0].parent / "ca.pem"
         return grpc.secure_channel(self.scheduler.address, grpc.ssl_channel_credentials(ca.read_bytes()))
+
+    def http(self, *, rogue_ca: bool = False) -> httpx.Client:
+        """An HTTP API client: HTTPS trusting the CA (or the rogue one)."""
+        ca = (self.rogue_paths if rogue_ca else self.paths)["client"][0].parent / "ca.pem"
+        context = ssl.create_default_context(cafile=str(ca))
+        return httpx.Client(base_url=f"https://127.0.0.1:{self.http_port}", verify=context, timeout=60)
 
     def logs(self) -> str:
         return "".join(s.log_path.read_text() for s in self.all)
@@ -287,6 +299,60 @@ def test_one_key_runs_at_most_its_concurrency_limit(stack, reference):
             rest = list(long_call)
     assert tokens_of([first, *rest]) == reference(PROMPT, 200)
     assert_serves(stack, reference)
+
+
+# -- the HTTP API -------------------------------------------------------------------------------
+
+
+def completion(client: httpx.Client, key: str | None, max_tokens: int = 6) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    return client.post("/v1/completions", json=body, headers=headers)
+
+
+def test_http_api_is_https_and_needs_a_key(stack, reference):
+    with stack.http() as client:
+        for key in (None, WRONG):
+            resp = completion(client, key)
+            assert resp.status_code == 401, resp.text
+            assert resp.headers["www-authenticate"] == "Bearer"
+            assert resp.json()["error"]["code"] == "invalid_api_key"
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/health").status_code == 200  # probes need no key
+        resp = completion(client, KEY_A)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["usage"]["completion_tokens"] == 6
+        grpc_text = "".join(r.text for r in generate(stack, KEY_B, max_tokens=6))
+        assert resp.json()["choices"][0]["text"] == grpc_text  # the same greedy completion as gRPC
+    # plaintext HTTP to the HTTPS port, and a client trusting another CA: no answer
+    with httpx.Client(base_url=f"http://127.0.0.1:{stack.http_port}", timeout=10) as plain:
+        with pytest.raises(httpx.HTTPError):
+            completion(plain, KEY_A)
+    with stack.http(rogue_ca=True) as client:
+        with pytest.raises(httpx.ConnectError):
+            completion(client, KEY_A)
+    assert_serves(stack, reference)
+
+
+def test_http_revocation_and_the_key_limit_shared_with_grpc(stack, reference):
+    stack.keys_file.write_text(f"{KEY_A}\n")  # KEY_B revoked
+    try:
+        with stack.http() as client:
+            assert completion(client, KEY_B).status_code == 401
+    finally:
+        stack.keys_file.write_text(f"{KEY_A}\n{KEY_B}\n")
+    with stack.public_channel() as channel, stack.http() as client:
+        long_call = generate_pb2_grpc.TandemStub(channel).Generate(
+            request(PROMPT, 200), timeout=120, metadata=bearer(KEY_A)
+        )
+        next(long_call)
+        try:
+            resp = completion(client, KEY_A)  # KEY_A's one slot is held by the gRPC stream
+            assert resp.status_code == 429 and resp.headers["retry-after"]
+            assert completion(client, KEY_B).status_code == 200
+        finally:
+            list(long_call)
+        assert completion(client, KEY_A).status_code == 200
 
 
 # -- certificates ------------------------------------------------------------------------------

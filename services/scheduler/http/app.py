@@ -13,8 +13,8 @@ client's trace), `X-Request-Id` names the request, `X-Request-Timeout` (seconds)
 deadline, a client that disconnects cancels it (KV freed as on a gRPC cancel), and errors
 take OpenAI's JSON shape (errors.py).
 
-Checks that apply to every route (e.g. API keys) belong in `build_http_app`: every route is
-added there.
+Checks that apply to every route belong in `build_http_app`: every route is added there. API
+keys (when the scheduler has TANDEM_API_KEYS_FILE) are one: auth.py.
 """
 
 from __future__ import annotations
@@ -35,12 +35,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from services.common.api_keys import ApiKeys
 from shared.telemetry import Telemetry, extract_context
 from shared.text import Tokenizer
 
 from ..frontend import Frontend, Piece
 from ..pool import WorkerPool
 from . import convert
+from .auth import ApiKeyMiddleware
 from .chat import ChatTemplate
 from .errors import HttpError, describe, error_body, error_response, validation_error
 from .run import ClientDisconnected, Run, until_disconnect
@@ -57,6 +59,7 @@ def build_http_app(
     *,
     model_name: str,
     chat_template: ChatTemplate | None,
+    api_keys: ApiKeys | None = None,
 ) -> FastAPI:
     """The ASGI app; every route and exception handler is added here."""
     api = OpenAIFront(
@@ -82,6 +85,8 @@ def build_http_app(
     app.get("/v1/models")(api.models)
     app.get("/health")(api.health)
     app.get("/metrics")(api.metrics)
+    if api_keys is not None:
+        app.add_middleware(ApiKeyMiddleware, keys=api_keys)
     return app
 
 

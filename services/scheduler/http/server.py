@@ -26,8 +26,12 @@ class _Server(uvicorn.Server):
 
 
 class HttpServer:
-    def __init__(self, app, *, host: str, port: int, grace_period_s: float = 5.0):
+    def __init__(
+        self, app, *, host: str, port: int, grace_period_s: float = 5.0, tls_cert: str = "", tls_key: str = ""
+    ):
+        """`tls_cert`/`tls_key` (PEM files): serve HTTPS (no client certificate asked for)."""
         self._app = app
+        self._tls = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key} if tls_cert else {}
         self._host = host
         self._requested_port = port
         self._grace_period_s = grace_period_s
@@ -58,6 +62,7 @@ class HttpServer:
             access_log=False,
             timeout_graceful_shutdown=max(1, round(self._grace_period_s)),
             timeout_keep_alive=30,
+            **self._tls,
         )
         self._server = _Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http-server")
@@ -66,7 +71,12 @@ class HttpServer:
                 self._task.result()  # raises what stopped it
                 raise RuntimeError("the HTTP server stopped during start-up")
             await asyncio.sleep(0.01)
-        log.info("serving the OpenAI-compatible HTTP API on %s:%d", self._host, self.port)
+        log.info(
+            "serving the OpenAI-compatible HTTP API on %s:%d (%s)",
+            self._host,
+            self.port,
+            "HTTPS" if self._tls else "plaintext HTTP",
+        )
         return self.port
 
     async def stop(self, grace_s: float | None = None) -> None:
