@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import time
 import urllib.request
 import warnings
 from pathlib import Path
 
 import grpc
+import httpx
 import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -56,7 +58,7 @@ def deployment(tiny_model, tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     (models / "target").symlink_to(tiny_model, target_is_directory=True)
     (models / "draft").symlink_to(tiny_model, target_is_directory=True)  # a perfect draft; cheap to make
-    ports = iter(free_ports(2 * len(TANDEM) + 2))
+    ports = iter(free_ports(2 * len(TANDEM) + 3))
     certs = tmp_path_factory.mktemp("certs")
     assert make_certs(["--out", str(certs)]) == 0  # what `make certs` runs
     variables = {
@@ -199,6 +201,18 @@ def test_generate_through_the_published_scheduler_port(deployment, reference):
     assert {"prefill", "decode"} <= roles, f"healthy workers: {info.workers}"
 
 
+def test_the_http_api_is_published_over_https_with_keys(deployment):
+    _, variables, _ = deployment
+    ca = str(Path(variables["TANDEM_CERTS_DIR"]) / "ca.pem")
+    url = f"https://127.0.0.1:{variables['TANDEM_HTTP_PORT']}"
+    body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    with httpx.Client(base_url=url, verify=ssl.create_default_context(cafile=ca), timeout=60) as client:
+        assert client.post("/v1/completions", json=body).status_code == 401
+        headers = {"Authorization": _api_key(variables)[0][1]}
+        resp = client.post("/v1/completions", json=body, headers=headers)
+        assert resp.status_code == 200, resp.text
+
+
 def test_every_service_serves_prometheus_metrics_on_its_compose_port(deployment):
     procs, variables, _ = deployment
     for name in procs:
@@ -248,9 +262,13 @@ def test_openai_sdk_through_the_published_http_port_joins_the_callers_trace(
     deployment, tiny_model, reference
 ):
     procs, variables, receiver = deployment
-    base = f"http://127.0.0.1:{variables['TANDEM_HTTP_PORT']}/v1"  # the `ports:` mapping of the HTTP API
+    base = f"https://127.0.0.1:{variables['TANDEM_HTTP_PORT']}/v1"  # the `ports:` mapping of the HTTP API
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
-    with openai.OpenAI(base_url=base, api_key="any", max_retries=0, timeout=60) as client:
+    ca = ssl.create_default_context(cafile=str(Path(variables["TANDEM_CERTS_DIR"]) / "ca.pem"))
+    key = _api_key(variables)[0][1].removeprefix("Bearer ")
+    with openai.OpenAI(
+        base_url=base, api_key=key, max_retries=0, timeout=60, http_client=httpx.Client(verify=ca)
+    ) as client:
         model = client.models.list().data[0].id
         resp = client.completions.create(
             model=model,
