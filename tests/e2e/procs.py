@@ -29,6 +29,8 @@ def free_port() -> int:
 class Service:
     """One service process; its output goes to a log file shown when a test fails."""
 
+    tls: Tls = PLAINTEXT  # how tests dial it (set from its TANDEM_TLS_* settings)
+
     def __init__(self, name: str, env: dict[str, str], log_dir: Path):
         self.name = name
         self.port = int(env["TANDEM_PORT"])
