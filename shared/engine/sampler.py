@@ -35,7 +35,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow],
     tokens = torch.empty(len(rows), dtype=torch.long)
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     if greedy:
-        tokens[greedy] = logits[greedy].argmax(dim=-1)
+        tokens[greedy] = logits[greedy].argmax(dim=-1).cpu()  # tokens lives on the CPU
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:
         probs = _filtered_probs(logits[sampled], [rows[i].params for i in sampled])  # [S, V]

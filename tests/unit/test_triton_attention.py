@@ -11,7 +11,8 @@ import pytest
 import torch
 
 # Triton reads the flag on import and when the kernels are defined: set it before either
-os.environ["TRITON_INTERPRET"] = "1"
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 import shared.engine.model.triton_attention as ta  # noqa: E402
 from tests.helpers import attention_ref  # noqa: E402
@@ -170,39 +171,45 @@ def sliding_checkpoint(tmp_path_factory):
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("triton-engine"), arch="mistral", sliding_window=16,
                                 hidden=128, heads=4, kv_heads=1)  # head_dim 32, GQA ratio 4
     hf = load_hf(path)
-    prompts = [[1, *range(5, 45)], [1, 30, 31], [1, 7]]
+    prompts = [[1, *range(5, 45)], [1, 30, 31], [1, 7], [1, *range(50, 58)] * 3]  # the last one repeats: n-grams
     return path, prompts, [hf_greedy(hf, p, 8) for p in prompts]
 
 
-@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("graphs, ngram", [(False, False), (True, False), (True, True)])
 @pytest.mark.skipif(DEVICE != "cpu", reason="tests/gpu and tools/gpu_check.py cover the engine on CUDA")
-def test_engine_through_the_triton_path_matches_hf(sliding_checkpoint, graphs):
+def test_engine_through_the_triton_path_matches_hf(sliding_checkpoint, graphs, ngram):
     """The runner's CUDA path (one varlen + one decode launch per layer, int32 index tensors,
     split-K, optionally the decode graphs) on CPU tensors: HF's greedy tokens, chunked prefill
-    and staggered joins included."""
+    and staggered joins included; with n-gram speculation, verification runs through the varlen
+    kernel (several query tokens of one sequence at their own causal offsets)."""
     from shared.engine import EngineConfig, LLMEngine, SamplingParams
+    from shared.engine.spec import NgramProposer
     from tests.unit.test_cuda_graphs import ReplayAgain
 
     path, prompts, refs = sliding_checkpoint
     engine = LLMEngine(EngineConfig(model=str(path), num_blocks=64, block_size=8, max_num_batched_tokens=24,
-                                    max_num_seqs=4))
+                                    max_num_seqs=4, adaptive_speculation=False))
     runner = engine.runner
     runner._triton, runner._num_sms = True, 4  # as on a (small) GPU: several decode splits
     if graphs:
         runner.enable_decode_graphs(4, engine.max_model_len, backend=ReplayAgain())
+    if ngram:
+        engine.set_proposer(NgramProposer())
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     outputs = {i: [] for i in range(len(prompts))}
-    pending, steps = list(enumerate(prompts)), 0
+    pending, steps, verified = list(enumerate(prompts)), 0, 0
     while pending or engine.has_unfinished():
         if pending and steps % 2 == 0:
             i, p = pending.pop(0)
             engine.add_request(str(i), p, params)
         for out in engine.step():
             outputs[int(out.request_id)].extend(out.new_token_ids)
+            verified += out.num_spec_steps if out.finished else 0
         steps += 1
     assert [outputs[i] for i in range(len(prompts))] == refs
     if graphs:
         assert sum(runner.graphs.replays.values()) > 0
+    assert (verified > 0) == ngram
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the other tests compile the kernels for it")
