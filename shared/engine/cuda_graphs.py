@@ -115,6 +115,9 @@ class DecodeGraphs:
         # host staging of the same shapes (pinned on CUDA: the copies run asynchronously)
         self._host = StaticInputs(*(torch.zeros_like(t, device="cpu").pin_memory() if pin
                                     else torch.zeros_like(t, device="cpu") for t in vars(self._buffers).values()))
+        # on CUDA the copies out of the staging buffers are asynchronous: the next step waits for
+        # them (this event) before it overwrites the staging buffers
+        self._copied = torch.cuda.Event() if pin else None
         self._graphs: dict[int, Callable[[], torch.Tensor]] = {}
         self.replays: Counter[int] = Counter()  # bucket -> steps replayed
         self.padded_rows = 0  # padding rows run so far (wasted work)
@@ -144,6 +147,8 @@ class DecodeGraphs:
             self.eager_steps += 1
             return None
         h, bs = self._host, self.block_size
+        if self._copied is not None:
+            self._copied.synchronize()
         h.input_ids[:b] = torch.tensor(token_ids)
         h.positions[:b] = torch.tensor(positions)
         h.context_lens[:b] = h.positions[:b] + 1
@@ -170,3 +175,5 @@ class DecodeGraphs:
     def _copy_in(self, size: int) -> None:
         for dst, src in zip(vars(self._buffers).values(), vars(self._host).values(), strict=True):
             dst[:size].copy_(src[:size], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
