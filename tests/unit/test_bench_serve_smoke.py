@@ -43,7 +43,7 @@ def run(tmp_path_factory):
     out = tmp / "out"
     cmd = [
         sys.executable, "-m", "tools.bench", "serve", "--model", str(model), "--out-dir", str(out),
-        "--configs", "agg,disagg,agg-spec", "--repeats", "1", "--threads", "1",
+        "--configs", "agg,disagg,agg-spec", "--api", "both", "--repeats", "1", "--threads", "1",
         "--num-requests", "3", "--num-prefix-requests", "3", "--hf-one-requests", "2", "--static-batch", "2",
         "--sweep-requests", "2", "--sweep-rates", "1.0", "--sweep-configs", "agg",
         "--fixed-input", "24", "--fixed-output", "4", "--mixed-input-median", "16",
@@ -51,7 +51,7 @@ def run(tmp_path_factory):
         "--max-num-seqs", "8", "--max-batched-tokens", "128", "--num-blocks", "128", "--time-limit", "60",
         "--markdown", str(tmp / "docs" / "benchmarks.md"),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((out / "serve.json").read_text()), out, proc
 
@@ -62,7 +62,12 @@ def test_json_has_every_field(run):
     assert result["machine"]["label"] and result["machine"]["cores"] >= 1
     assert {"loadavg_1m_before", "loadavg_1m_after", "cpu", "torch", "device"} <= set(result["machine"])
     assert result["command"].startswith("python -m tools.bench serve ")
-    assert set(result["systems"]) == {"agg", "disagg", "agg-spec", "engine", "hf_static", "hf_one"}
+    tandem = {"agg", "disagg", "agg-spec"}
+    assert set(result["systems"]) == tandem | {f"{t}-http" for t in tandem} | {
+        "engine",
+        "hf_static",
+        "hf_one",
+    }
     expected = set(metric_keys()) | set(SERVICE_FIGURE_KEYS) | {"errors"}
     for name, entry in result["systems"].items():
         if entry["skipped"]:
@@ -90,6 +95,21 @@ def test_tandem_answered_through_grpc_and_the_sweep_ran(run):
     assert len(sweep) == 1 and sweep[0]["median"]["completed"] == 2
     # the shared prefix is served from the cache after the first request
     assert result["systems"]["agg"]["results"]["prefix"]["median"]["prefix_cache_hit_ratio_client"] > 0.3
+
+
+def test_the_http_front_answered_the_same_workloads_and_its_ratio_is_reported(run):
+    result, _, _ = run
+    rows = {r["name"]: r for r in result["ratios"]}
+    for name in ("agg", "disagg"):
+        http, grpc = result["systems"][f"{name}-http"], result["systems"][name]
+        assert http["api"] == "http" and grpc["api"] == "grpc"
+        for scenario in ("fixed", "mixed", "prefix"):
+            h, g = http["results"][scenario]["median"], grpc["results"][scenario]["median"]
+            assert h["completed"] == g["completed"] == g["num_requests"]
+            assert h["total_output_tokens"] == g["total_output_tokens"]  # the same work through either door
+            assert h["median_ttft_ms"] > 0
+        row = rows[f"output throughput {name}: HTTP front / gRPC front, mixed"]
+        assert row["value"] > 0 and row["goal"] == 0.9
 
 
 def test_speculation_slot_is_skipped_with_a_note(run):

@@ -59,9 +59,15 @@ def make_workload(vocab: int, n: int, lo: int, hi: int, seed: int, bos: int | No
 def run_tandem(args, prompts) -> float:
     from shared.engine import EngineConfig, LLMEngine, SamplingParams
 
-    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                                    max_num_seqs=args.max_num_seqs,
-                                    max_num_batched_tokens=args.max_batched_tokens))
+    engine = LLMEngine(
+        EngineConfig(
+            model=args.model,
+            dtype=args.dtype,
+            device=args.device,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_batched_tokens,
+        )
+    )
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     engine.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
     _sync(args.device)
@@ -85,8 +91,14 @@ def _hf_generate(model, batch: list[list[int]], args) -> None:
     ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=args.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=args.device)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=args.output_len,
-                             min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=args.output_len,
+            min_new_tokens=args.output_len,
+            do_sample=False,
+            pad_token_id=0,
+        )
     assert out.shape[1] == width + args.output_len
 
 
@@ -104,7 +116,7 @@ def run_hf_static(args, model, prompts) -> float:
     _sync(args.device)
     t0 = time.perf_counter()
     for i in range(0, len(prompts), args.static_batch):
-        _hf_generate(model, prompts[i: i + args.static_batch], args)
+        _hf_generate(model, prompts[i : i + args.static_batch], args)
     _sync(args.device)
     return len(prompts) * args.output_len / (time.perf_counter() - t0)
 
@@ -119,8 +131,14 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     load_before = loadavg()
     cfg = json.loads((Path(args.model) / "config.json").read_text())
-    prompts = make_workload(cfg["vocab_size"], args.num_prompts, args.min_input, args.max_input, args.seed,
-                            cfg.get("bos_token_id"))
+    prompts = make_workload(
+        cfg["vocab_size"],
+        args.num_prompts,
+        args.min_input,
+        args.max_input,
+        args.seed,
+        cfg.get("bos_token_id"),
+    )
     results: dict[str, list[float]] = {"tandem": [], "hf_static": [], "hf_one": []}
     model = None if args.skip_hf else _hf_model(args)
     for _ in range(args.repeats):
@@ -137,8 +155,11 @@ def run(args) -> int:
         "torch_threads": torch.get_num_threads(),
         "load_average": [load_before, loadavg()],
         "device": args.device,
-        "workload": {"num_prompts": args.num_prompts, "input_len": [args.min_input, args.max_input],
-                     "output_len": args.output_len},
+        "workload": {
+            "num_prompts": args.num_prompts,
+            "input_len": [args.min_input, args.max_input],
+            "output_len": args.output_len,
+        },
         "output_tokens_per_s": med,
         "runs": results,
     }

@@ -7,6 +7,9 @@ time spent waiting for a concurrency slot is not part of TTFT). Two backends liv
 
 - `GrpcBackend`: the public `Tandem.Generate` RPC over grpc.aio, one stream per request on
   one channel (loopback only).
+- `HttpBackend`: the OpenAI-compatible HTTP API of the scheduler (POST /v1/completions,
+  streamed as server-sent events) over aiohttp, as `vllm bench serve` drives OpenAI servers;
+  one chunk per event that carries text, the token counts from the final usage event.
 - `EngineBackend`: Tandem's engine in this process, through `AsyncEngine` (no gRPC at all).
 """
 
@@ -130,6 +133,61 @@ class GrpcBackend:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+class HttpBackend:
+    """POST /v1/completions, streamed: greedy, max_tokens = the request's output length, ignore_eos;
+    the prompt as token ids (the same tokens the gRPC backend sends)."""
+
+    def __init__(self, base_url: str, timeout_s: float = 600.0):
+        import aiohttp
+
+        self.url = base_url.rstrip("/") + "/v1/completions"
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+            connector=aiohttp.TCPConnector(limit=0),  # no cap: the load generator caps concurrency
+        )
+
+    def prepare(self, req: BenchRequest):
+        return {
+            "prompt": req.prompt,
+            "max_tokens": req.output_len,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+
+    async def stream(self, prepared, tl: Timeline) -> None:
+        import json
+
+        async with self._session.post(self.url, json=prepared) as resp:
+            if resp.status != 200:
+                body = await resp.text()
+                raise RuntimeError(f"HTTP {resp.status}: {body[:300]}")
+            async for line in resp.content:  # one line at a time; events are "data: {...}" lines
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:].strip()
+                if data == b"[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    tl.error = event["error"].get("message") or "error"
+                    break
+                for choice in event.get("choices") or ():
+                    if choice.get("text"):
+                        tl.add_chunk(clock(), 1)
+                    if choice.get("finish_reason") in ("error", "cancelled"):
+                        tl.error = choice["finish_reason"]
+                usage = event.get("usage")
+                if usage:
+                    tl.output_tokens = usage["completion_tokens"]
+                    tl.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        tl.end = clock()
+
+    async def close(self) -> None:
+        await self._session.close()
 
 
 class EngineBackend:

@@ -80,6 +80,19 @@ def ratios(result: dict) -> list[dict]:
                 0.85 if system == "agg" else None,
             )
         )
+    for system in ("agg", "disagg"):  # the two front doors of the same services, interleaved run by run
+        if _ran(result, system) and _ran(result, f"{system}-http"):
+            for scenario in ("mixed", "fixed"):
+                rows.append(
+                    _row(
+                        f"output throughput {system}: HTTP front / gRPC front, {scenario}",
+                        f"{system}-http.{scenario}.output_throughput",
+                        f"{system}.{scenario}.output_throughput",
+                        _median(result, f"{system}-http", scenario, "output_throughput"),
+                        _median(result, system, scenario, "output_throughput"),
+                        0.9 if scenario == "mixed" else None,
+                    )
+                )
     if set(tandem) == {"agg", "disagg"}:
         for scenario in ("mixed", "fixed"):
             num = _median(result, "disagg", scenario, "output_throughput")

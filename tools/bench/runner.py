@@ -1,7 +1,7 @@
 """Runs the scenarios of one system, `repeats` times each, and keeps every run's figures.
 
-A system is a backend factory (Tandem's services over gRPC, the in-process engine) or an HF
-baseline. Each measured run draws its prompts afresh (`permute_tokens`: same lengths, other
+A system is a backend factory (Tandem's services over gRPC or over the OpenAI-compatible HTTP
+API, the in-process engine) or an HF baseline. Each measured run draws its prompts afresh (`permute_tokens`: same lengths, other
 tokens, same for every system), so no run hits a prefix cache with an earlier run's prompts
 while the shared-prefix workload keeps its shared prefix. Services are scraped before and
 after each run, so their counters cover that run only.
@@ -123,25 +123,44 @@ class Runner:
         scrape_urls: dict[str, str] | None = None,
     ) -> dict:
         """Every scenario `repeats` times, then the rate sweep when `sweep_rates` gives rates."""
-        out: dict = {"results": {}, "sweep": []}
-        self.warm_up(backend)
+        return self.run_systems({name: backend}, scenarios, sweep_rates, scrape_urls)[name]
+
+    def run_systems(
+        self,
+        backends: dict[str, BackendFactory],
+        scenarios: list[str],
+        sweep_rates: Callable[[dict], list[float]],
+        scrape_urls: dict[str, str] | None = None,
+    ) -> dict[str, dict]:
+        """Several ways into the same services (the gRPC and the HTTP front), interleaved: each
+        repeat of each scenario runs through every backend in turn, so that a change in the
+        machine's load falls on all of them alike. The sweep runs through the first only."""
+        outs: dict[str, dict] = {name: {"results": {}, "sweep": []} for name in backends}
+        for backend in backends.values():
+            self.warm_up(backend)
         for scenario in scenarios:
-            runs = []
+            runs: dict[str, list] = {name: [] for name in backends}
             for repeat in range(self.args.repeats):
-                runs.append(self.measure(backend, scenario, repeat, scrape_urls=scrape_urls))
-                progress(name, scenario, repeat, runs[-1])
-            out["results"][scenario] = {"median": median_of_runs(runs), "runs": runs}
+                for name, backend in backends.items():
+                    runs[name].append(self.measure(backend, scenario, repeat, scrape_urls=scrape_urls))
+                    progress(name, scenario, repeat, runs[name][-1])
+            for name in backends:
+                outs[name]["results"][scenario] = {"median": median_of_runs(runs[name]), "runs": runs[name]}
+        name, backend = next(iter(backends.items()))
+        out = outs[name]
         for i, rate in enumerate(sweep_rates(out)):
-            runs = []
+            sweep_runs = []
             for repeat in range(self.args.repeats):
-                runs.append(
+                sweep_runs.append(
                     self.measure(
                         backend, "sweep", repeat, rate=rate, rate_index=i + 1, scrape_urls=scrape_urls
                     )
                 )
-                progress(name, f"sweep@{rate:.3g}/s", repeat, runs[-1])
-            out["sweep"].append({"request_rate": rate, "median": median_of_runs(runs), "runs": runs})
-        return out
+                progress(name, f"sweep@{rate:.3g}/s", repeat, sweep_runs[-1])
+            out["sweep"].append(
+                {"request_rate": rate, "median": median_of_runs(sweep_runs), "runs": sweep_runs}
+            )
+        return outs
 
     def run_hf(self, name: str, model, scenarios: list[str]) -> dict:
         """An HF baseline on the fixed and mixed workloads (all requests at once)."""

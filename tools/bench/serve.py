@@ -4,7 +4,10 @@
     python -m tools.bench serve --model models/tandem-demo-code/target --quick    # smaller preset
 
 Each Tandem configuration (aggregated, disaggregated, prefix caching off, speculation) runs as
-real processes on free loopback ports, driven over the public Generate RPC; the baselines (HF
+real processes on free loopback ports, driven over the public Generate RPC, or with --api http
+over the OpenAI-compatible HTTP API (POST /v1/completions, streamed), or with --api both over
+each in turn, run by run, on the same services (systems <config> and <config>-http; the report
+gives the HTTP front's throughput as a ratio of the gRPC front's); the baselines (HF
 transformers `generate` one request at a time and in static batches, Tandem's engine in this
 process) run the same workloads on the same model in the same run. Scenarios:
 
@@ -33,7 +36,7 @@ import time
 from pathlib import Path
 
 from . import plots, report
-from .loadgen import EngineBackend, GrpcBackend
+from .loadgen import EngineBackend, GrpcBackend, HttpBackend
 from .machine import cores, loadavg, machine_info, model_shape
 from .runner import Runner
 from .topology import CONFIGURATIONS, EngineSettings, Services, unavailable_reason
@@ -74,6 +77,13 @@ def add_parser(sub) -> None:
     p.add_argument("--configs", help=f"of {', '.join(CONFIGURATIONS)} (default {DEFAULTS['configs']})")
     p.add_argument(
         "--baselines", default=",".join(BASELINES), help="of engine, hf_static, hf_one ('' for none)"
+    )
+    p.add_argument(
+        "--api",
+        choices=("grpc", "http", "both"),
+        default="grpc",
+        help="how the load reaches Tandem's services: the Generate RPC, the OpenAI-compatible HTTP API "
+        "(system <config>-http), or both, interleaved run by run on the same services (default grpc)",
     )
     p.add_argument("--workloads", default="fixed,mixed,prefix")
     p.add_argument("--num-requests", type=int, help="requests of the fixed and mixed runs (default 64)")
@@ -209,9 +219,11 @@ def run(args) -> int:
     for config in configs:
         # c1 compares TPOT with and without speculation: the speculating configurations and their twins
         mine = scenarios + (["c1"] if speculating and config.prefix_caching else [])
-        systems[config.name] = run_tandem(args, runner, model, config, engine, mine, rates_for(config.name))
-        if systems[config.name]["skipped"]:
-            notes.append(f"{config.name}: {systems[config.name]['skipped']}")
+        ran = run_tandem(args, runner, model, config, engine, mine, rates_for(config.name))
+        systems.update(ran)
+        for name, entry in ran.items():
+            if entry["skipped"]:
+                notes.append(f"{name}: {entry['skipped']}")
     systems.update(run_baselines(args, runner, model, engine, scenarios, rates_for))
 
     result = {
@@ -243,24 +255,43 @@ def run(args) -> int:
 
 
 def run_tandem(args, runner: Runner, model: Path, config, engine, scenarios, sweep_rates) -> dict:
-    """One configuration: start its services, run every scenario through Generate, stop them."""
-    entry = {
-        "kind": "tandem",
-        "description": config.describe(),
-        "skipped": unavailable_reason(config, str(model)),
-    }
-    if entry["skipped"]:
-        return entry
-    entry["threads_per_worker"] = args.threads or max(1, cores() // (2 if config.disaggregated else 1))
+    """One configuration: start its services, run every scenario through the public API(s) that
+    --api names (gRPC as <config>, HTTP as <config>-http, interleaved), stop them."""
+    names = {
+        "grpc": [config.name],
+        "http": [f"{config.name}-http"],
+        "both": [config.name, f"{config.name}-http"],
+    }[args.api]
+    entries = {}
+    for name in names:
+        http = name.endswith("-http")
+        entries[name] = {
+            "kind": "tandem",
+            "api": "http" if http else "grpc",
+            "description": config.describe() + (", OpenAI-compatible HTTP API" if http else ""),
+            "skipped": unavailable_reason(config, str(model)),
+        }
+    if entries[names[0]]["skipped"]:
+        return entries
+    threads = args.threads or max(1, cores() // (2 if config.disaggregated else 1))
     try:
-        with Services(
-            str(model), config, engine, threads=entry["threads_per_worker"], gpu_hour_usd=args.gpu_hour_usd
-        ) as svc:
-            backend = (lambda addr=svc.address: GrpcBackend(addr), True)
-            entry.update(runner.run_system(config.name, scenarios, backend, sweep_rates, svc.metrics_urls))
+        with Services(str(model), config, engine, threads=threads, gpu_hour_usd=args.gpu_hour_usd) as svc:
+            backends = {
+                name: (
+                    (lambda url=svc.http_url: HttpBackend(url), True)
+                    if name.endswith("-http")
+                    else (lambda addr=svc.address: GrpcBackend(addr), True)
+                )
+                for name in names
+            }
+            outs = runner.run_systems(backends, scenarios, sweep_rates, svc.metrics_urls)
+            for name in names:
+                entries[name]["threads_per_worker"] = threads
+                entries[name].update(outs[name])
     except RuntimeError as e:
-        entry["skipped"] = f"failed to run: {e}"
-    return entry
+        for entry in entries.values():
+            entry["skipped"] = f"failed to run: {e}"
+    return entries
 
 
 def run_baselines(args, runner: Runner, model: Path, engine, scenarios, rates_for) -> dict:

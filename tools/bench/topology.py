@@ -158,6 +158,7 @@ class Services:
         self.procs: dict = {}
         self.addrs: dict[str, str] = {}
         self.metrics_urls: dict[str, str] = {}
+        self.http_url = ""
 
     @property
     def address(self) -> str:
@@ -169,10 +170,11 @@ class Services:
             names.append("prefill")
         if self.config.speculation == "draft":
             names.append("draft")
-        ports = free_ports(2 * len(names))
+        ports = free_ports(2 * len(names) + 1)
         for i, name in enumerate(names):
             self.addrs[name] = f"127.0.0.1:{ports[2 * i]}"
             self.metrics_urls[name] = f"http://127.0.0.1:{ports[2 * i + 1]}/metrics"
+        self.http_url = f"http://127.0.0.1:{ports[-1]}"  # the scheduler's OpenAI-compatible API
 
         def base(name: str) -> dict[str, str]:
             return {
@@ -217,6 +219,7 @@ class Services:
                 **base("scheduler"),
                 "TANDEM_DECODE_ADDRS": self.addrs["decode"],
                 "TANDEM_PREFILL_ADDRS": self.addrs.get("prefill", ""),
+                "TANDEM_HTTP_PORT": self.http_url.rsplit(":", 1)[1],
                 "TANDEM_HEALTH_INTERVAL_S": "0.5",
                 "TANDEM_HTTP_PORT": "0",  # the benchmark drives gRPC; port 8000 may be taken
             },
