@@ -143,15 +143,19 @@ class Metrics:
         Gauge("tandem_gpus", "GPUs held by this process.", registry=r).set(num_gpus)
         Gauge(
             "tandem_gpu_cost_usd", "uptime_hours * gpus * price per GPU-hour (NaN: price unset).", registry=r
-        ).set_function(
-            self.gpu_cost_usd
-        )
+        ).set_function(self.gpu_cost_usd)
         Gauge(
             "tandem_estimated_cost_usd_per_million_generated_tokens",
             "tandem_gpu_cost_usd / tandem_generation_tokens_total * 1e6 (NaN before the first token, "
             "or with the price unset).",
             registry=r,
         ).set_function(self.cost_per_million_tokens)
+        # what a front door costs the scheduler per token, e.g. (tools/bench/scrape.py)
+        Gauge(
+            "tandem_process_cpu_seconds",
+            "CPU seconds this process has used so far (user + system, all threads).",
+            registry=r,
+        ).set_function(time.process_time)
 
     # -- recording helpers: one call per event, so call sites stay one line ---------------
 

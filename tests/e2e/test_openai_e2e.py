@@ -173,6 +173,41 @@ def test_seeded_sampling_is_reproducible(client):
     assert [c.index for c in many.choices] == [0, 1, 2]
     assert many.choices[0].text == a and len({c.text for c in many.choices}) > 1
     assert many.choices[1].text == client.completions.create(seed=8, **kw).choices[0].text
+    # n choices streamed: the chunks of each index add up to that choice
+    texts = ["", "", ""]
+    for chunk in client.completions.create(seed=7, n=3, stream=True, **kw):
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert texts == [c.text for c in many.choices]
+
+
+def test_sampling_filters_reach_the_engine(client, tokenizer, hf):
+    """top_k=1, min_p=1 and a tiny top_p each leave only the likeliest token: greedy, even at temperature 1."""
+    prompt = "hello world"
+    greedy = tokenizer.decode(hf_greedy(hf, tokenizer.encode(prompt), 8))
+    kw = dict(model="tiny", prompt=prompt, max_tokens=8, temperature=1.0, seed=3)
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        out = client.completions.create(extra_body={"ignore_eos": True, **extra}, **kw).choices[0].text
+        assert out == greedy, extra
+    assert (
+        client.completions.create(top_p=1e-6, extra_body={"ignore_eos": True}, **kw).choices[0].text == greedy
+    )
+    # a repetition penalty changes what greedy decoding picks; a list of string prompts answers each
+    penalized = (
+        client.completions.create(
+            model="tiny",
+            prompt=prompt,
+            max_tokens=24,
+            temperature=0,
+            extra_body={"ignore_eos": True, "repetition_penalty": 5.0},
+        )
+        .choices[0]
+        .text
+    )
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, **GREEDY).choices[0].text
+    assert penalized != plain
+    both = client.completions.create(model="tiny", prompt=[prompt, "def "], max_tokens=8, **GREEDY)
+    assert both.choices[0].text == greedy
+    assert both.choices[1].text == tokenizer.decode(hf_greedy(hf, tokenizer.encode("def "), 8))
 
 
 def test_stop_strings(client, tokenizer, hf):

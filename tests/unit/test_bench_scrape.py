@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from shared.telemetry.metrics import Metrics
@@ -47,6 +49,22 @@ def test_figures_are_deltas_over_the_run():
     assert f["gpu_hour_price_usd"] == 2.0
     assert f["metrics_endpoints_answering"] == ["decode", "scheduler"]
     assert set(f) == set(SERVICE_FIGURE_KEYS)
+
+
+def test_scheduler_cpu_per_token_is_its_process_cpu_over_its_tokens():
+    sched = Metrics("scheduler")
+    before = {"scheduler": exposition(sched)}
+    burnt = time.process_time()
+    while time.process_time() - burnt < 0.05:  # spend some CPU in this process
+        sum(range(1000))
+    sched.generation_tokens.inc(100)
+    after = {"scheduler": exposition(sched)}
+    cpu_s = (
+        after["scheduler"]["tandem_process_cpu_seconds"] - before["scheduler"]["tandem_process_cpu_seconds"]
+    )
+    f = service_figures(before, after)
+    assert cpu_s >= 0.05
+    assert f["scheduler_cpu_ms_per_token"] == pytest.approx(cpu_s * 1000 / 100)
 
 
 def test_nothing_counted_is_null_not_zero():

@@ -120,3 +120,14 @@ def test_no_template_a_broken_one_and_the_sandbox(tmp_path):
     mutate = ChatTemplate("{{ messages.append(1) }}")  # immutable: a template cannot change its input
     with pytest.raises(TemplateError):
         mutate.render(MESSAGES)
+
+
+def test_the_scheduler_with_its_http_api_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, services.scheduler.app, services.scheduler.http; print('torch' in sys.modules)"
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

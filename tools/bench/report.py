@@ -93,6 +93,15 @@ def ratios(result: dict) -> list[dict]:
                         0.9 if scenario == "mixed" else None,
                     )
                 )
+                rows.append(
+                    _row(
+                        f"scheduler CPU per generated token {system}: HTTP front / gRPC front, {scenario}",
+                        f"{system}-http.{scenario}.scheduler_cpu_ms_per_token",
+                        f"{system}.{scenario}.scheduler_cpu_ms_per_token",
+                        _median(result, f"{system}-http", scenario, "scheduler_cpu_ms_per_token"),
+                        _median(result, system, scenario, "scheduler_cpu_ms_per_token"),
+                    )
+                )
     if set(tandem) == {"agg", "disagg"}:
         for scenario in ("mixed", "fixed"):
             num = _median(result, "disagg", scenario, "output_throughput")

@@ -66,10 +66,15 @@ class Runner:
             "sweep": dict(workload="mixed", request_rate=None, burstiness=burst, max_concurrency=None),
         }
 
-    def requests(self, scenario: str, repeat: int, rate_index: int = 0) -> list[BenchRequest]:
+    def requests(
+        self, scenario: str, repeat: int, rate_index: int = 0, variant: int = 0
+    ) -> list[BenchRequest]:
         """The scenario's requests with tokens drawn afresh for (scenario, repeat, rate): other source
-        windows for natural text, a permutation of the token ids (same lengths) for the rest."""
-        salt = zlib.crc32(f"{scenario}/{repeat}/{rate_index}".encode())
+        windows for natural text, a permutation of the token ids (same lengths) for the rest.
+        `variant` > 0: another draw for another backend on the same services (no cache hits on
+        the prompts the first one just sent)."""
+        key = f"{scenario}/{repeat}/{rate_index}" + (f"/{variant}" if variant else "")
+        salt = zlib.crc32(key.encode())
         if scenario == "c1" and self.c1_workload == "code":
             return make_workload("code", self.args.c1_requests, self.spec, self.shape, self.args.seed + salt)
         return permute_tokens(self.workloads[scenario], self.shape, self.args.seed + salt)
@@ -87,9 +92,10 @@ class Runner:
         rate: float | None = None,
         rate_index: int = 0,
         scrape_urls: dict[str, str] | None = None,
+        variant: int = 0,
     ) -> dict:
         sc = self.scenarios[scenario]
-        reqs = self.requests(scenario, repeat, rate_index)
+        reqs = self.requests(scenario, repeat, rate_index, variant)
         offsets = arrival_offsets(
             len(reqs),
             sc["request_rate"] if rate is None else rate,
@@ -133,17 +139,24 @@ class Runner:
         scrape_urls: dict[str, str] | None = None,
     ) -> dict[str, dict]:
         """Several ways into the same services (the gRPC and the HTTP front), interleaved: each
-        repeat of each scenario runs through every backend in turn, so that a change in the
-        machine's load falls on all of them alike. The sweep runs through the first only."""
+        repeat of each scenario runs through every backend in turn (the order rotating from one
+        repeat to the next), so that a change in the machine's load falls on all of them alike.
+        Each backend sends its own draw of the prompts (same lengths, other tokens), so none
+        finds the previous one's prompts in the prefix cache. The sweep runs through the first only."""
         outs: dict[str, dict] = {name: {"results": {}, "sweep": []} for name in backends}
         for backend in backends.values():
             self.warm_up(backend)
+        order = list(backends)
         for scenario in scenarios:
             runs: dict[str, list] = {name: [] for name in backends}
             for repeat in range(self.args.repeats):
-                for name, backend in backends.items():
-                    runs[name].append(self.measure(backend, scenario, repeat, scrape_urls=scrape_urls))
-                    progress(name, scenario, repeat, runs[name][-1])
+                shift = repeat % len(order)
+                for name in order[shift:] + order[:shift]:
+                    figures = self.measure(
+                        backends[name], scenario, repeat, scrape_urls=scrape_urls, variant=order.index(name)
+                    )
+                    runs[name].append(figures)
+                    progress(name, scenario, repeat, figures)
             for name in backends:
                 outs[name]["results"][scenario] = {"median": median_of_runs(runs[name]), "runs": runs[name]}
         name, backend = next(iter(backends.items()))

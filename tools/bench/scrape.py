@@ -8,6 +8,9 @@ difference, so warm-up traffic and earlier runs do not count:
     spec_acceptance_rate   = d(tandem_spec_accepted_tokens) / d(tandem_spec_proposed_tokens)
     usd_per_million_tokens = sum over services of d(tandem_gpu_cost_usd)
                              / d(tandem_generation_tokens) of the scheduler (else the decode workers) * 1e6
+    scheduler_cpu_ms_per_token = d(tandem_process_cpu_seconds) of the scheduler
+                             / d(tandem_generation_tokens) of the scheduler * 1000
+                             (what the front door and relay cost per token: gRPC vs HTTP)
 
 A figure whose counters no service exposes (a service without a metrics server, a counter the
 services do not update yet) is None, never 0.
@@ -89,7 +92,17 @@ def service_figures(before: dict[str, Scrape | None], after: dict[str, Scrape | 
         "spec_accepted_tokens": accepted,
         "gpu_hour_price_usd": price,
         "usd_per_million_generated_tokens": None if cost is None else _ratio(cost * 1e6, generated),
+        "scheduler_cpu_ms_per_token": _ratio(
+            _scale(
+                _delta(before.get("scheduler"), after.get("scheduler"), "tandem_process_cpu_seconds"), 1000.0
+            ),
+            _delta(before.get("scheduler"), after.get("scheduler"), "tandem_generation_tokens_total"),
+        ),
     }
+
+
+def _scale(value: float | None, factor: float) -> float | None:
+    return None if value is None else value * factor
 
 
 SERVICE_FIGURE_KEYS = (
@@ -100,4 +113,5 @@ SERVICE_FIGURE_KEYS = (
     "spec_accepted_tokens",
     "gpu_hour_price_usd",
     "usd_per_million_generated_tokens",
+    "scheduler_cpu_ms_per_token",
 )

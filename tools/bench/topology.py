@@ -221,7 +221,6 @@ class Services:
                 "TANDEM_PREFILL_ADDRS": self.addrs.get("prefill", ""),
                 "TANDEM_HTTP_PORT": self.http_url.rsplit(":", 1)[1],
                 "TANDEM_HEALTH_INTERVAL_S": "0.5",
-                "TANDEM_HTTP_PORT": "0",  # the benchmark drives gRPC; port 8000 may be taken
             },
         )
         return plan
