@@ -12,7 +12,8 @@ transformers `generate` one request at a time and in static batches, Tandem's en
 process) run the same workloads on the same model in the same run. Scenarios:
 
     fixed, mixed  all requests at once (saturation), or --request-rate/--burstiness/--max-concurrency
-    prefix        one shared system prompt, at --prefix-concurrency (default 1: TTFT without queueing)
+    prefix        one shared system prompt, at --prefix-concurrency (default 1: TTFT without queueing);
+                  the -nocache configurations run only this one (their TTFT is the ratio's baseline)
     c1            held-out Python source at concurrency 1: TPOT with and without speculation (run only
                   when a speculation configuration can run, by it and by its plain twin)
     sweep         the mixed workload at Poisson rates up to saturation: latency-throughput curves
@@ -60,7 +61,7 @@ QUICK = dict(
     sweep_requests=16,
     repeats=2,
     sweep_rates="0.25,0.5,1.0",
-    configs="agg,disagg,agg-nocache,agg-spec",
+    configs="agg,disagg,agg-nocache,disagg-nocache,agg-spec",
     sweep_configs="agg,engine",
 )
 
@@ -219,6 +220,8 @@ def run(args) -> int:
     for config in configs:
         # c1 compares TPOT with and without speculation: the speculating configurations and their twins
         mine = scenarios + (["c1"] if speculating and config.prefix_caching else [])
+        if not config.prefix_caching and "prefix" in mine:
+            mine = ["prefix"]  # a -nocache twin is there for the prefix-caching TTFT ratio only
         ran = run_tandem(args, runner, model, config, engine, mine, rates_for(config.name))
         systems.update(ran)
         for name, entry in ran.items():
