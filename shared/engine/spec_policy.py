@@ -21,7 +21,8 @@ rate(0) = B / T(p + B)) unless that rate beats rate(0) by MARGIN. Every input is
 through recent (tokens, seconds) samples, exponentially forgotten (a line keeps its last slope
 while recent samples have too little spread to fit one); a from the verifications (each
 accepted draft is a success, the first rejected one a failure). Until the costs have been
-measured the engine speculates with k_max, which is how they get measured.
+measured the engine speculates with k_max, which is how they get measured; while the model
+says 0, an occasional probe step with k_max keeps them current.
 
 Pure: no torch, no clock; the engine feeds it measurements and asks it for k.
 """
@@ -37,6 +38,11 @@ DECAY = 0.98  # forgetting per observation: about the last 50 steps count
 # Speculation must promise this much more throughput than plain decoding: the measured costs
 # are noisy, and a gain within the noise is not worth the draft's work.
 MARGIN = 0.05
+# While the model says k = 0, every PROBE_EVERY x B steps (B decoding sequences) is verified
+# with k_max anyway: acceptance and the draft's cost are only measured while speculating, and
+# both change (another text, another batch size). A probe costs about k_max + 1 plain steps,
+# so a few percent of the time in a large batch, where probes are rarer.
+PROBE_EVERY = 8
 
 
 def expected_tokens(a: float, k: int) -> float:
@@ -132,6 +138,7 @@ class SpecPolicy:
         self.draft = StepCostFit()  # seconds of a draft call proposing m positions in all
         self.acceptance = Ewma(ACCEPTANCE_PRIOR, WEIGHT_PRIOR)
         self.last_k: int | None = None
+        self._plain_steps = 0  # steps at k = 0 since the last speculating one
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         if num_tokens > 0 and seconds > 0 and math.isfinite(seconds):
@@ -156,5 +163,11 @@ class SpecPolicy:
             k = k_max  # speculate to measure
         else:
             k = best_k(self.acceptance.value, k_max, self.draft, self.target, num_seqs, other_tokens)
+            if k == 0:
+                self._plain_steps += 1
+                if self._plain_steps >= PROBE_EVERY * num_seqs:
+                    k = k_max  # a probe
+        if k:
+            self._plain_steps = 0
         self.last_k = k
         return k

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from shared.engine.spec_policy import (
+    PROBE_EVERY,
     SpecPolicy,
     StepCostFit,
     best_k,
@@ -100,3 +101,21 @@ def test_acceptance_estimate_counts_the_first_rejection_as_a_failure():
     for _ in range(300):
         policy.observe_verify(4, 4)  # all accepted: no failure seen
     assert policy.acceptance.value > 0.95
+
+
+def test_turned_off_it_probes_now_and_then_and_resumes_when_acceptance_returns():
+    cpu = dict(target=line(0.007, 0.0008), draft=line(0.001, 0.0002))
+    policy = fed(SpecPolicy(), acceptance=0.0, **cpu)
+    ks = [policy.choose_k(4, 1) for _ in range(PROBE_EVERY * 4)]
+    assert ks.count(4) == 4 and ks.count(0) == len(ks) - 4  # one probe per PROBE_EVERY steps at batch 1
+    big = [policy.choose_k(4, 16) for _ in range(PROBE_EVERY * 16)]
+    assert big.count(4) == 1  # rarer in a large batch, where a probe costs more
+    # the text changes: the probes see every draft accepted, and speculation resumes
+    ks = []
+    for _ in range(10 * PROBE_EVERY):
+        ks.append(policy.choose_k(4, 1))
+        if ks[-1]:
+            policy.observe_verify(4, 4)
+        if ks[-2:] == [4, 4] or len(ks) > 1 and ks[-1] and ks[-2]:
+            break
+    assert len(ks) > 1 and ks[-1] > 0 and ks[-2] > 0, ks  # two speculating steps in a row: not a probe
