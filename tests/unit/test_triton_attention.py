@@ -26,6 +26,7 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
 def dev(*tensors):
     return [t.to(DEVICE) for t in tensors]
 
+
 BS = 8  # KV block size in these tests
 
 
@@ -57,7 +58,8 @@ def run_decode(ctx_lens, hq, hkv, d, window=None, num_splits=1, dtype=torch.floa
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("ratio", [1, 4, 8])
 def test_decode_matches_reference(d, ratio):
-    out, ref = run_decode([1, 7, 19, 40], hq=ratio * 1 if ratio > 1 else 2, hkv=1 if ratio > 1 else 2, d=d)
+    hq, hkv = (2, 2) if ratio == 1 else (ratio, 1)
+    out, ref = run_decode([1, 7, 19, 40], hq=hq, hkv=hkv, d=d)
     torch.testing.assert_close(out.float(), ref, atol=2e-5, rtol=1e-4)
 
 
@@ -175,7 +177,7 @@ def sliding_checkpoint(tmp_path_factory):
     return path, prompts, [hf_greedy(hf, p, 8) for p in prompts]
 
 
-@pytest.mark.parametrize("graphs, ngram", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("graphs, ngram", [(True, False), (True, True)])  # mixed steps run eagerly
 @pytest.mark.skipif(DEVICE != "cpu", reason="tests/gpu and tools/gpu_check.py cover the engine on CUDA")
 def test_engine_through_the_triton_path_matches_hf(sliding_checkpoint, graphs, ngram):
     """The runner's CUDA path (one varlen + one decode launch per layer, int32 index tensors,
