@@ -12,3 +12,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # chosen before Triton is first imported (tests/unit/test_triton_attention.py).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_sessionstart(session):
+    """Build the CPU kernels once, before any test: on a fresh machine the first service
+    process to start would otherwise compile them (about a minute) inside a test's start-up
+    timeout, with every other worker process waiting on the build lock."""
+    from shared.engine.model import cpu_kernels
+
+    cpu_kernels.load()
