@@ -8,12 +8,14 @@ This module knows nothing about gRPC; `interceptors.py` carries the context acro
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlparse
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
@@ -23,7 +25,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
-from opentelemetry.trace import Link, NonRecordingSpan, SpanContext
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from shared.telemetry.attributes import tandem_attribute
@@ -94,10 +96,31 @@ def span(
     """
     tracer = tracer or get_tracer()
     context = trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None
-    with tracer.start_as_current_span(
+    current = tracer.start_span(
         name, context=context, kind=kind, links=list(links), attributes=span_attributes(attrs)
-    ) as current:
+    )
+    token = otel_context.attach(trace.set_span_in_context(current))
+    try:
         yield current
+    except Exception as exc:  # errors only: GeneratorExit and CancelledError are not
+        if current.is_recording():
+            current.record_exception(exc)
+            current.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        current.end()
+        _detach(token)
+
+
+def _detach(token: contextvars.Token) -> None:
+    """Make the span no longer current. A generator holding the span (a streaming gRPC handler
+    whose call was cancelled while it waited at `yield`) may be closed later by the event loop
+    in another context: there is nothing to restore there, and OpenTelemetry's own detach would
+    log a traceback for it."""
+    try:
+        token.var.reset(token)
+    except ValueError:  # created in another context
+        pass
 
 
 def annotate(span_: trace.Span | None = None, **attrs: Any) -> None:

@@ -295,6 +295,30 @@ def test_span_records_an_escaping_exception_as_error():
     assert attributes.FINISH_REASON not in s.attributes  # None values are left out
 
 
+def test_a_span_in_a_generator_closed_from_another_context_ends_without_an_error(caplog):
+    """A gRPC streaming handler whose call is cancelled while it waits at `yield` is closed later,
+    by the event loop's async-generator finalizer in another context: its span must still end,
+    without OpenTelemetry's "Failed to detach context" traceback."""
+    import contextvars
+
+    exporter = InMemorySpanExporter()
+    tracer = get_tracer(_provider("svc", exporter))
+
+    def stream():
+        with span("decode", tracer=tracer, request_id="r1"):
+            yield 1
+            yield 2
+
+    gen = stream()
+    started_in = contextvars.copy_context()  # like the handler's task, gone once cancelled
+    assert started_in.run(next, gen) == 1
+    with caplog.at_level("ERROR"):
+        contextvars.Context().run(gen.close)  # closed in a context other than the one it started in
+    assert not [r for r in caplog.records if "detach" in r.getMessage()]
+    (s,) = exporter.get_finished_spans()
+    assert s.name == "decode" and s.status.status_code != StatusCode.ERROR
+
+
 async def test_otlp_exporter_delivers_spans_to_a_collector_on_shutdown():
     with OtlpReceiver() as receiver:
         config = TelemetryConfig(service_name="svc-otlp", otlp_endpoint=receiver.endpoint)
