@@ -100,3 +100,17 @@ def test_no_endpoint_no_exporter(otlp_exporters):
 def test_endpoint_scheme_decides_plaintext(otlp_exporters, endpoint, insecure):
     build_tracer_provider(TelemetryConfig(service_name="s", otlp_endpoint=endpoint)).shutdown()
     assert otlp_exporters == [{"endpoint": endpoint, "insecure": insecure}]
+
+
+def test_the_metrics_server_binds_to_the_services_host_not_every_interface():
+    from shared.config import telemetry_from_env
+    from shared.telemetry import setup_telemetry
+
+    assert TelemetryConfig(service_name="svc").metrics_host == "127.0.0.1"
+    config = telemetry_from_env("tandem-decode", env={"TANDEM_METRICS_PORT": "0"}, host="127.0.0.1")
+    assert config.metrics_host == "127.0.0.1"
+    telemetry = setup_telemetry(config, set_global=False, configure_logs=False)
+    try:
+        assert telemetry.metrics._server.server_address[0] == "127.0.0.1"
+    finally:
+        telemetry.shutdown()
