@@ -44,7 +44,7 @@ gpu-check:
 	$(GPU_PYTHON) -m tools.gpu_check $(ARGS)
 
 bench-serve: install
-	$(PY) -m tools.bench serve --model $(MODEL)
+	$(PY) -m tools.bench serve --model $(MODEL) $(ARGS)
 
 # speculation with / without, concurrency 1 and saturation, against Leviathan et al.'s formula
 bench-spec: install
