@@ -2,11 +2,13 @@
 
     python deploy/compose/healthcheck.py            # dials 127.0.0.1:$TANDEM_PORT
     python deploy/compose/healthcheck.py host:port
+    python deploy/compose/healthcheck.py --service tandem.v1.Tandem   # one service's status
 
 docker-compose.yml runs it in every Tandem container (`healthcheck.test`), so a container is
 healthy exactly when its server is up and not shutting down (the server reports NOT_SERVING
 during its grace period). It asks for the overall status (service name ""), which every
-Tandem server sets. Exit 1 otherwise, with the reason on stderr (shown by `docker inspect`).
+Tandem server sets (`--service NAME` asks for one service's instead: the Kubernetes readiness
+probe of the scheduler asks for tandem.v1.Tandem). Exit 1 otherwise, with the reason on stderr (shown by `docker inspect`).
 
 With TLS on (TANDEM_TLS_CERT), it dials the way the service's peers do: TLS verified against
 TANDEM_TLS_CA, presenting the service's own certificate (workers require one), and checking the
@@ -21,6 +23,14 @@ import sys
 
 
 def main(argv: list[str]) -> int:
+    service = ""
+    if "--service" in argv:
+        i = argv.index("--service")
+        if i + 1 >= len(argv):
+            print("healthcheck: --service needs a name", file=sys.stderr)
+            return 1
+        service = argv[i + 1]
+        argv = argv[:i] + argv[i + 2 :]
     if argv:
         target = argv[0]
     else:
@@ -35,7 +45,9 @@ def main(argv: list[str]) -> int:
 
     try:
         with _channel(grpc, target) as channel:
-            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=2.0
+            )
     except grpc.RpcError as e:
         print(f"healthcheck: {target}: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1

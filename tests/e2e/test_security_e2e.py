@@ -92,7 +92,15 @@ class Stack:
             logs,
         )
         self.prefill = Service(
-            "prefill", {**worker, **tls("prefill"), "TANDEM_PORT": str(ports["prefill"])}, logs
+            "prefill",
+            {
+                **worker,
+                **tls("prefill"),
+                "TANDEM_PORT": str(ports["prefill"]),
+                # by name: the worker dials the addresses it resolves to and checks the name on them
+                "TANDEM_SCHEDULER_ADDR": f"localhost:{self.internal_port}",
+            },
+            logs,
         )
         self.decode = Service(
             "decode",
@@ -174,7 +182,7 @@ def stack(tiny_model, draft_model, tmp_path_factory, receiver):
         stop_all(s.all)
 
 
-def wait_registered(stack: Stack, timeout_s: float = 60.0) -> generate_pb2.ModelInfo:
+def wait_registered(stack: Stack, timeout_s: float = 180.0) -> generate_pb2.ModelInfo:
     deadline = time.monotonic() + timeout_s
     with stack.public_channel() as channel:
         stub = generate_pb2_grpc.TandemStub(channel)
@@ -221,7 +229,7 @@ def test_disaggregated_generate_with_draft_over_mutual_tls(stack, reference):
     greedy output equals the single-process engine's (what the plaintext stacks produce)."""
     with stack.prefill.channel() as channel:
         before = worker_pb2_grpc.WorkerStub(channel).GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while True:  # the decode worker speculates once its first draft call went through
         responses = generate(stack, KEY_A, max_tokens=24)
         assert tokens_of(responses) == reference(PROMPT, 24)
