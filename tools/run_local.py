@@ -129,20 +129,24 @@ def wait_routable(scheduler: str, num_workers: int, timeout_s: float, stop: thre
 
 
 def stop_all(procs: dict[str, subprocess.Popen], grace_s: float) -> int:
-    """SIGTERM to every service (scheduler first), then SIGKILL after the grace period."""
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s + 10
+    """SIGTERM to the scheduler, then (once it stopped) to the workers: they keep serving the
+    requests it is finishing, and it does not see them go away. SIGKILL after the grace period."""
+    first = {n: p for n, p in procs.items() if n == "scheduler"}
+    rest = {n: p for n, p in procs.items() if n != "scheduler"}
     worst = 0
-    for name, proc in procs.items():
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            print(f"{name} did not stop in time: killing it", file=sys.stderr)
-            proc.kill()
-            proc.wait()
-        worst = worst or proc.returncode
+    for group in (first, rest):
+        for proc in group.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s + 10
+        for name, proc in group.items():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"{name} did not stop in time: killing it", file=sys.stderr)
+                proc.kill()
+                proc.wait()
+            worst = worst or proc.returncode
     return worst
 
 

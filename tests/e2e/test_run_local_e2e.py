@@ -118,6 +118,7 @@ def test_make_run_serves_and_ctrl_c_exits_cleanly(tiny_model):
         reader.join(10)
         out = "".join(lines)
         assert "error" not in out.lower() and "Traceback" not in out, out
+        assert "is unhealthy" not in out, out  # the scheduler stops before its workers
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
