@@ -45,6 +45,8 @@ class KVCacheTooSmall(ValueError):
 class EngineConfig:
     model: str  # Hugging Face checkpoint directory
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bfloat16 on cuda, float32 on cpu)
+    quantization: str = "none"  # none | int8 (weight-only, per output channel, quantized at load)
+    kv_cache_dtype: str = "auto"  # auto (= dtype) | fp8 | int8 (packed 8-bit rows with scales)
     device: str = "cpu"  # cpu | cuda | cuda:N
     block_size: int = 16
     num_blocks: int | None = None  # None: sized from kv_cache_memory, or on cuda from the free memory
@@ -105,7 +107,8 @@ class LLMEngine:
             config.dtype = auto_dtype(config.device)
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
-        self.runner = ModelRunner(config.model, self.model_config, config.dtype, config.device)
+        self.runner = ModelRunner(config.model, self.model_config, config.dtype, config.device,
+                                  quantization=config.quantization, kv_cache_dtype=config.kv_cache_dtype)
         if self.runner.device.type == "cpu":
             cpu_kernels.load()  # build (or load the cached) decode kernel now, not on the first request
         self.block_size = config.block_size
@@ -368,8 +371,19 @@ class LLMEngine:
             req.status = Status.FINISHED
 
     # -- KV export / import (disaggregation) ------------------------------------------
+    @property
+    def kv_cache_dtype(self) -> str:
+        """What export_kv returns and import_kv takes: the model dtype's name, or "fp8" / "int8"."""
+        return self.runner.kv_cache_dtype
+
+    @property
+    def kv_head_width(self) -> int:
+        """Last dim of an exported payload: head_dim, or head_dim + head_dim / 32 for 8-bit KV."""
+        return self.runner.kv_head_width
+
     def export_kv(self, request_id: str) -> torch.Tensor:
-        """The prompt's KV of a held request: [num_layers, 2, num_prompt_tokens, Hkv, D]."""
+        """The prompt's KV of a held request: [num_layers, 2, num_prompt_tokens, Hkv, kv_head_width]
+        in the cache's dtype (8-bit caches: their packed bytes and scales, as stored)."""
         req = self._get(request_id, Status.HELD)
         return self.runner.gather_kv(self.kv.block_ids(request_id), req.num_prompt_tokens)
 

@@ -1,7 +1,8 @@
 """A scheduled batch -> input tensors -> model forward -> logits of the sampled rows.
 
 Owns the device, the model weights and the KV cache tensor
-[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim].
+[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] in the model dtype, or, with an
+8-bit KV cache, [..., num_kv_heads, head_dim + head_dim / 32] packed bytes (model/kv_quant.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from .model import (
     ModelConfig,
     PrefillSeq,
     cpu_kernels,
+    kv_quant,
     load_weights,
+    quant,
 )
 
 DECODE_GROUP_MAX = 32  # sequences per batched decode attention call
@@ -32,6 +35,7 @@ DECODE_GROUP_MAX = 32  # sequences per batched decode attention call
 # a draft's one- or two-token tails cost about what a decode does, not a prefill chunk.
 SHORT_AS_DECODE = 17
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_CACHE_DTYPES = ("auto", *kv_quant.FORMATS)  # auto: the model dtype
 
 
 @dataclass
@@ -45,44 +49,59 @@ class SeqInput:
 
 
 class ModelRunner:
-    def __init__(self, model_dir: str, cfg: ModelConfig, dtype: str, device: str):
+    def __init__(self, model_dir: str, cfg: ModelConfig, dtype: str, device: str, *,
+                 quantization: str = "none", kv_cache_dtype: str = "auto"):
         if dtype == "auto":  # bfloat16 on CUDA, float32 on CPU
             dtype = auto_dtype(device)
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
+        # the cache's storage dtype and the width of one head row: packed 8-bit rows carry their scales
+        if kv_cache_dtype == "auto":
+            self.kv_dtype, self.kv_head_width = self.dtype, cfg.head_dim
+        else:
+            self.kv_dtype, self.kv_head_width = kv_quant.FORMATS[kv_cache_dtype], kv_quant.packed_width(cfg.head_dim)
+        self.kv_cache_dtype = dtype if kv_cache_dtype == "auto" else kv_cache_dtype  # wire name of the KV payload
         with torch.device("meta"):
-            model = LlamaForCausalLM(cfg)
+            model = LlamaForCausalLM(cfg, quantization)
         model = model.to_empty(device=self.device).to(self.dtype)
+        quant.prepare(model, self.dtype)
         model.rotary.inv_freq = cfg.rope_inv_freq().to(self.device)  # buffer was on meta
         load_weights(model, model_dir, cfg.tie_word_embeddings)
         self.model = model.eval()
         self.kv_cache: torch.Tensor | None = None
         self.block_size = 0
         self._decode_kernel = cpu_kernels.supports(self.device, self.dtype)
-        # on CUDA, attention runs through the Triton kernels (model/triton_attention.py)
-        self._triton = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        # on CUDA, attention runs through the Triton kernels (model/triton_attention.py); they do not
+        # read packed 8-bit rows yet, so an 8-bit cache takes the PyTorch path (dequantized gathers)
+        self._triton = (self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+                        and not kv_quant.is_packed(self.kv_dtype))
         self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self._triton else 0
         self.pad_block = 0  # the KV block written by padding rows (see cuda_graphs.py)
         self.graphs: DecodeGraphs | None = None
         self._graph_max_context = 0
 
+    def weight_bytes(self) -> int:
+        return quant.quantized_bytes(self.model)
+
     def kv_bytes_per_block(self, block_size: int) -> int:
         c = self.cfg
-        return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+        return c.num_layers * 2 * block_size * c.num_kv_heads * self.kv_head_width * self.kv_dtype.itemsize
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         """num_blocks for sequences, plus one more: the pad block, which no sequence ever owns."""
         c = self.cfg
         self.block_size = block_size
         self.pad_block = num_blocks
-        shape = (c.num_layers, 2, num_blocks + 1, block_size, c.num_kv_heads, c.head_dim)
+        shape = (c.num_layers, 2, num_blocks + 1, block_size, c.num_kv_heads, self.kv_head_width)
         if self.device.type == "cpu":
-            self.kv_cache = hugepages.zeros(shape, self.dtype)
+            self.kv_cache = hugepages.zeros(shape, self.kv_dtype)
         else:
-            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
 
     @torch.inference_mode()
     def forward(self, prefills: list[SeqInput], decodes: list[SeqInput], num_logits: list[int]) -> torch.Tensor:
@@ -234,7 +253,7 @@ class ModelRunner:
 
     # -- KV export / import (disaggregation) --------------------------------------------
     def gather_kv(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
-        """-> [num_layers, 2, num_tokens, Hkv, D], contiguous."""
+        """-> [num_layers, 2, num_tokens, Hkv, W] in the cache's dtype (packed rows as they are), contiguous."""
         idx = torch.tensor(block_ids, device=self.device)
         blocks = self.kv_cache[:, :, idx]  # [L, 2, nb, bs, H, D]
         return blocks.flatten(2, 3)[:, :, :num_tokens].contiguous()
@@ -246,4 +265,6 @@ class ModelRunner:
         pos = torch.arange(token_start, token_start + t)
         slots = torch.tensor(block_ids, dtype=torch.long)[pos // bs] * bs + pos % bs
         flat = self.kv_cache[layer_start: layer_start + n_layers].flatten(2, 3)  # [n, 2, nb*bs, H, D]
-        flat[:, :, slots.to(self.device)] = kv.to(device=self.device, dtype=self.dtype)
+        if kv.dtype != self.kv_dtype and (kv_quant.is_packed(kv.dtype) or kv_quant.is_packed(self.kv_dtype)):
+            raise ValueError(f"KV of dtype {kv.dtype} cannot go into a {self.kv_cache_dtype} cache")
+        flat[:, :, slots.to(self.device)] = kv.to(device=self.device, dtype=self.kv_dtype)

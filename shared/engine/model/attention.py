@@ -11,6 +11,10 @@ Two paths, chosen by the runner through the metadata it builds:
   one split-K decode launch), reading K/V in place.
 - otherwise (CPU): decode groups through the C++ kernel (cpu_kernels.py), prefills through SDPA
   over each sequence's gathered context.
+
+A cache may hold packed 8-bit rows (kv_quant.py): new keys/values are quantized as they are
+written; the CPU decode kernel reads the packed rows in place, and the other paths dequantize
+only what they gather (one sequence's context), never the whole cache.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import cpu_kernels
+from . import cpu_kernels, kv_quant
 
 
 @dataclass
@@ -68,7 +72,13 @@ class AttentionMetadata:
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    # k_cache: [num_blocks, block_size, Hkv, D]; k: [T, Hkv, D]
+    # k_cache: [num_blocks, block_size, Hkv, D] (packed: [..., Hkv, D + D/32]); k: [T, Hkv, D]
+    if kv_quant.is_packed(k_cache.dtype):
+        if cpu_kernels.supports(k.device, k.dtype):
+            cpu_kernels.load().write_kv_packed(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping)
+            return
+        fmt = kv_quant.format_of(k_cache.dtype)
+        k, v = kv_quant.quantize(k, fmt), kv_quant.quantize(v, fmt)
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
@@ -82,8 +92,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_size = k_cache.shape[1]
     for seq in meta.prefills:
         q_s = q[seq.query_start: seq.query_start + seq.query_len]  # [S, Hq, D]
-        k_s = _gather(k_cache, seq.block_table, seq.context_len)  # [C, Hkv, D]
-        v_s = _gather(v_cache, seq.block_table, seq.context_len)
+        k_s = _read(k_cache, seq.block_table, seq.context_len, q)  # [C, Hkv, D]
+        v_s = _read(v_cache, seq.block_table, seq.context_len, q)
         start = seq.context_len - seq.query_len
         q_pos = torch.arange(start, seq.context_len, device=q.device)
         mask = None
@@ -104,8 +114,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                 q_d, k_cache, v_cache, group.block_tables, group.context_lens, scale, meta.sliding_window)
             continue
         ids, slots = group.block_tables.view(-1), b * nb * block_size
-        k_d = _gather(k_cache, ids, slots).view(b, nb * block_size, *k_cache.shape[2:])
-        v_d = _gather(v_cache, ids, slots).view(b, nb * block_size, *v_cache.shape[2:])
+        k_d = _read(k_cache, ids, slots, q).view(b, nb * block_size, k_cache.shape[2], q.shape[2])
+        v_d = _read(v_cache, ids, slots, q).view(b, nb * block_size, k_cache.shape[2], q.shape[2])
         k_d, v_d = k_d[:, : group.max_context], v_d[:, : group.max_context]  # [B, C, Hkv, D]
         k_pos = torch.arange(group.max_context, device=q.device)[None, :]  # [1, C]
         q_pos = (group.context_lens - 1)[:, None]  # [B, 1]
@@ -137,6 +147,12 @@ def _triton_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 DECODE_BLOCK_N = 32  # keys per tile of the decode kernel on the GPU
 _triton = None  # the triton_attention module, once a GPU batch needed it
+
+
+def _read(cache: torch.Tensor, block_ids: torch.Tensor, length: int, q: torch.Tensor) -> torch.Tensor:
+    """The context as [length, Hkv, D] in q's dtype (packed rows dequantized after the gather)."""
+    rows = _gather(cache, block_ids, length)
+    return kv_quant.dequantize(rows, q.shape[-1], q.dtype) if kv_quant.is_packed(cache.dtype) else rows
 
 
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:

@@ -3,6 +3,8 @@
 Parameter names match Hugging Face checkpoints so weights load without renaming.
 Input is a flat batch of tokens from many sequences; `AttentionMetadata` says which
 token belongs where. Knows nothing about scheduling, sampling or tokenization.
+With quantization="int8" every linear layer (and a tied embedding) holds int8 weights with
+per-output-channel scales (quant.py); the checkpoint names stay the same.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
+from .quant import QUANTIZATIONS, Int8Embedding, Int8Linear, int8_linear
 from .attention import AttentionMetadata, paged_attention, write_kv
 from .config import ModelConfig
 
@@ -50,14 +53,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def linear(in_features: int, out_features: int, bias: bool, quantization: str) -> nn.Module:
+    if quantization == "int8":
+        return Int8Linear(in_features, out_features, bias)
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, quantization: str):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = linear(h, q, cfg.qkv_bias, quantization)
+        self.k_proj = linear(h, kv, cfg.qkv_bias, quantization)
+        self.v_proj = linear(h, kv, cfg.qkv_bias, quantization)
+        self.o_proj = linear(q, h, cfg.o_bias, quantization)
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
@@ -75,11 +85,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, quantization: str):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, quantization)
+        self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, quantization)
+        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, quantization)
 
     def forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)
@@ -89,10 +99,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, quantization: str):
         super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, quantization)
+        self.mlp = MLP(cfg, quantization)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -102,20 +112,27 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, quantization: str):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        # a tied embedding is also the LM head: int8 then, so that only one (int8) table exists
+        if quantization == "int8" and cfg.tie_word_embeddings:
+            self.embed_tokens = Int8Embedding(cfg.vocab_size, cfg.hidden_size)
+        else:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, quantization) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, quantization: str = "none"):
         super().__init__()
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
         self.config = cfg
-        self.model = Backbone(cfg)
+        self.quantization = quantization
+        self.model = Backbone(cfg, quantization)
         self.rotary = RotaryEmbedding(cfg)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else linear(cfg.hidden_size, cfg.vocab_size, False, quantization)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -127,5 +144,10 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        embed = self.model.embed_tokens
+        if self.lm_head is None and isinstance(embed, Int8Embedding):
+            return int8_linear(hidden, embed.weight, embed.weight_scale).float()
+        if isinstance(self.lm_head, Int8Linear):
+            return self.lm_head(hidden).float()
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()

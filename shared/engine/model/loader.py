@@ -1,4 +1,10 @@
-"""Weights from `model.safetensors` or sharded `model-*.safetensors` + index, into a module."""
+"""Weights from `model.safetensors` or sharded `model-*.safetensors` + index, into a module.
+
+An int8 parameter of the module (quant.Int8Linear / Int8Embedding) takes the checkpoint's
+float tensor quantized per output channel, its scale going to `<name>_scale`. A checkpoint
+that is already int8 with per-channel scales (compressed-tensors' int8 weight-only layout:
+`weight` int8 [N, K], `weight_scale` [N, 1]) loads as it is, or dequantized into a float model.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from .config import ModelLoadError
+from .quant import dequantize_weight, quantize_weight
 
 
 def load_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -36,7 +43,8 @@ def load_weights(module: torch.nn.Module, model_dir: str | Path, tie_word_embedd
     state = load_state_dict(model_dir)
     if tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    expected = {name for name, _ in module.named_parameters()}
+    scale_names = {name + "_scale" for name, p in module.named_parameters() if p.dtype == torch.int8}
+    expected = {name for name, _ in module.named_parameters() if name not in scale_names}
     missing = sorted(k for k in expected if k not in state)
     if missing:
         raise ModelLoadError(f"checkpoint in {model_dir} lacks tensors: {', '.join(missing[:5])}"
@@ -44,9 +52,27 @@ def load_weights(module: torch.nn.Module, model_dir: str | Path, tie_word_embedd
     params = dict(module.named_parameters())
     with torch.no_grad():
         for name, tensor in state.items():
-            if name not in params:
-                continue  # e.g. rotary inv_freq buffers some checkpoints carry
+            if name not in params or name in scale_names:
+                continue  # e.g. rotary inv_freq buffers some checkpoints carry; scales go with their weight
             p = params[name]
             if p.shape != tensor.shape:
                 raise ModelLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(p.shape)}")
-            p.copy_(tensor.to(dtype=p.dtype))
+            if tensor.dtype == torch.int8:
+                scale = state.get(name + "_scale")
+                if scale is None or scale.numel() != tensor.shape[0]:
+                    raise ModelLoadError(f"{name}: int8 in the checkpoint without a per-channel {name}_scale")
+                zero = state.get(name + "_zero_point")
+                if zero is not None and bool(zero.any()):
+                    raise ModelLoadError(f"{name}: asymmetric int8 (nonzero {name}_zero_point) is not supported")
+                scale = scale.reshape(-1).float()
+                if p.dtype == torch.int8:
+                    p.copy_(tensor)
+                    params[name + "_scale"].copy_(scale)
+                else:
+                    p.copy_(dequantize_weight(tensor, scale, p.dtype))
+            elif p.dtype == torch.int8:
+                q, scale = quantize_weight(tensor)
+                p.copy_(q)
+                params[name + "_scale"].copy_(scale)
+            else:
+                p.copy_(tensor.to(dtype=p.dtype))

@@ -1,0 +1,121 @@
+"""Weight-only int8: per-output-channel symmetric scales, quantized when the weights load.
+
+A linear layer's weight W [N, K] becomes Q = round(W / s) in int8 with s[n] = max_k |W[n, k]| / 127,
+so W ~= Q * s[:, None]. Activations stay in the model dtype; the matmul reads the int8 weight:
+- CPU: `torch.ops.aten._weight_int8pack_mm` (torch's int8 weight kernel) for a few rows in
+  half precision, where it beats the dense matmul; otherwise the C++ tile kernel in
+  `cpu_kernels` (dequantizes one cache-sized tile of rows at a time into scratch and
+  multiplies it with oneDNN), so no full-precision copy of the weight ever exists.
+- CUDA: a Triton kernel that multiplies with the int8 tile dequantized in registers
+  (`triton_int8.py`, when Triton is installed).
+- elsewhere: F.linear with the dequantized weight (the reference; tests compare with it).
+
+A tied embedding is quantized the same way (one scale per token row), so a tied model keeps
+a single int8 table for the lookup and the logits.
+Knows nothing about checkpoints (the loader calls `quantize_weight`) or about the rest of the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import cpu_kernels
+
+QUANTIZATIONS = ("none", "int8")
+PACK_MM_MAX_ROWS = 4  # torch's int8 kernel beats the dense bf16 matmul up to here (tools/bench/quant.py)
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: [N, K] -> (int8 [N, K], float32 scales [N]); symmetric, per output channel."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear's interface over an int8 weight; `weight` keeps the checkpoint's name."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = int8_linear(x, self.weight, self.weight_scale)
+        return y if self.bias is None else y + self.bias
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x: [..., K] -> [..., N] = x @ (q * scale[:, None]).T, in x's dtype."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x.device.type == "cpu":
+        out = _cpu(x2, q, scale)
+    elif x.device.type == "cuda" and (tri := _triton()) is not None:
+        out = tri.int8_matmul(x2, q, scale)
+    else:
+        out = F.linear(x2, dequantize_weight(q, scale, x.dtype))
+    return out.view(*shape[:-1], q.shape[0])
+
+
+def _cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] <= PACK_MM_MAX_ROWS:
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale.to(x.dtype))
+    kernels = cpu_kernels.load()
+    if kernels is None:
+        return F.linear(x, dequantize_weight(q, scale, x.dtype))
+    return kernels.int8_linear(x.contiguous(), q, scale)
+
+
+_TRITON = None
+
+
+def _triton():
+    global _TRITON
+    if _TRITON is None:
+        try:
+            from . import triton_int8
+
+            _TRITON = triton_int8
+        except ImportError:
+            _TRITON = False
+    return _TRITON or None
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table as int8 rows with one scale each (also the tied LM head's weight)."""
+
+    def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim, dtype=torch.int8), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(num_embeddings), requires_grad=False)
+        self.dtype = dtype  # of the looked-up rows (the model's dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight.index_select(0, ids).float() * self.weight_scale.index_select(0, ids)[:, None]
+        return rows.to(self.dtype)
+
+
+def prepare(model: nn.Module, dtype: torch.dtype) -> None:
+    """After `model.to(dtype)`: scales back to float32 (a bfloat16 scale would add its own rounding),
+    and int8 embeddings return rows of the model's dtype."""
+    for m in model.modules():
+        if isinstance(m, (Int8Linear, Int8Embedding)):
+            m.weight_scale.data = m.weight_scale.data.float()
+        if isinstance(m, Int8Embedding):
+            m.dtype = dtype
+
+
+def quantized_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer (weights as stored)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
