@@ -28,6 +28,8 @@ DEFAULT_PORTS = {"scheduler": 50051, "prefill": 50052, "decode": 50053, "draft":
 SPEC_PROPOSERS = ("auto", "none", "draft", "ngram")
 KV_TRANSPORTS = ("grpc", "collective")
 DTYPES = ("float32", "float16", "bfloat16")
+QUANTIZATIONS = ("none", "int8")
+KV_CACHE_DTYPES = ("auto", "fp8", "int8")
 
 
 def auto_dtype(device: str) -> str:
@@ -270,6 +272,22 @@ class EngineSettings(ServerSettings):
         "Weight and KV element type; auto: bfloat16 on cuda, float32 on cpu.",
         choices=(*DTYPES, "auto"),
     )
+    quantization: str = setting(
+        "TANDEM_QUANTIZATION",
+        "none",
+        "Weights: none (TANDEM_DTYPE), or int8: every linear layer (and a tied embedding) quantized at load "
+        "to int8 with one scale per output channel; activations stay in TANDEM_DTYPE. An int8 checkpoint "
+        "(compressed-tensors' symmetric per-channel int8 weights) loads as it is.",
+        choices=QUANTIZATIONS,
+    )
+    kv_cache_dtype: str = setting(
+        "TANDEM_KV_CACHE_DTYPE",
+        "auto",
+        "KV cache elements: auto (TANDEM_DTYPE), or fp8 (e4m3) / int8, each 32 elements of a head sharing a "
+        "power-of-two scale: ~1.94x the tokens of bfloat16 in the same memory. Needs head_dim divisible by "
+        "32. Prefill and decode workers of one deployment must agree (a mismatch is refused).",
+        choices=KV_CACHE_DTYPES,
+    )
     block_size: int = setting("TANDEM_BLOCK_SIZE", 16, "Tokens per KV block.", minimum=1)
     num_blocks: int | None = setting(
         "TANDEM_NUM_BLOCKS",
@@ -327,6 +345,8 @@ class EngineSettings(ServerSettings):
         kwargs: dict[str, Any] = dict(
             model=self.model,
             dtype=self.dtype,
+            quantization=self.quantization,
+            kv_cache_dtype=self.kv_cache_dtype,
             device=self.device,
             block_size=self.block_size,
             num_blocks=self.num_blocks,

@@ -54,6 +54,12 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class FailedPrecondition(ServiceError):
+    """The request cannot run on this worker as configured (e.g. the two sides' KV cache types differ)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class DataLoss(ServiceError):
     """Transferred KV failed its checksum."""
 

@@ -109,11 +109,13 @@ class TensorHandoff:
         self._chunk_bytes = chunk_bytes
         self._kv_timeout_s = kv_timeout_s
         info = engine.info()
-        self._kv_geometry = (info.num_layers, 2, info.num_kv_heads, info.head_dim)
+        # payload geometry and type as the engine exports them (8-bit caches: packed rows with their scales)
+        self._kv_geometry = (info.num_layers, 2, info.num_kv_heads, info.kv_width or info.head_dim)
         self._kv_dtype = info.kv_dtype
 
     async def fetch(self, job: PeerJob, reservation: Reservation) -> PrefillOutcome:
-        target = kv_pb2.KvTarget(max_chunk_bytes=self._chunk_bytes)
+        # the prefill worker refuses the request when its KV type is not ours
+        target = kv_pb2.KvTarget(max_chunk_bytes=self._chunk_bytes, kv_cache_dtype=self._kv_dtype)
         if self.transport == "collective":
             target.transport = kv_pb2.KV_TRANSPORT_COLLECTIVE
             target.receiver_address = self._receiver.address

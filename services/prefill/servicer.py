@@ -29,6 +29,7 @@ def job_from_pb(
         max_chunk_bytes=target.max_chunk_bytes or default_chunk_bytes,
         receiver_address=target.receiver_address,
         pair_name=target.pair_name,
+        kv_cache_dtype=target.kv_cache_dtype,
     )
 
 

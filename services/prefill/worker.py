@@ -20,7 +20,9 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
+from services.common.errors import FailedPrecondition
 from shared.engine import EngineClient, SamplingParams, TokenLogprobs
+from shared.engine.interface import KV_HANDOFF_TENSORS
 from shared.kv.chunks import KvChunk, split_kv
 from shared.kv.collective import KvSenderPool, TransferMeta
 from shared.telemetry import Telemetry, annotate
@@ -37,6 +39,7 @@ class PrefillJob:
     max_chunk_bytes: int = 1 << 20  # grpc transport
     receiver_address: str = ""  # collective transport: the decode worker's KV receiver
     pair_name: str = ""  # collective transport
+    kv_cache_dtype: str = ""  # the decode worker's KV type ("" = not checked)
 
 
 @dataclass
@@ -61,6 +64,13 @@ class PrefillWorker:
 
     async def prefill(self, job: PrefillJob) -> AsyncIterator[KvChunk | TransferMeta | PrefillDone]:
         rid = job.request_id
+        mine = self._engine.info()
+        if job.kv_cache_dtype and mine.kv_handoff == KV_HANDOFF_TENSORS and job.kv_cache_dtype != mine.kv_dtype:
+            # its bytes could not go into the decode worker's blocks: refuse before any work
+            raise FailedPrecondition(
+                f"kv_target.kv_cache_dtype: the decode worker's KV cache is {job.kv_cache_dtype}, this "
+                f"prefill worker's is {mine.kv_dtype}; set TANDEM_KV_CACHE_DTYPE (and TANDEM_DTYPE) alike on both"
+            )
         with self._telemetry.span("prefill", request_id=rid, prompt_tokens=len(job.prompt_token_ids)) as sp:
             # only the first token is sampled here; EOS or a stop token is the decode worker's call
             out = await self._engine.prefill(rid, job.prompt_token_ids, job.params)

@@ -136,9 +136,10 @@ class AsyncEngine:
             num_layers=mc.num_layers,
             num_kv_heads=mc.num_kv_heads,
             head_dim=mc.head_dim,
-            kv_dtype=e.config.dtype,
+            kv_dtype=e.kv_cache_dtype,
             eos_token_ids=tuple(mc.eos_token_ids),
             kv_handoff=KV_HANDOFF_TENSORS,
+            kv_width=e.kv_head_width,
         )
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:

@@ -51,9 +51,10 @@ class EngineInfo:
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    kv_dtype: str  # dtype name of the KV tensors that travel
+    kv_dtype: str  # dtype name of the KV tensors that travel ("bfloat16", ..., or "fp8" / "int8": 8-bit caches)
     eos_token_ids: tuple[int, ...] = ()
     kv_handoff: str = KV_HANDOFF_TENSORS
+    kv_width: int = 0  # last dim of the KV tensors that travel; 0: head_dim (8-bit caches: head_dim + head_dim / 32)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 torch.distributed send/recv (gloo on CPU, nccl on CUDA) on one group per pair.
 
 A payload is `[num_layers, 2, num_tokens, num_kv_heads, head_dim]` (k=0, v=1) in
-float32 / bfloat16 / float16. This package knows neither protobuf (the services copy
+float32 / bfloat16 / float16, or packed 8-bit rows ("fp8" / "int8"). This package knows neither protobuf (the services copy
 `KvChunk` and `TransferMeta` fields into their messages) nor the engine (the services
 hand it tensors from `export_kv` and give what arrives to `import_kv`).
 """

@@ -38,7 +38,7 @@ class KvChunk:
     layer_end: int
     token_start: int
     token_end: int
-    dtype: str  # "float32" | "bfloat16" | "float16"
+    dtype: str  # "float32" | "bfloat16" | "float16" | "fp8" | "int8" (packed 8-bit rows)
     shape: tuple[int, ...]  # [layer_end-layer_start, 2, token_end-token_start, H, D]
     data: bytes  # raw little-endian bytes of the contiguous sub-tensor
     crc32: int  # zlib.crc32(data)

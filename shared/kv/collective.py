@@ -80,7 +80,7 @@ class TransferMeta:
     epoch: str  # one group's life; a new group after a failure gets a new epoch
     seq: int  # position in the epoch's send order
     shape: tuple[int, ...]
-    dtype: str  # "float32" | "bfloat16" | "float16"
+    dtype: str  # "float32" | "bfloat16" | "float16" | "fp8" | "int8" (packed 8-bit rows)
     nbytes: int
     checksum: int  # unsigned, fits uint64
     checksum_kind: str  # "crc32" (CPU payloads) | "sum64" (CUDA payloads), see shared.kv.payload

@@ -1,7 +1,9 @@
 """Tensor <-> bytes for KV payloads, dtype names and checksums.
 
 A KV payload is `[num_layers, 2, num_tokens, num_kv_heads, head_dim]` (k=0, v=1) in
-float32, bfloat16 or float16. Bytes are taken through a uint8 view of the tensor, so
+float32, bfloat16 or float16, or an 8-bit cache's packed rows `[..., num_kv_heads, head_dim +
+head_dim / 32]`: "fp8" (uint8 storage: e4m3 elements) or "int8" (int8 storage), each row's
+E8M0 scales after its elements (shared.engine.model.kv_quant), moved as the bytes they are. Bytes are taken through a uint8 view of the tensor, so
 bfloat16 needs no numpy support. Nothing here knows protobuf, gRPC or the engine.
 
 Checksums, both as unsigned ints that fit a uint64 field:
@@ -27,6 +29,8 @@ KV_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
+    "fp8": torch.uint8,  # packed 8-bit rows, named as TANDEM_KV_CACHE_DTYPE names them
+    "int8": torch.int8,
 }
 _DTYPE_NAMES = {v: k for k, v in KV_DTYPES.items()}
 
@@ -38,7 +42,7 @@ _U64 = (1 << 64) - 1
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """torch dtype -> wire name ("float32", "bfloat16", "float16")."""
+    """torch dtype -> wire name ("float32", "bfloat16", "float16", "fp8", "int8")."""
     try:
         return _DTYPE_NAMES[dtype]
     except KeyError:

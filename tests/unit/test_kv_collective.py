@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from shared.engine.model import kv_quant
 from shared.kv import (
     CollectiveKvReceiver,
     CollectiveKvSender,
@@ -34,6 +35,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def payload(shape, dtype: str, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
+    if dtype in kv_quant.FORMATS:  # an 8-bit cache's packed rows: last dim head_dim + head_dim / 32
+        head_dim = shape[-1] * kv_quant.GROUP // (kv_quant.GROUP + 1)
+        return kv_quant.quantize(torch.randn(*shape[:-1], head_dim, generator=g) * 4, dtype)
     return torch.randn(shape, generator=g).to(DTYPES[dtype])
 
 
@@ -106,6 +110,17 @@ def test_transfers_from_another_process_are_bit_identical(sender, receiver):
     assert more[0].epoch == metas[0].epoch and more[0].seq == len(specs)
     assert same_bits(receiver.recv(more[0]), payload(**specs[0]))
     assert receiver.num_unclaimed() == 0
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_8bit_kv_with_its_scales_arrives_bit_identical(sender, receiver, fmt):
+    """An 8-bit cache's payload (elements and E8M0 scales in one packed row) crosses as its bytes."""
+    spec = {"shape": [3, 2, 37, 2, 66], "dtype": fmt, "seed": 11}  # head_dim 64 -> 66 bytes a row
+    (meta,) = sender.send(receiver.address, f"p-{fmt}->d0", [spec])
+    assert meta.dtype == fmt and meta.nbytes == 3 * 2 * 37 * 2 * 66
+    got = receiver.recv(meta)
+    assert got.dtype == kv_quant.FORMATS[fmt]
+    assert same_bits(got, payload(**spec))
 
 
 def test_concurrent_transfers_from_two_threads_arrive_intact(sender, receiver):

@@ -68,7 +68,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
 
 
 def _cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    if x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] <= PACK_MM_MAX_ROWS:
+    # torch's kernel reads K in blocks of 16: other widths give garbage (torch 2.13)
+    if x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] <= PACK_MM_MAX_ROWS and x.shape[1] % 16 == 0:
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale.to(x.dtype))
     kernels = cpu_kernels.load()
     if kernels is None:
