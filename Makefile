@@ -9,7 +9,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 MODEL  ?= models/tandem-demo-code/target
 
-.PHONY: install protos test test-unit lint run bench-engine bench-serve bench-spec bench-kv clean demo-model gpu-check certs
+.PHONY: install protos test test-unit lint run bench-engine bench-serve bench-spec bench-kv bench-quant clean demo-model gpu-check certs
 
 install: $(VENV)/.installed protos
 
@@ -42,6 +42,9 @@ bench-engine: install
 GPU_PYTHON ?= python3
 gpu-check:
 	$(GPU_PYTHON) -m tools.gpu_check $(ARGS)
+
+bench-quant: install
+	$(PY) -m tools.bench quant --model $(MODEL) --out docs/benchmarks/quant/quant.json --markdown docs/benchmarks/quant/quant.md
 
 bench-serve: install
 	$(PY) -m tools.bench serve --model $(MODEL) $(ARGS)

@@ -8,6 +8,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m tools.bench") -> 
     from tools.bench import engine as engine_bench
 
     engine_bench.add_parser(sub)
+    from tools.bench import quant as quant_bench
+
+    quant_bench.add_parser(sub)
     try:
         from tools.bench import serve as serve_bench
     except ImportError:

@@ -1,8 +1,8 @@
 // ---- weight-only int8 linear: y = x @ (q * scale[:, None]).T ----
 //
 // The weight stays int8 in memory. Each task takes a tile of output channels whose
-// dequantized rows fit in L2 (~256 KiB), converts them into a scratch tile of x's dtype (the
-// scale folded in), and multiplies [tile, K] x [K, M] with the BLAS/oneDNN matmul. The tile is
+// dequantized rows take ~2 MiB (they stay in cache), converts them into a scratch tile of x's dtype (the
+// scale folded in), and multiplies x [M, K] by its transpose with the BLAS/oneDNN matmul. The tile is
 // rewritten in place for the next channels, so a full-precision weight never exists and the
 // weight's bytes come from memory once per call, at one byte each.
 
@@ -17,14 +17,25 @@ inline uint16_t bf16_bits(float f) {  // round to nearest even (finite values)
 template <typename T>
 void dequant_rows(const int8_t* q, const float* s, T* out, int64_t n, int64_t K);
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// sixteen int8 -> float32 times the row's scale
+inline __m512 i8x16(const int8_t* p, __m512 sc) {
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))), sc);
+}
+#endif
+
 template <>
 void dequant_rows<float>(const int8_t* q, const float* s, float* out, int64_t n, int64_t K) {
   for (int64_t r = 0; r < n; ++r) {
     const float sc = s[r];
     const int8_t* qr = q + r * K;
     float* o = out + r * K;
-#pragma omp simd
-    for (int64_t k = 0; k < K; ++k) o[k] = static_cast<float>(qr[k]) * sc;
+    int64_t k = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const __m512 vs = _mm512_set1_ps(sc);
+    for (; k + 16 <= K; k += 16) _mm512_storeu_ps(o + k, i8x16(qr + k, vs));
+#endif
+    for (; k < K; ++k) o[k] = static_cast<float>(qr[k]) * sc;
   }
 }
 
@@ -35,8 +46,18 @@ void dequant_rows<at::BFloat16>(const int8_t* q, const float* s, at::BFloat16* o
     const float sc = s[r];
     const int8_t* qr = q + r * K;
     uint16_t* o = o16 + r * K;
-#pragma omp simd
-    for (int64_t k = 0; k < K; ++k) o[k] = bf16_bits(static_cast<float>(qr[k]) * sc);
+    int64_t k = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const __m512 vs = _mm512_set1_ps(sc);
+    for (; k + 16 <= K; k += 16) {
+      // round to nearest even into the top 16 bits, as bf16_bits does
+      const __m512i u = _mm512_castps_si512(i8x16(qr + k, vs));
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+      const __m512i r16 = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k), _mm512_cvtepi32_epi16(r16));
+    }
+#endif
+    for (; k < K; ++k) o[k] = bf16_bits(static_cast<float>(qr[k]) * sc);
   }
 }
 
@@ -48,18 +69,17 @@ void dequant_rows<at::Half>(const int8_t* q, const float* s, at::Half* out, int6
 
 template <typename T>
 void int8_linear_tiles(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
-                       torch::Tensor& out_t, int64_t tile) {
+                       torch::Tensor& out, int64_t tile) {
   const int64_t N = q.size(0), K = q.size(1), ntiles = (N + tile - 1) / tile;
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
-  const torch::Tensor xt = x.t();  // [K, M], a transposed view: the matmul reads it as is
   at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
     torch::Tensor w = torch::empty({tile, K}, x.options());
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n0 = t * tile, n = std::min(tile, N - n0);
       dequant_rows<T>(qp + n0 * K, sp + n0, w.data_ptr<T>(), n, K);
-      torch::Tensor dst = out_t.narrow(0, n0, n);
-      at::mm_out(dst, w.narrow(0, 0, n), xt);  // [n, K] x [K, M] -> rows n0.. of out^T
+      // x [M, K] times the tile's transpose: the shape of F.linear, which takes oneDNN's fast path
+      out.narrow(1, n0, n).copy_(at::linear(x, w.narrow(0, 0, n)));
     }
   });
 }
@@ -75,13 +95,15 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale)
               "int8_linear: one float32 scale per output channel");
   const int64_t N = q.size(0), K = q.size(1), M = x.size(0);
   const int64_t elem = x.element_size();
-  const int64_t tile = std::max<int64_t>(16, std::min<int64_t>(256, (256 * 1024) / (K * elem)) / 16 * 16);
-  auto out_t = torch::empty({N, M}, x.options());
+  // ~2 MiB of dequantized rows a tile: small enough to stay in cache, large enough that the
+  // matmul's per-call cost (measured: 64-row tiles double the time of a 2048-wide projection) is small
+  const int64_t tile = std::max<int64_t>(64, std::min<int64_t>(4096, (2 << 20) / (K * elem)) / 16 * 16);
+  auto out = torch::empty({M, N}, x.options());
   switch (x.scalar_type()) {
-    case torch::kFloat32: int8_linear_tiles<float>(x, q, scale, out_t, tile); break;
-    case torch::kBFloat16: int8_linear_tiles<at::BFloat16>(x, q, scale, out_t, tile); break;
-    case torch::kFloat16: int8_linear_tiles<at::Half>(x, q, scale, out_t, tile); break;
+    case torch::kFloat32: int8_linear_tiles<float>(x, q, scale, out, tile); break;
+    case torch::kBFloat16: int8_linear_tiles<at::BFloat16>(x, q, scale, out, tile); break;
+    case torch::kFloat16: int8_linear_tiles<at::Half>(x, q, scale, out, tile); break;
     default: TORCH_CHECK(false, "int8_linear: unsupported dtype ", x.scalar_type());
   }
-  return M == 1 ? out_t.view({1, N}) : out_t.t().contiguous();
+  return out;
 }
