@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from shared.engine.model import cpu_kernels, kv_quant, quant
-from shared.engine.model.attention import AttentionMetadata, DecodeGroup, PrefillSeq, paged_attention, write_kv
+from shared.engine.model.attention import (
+    AttentionMetadata,
+    DecodeGroup,
+    PrefillSeq,
+    paged_attention,
+    write_kv,
+)
 
 needs_kernels = pytest.mark.skipif(cpu_kernels.load() is None, reason="no C++ toolchain to build the kernels")
 
@@ -134,3 +140,31 @@ def test_prefill_over_8bit_cache_equals_float_attention_over_the_dequantized_cac
     ref = paged_attention(q, kv_quant.dequantize(k, 32, torch.float32), kv_quant.dequantize(v, 32, torch.float32),
                           meta, 32 ** -0.5)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_triton_int8_kernel_equals_the_dequantized_reference_in_the_interpreter():
+    """The CUDA kernel's program, run by Triton's CPU interpreter (float16/float32: the interpreter
+    has no bfloat16 arithmetic). tests/gpu runs it natively."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    code = """
+import torch, torch.nn.functional as F
+from shared.engine.model import quant, triton_int8
+for rows, k, n, dtype in [(1, 64, 96, torch.float32), (5, 200, 130, torch.float32), (17, 128, 64, torch.float16)]:
+    q, s = quant.quantize_weight(torch.randn(n, k))
+    x = torch.randn(rows, k).to(dtype)
+    out = triton_int8.int8_matmul(x, q, s)
+    ref = F.linear(x.float(), quant.dequantize_weight(q, s, torch.float32))
+    assert out.dtype == dtype and out.shape == (rows, n)
+    tol = 1e-4 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(out.float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+print("ok")
+"""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]

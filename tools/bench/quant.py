@@ -223,7 +223,7 @@ def bench_model(model: str, label: str, args, seqs: int, quality: bool) -> dict:
             gc.collect()
     base = rows["bf16"]
     ref_greedy = base.get("greedy")
-    for mode, r in rows.items():
+    for r in rows.values():
         r["decode_tok_s"] = max(r["tok_s"])
         r["weights_vs_bf16"] = r["weight_bytes"] / base["weight_bytes"]
         r["kv_capacity_vs_bf16"] = r["kv_blocks_in_budget"] / base["kv_blocks_in_budget"]

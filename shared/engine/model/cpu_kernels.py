@@ -50,8 +50,9 @@ def _name(source: str) -> str:
     return f"tandem_cpu_kernels_{hashlib.sha256(source.encode()).hexdigest()[:12]}"
 
 
-def _built(name: str) -> bool:
-    """Whether a compiled module is in torch's extension cache."""
+def _built() -> bool:
+    """Whether the compiled module of the current source is in torch's extension cache."""
+    name = _name(_source())
     try:
         from torch.utils.cpp_extension import _get_build_directory
 
@@ -74,7 +75,7 @@ def load():
 
         source = _source()
         name = _name(source)
-        if not _built(name):
+        if not _built():
             log.info("compiling the CPU kernels (first start only: about a minute; cached afterwards)")
         module = load_inline(
             name=name,

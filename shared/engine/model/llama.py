@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
-from .quant import QUANTIZATIONS, Int8Embedding, Int8Linear, int8_linear
 from .attention import AttentionMetadata, paged_attention, write_kv
 from .config import ModelConfig
+from .quant import QUANTIZATIONS, Int8Embedding, Int8Linear, int8_linear
 
 
 class RMSNorm(nn.Module):
