@@ -76,10 +76,9 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None
         self.block_size = 0
         self._decode_kernel = cpu_kernels.supports(self.device, self.dtype)
-        # on CUDA, attention runs through the Triton kernels (model/triton_attention.py); they do not
-        # read packed 8-bit rows yet, so an 8-bit cache takes the PyTorch path (dequantized gathers)
-        self._triton = (self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
-                        and not kv_quant.is_packed(self.kv_dtype))
+        # on CUDA, attention runs through the Triton kernels (model/triton_attention.py; they read
+        # packed 8-bit rows in place too)
+        self._triton = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
         self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self._triton else 0
         self.pad_block = 0  # the KV block written by padding rows (see cuda_graphs.py)
         self.graphs: DecodeGraphs | None = None

@@ -48,6 +48,18 @@ def quick_variants():
     return list(picked.values())
 
 
+def packed_variants():
+    """Both kernels reading the engine's packed 8-bit rows (fp8: uint8 cache, int8: int8 cache)."""
+    for packed, cache in ((1, "*u8"), (2, "*i8")):
+        common = dict(HEAD_DIM=64, D_PAD=64, SCALED=False, PRECISION="tf32", UPCAST=False, BLOCK_SIZE=16,
+                      GROUP=4, k_scale=None, v_scale=None, PACKED=packed)
+        ptrs = dict(q="*bf16", k_cache=cache, v_cache=cache, block_tables="*i32", context_lens="*i32",
+                    part_acc="*fp32", part_max="*fp32", part_sum="*fp32", out="*bf16", cu_q_lens="*i32",
+                    scale="fp32")
+        yield ta._decode_split_kernel, ptrs, dict(common, GROUP_PAD=16, BLOCK_N=32, NUM_SPLITS=4)
+        yield ta._varlen_kernel, ptrs, dict(common, BLOCK_M=64, BLOCK_N=64)
+
+
 def variants(cases=CASES):
     """(kernel, pointer types, constexprs) for the shapes and dtypes the engine uses."""
     for dtype, d, group, scaled in cases:
@@ -55,7 +67,7 @@ def variants(cases=CASES):
         cache = "*i8" if scaled else q
         scales = {} if scaled else {"k_scale": None, "v_scale": None}
         common = dict(HEAD_DIM=d, D_PAD=d, SCALED=scaled, PRECISION="ieee" if dtype == "float32" else "tf32",
-                      UPCAST=False, BLOCK_SIZE=16, GROUP=group, **scales)
+                      UPCAST=False, BLOCK_SIZE=16, GROUP=group, PACKED=0, **scales)
         ptrs = dict(q=q, k_cache=cache, v_cache=cache, k_scale="*fp32", v_scale="*fp32", block_tables="*i32",
                     context_lens="*i32", part_acc="*fp32", part_max="*fp32", part_sum="*fp32", out=q,
                     cu_q_lens="*i32", scale="fp32")
@@ -72,10 +84,13 @@ def variants(cases=CASES):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200)")
-    p.add_argument("--cases", choices=("quick", "default", "all"), default="default",
-                   help="quick: one compilation per kernel; all: every dtype x head size x GQA ratio x scaling")
+    p.add_argument("--cases", choices=("quick", "default", "all", "packed"), default="default",
+                   help="quick: one compilation per kernel; all: every dtype x head size x GQA ratio x scaling; "
+                   "packed: the 8-bit KV rows")
     args = p.parse_args(argv)
     todo = quick_variants() if args.cases == "quick" else list(variants(CASES))
+    if args.cases == "packed":
+        todo = list(packed_variants())
     if args.cases == "all":
         todo = list(variants([c for c in itertools.product(("bfloat16", "float16", "float32"), (64, 128), (1, 4, 8),
                                                            (False, True)) if not c[3] or c[0] == "bfloat16"]))

@@ -67,7 +67,8 @@ def test_same_memory_holds_about_twice_the_kv_blocks(tiny, kv):
     small = _engine(tiny, dtype="bfloat16", num_blocks=None, kv_cache_memory=budget, kv_cache_dtype=kv)
     assert small.kv.pool.num_blocks >= 1.9 * base
     assert small.runner.kv_cache.dtype == kv_quant.FORMATS[kv]
-    assert small.runner.kv_cache.numel() * small.runner.kv_cache.element_size() <= budget
+    pad_block = small.runner.kv_bytes_per_block(8)  # one block beyond the pool's, written by padding rows
+    assert small.runner.kv_cache.numel() * small.runner.kv_cache.element_size() <= budget + pad_block
 
 
 def test_8bit_kv_needs_head_dim_divisible_by_32(tmp_path):

@@ -104,6 +104,30 @@ def test_decode_int8_cache_with_scales():
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_packed_8bit_cache_is_read_in_place(fmt):
+    """The engine's 8-bit KV rows (elements, then one E8M0 scale byte per 32) through both kernels
+    equal attention over the dequantized cache."""
+    from shared.engine.model import kv_quant
+
+    k_f, v_f = make_cache(64, 2, 64, seed=5)
+    k_cache, v_cache = kv_quant.quantize(k_f * 3, fmt), kv_quant.quantize(v_f, fmt)  # [.., 2, 66]
+    k_ref, v_ref = kv_quant.dequantize(k_cache, 64, torch.float32), kv_quant.dequantize(v_cache, 64, torch.float32)
+    ctx = [6, 25, 40]
+    tables = block_tables(ctx, 64)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(3, 4, 64, generator=g)
+    out = ta.decode_attention(*dev(q, k_cache, v_cache, tables, torch.tensor(ctx)), 0.125, num_splits=2).cpu()
+    ref = reference(q, k_ref, v_ref, tables, ctx, [1, 1, 1], 0.125)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    qv = torch.randn(6, 4, 64, generator=g)
+    cu = torch.tensor([0, 2, 5, 6])
+    out = ta.varlen_attention(*dev(qv, k_cache, v_cache, cu, torch.tensor(ctx), tables), 3, 0.125,
+                              block_m=16, block_n=16).cpu()
+    ref = reference(qv, k_ref, v_ref, tables, ctx, [2, 3, 1], 0.125)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
 def run_varlen(ctx_lens, q_lens, hq, hkv, d, window=None, dtype=torch.float32, seed=0):
     k_cache, v_cache = make_cache(64, hkv, d, dtype, seed)
     tables = block_tables(ctx_lens, 64, seed)
@@ -214,6 +238,23 @@ def test_engine_through_the_triton_path_matches_hf(sliding_checkpoint, graphs, n
     assert (verified > 0) == ngram
 
 
+@pytest.mark.parametrize("kv", ["fp8", "int8"])
+@pytest.mark.skipif(DEVICE != "cpu", reason="tests/gpu and tools/gpu_check.py cover the engine on CUDA")
+def test_engine_with_8bit_kv_through_the_triton_path_matches_its_cpu_path(sliding_checkpoint, kv):
+    """An 8-bit KV cache read in place by the Triton kernels (the runner's CUDA path, on CPU tensors)
+    gives the greedy tokens of the CPU path (the C++ decode kernel and SDPA over dequantized gathers)."""
+    from shared.engine import EngineConfig, LLMEngine, SamplingParams
+
+    path, prompts, _ = sliding_checkpoint
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    cfg = dict(model=str(path), num_blocks=64, block_size=8, max_num_batched_tokens=24, kv_cache_dtype=kv)
+    cpu = LLMEngine(EngineConfig(**cfg)).generate(prompts, params)
+    engine = LLMEngine(EngineConfig(**cfg))
+    engine.runner._triton, engine.runner._num_sms = True, 4
+    engine.runner._decode_kernel = False
+    assert engine.generate(prompts, params) == cpu
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the other tests compile the kernels for it")
 def test_kernels_compile_for_hopper():
     """Compiled (not interpreted) for sm_90 with the ptxas Triton ships: no GPU needed. Catches
@@ -227,3 +268,16 @@ def test_kernels_compile_for_hopper():
                           capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "compiled 3 kernel variants for sm_90" in done.stdout
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the other tests compile the kernels for it")
+def test_packed_8bit_reads_compile_for_hopper():
+    """The packed 8-bit KV reads (fp8 and int8 rows, both kernels) compile for sm_90."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "tests.helpers.triton_compile", "--cases", "packed"], env=env,
+                          capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled 4 kernel variants for sm_90" in done.stdout

@@ -25,6 +25,12 @@ block's scale and cast to the queries' dtype before the dot products (`_load_kv`
 place that reads the cache); without them the cache is read as it is and the scaled path is
 compiled out (a `tl.constexpr` flag). The cache tensor may then hold int8 or float8 values.
 
+Packed 8-bit rows (the engine's TANDEM_KV_CACHE_DTYPE=fp8|int8, model/kv_quant.py): a cache of
+uint8 (fp8 e4m3 elements) or int8 whose rows are head_dim element bytes followed by head_dim / 32
+E8M0 scale bytes is read in place too (`PACKED` 1 or 2): each element is decoded with integer
+ops (fp8 through float16's bit layout, as the C++ kernel does) and multiplied by its group's
+power of two.
+
 Import with TRITON_INTERPRET=1 set to run the kernels on CPU tensors with Triton's interpreter
 (what the unit tests do); the flag is read when the kernels are defined, i.e. on import.
 """
@@ -65,14 +71,27 @@ if triton is not None:
 
     @triton.jit
     def _load_kv(cache, scale, blk, tok_off, h, offs_d, t_ok, d_ok, stride_blk, stride_tok, stride_h,
-                 kv_heads, SCALED: tl.constexpr):
+                 kv_heads, SCALED: tl.constexpr, PACKED: tl.constexpr = 0, HEAD_DIM: tl.constexpr = 0):
         """[N, D] rows of one KV head for tokens at (block blk, offset tok_off): as stored, or
-        dequantized to float32 when SCALED."""
-        ptrs = cache + blk[:, None] * stride_blk + tok_off[:, None] * stride_tok + h * stride_h + offs_d[None, :]
-        x = tl.load(ptrs, mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        if SCALED:  # dequantize: one float32 scale per (block, KV head)
-            s = tl.load(scale + blk * kv_heads + h, mask=t_ok, other=0.0)
-            x = x.to(tl.float32) * s[:, None]
+        dequantized to float32 when SCALED or PACKED (1: fp8 rows, 2: int8 rows, with E8M0 scales)."""
+        row = cache + blk[:, None] * stride_blk + tok_off[:, None] * stride_tok + h * stride_h
+        mask = t_ok[:, None] & d_ok[None, :]
+        if PACKED:  # one return below: a compiled function's branches must agree on its type
+            b = tl.load(row + offs_d[None, :], mask=mask, other=0).to(tl.uint8, bitcast=True).to(tl.int32)
+            e = tl.load(row + HEAD_DIM + offs_d[None, :] // 32, mask=mask, other=127)
+            e = e.to(tl.uint8, bitcast=True).to(tl.int32)
+            if PACKED == 1:  # e4m3 -> float16 bits of 2^-8 times the value; the 2^8 joins the scale
+                h16 = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.int16)
+                x = h16.to(tl.float16, bitcast=True).to(tl.float32)
+                e = e + 8
+            else:
+                x = (b - ((b & 0x80) << 1)).to(tl.float32)  # two's complement of the byte
+            x = x * (e << 23).to(tl.float32, bitcast=True)
+        else:
+            x = tl.load(row + offs_d[None, :], mask=mask, other=0.0)
+            if SCALED:  # dequantize: one float32 scale per (block, KV head)
+                s = tl.load(scale + blk * kv_heads + h, mask=t_ok, other=0.0)
+                x = x.to(tl.float32) * s[:, None]
         return x
 
     @triton.jit
@@ -85,7 +104,7 @@ if triton is not None:
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
         SCALED: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr,
+        UPCAST: tl.constexpr, PACKED: tl.constexpr = 0,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -116,14 +135,14 @@ if triton is not None:
             t_ok = tok < hi
             blk = tl.load(block_tables + b * stride_bt + tok // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
             k = _load_kv(k_cache, k_scale, blk, tok % BLOCK_SIZE, h, offs_d, t_ok, d_ok, stride_blk, stride_tok,
-                         stride_h, kv_heads, SCALED).to(dtype)
+                         stride_h, kv_heads, SCALED, PACKED, HEAD_DIM).to(dtype)
             s = tl.dot(qv, tl.trans(k), input_precision=PRECISION) * scale  # [G, N]
             s = tl.where(t_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             v = _load_kv(v_cache, v_scale, blk, tok % BLOCK_SIZE, h, offs_d, t_ok, d_ok, stride_blk, stride_tok,
-                         stride_h, kv_heads, SCALED).to(dtype)
+                         stride_h, kv_heads, SCALED, PACKED, HEAD_DIM).to(dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PRECISION)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
@@ -160,7 +179,7 @@ if triton is not None:
         kv_heads,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr,
+        UPCAST: tl.constexpr, PACKED: tl.constexpr = 0,
     ):
         seq = tl.program_id(0)
         q_tile = tl.program_id(1)
@@ -192,7 +211,7 @@ if triton is not None:
                 t_ok = tok < last
                 blk = tl.load(block_tables + seq * stride_bt + tok // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
                 k = _load_kv(k_cache, k_scale, blk, tok % BLOCK_SIZE, h, offs_d, t_ok, d_ok, stride_blk, stride_tok,
-                             stride_h, kv_heads, SCALED).to(dtype)
+                             stride_h, kv_heads, SCALED, PACKED, HEAD_DIM).to(dtype)
                 s = tl.dot(qv, tl.trans(k), input_precision=PRECISION) * scale  # [M, N]
                 allowed = (tok[None, :] <= q_pos[:, None]) & t_ok[None, :]
                 allowed = allowed & ((window <= 0) | (q_pos[:, None] - tok[None, :] < window))
@@ -201,7 +220,7 @@ if triton is not None:
                 p = tl.exp(s - m_new[:, None])
                 alpha = tl.exp(m_i - m_new)
                 v = _load_kv(v_cache, v_scale, blk, tok % BLOCK_SIZE, h, offs_d, t_ok, d_ok, stride_blk, stride_tok,
-                             stride_h, kv_heads, SCALED).to(dtype)
+                             stride_h, kv_heads, SCALED, PACKED, HEAD_DIM).to(dtype)
                 acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PRECISION)
                 l_i = l_i * alpha + tl.sum(p, 1)
                 m_i = m_new
@@ -220,7 +239,8 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         raise RuntimeError("triton is not installed")
     hq, d = q.shape[1], q.shape[2]
     hkv = k_cache.shape[2]
-    if k_cache.shape != v_cache.shape or k_cache.shape[3] != d or hq % hkv:
+    width = d + d // 32 if _packed(k_cache, d) else d
+    if k_cache.shape != v_cache.shape or k_cache.shape[3] != width or hq % hkv:
         raise ValueError(f"cache {tuple(k_cache.shape)} does not fit queries {tuple(q.shape)}")
     if k_cache.stride(3) != 1 or q.stride(2) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("head_dim must be the innermost, contiguous dimension of q and the caches")
@@ -230,6 +250,14 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 or not v_scale.is_contiguous()):
         raise ValueError(f"scales must be contiguous [num_blocks, kv_heads] = {(k_cache.shape[0], hkv)}")
     return hq // hkv, hkv, k_scale is not None
+
+
+def _packed(cache: torch.Tensor, d: int) -> int:
+    """1: packed fp8 rows (uint8), 2: packed int8 rows (int8), each head_dim + head_dim / 32 bytes
+    wide; 0: values as stored (an int8 cache of head_dim-wide rows takes the scale tensors)."""
+    if cache.dtype not in (torch.uint8, torch.int8) or d % 32 or cache.shape[3] != d + d // 32:
+        return 0
+    return 1 if cache.dtype == torch.uint8 else 2
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -261,6 +289,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         hkv,
         GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HEAD_DIM=d, D_PAD=d_pad,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, NUM_SPLITS=num_splits, SCALED=scaled,
+        PACKED=0 if scaled else _packed(k_cache, d),
         PRECISION=_precision(q.dtype), UPCAST=INTERPRETED,
     )
     _decode_merge_kernel[(b, hq)](part_acc, part_max, part_sum, out, out.stride(0), out.stride(1), hq,
@@ -290,6 +319,7 @@ def varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         hkv,
         GROUP=group, HEAD_DIM=d, D_PAD=_next_pow2(d), BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, SCALED=scaled, PRECISION=_precision(q.dtype), UPCAST=INTERPRETED,
+        PACKED=0 if scaled else _packed(k_cache, d),
     )
     return out
 
