@@ -10,7 +10,10 @@ docs/security.md lists the threats and these tests."""
 from __future__ import annotations
 
 import json
+import os
 import ssl
+import subprocess
+import sys
 import threading
 import time
 
@@ -25,7 +28,7 @@ from tests.helpers.models import make_tiny_checkpoint
 from tests.helpers.otlp import OtlpReceiver
 from tools.certs import Authority
 
-from .procs import Service, free_port, stop_all
+from .procs import ROOT, Service, free_port, stop_all
 
 pytestmark = pytest.mark.slow
 
@@ -307,6 +310,31 @@ def test_one_key_runs_at_most_its_concurrency_limit(stack, reference):
             rest = list(long_call)
     assert tokens_of([first, *rest]) == reference(PROMPT, 200)
     assert_serves(stack, reference)
+
+
+def test_the_cli_client_speaks_tls_with_a_key(stack, tmp_path):
+    """tools.client --ca --api-key-file (what docs/security.md tells users to run)."""
+    keys = tmp_path / "my-key"
+    keys.write_text(f"# mine\n{KEY_B}\n")
+    base = [
+        sys.executable,
+        "-m",
+        "tools.client",
+        "--addr",
+        stack.scheduler.address,
+        "--ca",
+        str(stack.ca_file),
+    ]
+    args = ["hello", "--max-tokens", "4", "--ignore-eos"]
+    ok = subprocess.run(
+        [*base, "--api-key-file", str(keys), *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "completion 4" in ok.stderr
+    env = {k: v for k, v in os.environ.items() if k != "TANDEM_API_KEY"}  # no key at all
+    refused = subprocess.run([*base, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+    assert KEY_B not in ok.stderr + ok.stdout + refused.stderr
 
 
 # -- the HTTP API -------------------------------------------------------------------------------
