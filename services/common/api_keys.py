@@ -55,26 +55,33 @@ class ApiKeys:
         self._keys: list[bytes] = []
         self._signature: tuple[int, int, int] | None = None
         self._running: dict[str, int] = {}
+        self._unreadable = False  # logged once per episode, not once per request
         self._reload()
+
+    def _refuse_all(self, why: str) -> None:
+        if not self._unreadable:
+            log.error("API keys file %s unreadable (%s): refusing every key", self.path, why)
+        self._keys, self._signature, self._unreadable = [], None, True
 
     def _reload(self) -> None:
         """Re-read the file if it changed since the last read."""
         try:
             st = os.stat(self.path)
         except OSError as e:
-            if self._signature is not None or not self._keys:
-                log.error("API keys file %s unreadable (%s): refusing every key", self.path, e.strerror)
-            self._keys, self._signature = [], None
+            self._refuse_all(e.strerror or type(e).__name__)
             return
         signature = (st.st_mtime_ns, st.st_size, st.st_ino)
         if signature == self._signature:
             return
         try:
             text = open(self.path, encoding="utf-8").read()
-        except (OSError, UnicodeDecodeError) as e:
-            log.error("API keys file %s unreadable (%s): refusing every key", self.path, e)
-            self._keys, self._signature = [], None
+        except OSError as e:
+            self._refuse_all(e.strerror or type(e).__name__)
             return
+        except UnicodeDecodeError:
+            self._refuse_all("not UTF-8")  # the message would quote the file's bytes
+            return
+        self._unreadable = False
         keys = []
         for line in text.splitlines():
             line = line.strip()

@@ -157,13 +157,19 @@ def test_keys_from_a_file_with_comments_and_rotation(tmp_path):
         keys.authenticate(f"Bearer {KEY}-next")
 
 
-def test_a_missing_keys_file_refuses_every_key(tmp_path):
+def test_a_missing_keys_file_refuses_every_key(tmp_path, caplog):
     path = tmp_path / "keys"
     path.write_text(f"{KEY}\n")
     keys = ApiKeys(str(path))
     assert keys.authenticate(f"Bearer {KEY}")
     path.unlink()
-    with pytest.raises(Unauthenticated):
+    with caplog.at_level(logging.ERROR):
+        for _ in range(3):
+            with pytest.raises(Unauthenticated):
+                keys.authenticate(f"Bearer {KEY}")
+    assert len([r for r in caplog.records if "unreadable" in r.getMessage()]) == 1  # once, not per request
+    path.write_bytes(b"\xff\xfe" + KEY.encode())  # not UTF-8: refused, and its bytes not logged
+    with caplog.at_level(logging.ERROR), pytest.raises(Unauthenticated):
         keys.authenticate(f"Bearer {KEY}")
     path.write_text(f"{KEY}\n")
     assert keys.authenticate(f"Bearer {KEY}")
