@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -141,7 +141,11 @@ class ServerTracingInterceptor(grpc.aio.ServerInterceptor):
         return traced
 
     def _wrap_stream(self, behavior, method: str, metadata):
-        async def traced(request_or_iterator, context) -> AsyncIterator[Any]:
+        # A coroutine that writes with context.write, not an async generator: grpc abandons a
+        # generator handler cancelled while it sends (the garbage collector closes it later,
+        # in another task, where spans open across its yields cannot be detached). Here the
+        # cancellation reaches this frame, which closes the handler's generator in its own task.
+        async def traced(request_or_iterator, context) -> None:
             span, span_context, request_id = self._start(method, metadata, context)
             with _server_outcome(span, context):
                 responses = behavior(request_or_iterator, context)
@@ -152,7 +156,7 @@ class ServerTracingInterceptor(grpc.aio.ServerInterceptor):
                                 response = await responses.__anext__()
                             except StopAsyncIteration:
                                 break
-                        yield response
+                        await context.write(response)
                 finally:
                     with self._current(span_context, request_id):
                         await responses.aclose()

@@ -9,6 +9,7 @@ so their own service.name, as two processes would.
 from __future__ import annotations
 
 import asyncio
+import gc
 import secrets
 import subprocess
 import sys
@@ -66,6 +67,12 @@ def _b_handler(provider):
         await asyncio.sleep(30)
         yield b"never"
 
+    async def busy_stream(request: bytes, context):
+        # a span open across yields that never await: a cancel lands while grpc sends
+        with span("busy", tracer=tracer):
+            while True:
+                yield b"x" * 1024
+
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
@@ -74,6 +81,7 @@ def _b_handler(provider):
             "NotFound": grpc.unary_unary_rpc_method_handler(not_found),
             "Crash": grpc.unary_unary_rpc_method_handler(crash),
             "SlowStream": grpc.unary_stream_rpc_method_handler(slow_stream),
+            "BusyStream": grpc.unary_stream_rpc_method_handler(busy_stream),
         },
     )
 
@@ -266,6 +274,29 @@ async def test_abandoned_stream_ends_both_spans_with_its_code(how):
     # On the server a cancelled call is the caller's doing; an expired deadline is not.
     expected = StatusCode.ERROR if how == "deadline" else StatusCode.UNSET
     assert server_span.status.status_code == expected
+
+
+async def test_cancelled_stream_closes_its_handler_in_its_own_task(caplog):
+    # grpc abandons an async-generator handler cancelled while it sends; closed later by the
+    # garbage collector in another task, a span open across its yields could not be detached
+    # ("Failed to detach context" logged with a traceback)
+    exporter = InMemorySpanExporter()
+    provider = _provider("svc-b", exporter)
+    server, addr = await _serve(_b_handler(provider), provider)
+    try:
+        async with grpc.aio.insecure_channel(addr) as channel:
+            for _ in range(5):
+                call = channel.unary_stream(f"/{SERVICE}/BusyStream")(b"")
+                for _ in range(3):
+                    await call.read()
+                call.cancel()
+            await _until(lambda: len([s for s in exporter.get_finished_spans() if s.name == "busy"]) == 5)
+            gc.collect()
+            await asyncio.sleep(0.1)
+    finally:
+        await server.stop(None)
+    failed = [r for r in caplog.records if "detach" in r.getMessage()]
+    assert not failed, failed[0].getMessage()
 
 
 async def test_bound_request_id_travels_in_metadata_to_the_server_span():
