@@ -24,6 +24,7 @@ prefixed with their name.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -231,15 +232,11 @@ def build_parser(prog: str = "python -m tools.run_local") -> argparse.ArgumentPa
 
 
 def command(*args: str) -> str:
-    """How to run a Tandem command from any shell: the `tandem` console script when installed
-    next to this Python, else this Python with -m (a relative path when under the current directory)."""
-    bindir = Path(sys.executable).parent
+    """How to run a Tandem command from any shell, in any directory: the `tandem` console script
+    when installed next to this Python, else this Python with -m (absolute paths either way)."""
+    bindir = Path(os.path.abspath(sys.executable)).parent
     script = bindir / "tandem"
-    exe = script if script.is_file() else Path(sys.executable)
-    try:
-        shown = str(exe.relative_to(Path.cwd()))
-    except ValueError:
-        shown = str(exe)
+    shown = str(script if script.is_file() else bindir / Path(sys.executable).name)
     mod = {"generate": "tools.client", "traces": "tools.traces", "bench": "tools.bench"}
     if script.is_file():
         return " ".join([shown, *args])
@@ -336,7 +333,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m tools.run_local")
         workers = sum(name in procs for name in ("prefill", "decode"))
         wait_routable(addrs["scheduler"], workers, args.startup_timeout, stop)
         if not stop.is_set():
-            print(_banner(args, addrs, metrics, spec), file=sys.stderr)
+            print(_banner(args, addrs, metrics, spec, chat=has_chat_template(model)), file=sys.stderr)
         while not stop.is_set():
             for name, proc in procs.items():
                 if proc.poll() is not None:
@@ -353,7 +350,21 @@ def main(argv: list[str] | None = None, prog: str = "python -m tools.run_local")
     return code
 
 
-def _banner(args: argparse.Namespace, addrs: dict[str, str], metrics: dict[str, str], spec: str) -> str:
+def has_chat_template(model: Path) -> bool:
+    """Whether the scheduler will serve chat completions for this model (chat_template.jinja,
+    or a chat_template in tokenizer_config.json: services/scheduler/http/chat.py)."""
+    if (model / "chat_template.jinja").is_file():
+        return True
+    try:
+        config = json.loads((model / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("chat_template"))
+
+
+def _banner(
+    args: argparse.Namespace, addrs: dict[str, str], metrics: dict[str, str], spec: str, *, chat: bool = True
+) -> str:
     lines = [
         "",
         f"Tandem is up: scheduler {addrs['scheduler']}"
@@ -377,12 +388,22 @@ def _banner(args: argparse.Namespace, addrs: dict[str, str], metrics: dict[str, 
         lines += [
             f"OpenAI-compatible API at {base} (any api_key):",
             f"  curl {base}/completions -H 'Content-Type: application/json' -d '{http_body}'",
-            f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='none'); "
-            "print(c.chat.completions.create(model=c.models.list().data[0].id, max_tokens=32, "
-            "messages=[{'role': 'user', 'content': 'fibonacci numbers'}]).choices[0].message.content)\"",
         ]
+        # this Python has the openai package (a dev dependency); a model without a chat
+        # template serves completions only
+        sdk = f"c = OpenAI(base_url='{base}', api_key='none'); model = c.models.list().data[0].id; "
+        if chat:
+            sdk += (
+                "print(c.chat.completions.create(model=model, max_tokens=32, "
+                "messages=[{'role': 'user', 'content': 'fibonacci numbers'}]).choices[0].message.content)"
+            )
+        else:
+            sdk += "print(c.completions.create(model=model, max_tokens=32, prompt='def fib(n):').choices[0].text)"
+        python = Path(os.path.abspath(sys.executable))
+        lines.append(f'  {python} -c "from openai import OpenAI; {sdk}"')
     if args.trace_file:
-        lines.append("  " + command("traces", "show", "<request id>", "--file", args.trace_file))
+        trace_file = os.path.abspath(args.trace_file)
+        lines.append("  " + command("traces", "show", "<request id>", "--file", trace_file))
     lines.append(
         "WARNING: plaintext and no API keys: local development only (TLS and keys: docs/security.md)."
     )

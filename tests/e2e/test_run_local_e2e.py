@@ -38,7 +38,7 @@ def test_parse_size():
         run_local.parse_size("lots")
 
 
-def test_make_run_serves_and_ctrl_c_exits_cleanly(tiny_model):
+def test_make_run_serves_and_ctrl_c_exits_cleanly(tiny_model, tmp_path):
     port, metrics_port, http_port = free_port(), free_port(), free_port()
     proc = subprocess.Popen(
         [
@@ -113,6 +113,12 @@ def test_make_run_serves_and_ctrl_c_exits_cleanly(tiny_model):
             subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=60).stdout
         )
         assert answer["object"] == "text_completion" and answer["usage"]["completion_tokens"] > 0
+        # so do the printed client and openai SDK lines, from another directory (a model without
+        # a chat template gets the completions example)
+        for marker in (" generate ", "from openai import OpenAI"):
+            line = next(line.strip() for line in out.splitlines() if marker in line)
+            done = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, (line, done.stdout, done.stderr)
         os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C
         assert proc.wait(60) == 0, "".join(lines)
         reader.join(10)

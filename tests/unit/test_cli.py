@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from shared.pb.tandem.v1 import generate_pb2, generate_pb2_grpc
-from tools import cli, traces
+from tools import cli, run_local, traces
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,3 +89,35 @@ def test_traces_show_takes_a_request_id_prefix_and_the_trace_file_variable(tmp_p
     with pytest.raises(SystemExit):
         traces.main(["show", "9f00aa"])  # no --file and no TANDEM_TRACE_FILE: a usage error
     assert "TANDEM_TRACE_FILE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_make_run_examples_run_from_any_directory(tmp_path, monkeypatch, chat):
+    monkeypatch.chdir(tmp_path)
+    args = run_local.build_parser("tandem serve").parse_args(["--trace-file", "spans.jsonl"])
+    addrs = {name: f"127.0.0.1:{50051 + off}" for name, off in run_local.PORT_OFFSETS.items()}
+    banner = run_local._banner(args, addrs, {}, "none", chat=chat)
+    lines = banner.splitlines()
+    generate = next(line.split() for line in lines if " generate " in line or "tools.client" in line)
+    sdk = next(line.strip() for line in lines if "from openai import OpenAI" in line)
+    show = next(line.split() for line in lines if " show " in line)
+    # absolute paths of this environment (it has the openai package), not `python` or `.venv/...`
+    assert Path(generate[0]).is_absolute() and Path(generate[0]).is_file()
+    python, code = sdk.split(" -c ", 1)
+    assert Path(python).is_absolute() and Path(python).parent == Path(sys.executable).parent
+    assert Path(show[show.index("--file") + 1]) == tmp_path / "spans.jsonl"
+    source = code.strip('"')
+    compile(source, "<banner>", "exec")
+    assert ("chat.completions.create" in source) == chat
+    assert ("c.completions.create" in source) == (not chat)
+
+
+def test_has_chat_template(tmp_path):
+    assert not run_local.has_chat_template(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    assert not run_local.has_chat_template(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert run_local.has_chat_template(tmp_path)
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+    assert run_local.has_chat_template(tmp_path)

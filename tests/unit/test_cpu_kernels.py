@@ -91,3 +91,19 @@ def test_a_start_that_compiles_the_kernels_says_so(monkeypatch, caplog):
     with caplog.at_level("INFO", logger=cpu_kernels.__name__):
         assert cpu_kernels.load.__wrapped__() is not None
     assert any("compiling the CPU kernels" in r.getMessage() for r in caplog.records)
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_block_later_starts(tmp_path, caplog):
+    # torch waits while `lock` exists; a build killed mid-way (a worker SIGKILLed on its first
+    # start) leaves it, and without Tandem's own lock every later start would hang
+    (tmp_path / "lock").touch()
+    with caplog.at_level("WARNING", logger=cpu_kernels.__name__), cpu_kernels._exclusive_build(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    assert any("interrupted build" in r.getMessage() for r in caplog.records)
+    with cpu_kernels._exclusive_build(tmp_path):  # released: taken again at once
+        pass
+
+
+def test_a_build_lock_held_by_a_live_build_is_left_alone(tmp_path):
+    with open(tmp_path / "lock", "w"), cpu_kernels._exclusive_build(tmp_path):
+        assert (tmp_path / "lock").exists()

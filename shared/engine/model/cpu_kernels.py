@@ -22,6 +22,8 @@ the engine keeps the pure-PyTorch path, which gives the same results.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -61,6 +63,38 @@ def _built() -> bool:
         return True
 
 
+def _open_anywhere(path: Path) -> bool:
+    """Whether any process (of those this one may inspect, in /proc) has `path` open."""
+    target = os.path.realpath(path)
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) == target for fd in fd_dir.iterdir()):
+                return True
+        except OSError:  # gone, or not ours to read
+            continue
+    return False
+
+
+@contextlib.contextmanager
+def _exclusive_build(build_dir: Path):
+    """Serialises builds and loads across processes with a lock the kernel drops when its holder
+    dies. torch's own lock (`lock` in the build directory) is a plain file, kept open while its
+    creator builds: a process killed while compiling leaves it behind, and every later start
+    would wait for it forever. Under this lock, one that no process has open is such a leftover,
+    and is removed."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "tandem.flock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            leftover = build_dir / "lock"
+            if leftover.exists() and not _open_anywhere(leftover):
+                log.warning("removing %s, left by an interrupted build of the CPU kernels", leftover)
+                leftover.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @functools.cache
 def load():
     """The compiled module, or None when it cannot be built here (then callers use torch ops)."""
@@ -71,19 +105,20 @@ def load():
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     start = time.monotonic()
     try:
-        from torch.utils.cpp_extension import load_inline
+        from torch.utils.cpp_extension import _get_build_directory, load_inline
 
         source = _source()
         name = _name(source)
         if not _built():
             log.info("compiling the CPU kernels (first start only: about a minute; cached afterwards)")
-        module = load_inline(
-            name=name,
-            cpp_sources=[source],
-            functions=_FUNCTIONS,
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"],
-            verbose=False,
-        )
+        with _exclusive_build(Path(_get_build_directory(name, False))):
+            module = load_inline(
+                name=name,
+                cpp_sources=[source],
+                functions=_FUNCTIONS,
+                extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"],
+                verbose=False,
+            )
         if time.monotonic() - start > 5:
             log.info("CPU kernels ready after %.0f s", time.monotonic() - start)
         return module
