@@ -115,8 +115,8 @@ def test_make_run_serves_and_ctrl_c_exits_cleanly(tiny_model, tmp_path):
         assert answer["object"] == "text_completion" and answer["usage"]["completion_tokens"] > 0
         # so do the printed client and openai SDK lines, from another directory (a model without
         # a chat template gets the completions example)
-        for marker in (" generate ", "from openai import OpenAI"):
-            line = next(line.strip() for line in out.splitlines() if marker in line)
+        for markers in ((" generate ", "-m tools.client "), ("from openai import OpenAI",)):
+            line = next(line.strip() for line in out.splitlines() if any(m in line for m in markers))
             done = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120)
             assert done.returncode == 0, (line, done.stdout, done.stderr)
         os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C
