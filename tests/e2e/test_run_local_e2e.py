@@ -116,7 +116,11 @@ def test_make_run_serves_and_ctrl_c_exits_cleanly(tiny_model, tmp_path):
         # so do the printed client and openai SDK lines, from another directory (a model without
         # a chat template gets the completions example)
         for markers in ((" generate ", "-m tools.client "), ("from openai import OpenAI",)):
-            line = next(line.strip() for line in out.splitlines() if any(m in line for m in markers))
+            line = next(
+                line.strip()
+                for line in out.splitlines()
+                if line.startswith("  /") and any(m in line for m in markers)  # the banner's, not a log's
+            )
             done = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120)
             assert done.returncode == 0, (line, done.stdout, done.stderr)
         os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C
