@@ -20,6 +20,8 @@ soon as it is measured, so a run cut short still shows what it got):
    `generate` one request at a time and in static batches, same workload, same run.
    Goals: >= 15x and >= 2x.
 6. decode step time with and without CUDA graphs at several batch sizes.
+7. quantization on the 1B-shaped model: bf16 / int8 weights / fp8 KV / both (weight memory, KV
+   blocks per GiB, saturation throughput, greedy agreement with bf16).
 
 A JSON file with every figure goes to --out (default: $OUT/gpu_check.json when OUT is set).
 """
@@ -268,6 +270,42 @@ def check_saturation(rep: Report, path: Path, device: str, args) -> None:
             goal(tandem / static, GOALS["vs_hf_static"]))
 
 
+# -- 7. quantization -----------------------------------------------------------------------
+def check_quant(rep: Report, path: Path, device: str, args) -> None:
+    """bf16 / int8 weights / fp8 KV / both on the 1B-shaped model: weight memory, KV blocks per GiB,
+    saturation decode throughput and greedy agreement with bf16 (the CPU figures: make bench-quant)."""
+    from shared.engine import SamplingParams
+
+    cfg = json.loads((path / "config.json").read_text())
+    modes = {"bf16": ("none", "auto"), "int8 weights": ("int8", "auto"), "fp8 KV": ("none", "fp8"),
+             "int8 weights + fp8 KV": ("int8", "fp8")}
+    if cfg["head_dim"] % 32:
+        modes = {k: v for k, v in modes.items() if v[1] == "auto"}
+        rep.row("quant: 8-bit KV", f"skipped (head_dim {cfg['head_dim']} not divisible by 32)")
+    prompts = prompts_for(cfg["vocab_size"], args.num_prompts, 32 if not args.tiny else 4, args.max_input, 5,
+                          cfg["bos_token_id"])
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    base = None
+    for name, (quantization, kv) in modes.items():
+        eng = engine(path, device, "bfloat16", max_num_seqs=args.num_prompts, max_num_batched_tokens=2048,
+                     max_model_len=args.max_input + args.output_len + 16, quantization=quantization,
+                     kv_cache_dtype=kv)
+        eng.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        outs = eng.generate(prompts, params)
+        sync(device)
+        tok_s = len(prompts) * args.output_len / (time.perf_counter() - t0)
+        weights, per_block = eng.runner.weight_bytes(), eng.runner.kv_bytes_per_block(eng.block_size)
+        base = base or (weights, per_block, tok_s, outs)
+        same = sum(a == b for o, r in zip(outs, base[3], strict=True) for a, b in zip(o, r, strict=True))
+        rep.row(f"quant: {name}", f"weights {weights / 2**20:.0f} MiB ({weights / base[0]:.2f}x), KV blocks/GiB "
+                f"{(1 << 30) // per_block} ({base[1] / per_block:.2f}x), {tok_s:.0f} tok/s ({tok_s / base[2]:.2f}x), "
+                f"greedy identical {same / sum(map(len, outs)):.0%}", "", tok_s=tok_s, weight_bytes=weights)
+        del eng
+        free()
+
+
 # -- 6. CUDA graphs -------------------------------------------------------------------------
 def check_graph_steps(rep: Report, eng, device: str, tiny: bool) -> None:
     """Decode step time (runner.forward of B one-token sequences at context 256), graphs vs eager."""
@@ -338,6 +376,7 @@ def main(argv=None) -> int:
         check_parity(rep, small, args.device, args.tiny)
         check_batch1(rep, "1B-shaped", small, args.device, bw, args.tiny)
         check_saturation(rep, small, args.device, args)
+        check_quant(rep, small, args.device, args)
         if not args.skip_8b:
             big = gpu_models.build(Path(tmp) / "llama-8b", "8b", args.device, args.tiny)
             check_batch1(rep, "8B-shaped", big, args.device, bw, args.tiny)
