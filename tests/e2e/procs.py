@@ -67,7 +67,7 @@ class Service:
         """A channel to the service, secured the way its own peers' are."""
         return self.tls.channel(self.address)
 
-    def wait_serving(self, timeout_s: float = 120.0) -> None:
+    def wait_serving(self, timeout_s: float = 240.0) -> None:
         deadline = time.monotonic() + timeout_s
         while self.health() != health_pb2.HealthCheckResponse.SERVING:
             if self.proc.poll() is not None:
