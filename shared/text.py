@@ -116,6 +116,11 @@ class Tokenizer:
         B / max_token_bytes tokens, up to what a normalizer changes."""
         return max((len(t.encode("utf-8")) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
 
+    @functools.cached_property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids that decode(skip_special_tokens=True) leaves out."""
+        return frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -170,6 +175,10 @@ class IncrementalDetokenizer:
         # One token at a time, so a split character at the end of a multi-token push
         # (speculative decoding) does not hold back the complete text before it.
         for token_id in new_ids:
+            if self._skip and token_id in self._tokenizer.special_token_ids:
+                # decoded as if absent: kept out of the window, so that a long run of them
+                # (EOS under ignore_eos) does not make every later decode longer
+                continue
             self._ids.append(token_id)
             text = self._decode(self._prefix_offset)
             if len(text) <= len(self._prefix_text) or text.endswith(REPLACEMENT_CHAR):

@@ -132,6 +132,15 @@ def test_special_tokens_skipped_or_kept(tok):
     assert detok.push(ids) + detok.flush() == "hello</s>"
 
 
+def test_a_long_run_of_skipped_special_tokens_keeps_the_window_small(tok):
+    words = gen_ids(tok, "hello world")
+    ids = words[:1] + [EOS_ID] * 2000 + [BOS_ID] + words[1:] + [EOS_ID] * 5
+    detok = IncrementalDetokenizer(tok, [BOS_ID])
+    text = "".join(detok.push([i]) for i in ids) + detok.flush()
+    assert text == tok.decode(ids) == "hello world"
+    assert len(detok._ids) < 20  # each push decodes a few tokens, not the run of EOS behind them
+
+
 def test_sentencepiece_space_between_prompt_and_completion(tmp_path):
     tok = Tokenizer.from_dir(make_tokenizer_dir(tmp_path, kind="metaspace"))
     prompt, completion = tok.encode("the quick"), gen_ids(tok, "brown fox")
