@@ -142,7 +142,8 @@ class LLMEngine:
         if holds >= self.max_model_len:
             return
         mib = self.runner.kv_bytes_per_block(self.block_size) * num_blocks / 2**20
-        size = f"{num_blocks} blocks of {self.block_size} tokens ({mib:.0f} MiB)"
+        amount = f"{mib:.0f} MiB" if mib >= 1 else f"{mib * 1024:.0f} KiB"  # never "0 MiB"
+        size = f"{num_blocks} blocks of {self.block_size} tokens ({amount})"
         if self.config.max_model_len is not None or holds < self.block_size:
             raise KVCacheTooSmall(
                 f"a KV cache of {size} cannot hold one {self.max_model_len}-token sequence: "

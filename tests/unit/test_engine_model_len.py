@@ -48,6 +48,11 @@ def test_explicit_max_model_len_that_does_not_fit_names_the_settings(long_ckpt):
         LLMEngine(EngineConfig(model=str(long_ckpt), kv_cache_memory=BUDGET, max_model_len=131072))
 
 
+def test_a_cache_under_a_mib_is_given_in_kib(long_ckpt):
+    with pytest.raises(KVCacheTooSmall, match=r"\(\d+ KiB\)"):
+        LLMEngine(EngineConfig(model=str(long_ckpt), kv_cache_memory=256 << 10, max_model_len=131072))
+
+
 def test_worker_start_up_is_a_one_line_configuration_error(long_ckpt):
     config = from_env(
         WorkerConfig,
