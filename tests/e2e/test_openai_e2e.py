@@ -252,6 +252,9 @@ def test_logprobs(client):
     content = chat.choices[0].logprobs.content
     assert len(content) == 5 and all(len(t.top_logprobs) == 2 for t in content)
     assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)
+    text = chat.choices[0].message.content
+    if "\ufffd" not in text:  # the tokens' bytes join into the text, pieces of characters included
+        assert b"".join(bytes(t.bytes) for t in content) == text.encode()
     # logprobs=0: the sampled tokens' own, no alternatives
     resp = client.completions.create(model="tiny", prompt="hello world", max_tokens=3, logprobs=0, **GREEDY)
     assert (

@@ -266,3 +266,26 @@ def test_a_draft_must_share_the_targets_tokenizer(tmp_path):
     assert tokenizer_mismatch(target, same) is None
     why = tokenizer_mismatch(target, other)
     assert why is not None and "must share the target's tokenizer" in why
+
+
+def test_token_bytes_join_into_the_text(tok):
+    # OpenAI's logprobs `bytes`: tokens that are pieces of a UTF-8 character (their text is
+    # U+FFFD) still give their own bytes, so the bytes of a choice's tokens join into its text
+    ids = gen_ids(tok, MULTIBYTE)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)
+    assert b"".join(tok.token_bytes(i) for i in ids) == MULTIBYTE.encode()
+
+
+def test_token_bytes_of_sentencepiece_byte_fallbacks(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}, "a": 257}
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.from_dir(tmp_path)
+    text = "aé日a"
+    ids = tok.encode(text)
+    assert len(ids) == 1 + 2 + 3 + 1  # é and 日 as their UTF-8 bytes
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode()

@@ -273,6 +273,14 @@ class Tokens:
             text = self._cache[token_id] = self._tokenizer.decode([token_id], skip_special_tokens=False)
         return text
 
+    def bytes(self, token_id: int) -> list[int]:
+        """The token's own bytes (a piece of a UTF-8 character included, whose text is U+FFFD),
+        so that a choice's tokens' bytes join into its text, as OpenAI's `bytes` field promises."""
+        text = self.text(token_id)
+        if "\ufffd" not in text:
+            return list(text.encode("utf-8"))
+        return list(self._tokenizer.token_bytes(token_id))
+
 
 def completion_logprobs(tokens: Tokens, piece: Piece, top_n: int, offset: int) -> dict[str, Any]:
     """The `logprobs` of a completion choice for this piece's tokens; offset: text length before it."""
@@ -292,7 +300,7 @@ def completion_logprobs(tokens: Tokens, piece: Piece, top_n: int, offset: int) -
 def chat_logprobs(tokens: Tokens, piece: Piece, top_n: int) -> dict[str, Any]:
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         token = tokens.text(token_id)
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+        return {"token": token, "logprob": logprob, "bytes": tokens.bytes(token_id)}
 
     return {
         "content": [
