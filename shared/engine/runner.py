@@ -22,6 +22,7 @@ from .model import (
     GpuBatch,
     LlamaForCausalLM,
     ModelConfig,
+    ModelLoadError,
     PrefillSeq,
     cpu_kernels,
     kv_quant,
@@ -64,6 +65,11 @@ class ModelRunner:
         if kv_cache_dtype == "auto":
             self.kv_dtype, self.kv_head_width = self.dtype, cfg.head_dim
         else:
+            if cfg.head_dim % kv_quant.GROUP:  # a start-up configuration error, not a traceback
+                raise ModelLoadError(
+                    f"an 8-bit KV cache (TANDEM_KV_CACHE_DTYPE={kv_cache_dtype}) needs head_dim divisible by "
+                    f"{kv_quant.GROUP}, and this model's is {cfg.head_dim}; use TANDEM_KV_CACHE_DTYPE=auto"
+                )
             self.kv_dtype, self.kv_head_width = kv_quant.FORMATS[kv_cache_dtype], kv_quant.packed_width(cfg.head_dim)
         self.kv_cache_dtype = dtype if kv_cache_dtype == "auto" else kv_cache_dtype  # wire name of the KV payload
         with torch.device("meta"):

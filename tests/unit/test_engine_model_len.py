@@ -85,3 +85,12 @@ def test_unsupported_architecture_is_a_one_line_error_naming_it(long_ckpt, tmp_p
     message = str(err.value)
     assert "\n" not in message and "GPT2LMHeadModel" in message
     assert "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM" in message
+
+
+def test_an_8bit_kv_cache_for_a_head_size_it_cannot_pack_is_a_one_line_error(tmp_path):
+    ckpt = make_tiny_checkpoint(tmp_path, hidden=64, heads=4)  # head_dim 16
+    config = from_env(WorkerConfig, env={"TANDEM_MODEL": str(ckpt), "TANDEM_KV_CACHE_DTYPE": "int8"})
+    with pytest.raises(ConfigError) as err:
+        build_engine(config)
+    message = str(err.value)
+    assert "\n" not in message and "model's is 16" in message and "TANDEM_KV_CACHE_DTYPE=int8" in message
