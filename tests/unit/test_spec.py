@@ -208,15 +208,15 @@ class WrongProposer:
 
 
 def test_adaptive_speculation_stops_proposing_when_nothing_is_accepted(ckpt):
-    greedy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
     plain = engine(ckpt).generate(PROMPTS[:2], greedy)
     fixed, adaptive = engine(ckpt), engine(ckpt, adaptive_speculation=True)
     proposers = WrongProposer(), WrongProposer()
     fixed.set_proposer(proposers[0])
     adaptive.set_proposer(proposers[1])
     assert fixed.generate(PROMPTS[:2], greedy) == adaptive.generate(PROMPTS[:2], greedy) == plain
-    assert proposers[0].calls >= 35  # one call per step (but the last ones, with room for one token)
+    assert proposers[0].calls >= 110  # one call per step (but the last ones, with room for one token)
     # the policy sees nothing accepted and, once its estimate has fallen (this proposer costs
     # nothing, so a little acceptance would still pay), decodes plainly from then on
-    assert proposers[1].calls <= proposers[0].calls // 2, proposers[1].calls
-    assert adaptive.spec_policy.last_k == 0 and adaptive.spec_policy.acceptance.value < 0.2
+    assert proposers[1].calls <= proposers[0].calls // 3, proposers[1].calls  # then a probe now and then
+    assert adaptive.spec_policy.acceptance.value < 0.2
