@@ -397,6 +397,9 @@ def test_a_bad_field_is_a_400_naming_it_and_the_service_goes_on(client, path, ch
 
 def test_models_health_and_metrics(stack, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="other", prompt="hi", max_tokens=2)
     assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"

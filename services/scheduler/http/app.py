@@ -83,6 +83,7 @@ def build_http_app(
         return await api.serve(request, body)
 
     app.get("/v1/models")(api.models)
+    app.get("/v1/models/{model_id:path}")(api.model)
     app.get("/health")(api.health)
     app.get("/metrics")(api.metrics)
     if api_keys is not None:
@@ -274,11 +275,28 @@ class OpenAIFront:
 
     # -- the other routes ---------------------------------------------------------------
     async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self._model_entry()]}
+
+    async def model(self, model_id: str) -> Response:
+        """GET /v1/models/{id}: the served model, or 404 in OpenAI's shape."""
+        if model_id != self._model_name:
+            return error_response(
+                HttpError(
+                    404,
+                    f"the model {model_id!r} does not exist; this server serves {self._model_name!r}",
+                    type="invalid_request_error",
+                    param="model",
+                    code="model_not_found",
+                )
+            )
+        return JSONResponse(self._model_entry())
+
+    def _model_entry(self) -> dict[str, Any]:
         entry = {"id": self._model_name, "object": "model", "created": self._created, "owned_by": "tandem"}
         max_model_len = self._pool.max_model_len()
         if max_model_len:
             entry["max_model_len"] = max_model_len
-        return {"object": "list", "data": [entry]}
+        return entry
 
     async def health(self) -> Response:
         """200 while at least one decode worker is healthy; 503 otherwise."""
