@@ -126,6 +126,10 @@ def serve(args) -> None:
             break
     pool.close()
     server.stop(0)
+    # skip the interpreter's teardown, as the services do: destroying the gloo group's threads
+    # there aborts the process ("terminate called without an active exception")
+    sys.stdout.flush()
+    os._exit(0)
 
 
 # --- the measuring process --------------------------------------------------------------
@@ -223,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         receiver.close()
         proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
         proc.stdin.flush()
-        proc.wait(timeout=30)
+        if proc.wait(timeout=30):
+            raise RuntimeError(f"the sending process exited with code {proc.returncode}")
     finally:
         if proc.poll() is None:
             proc.kill()
