@@ -304,36 +304,50 @@ def check(kind: str, got: list[int], ref: list[int], tally: Tally, complete: boo
         )
 
 
-async def client(stub, seed: int, until: float, pool, refs, tally: Tally, hang_s: float) -> None:
+async def client(
+    stub, seed: int, until: float, chaos_done: asyncio.Event, pool, refs, tally: Tally, hang_s: float
+) -> None:
+    """Requests one after another until the time is up and the chaos loop has finished."""
     rng = random.Random(seed)
-    while time.monotonic() < until:
+    while time.monotonic() < until or not chaos_done.is_set():
         await one_request(stub, rng, pool, refs, tally, hang_s)
 
 
 async def chaos(
-    procs: dict[str, Proc], until: float, interval: tuple[float, float], seed: int, tally: Tally
+    procs: dict[str, Proc],
+    until: float,
+    interval: tuple[float, float],
+    seed: int,
+    tally: Tally,
+    min_rounds: int,
+    done: asyncio.Event,
 ) -> None:
     """Kill one worker at a time at random moments; start it again on the same port.
 
-    Victims come in rounds, each worker once per round in a random order.
+    Victims come in rounds, each worker once per round in a random order. The loop ends when
+    the time is up and at least `min_rounds` rounds are complete (the load goes on until then).
     """
     rng = random.Random(seed)
     victims = [name for name in ("prefill", "decode-a", "decode-b", "draft") if name in procs]
     order: list[str] = []
-    while True:
-        await asyncio.sleep(rng.uniform(*interval))
-        if time.monotonic() >= until:
-            return
-        if not order:
-            order = rng.sample(victims, len(victims))
-        name = order.pop()
-        procs[name].kill()
-        tally.kills[name] += 1
-        print(f"[soak] killed {name}", file=sys.stderr, flush=True)
-        await asyncio.sleep(rng.uniform(0.5, 4.0))
-        procs[name].start()
-        await procs[name].wait_serving()
-        print(f"[soak] {name} serving again", file=sys.stderr, flush=True)
+    try:
+        while True:
+            await asyncio.sleep(rng.uniform(*interval))
+            rounds = min(tally.kills[v] for v in victims)
+            if time.monotonic() >= until and rounds >= min_rounds:
+                return
+            if not order:
+                order = rng.sample(victims, len(victims))
+            name = order.pop()
+            procs[name].kill()
+            tally.kills[name] += 1
+            print(f"[soak] killed {name}", file=sys.stderr, flush=True)
+            await asyncio.sleep(rng.uniform(0.5, 4.0))
+            procs[name].start()
+            await procs[name].wait_serving()
+            print(f"[soak] {name} serving again", file=sys.stderr, flush=True)
+    finally:
+        done.set()
 
 
 async def drained(procs: dict[str, Proc], timeout_s: float) -> dict[str, dict]:
@@ -391,11 +405,14 @@ async def soak(args) -> dict:
         until = started + args.duration
         async with grpc.aio.insecure_channel(procs["scheduler"].address) as channel:
             stub = generate_pb2_grpc.TandemStub(channel)
+            chaos_done = asyncio.Event()
             clients = [
-                client(stub, args.seed * 1000 + c, until, pool, refs, tally, args.hang_s)
+                client(stub, args.seed * 1000 + c, until, chaos_done, pool, refs, tally, args.hang_s)
                 for c in range(args.concurrency)
             ]
-            await asyncio.gather(chaos(procs, until, tuple(args.kill_interval), args.seed, tally), *clients)
+            interval = tuple(args.kill_interval)
+            killer = chaos(procs, until, interval, args.seed, tally, args.min_rounds, chaos_done)
+            await asyncio.gather(killer, *clients)
         elapsed = time.monotonic() - started
         workers = await drained(procs, args.drain_s)
     finally:
@@ -465,6 +482,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hang-s", type=float, default=120.0, help="a request with no end after this is hung")
     p.add_argument(
         "--drain-s", type=float, default=30.0, help="time for workers to free everything at the end"
+    )
+    p.add_argument(
+        "--min-rounds",
+        type=int,
+        default=0,
+        help="go on past --duration until every worker was killed this many times (default 0)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-dir", default="bench-results/soak-logs")

@@ -21,12 +21,14 @@ def test_soak_short_run_with_every_worker_killed(tmp_path):
     rc = soak.main(
         [
             "--duration",
-            "24",
+            "10",
             "--concurrency",
             "4",
             "--kill-interval",
             "2",
             "4",
+            "--min-rounds",
+            "1",
             "--prompts",
             "8",
             "--max-tokens",
