@@ -25,6 +25,8 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 
+from services.common.errors import wrap_handler
+
 log = logging.getLogger(__name__)
 
 AUTHORIZATION = "authorization"
@@ -162,35 +164,19 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         return self._limited(handler, kid)
 
     def _limited(self, handler: grpc.RpcMethodHandler, kid: str) -> grpc.RpcMethodHandler:
+        """Each call holds one of the key's slots; streaming requests (reflection) are
+        authenticated, not counted."""
         keys = self._keys
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
 
-            async def unary_unary(request, context):
-                try:
-                    with keys.slot(kid):
-                        return await inner(request, context)
-                except TooManyRequests as e:
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        @contextlib.asynccontextmanager
+        async def slot(context):
+            try:
+                with keys.slot(kid):
+                    yield
+            except TooManyRequests as e:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def unary_stream(request, context):
-                try:
-                    with keys.slot(kid):
-                        async for response in inner_stream(request, context):
-                            yield response
-                except TooManyRequests as e:
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler  # streaming requests (reflection): authenticated, not counted
+        return wrap_handler(handler, slot)
 
 
 def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:

@@ -12,6 +12,7 @@ into status codes once, for every unary and server-streaming method:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 
@@ -97,33 +98,42 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
 
-            async def unary_unary(request, context):
-                try:
-                    return await inner(request, context)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - mapped to a status code
-                    await self._abort(context, exc, method)
+        @contextlib.asynccontextmanager
+        async def mapped(context):
+            try:
+                yield
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a status code
+                await self._abort(context, exc, method)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
+        return wrap_handler(handler, mapped)
 
-            async def unary_stream(request, context):
-                try:
-                    async for response in inner_stream(request, context):
-                        yield response
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - mapped to a status code
-                    await self._abort(context, exc, method)
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler
+def wrap_handler(handler: grpc.RpcMethodHandler, around) -> grpc.RpcMethodHandler:
+    """`handler` with each unary-unary or unary-stream call run inside `around(context)`, an
+    async context manager (which may turn what the call raises into a status); a handler of
+    another shape is returned as it is."""
+    if handler.unary_unary is not None:
+        inner = handler.unary_unary
+
+        async def unary_unary(request, context):
+            async with around(context):
+                return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream is not None:
+        inner_stream = handler.unary_stream
+
+        async def unary_stream(request, context):
+            async with around(context):
+                async for response in inner_stream(request, context):
+                    yield response
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, handler.request_deserializer, handler.response_serializer
+        )
+    return handler
