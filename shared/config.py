@@ -276,7 +276,8 @@ class EngineSettings(ServerSettings):
         "TANDEM_QUANTIZATION",
         "none",
         "Weights: none (TANDEM_DTYPE), or int8: every linear layer (and a tied embedding) quantized at load "
-        "to int8 with one scale per output channel; activations stay in TANDEM_DTYPE. An int8 checkpoint "
+        "to int8 with one scale per output channel (on CPU, batches of more than 4 rows also round each activation "
+        "row to int8 and multiply int8 x int8). An int8 checkpoint "
         "(compressed-tensors' symmetric per-channel int8 weights) loads as it is.",
         choices=QUANTIZATIONS,
     )

@@ -29,8 +29,8 @@ def test_weight_quantization_is_symmetric_per_channel_within_half_a_step():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, 17, 130])  # torch's int8 kernel (few bf16 rows) and the tile kernel
-@pytest.mark.parametrize("k,n", [(64, 96), (200, 1000), (1024, 300)])  # tiles that do not divide N
+@pytest.mark.parametrize("rows", [1, 3, 17, 130])  # torch's weight-only kernel (few bf16 rows) and int8 x int8
+@pytest.mark.parametrize("k,n", [(64, 96), (200, 1000), (1024, 300)])
 def test_int8_linear_equals_the_dequantized_reference(dtype, rows, k, n):
     g = torch.Generator().manual_seed(rows + k)
     lin = quant.Int8Linear(k, n, bias=True)
@@ -38,11 +38,42 @@ def test_int8_linear_equals_the_dequantized_reference(dtype, rows, k, n):
     lin.weight.data, lin.weight_scale.data = q, s
     lin.bias.data = torch.randn(n, generator=g).to(dtype)
     x = torch.randn(rows, k, generator=g).to(dtype)
-    ref = F.linear(x.float(), quant.dequantize_weight(q, s, dtype).float(), lin.bias.float())
+    w = quant.dequantize_weight(q, s, dtype).float()
+    weight_only = dtype != torch.float32 and rows <= quant.PACK_MM_MAX_ROWS and k % 16 == 0
+    if weight_only:
+        x_used = x.float()
+    else:  # each row of x rounded to int8 with its own scale first
+        xq, xs = quant.quantize_rows(x)
+        x_used = xq.float() * xs
+    ref = F.linear(x_used, w, lin.bias.float())
     out = lin(x)
     assert out.dtype == dtype and out.shape == (rows, n)
     tol = 1e-4 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
     torch.testing.assert_close(out.float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+    # and against x unrounded: off by at most half an activation step times the weight row's L1 norm
+    exact = F.linear(x.float(), w, lin.bias.float())
+    half_step = x.float().abs().amax(dim=1, keepdim=True) / 127 / 2
+    bound = half_step * w.abs().sum(dim=1)[None, :] + tol * exact.abs().max()
+    assert bool(((out.float() - exact).abs() <= bound).all())
+
+
+def test_activation_rows_are_quantized_symmetrically_within_half_a_step():
+    x = torch.randn(6, 70) * torch.logspace(-3, 2, 6)[:, None]
+    x[2] = 0  # an all-zero row
+    xq, xs = quant.quantize_rows(x)
+    assert xq.dtype == torch.int8 and xs.shape == (6, 1) and int(xq[0].abs().max()) == 127
+    assert bool((xq[2] == 0).all())
+    assert bool(((xq.float() * xs - x).abs() <= xs / 2 + 1e-7).all())
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_kernel_and_its_torch_formula_agree(dtype):
+    q, s = quant.quantize_weight(torch.randn(40, 64))
+    x = torch.randn(9, 64).to(dtype)
+    kernel = cpu_kernels.load().int8_linear(x, q, s)
+    formula = quant._int8_rows_mm(x, q, s)
+    torch.testing.assert_close(kernel.float(), formula.float(), atol=1e-4, rtol=1e-4)
 
 
 def test_int8_linear_without_the_kernels_falls_back_to_the_same_result(monkeypatch):

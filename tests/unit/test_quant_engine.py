@@ -138,7 +138,7 @@ def test_an_int8_checkpoint_loads_as_it_is(tiny, tmp_path):
     for name, t in state.items():
         if name.endswith("proj.weight"):
             q, s = quant.quantize_weight(t)
-            out[name], out[name + "_scale"] = q, s[:, None].to(torch.bfloat16)
+            out[name], out[name + "_scale"] = q, s[:, None]  # float32 scales: the same numbers as quantized here
         else:
             out[name] = t
     for f in tiny.iterdir():

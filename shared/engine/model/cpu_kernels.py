@@ -1,6 +1,6 @@
 """C++ kernels for the CPU engine, compiled on first use: paged decode attention, the
 float32 element-wise parts of a decoder layer fused (RMSNorm, SiLU-and-multiply, RoPE), the
-write of new keys/values into an 8-bit cache, and the int8-weight linear (sources in csrc/).
+write of new keys/values into an 8-bit cache, and the int8 linear (sources in csrc/).
 
 Pure-PyTorch paged attention must first gather every sequence's blocks into one contiguous
 tensor and then read it again; at decode time, on CPU, that copy costs more than the

@@ -1,13 +1,18 @@
-"""Weight-only int8: per-output-channel symmetric scales, quantized when the weights load.
+"""Int8 weights: per-output-channel symmetric scales, quantized when the weights load.
 
 A linear layer's weight W [N, K] becomes Q = round(W / s) in int8 with s[n] = max_k |W[n, k]| / 127,
-so W ~= Q * s[:, None]. Activations stay in the model dtype; the matmul reads the int8 weight:
-- CPU: `torch.ops.aten._weight_int8pack_mm` (torch's int8 weight kernel) for a few rows in
-  half precision, where it beats the dense matmul; otherwise the C++ tile kernel in
-  `cpu_kernels` (dequantizes one cache-sized tile of rows at a time into scratch and
-  multiplies it with oneDNN), so no full-precision copy of the weight ever exists.
+so W ~= Q * s[:, None]; the weight stays int8 in memory and the matmul reads it as such:
+- CPU, up to 4 rows in half precision (decode of a few sequences, bound by weight bytes):
+  `torch.ops.aten._weight_int8pack_mm`, torch's weight-only kernel; activations stay as they are.
+- CPU, more rows (batched decode, prefill; bound by arithmetic): each activation row is also
+  rounded to int8 with its own scale (`quantize_rows`) and the product runs int8 x int8 -> int32
+  on the CPU's VNNI dot-product instructions, which do twice the multiply-adds per instruction
+  of the bf16 ones (the C++ `int8_linear` in cpu_kernels; `_int8_rows_mm` is the same arithmetic
+  in torch ops). llama.cpp's q8 activations and IPEX's int8 low-precision mode work the same
+  way; the added rounding is at most half an activation step per element, and
+  `make bench-quant` reports its effect on perplexity.
 - CUDA: a Triton kernel that multiplies with the int8 tile dequantized in registers
-  (`triton_int8.py`, when Triton is installed).
+  (`triton_int8.py`, when Triton is installed); activations stay as they are.
 - elsewhere: F.linear with the dequantized weight (the reference; tests compare with it).
 
 A tied embedding is quantized the same way (one scale per token row), so a tied model keeps
@@ -24,7 +29,7 @@ from torch import nn
 from . import cpu_kernels
 
 QUANTIZATIONS = ("none", "int8")
-PACK_MM_MAX_ROWS = 4  # torch's int8 kernel beats the dense bf16 matmul up to here (tools/bench/quant.py)
+PACK_MM_MAX_ROWS = 4  # torch's weight-only kernel is the fastest up to here (tools/bench/quant.py)
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,8 +78,23 @@ def _cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale.to(x.dtype))
     kernels = cpu_kernels.load()
     if kernels is None:
-        return F.linear(x, dequantize_weight(q, scale, x.dtype))
+        return _int8_rows_mm(x, q, scale)
     return kernels.int8_linear(x.contiguous(), q, scale)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] -> (int8 [M, K], float32 scales [M, 1]); symmetric, one scale per row (token)."""
+    xf = x.float()
+    s = (xf.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
+    return torch.round(xf * (1.0 / s)).clamp(-127, 127).to(torch.int8), s
+
+
+def _int8_rows_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Each row of x quantized to int8 with its own scale, then an int8 x int8 -> int32 matmul
+    (oneDNN on the CPU's VNNI dot-product instructions) scaled back by row and channel scales."""
+    xq, xs = quantize_rows(x)
+    acc = torch._int_mm(xq, q.t())
+    return (acc.float() * xs * scale).to(x.dtype)
 
 
 _TRITON = None

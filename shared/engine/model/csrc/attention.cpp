@@ -32,7 +32,7 @@ struct Args {
 
 // Per-task working memory, reused from one sequence to the next.
 struct Scratch {
-  std::vector<float> scores, acc, inv;
+  std::vector<float> scores, acc, inv, stage;
   std::vector<int64_t> rows;
 };
 
@@ -58,10 +58,10 @@ inline __m256 ld8(const at::BFloat16* p) {  // bfloat16 is the top half of a flo
 }
 inline __m256 ld8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline __m256 ld8_fp8(const uint8_t* p) {  // 2^-8 times the values
-  const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
-                                 _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7));
-  return _mm256_cvtph_ps(h);
+  // sign-extended to 16 bits and shifted by 7: exponent and mantissa land where float16 keeps
+  // them and the sign fills bits 14 and 15; clearing bit 14 leaves fp8_as_half_bits
+  const __m128i x = _mm_slli_epi16(_mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 7);
+  return _mm256_cvtph_ps(_mm_and_si128(x, _mm_set1_epi16(static_cast<short>(0xBF80))));
 }
 inline __m256 ld8_i8(const uint8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -72,6 +72,7 @@ inline __m256 ld8_i8(const uint8_t* p) {
 template <typename T>
 struct Plain {
   using E = T;
+  static constexpr bool kStaged = false;
   static int64_t width(int64_t D) { return D; }
   static float get(const E* row, int64_t d, int64_t) { return static_cast<float>(row[d]); }
 #ifdef TANDEM_AVX2
@@ -83,6 +84,8 @@ struct Plain {
 template <bool FP8>
 struct Packed {
   using E = uint8_t;
+  // decoded once per group of tokens into float32 scratch, not once per query head reading it
+  static constexpr bool kStaged = true;
   static int64_t width(int64_t D) { return D + D / 32; }
   static float scale(const E* row, int64_t g, int64_t D) { return e8m0(row[D + g]) * (FP8 ? 256.f : 1.f); }
   static float elem(uint8_t b) {
@@ -91,9 +94,31 @@ struct Packed {
   }
   static float get(const E* row, int64_t d, int64_t D) { return elem(row[d]) * scale(row, d / 32, D); }
 #ifdef TANDEM_AVX2
-  static __m256 get8(const E* row, int v, int64_t D) {
-    const __m256 x = FP8 ? ld8_fp8(row + 8 * v) : ld8_i8(row + 8 * v);
-    return _mm256_mul_ps(x, _mm256_set1_ps(scale(row, v / 4, D)));
+  // a head row of D = 8 NV elements into float32, one scale broadcast per 32-element group
+  template <int NV>
+  static void decode_row(const E* row, float* dst) {
+    for (int g = 0; g < NV / 4; ++g) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+      const __m512 sc = _mm512_set1_ps(scale(row, g, 8 * NV));
+      for (int u = 0; u < 2; ++u) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 32 * g + 16 * u));
+        __m512 x;
+        if (FP8) {  // as ld8_fp8, sixteen at a time
+          const __m256i h = _mm256_slli_epi16(_mm256_cvtepi8_epi16(b), 7);
+          x = _mm512_cvtph_ps(_mm256_and_si256(h, _mm256_set1_epi16(static_cast<short>(0xBF80))));
+        } else {
+          x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+        }
+        _mm512_storeu_ps(dst + 32 * g + 16 * u, _mm512_mul_ps(x, sc));
+      }
+#else
+      const __m256 sc = _mm256_set1_ps(scale(row, g, 8 * NV));
+      for (int u = 0; u < 4; ++u) {
+        const uint8_t* p = row + 32 * g + 8 * u;
+        _mm256_storeu_ps(dst + 32 * g + 8 * u, _mm256_mul_ps(FP8 ? ld8_fp8(p) : ld8_i8(p), sc));
+      }
+#endif
+    }
   }
 #endif
 };
@@ -166,11 +191,60 @@ inline void prefetch_rows(const T* base, const int64_t* rows, int64_t i, int64_t
   }
 }
 
+// Eight tokens' rows (all KV heads) decoded into float32 scratch [8][Hkv][D]: an 8-bit cache
+// costs its conversion once per element instead of once per query head of the group.
+template <typename R, int NV>
+inline void stage8(const typename R::E* const* r, const Args& a, float* buf, const float** out) {
+  for (int j = 0; j < 8; ++j) {
+    float* dst = buf + j * a.Hkv * a.D;
+    for (int64_t h = 0; h < a.Hkv; ++h) R::template decode_row<NV>(r[j] + h * a.W, dst + h * a.D);
+    out[j] = dst;
+  }
+}
+
+// Pass 1 for eight tokens whose head h starts at kr[j] + h * hs: every query head's scores,
+// one transposed horizontal sum per eight dot products.
+template <typename R, int NV>
+inline void scores8(const typename R::E* const* kr, int64_t hs, const Args& a, const float* qb, float* sc,
+                    int64_t npad, __m256 vscale) {
+  for (int64_t hq = 0; hq < a.Hq; ++hq) {
+    const float* qh = qb + hq * a.D;
+    const int64_t koff = hq / a.G * hs;  // grouped-query attention: G query heads per KV head
+    __m256 s[8];
+    __m256 qv = _mm256_loadu_ps(qh);
+    for (int j = 0; j < 8; ++j) s[j] = _mm256_mul_ps(qv, R::get8(kr[j] + koff, 0, a.D));
+    for (int v = 1; v < NV; ++v) {
+      qv = _mm256_loadu_ps(qh + 8 * v);
+      for (int j = 0; j < 8; ++j) s[j] = _mm256_fmadd_ps(qv, R::get8(kr[j] + koff, v, a.D), s[j]);
+    }
+    _mm256_storeu_ps(sc + hq * npad, _mm256_mul_ps(hsum8(s), vscale));
+  }
+}
+
+// Pass 3 for eight tokens: acc[hq] += sum_j weight[hq][j] * value row j.
+template <typename R, int NV>
+inline void values8(const typename R::E* const* vr, int64_t hs, const Args& a, const float* wts, int64_t npad,
+                    float* acc) {
+  for (int64_t hq = 0; hq < a.Hq; ++hq) {
+    const float* wt = wts + hq * npad;
+    const int64_t voff = hq / a.G * hs;
+    float* ah = acc + hq * a.D;
+    for (int v = 0; v < NV; ++v) {
+      __m256 x0 = _mm256_loadu_ps(ah + 8 * v), x1 = _mm256_setzero_ps();
+      for (int j = 0; j < 8; j += 2) {  // two independent FMA chains
+        x0 = _mm256_fmadd_ps(_mm256_set1_ps(wt[j]), R::get8(vr[j] + voff, v, a.D), x0);
+        x1 = _mm256_fmadd_ps(_mm256_set1_ps(wt[j + 1]), R::get8(vr[j + 1] + voff, v, a.D), x1);
+      }
+      _mm256_storeu_ps(ah + 8 * v, _mm256_add_ps(x0, x1));
+    }
+  }
+}
+
 // NV = D / 8 vectors per head row. Tokens go in groups of eight, all KV heads of a group before
 // the next, so each token's K and V rows ([Hkv, W], contiguous in their block) are read once and
 // whole while the rows two groups ahead are prefetched (blocks of one sequence are scattered).
-// Pass 1: the scores of all query heads, one transposed horizontal sum per eight dot products.
-// Pass 2: a vectorized softmax per head. Pass 3: the weighted sum of values.
+// Pass 1: the scores of all query heads. Pass 2: a vectorized softmax per head. Pass 3: the
+// weighted sum of values.
 template <typename R, int NV>
 void attend_avx2(const Args& a, int64_t b, Scratch& w) {
   using E = typename R::E;
@@ -182,6 +256,7 @@ void attend_avx2(const Args& a, int64_t b, Scratch& w) {
   const int64_t npad = (n + 7) / 8 * 8, row_bytes = a.Hkv * a.W * static_cast<int64_t>(sizeof(E));
   scores.resize(a.Hq * npad);
   acc.assign(a.Hq * a.D, 0.f);
+  if (R::kStaged) w.stage.resize(8 * a.Hkv * a.D);
   // offset of each context token's row in the cache, walked block by block (no divisions later)
   rows.resize(n);
   const int64_t* table = a.bt + b * a.max_blocks;
@@ -195,17 +270,12 @@ void attend_avx2(const Args& a, int64_t b, Scratch& w) {
     prefetch_rows(kc, rows.data(), i0 + 16, n, row_bytes);
     const E* kr[8];
     for (int j = 0; j < 8; ++j) kr[j] = kc + rows[std::min(i0 + j, n - 1)];
-    for (int64_t hq = 0; hq < a.Hq; ++hq) {
-      const float* qh = qb + hq * a.D;
-      const int64_t koff = hq / a.G * a.W;  // grouped-query attention: G query heads per KV head
-      __m256 s[8];
-      __m256 qv = _mm256_loadu_ps(qh);
-      for (int j = 0; j < 8; ++j) s[j] = _mm256_mul_ps(qv, R::get8(kr[j] + koff, 0, a.D));
-      for (int v = 1; v < NV; ++v) {
-        qv = _mm256_loadu_ps(qh + 8 * v);
-        for (int j = 0; j < 8; ++j) s[j] = _mm256_fmadd_ps(qv, R::get8(kr[j] + koff, v, a.D), s[j]);
-      }
-      _mm256_storeu_ps(scores.data() + hq * npad + i0, _mm256_mul_ps(hsum8(s), vscale));
+    if constexpr (R::kStaged) {
+      const float* kf[8];
+      stage8<R, NV>(kr, a, w.stage.data(), kf);
+      scores8<Plain<float>, NV>(kf, a.D, a, qb, scores.data() + i0, npad, vscale);
+    } else {
+      scores8<R, NV>(kr, a.W, a, qb, scores.data() + i0, npad, vscale);
     }
   }
   inv.resize(a.Hq);
@@ -237,18 +307,12 @@ void attend_avx2(const Args& a, int64_t b, Scratch& w) {
     prefetch_rows(vc, rows.data(), i0 + 16, n, row_bytes);
     const E* vr[8];
     for (int j = 0; j < 8; ++j) vr[j] = vc + rows[std::min(i0 + j, n - 1)];
-    for (int64_t hq = 0; hq < a.Hq; ++hq) {
-      const float* wt = scores.data() + hq * npad + i0;
-      const int64_t voff = hq / a.G * a.W;
-      float* ah = acc.data() + hq * a.D;
-      for (int v = 0; v < NV; ++v) {
-        __m256 x0 = _mm256_loadu_ps(ah + 8 * v), x1 = _mm256_setzero_ps();
-        for (int j = 0; j < 8; j += 2) {  // two independent FMA chains
-          x0 = _mm256_fmadd_ps(_mm256_set1_ps(wt[j]), R::get8(vr[j] + voff, v, a.D), x0);
-          x1 = _mm256_fmadd_ps(_mm256_set1_ps(wt[j + 1]), R::get8(vr[j + 1] + voff, v, a.D), x1);
-        }
-        _mm256_storeu_ps(ah + 8 * v, _mm256_add_ps(x0, x1));
-      }
+    if constexpr (R::kStaged) {
+      const float* vf[8];
+      stage8<R, NV>(vr, a, w.stage.data(), vf);
+      values8<Plain<float>, NV>(vf, a.D, a, scores.data() + i0, npad, acc.data());
+    } else {
+      values8<R, NV>(vr, a.W, a, scores.data() + i0, npad, acc.data());
     }
   }
   float* ob = a.out + b * a.Hq * a.D;
