@@ -126,6 +126,8 @@ class LLMEngine:
         self._generator = torch.Generator().manual_seed(config.seed)
         self.proposer: Proposer | None = None
         self.spec_policy = SpecPolicy(adaptive=config.adaptive_speculation)
+        self._last_cycle: tuple[float, float, int] | None = None  # (start, draft + forward s, decodes)
+        self._draft_s = 0.0
 
     def _auto_num_blocks(self) -> int:
         per_block = self.runner.kv_bytes_per_block(self.config.block_size)
@@ -208,10 +210,16 @@ class LLMEngine:
         self.proposer = proposer
 
     def step(self) -> list[RequestOutput]:
+        begin = time.perf_counter()
+        if self._last_cycle is not None:  # the previous step's overhead: start to start, less what it measured
+            prev_begin, measured, num_decodes = self._last_cycle
+            self.spec_policy.observe_overhead(num_decodes, begin - prev_begin - measured)
+        self._last_cycle = None
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
         num_prefill_tokens = sum(n for _, n in batch.prefills)
+        self._draft_s = 0.0
         spec = self._propose(batch.decodes, num_prefill_tokens)
         started = time.perf_counter()
         prefills = [(r, n, 1 if r.num_computed_tokens + n == r.num_tokens else 0) for r, n in batch.prefills]
@@ -253,7 +261,10 @@ class LLMEngine:
             for r, token, lp in zip(sample_reqs, tokens, logprobs, strict=True):
                 outputs.append(self._append_tokens(r, [token], [lp] if lp is not None else None))
         num_tokens = num_prefill_tokens + len(decodes) + sum(n for _, n, _ in verifies)
-        self.spec_policy.observe_step(num_tokens, time.perf_counter() - started)
+        forward_s = time.perf_counter() - started
+        self.spec_policy.observe_step(num_tokens, forward_s)
+        if batch.decodes and self.has_unfinished():  # busy: the next step follows at once
+            self._last_cycle = (begin, self._draft_s + forward_s, len(batch.decodes))
         return outputs
 
     def _seq_input(self, req: Request, n: int, spec: dict[str, Proposal]) -> SeqInput:
@@ -288,8 +299,9 @@ class LLMEngine:
             return {}
         started = time.perf_counter()
         proposals = self.proposer.propose(asks)
+        self._draft_s = time.perf_counter() - started
         if proposals:  # an empty answer (the draft skipped or gone) says nothing of its cost
-            self.spec_policy.observe_draft(sum(a.num_tokens for a in asks), time.perf_counter() - started)
+            self.spec_policy.observe_draft(sum(a.num_tokens for a in asks), self._draft_s)
         accepted: dict[str, Proposal] = {}
         for ask, r in zip(asks, (self.requests[a.request_id] for a in asks), strict=True):
             prop = proposals.get(ask.request_id)

@@ -13,13 +13,19 @@ k + 1 plain steps. So the cost of the target pass is modelled as T(n) = t0 + t1 
 tokens in the step, and the rate of a step with B decoding sequences and p other (prefill)
 tokens is
 
-    rate(k) = B E(k) / (D(B k) + T(p + B (k + 1)))      (tokens per second)
+    rate(k) = B E(k) / (O(B) + D(B k) + T(p + B (k + 1)))      (tokens per second)
 
-with D(m) = d0 + d1 m the draft call proposing m positions in all (D = 0 for k = 0). The
+with D(m) = d0 + d1 m the draft call proposing m positions in all (D = 0 for k = 0), plus O(B),
+what a step costs besides those two, the same for every k: scheduling, and handing the outputs
+to the server (which, in a served engine, shares the process and its interpreter). At batch 1
+on a small model O is a large share of a plain step, and leaving it out undervalues the
+tokens a verification adds per step (E(k) tokens for one O). The
 policy picks the k in [1, k_max] with the highest rate, or k = 0 (plain decoding,
 rate(0) = B / T(p + B)) unless that rate beats rate(0) by MARGIN. Every input is measured while serving: T and D by least-squares lines
 through recent (tokens, seconds) samples, exponentially forgotten (a line keeps its last slope
-while recent samples have too little spread to fit one); a from the verifications (each
+while recent samples have too little spread to fit one); O the same way over B, from the time
+between the starts of consecutive steps while the engine stays busy, less their draft call and
+target pass; a from the verifications (each
 accepted draft is a success, the first rejected one a failure). Until the costs have been
 measured the engine speculates with k_max, which is how they get measured; while the model
 says 0, an occasional probe step with k_max keeps them current.
@@ -59,13 +65,14 @@ def leviathan_speedup(a: float, k: int, c: float) -> float:
     return expected_tokens(a, k) / (1.0 + k * c)
 
 
-def best_k(a: float, k_max: int, draft_s, target_s, num_seqs: int, other_tokens: int = 0) -> int:
+def best_k(a: float, k_max: int, draft_s, target_s, num_seqs: int, other_tokens: int = 0,
+           overhead_s: float = 0.0) -> int:
     """The k in [0, k_max] with the most tokens per second (see the module docstring).
     `target_s(n)`: seconds of a target pass over n tokens; `draft_s(m)`: of a draft call
-    proposing m positions in all."""
+    proposing m positions in all; `overhead_s`: the rest of a step, whatever k."""
 
     def rate(k: int) -> float:
-        seconds = (draft_s(num_seqs * k) if k else 0.0) + target_s(other_tokens + num_seqs * (k + 1))
+        seconds = overhead_s + (draft_s(num_seqs * k) if k else 0.0) + target_s(other_tokens + num_seqs * (k + 1))
         return num_seqs * expected_tokens(a, k) / max(seconds, 1e-9)
 
     if k_max <= 0:
@@ -129,13 +136,15 @@ class SpecPolicy:
     """Per-step k for speculative decoding, from measured costs and acceptance.
 
     The engine calls `observe_step` after each forward pass, `observe_draft` after each draft
-    call, `observe_verify` after each verification, and `choose_k` before proposing.
+    call, `observe_verify` after each verification, `observe_overhead` once the next step of a
+    busy engine begins, and `choose_k` before proposing.
     `adaptive=False`: always k_max (the configured k); measurements are still kept."""
 
     def __init__(self, adaptive: bool = True):
         self.adaptive = adaptive
         self.target = StepCostFit()  # seconds of a forward pass over n tokens
         self.draft = StepCostFit()  # seconds of a draft call proposing m positions in all
+        self.overhead = StepCostFit()  # seconds of the rest of a step with B decoding sequences
         self.acceptance = Ewma(ACCEPTANCE_PRIOR, WEIGHT_PRIOR)
         self.last_k: int | None = None
         self._plain_steps = 0  # steps at k = 0 since the last speculating one
@@ -148,6 +157,11 @@ class SpecPolicy:
         """One draft call asked for `num_positions` in all (k per sequence, summed)."""
         if num_positions > 0 and seconds >= 0 and math.isfinite(seconds):
             self.draft.add(num_positions, seconds)
+
+    def observe_overhead(self, num_seqs: int, seconds: float) -> None:
+        """A busy engine's step cycle (start to next start) less its draft call and target pass."""
+        if num_seqs > 0 and seconds >= 0 and math.isfinite(seconds):
+            self.overhead.add(num_seqs, seconds)
 
     def observe_verify(self, proposed: int, accepted: int) -> None:
         """m of k drafts accepted: m successes, and one failure when m < k."""
@@ -162,7 +176,8 @@ class SpecPolicy:
         elif not (self.draft.measured and self.target.measured):
             k = k_max  # speculate to measure
         else:
-            k = best_k(self.acceptance.value, k_max, self.draft, self.target, num_seqs, other_tokens)
+            overhead = self.overhead(num_seqs) if self.overhead.measured else 0.0
+            k = best_k(self.acceptance.value, k_max, self.draft, self.target, num_seqs, other_tokens, overhead)
             if k == 0:
                 self._plain_steps += 1
                 if self._plain_steps >= PROBE_EVERY * num_seqs:

@@ -337,3 +337,26 @@ def test_cancel_while_the_request_is_being_added_frees_its_blocks(ckpt, hold_kv)
     stats = asyncio.run(main())
     aeng.shutdown()
     assert stats.num_free_blocks == stats.num_total_blocks and not engine.requests
+
+
+def test_a_busy_engine_measures_what_its_steps_cost_besides_the_forward(ckpt):
+    """The time between the starts of consecutive busy steps, less the forward pass, feeds the
+    speculation policy's per-step overhead; an idle gap (nothing unfinished) does not."""
+    import time
+
+    engine = make_engine(ckpt)
+    engine.add_request("r", PROMPTS[1], GREEDY)
+    while not engine.requests["r"].num_output_tokens:
+        engine.step()
+    for _ in range(6):  # busy decoding, 20 ms of other work between steps
+        engine.step()
+        time.sleep(0.02)
+    assert engine.spec_policy.overhead.measured
+    assert 0.015 < engine.spec_policy.overhead(1) < 0.2
+    while engine.has_unfinished():
+        engine.step()
+    before = engine.spec_policy.overhead._w
+    time.sleep(0.05)  # idle
+    engine.add_request("s", PROMPTS[1], GREEDY)
+    engine.step()
+    assert engine.spec_policy.overhead._w == before  # the idle gap was not a sample

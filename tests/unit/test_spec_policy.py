@@ -119,3 +119,24 @@ def test_turned_off_it_probes_now_and_then_and_resumes_when_acceptance_returns()
         if ks[-2:] == [4, 4] or len(ks) > 1 and ks[-1] and ks[-2]:
             break
     assert len(ks) > 1 and ks[-1] > 0 and ks[-2] > 0, ks  # two speculating steps in a row: not a probe
+
+
+def test_a_steps_fixed_overhead_makes_more_drafts_pay():
+    # what a step costs besides the two passes is paid once per step whatever k: the more tokens
+    # a step yields, the less of it each token carries
+    draft, target = line(0.0015, 0.0006), line(0.007, 0.0003)
+    assert best_k(0.6, 4, draft, target, num_seqs=1) == 3
+    assert best_k(0.6, 4, draft, target, num_seqs=1, overhead_s=0.005) == 4
+    assert best_k(0.2, 4, draft, target, num_seqs=1) == 0
+    assert best_k(0.2, 4, draft, target, num_seqs=1, overhead_s=0.02) > 0
+
+
+def test_policy_uses_the_overhead_it_measured():
+    cpu = dict(target=line(0.007, 0.0003), draft=line(0.0015, 0.0006))
+    plain = fed(SpecPolicy(), acceptance=0.6, **cpu)
+    busy = fed(SpecPolicy(), acceptance=0.6, **cpu)
+    for _ in range(100):
+        busy.observe_overhead(1, 0.005)
+    plain.acceptance.value = busy.acceptance.value = 0.6
+    assert busy.overhead(1) == pytest.approx(0.005)
+    assert busy.choose_k(4, 1) > plain.choose_k(4, 1)
