@@ -152,8 +152,10 @@ class DraftProposer:
             spec_accepted=accepted,
         ) as sp:
             self.num_calls += 1
+            started = time.perf_counter()
             try:
                 response = self._stub.Propose(request, timeout=self._timeout_s, metadata=inject_context())
+                self._telemetry.metrics.spec_draft_call_seconds.observe(time.perf_counter() - started)
             except grpc.RpcError as e:
                 sp.set_attribute(RPC_GRPC_STATUS_CODE, e.code().value[0])
                 raise

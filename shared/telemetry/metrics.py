@@ -124,6 +124,12 @@ class Metrics:
         self.spec_accepted_tokens = Counter(
             "tandem_spec_accepted_tokens", "Draft tokens accepted by verification.", registry=r
         )
+        self.spec_draft_call_seconds = Histogram(
+            "tandem_spec_draft_call_seconds",
+            "Each call to the draft service as the decode worker waits for it (one per speculating step).",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
         self.kv_transfer_bytes = Counter(
             "tandem_kv_transfer_bytes", "KV cache bytes moved between workers.", ["transport"], registry=r
         )

@@ -110,6 +110,10 @@ async def test_greedy_with_draft_service_equals_plain_decoding(tiny_model, draft
         registry = cluster.decodes[0].telemetry.metrics.registry
         assert registry.get_sample_value("tandem_spec_proposed_tokens_total") == proposed
         assert registry.get_sample_value("tandem_spec_accepted_tokens_total") == accepted
+        # every draft call was timed (one per speculating step)
+        calls = registry.get_sample_value("tandem_spec_draft_call_seconds_count")
+        assert calls >= max(1, sum(u.spec_verify_steps for u in usages) // len(usages))
+        assert registry.get_sample_value("tandem_spec_draft_call_seconds_sum") > 0
         await cluster.wait_idle()
         await wait_draft_idle(cluster, draft)
     finally:

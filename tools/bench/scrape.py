@@ -75,6 +75,7 @@ def service_figures(before: dict[str, Scrape | None], after: dict[str, Scrape | 
     queried = _sum_deltas(before, after, workers, "tandem_prefix_cache_queried_tokens_total")
     accepted = _sum_deltas(before, after, workers, "tandem_spec_accepted_tokens_total")
     proposed = _sum_deltas(before, after, workers, "tandem_spec_proposed_tokens_total")
+    draft_s = _sum_deltas(before, after, workers, "tandem_spec_draft_call_seconds_sum")
     cost = _sum_deltas(before, after, services, "tandem_gpu_cost_usd")
     generated = _delta(before.get("scheduler"), after.get("scheduler"), "tandem_generation_tokens_total")
     if not generated:
@@ -90,6 +91,8 @@ def service_figures(before: dict[str, Scrape | None], after: dict[str, Scrape | 
         "spec_acceptance_rate": _ratio(accepted, proposed),
         "spec_proposed_tokens": proposed,
         "spec_accepted_tokens": accepted,
+        # seconds of draft calls per proposed token, as the decode workers waited for them
+        "spec_draft_s_per_proposed": _ratio(draft_s, proposed),
         "gpu_hour_price_usd": price,
         "usd_per_million_generated_tokens": None if cost is None else _ratio(cost * 1e6, generated),
         "scheduler_cpu_ms_per_token": _ratio(
@@ -111,6 +114,7 @@ SERVICE_FIGURE_KEYS = (
     "spec_acceptance_rate",
     "spec_proposed_tokens",
     "spec_accepted_tokens",
+    "spec_draft_s_per_proposed",
     "gpu_hour_price_usd",
     "usd_per_million_generated_tokens",
     "scheduler_cpu_ms_per_token",

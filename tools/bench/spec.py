@@ -122,6 +122,7 @@ def summarize(result: dict, costs: dict, k: int) -> dict:
             "sat_tpot_ms": get(system, "mixed", "median_tpot_ms"),
             "sat_throughput": get(system, "mixed", "output_throughput"),
             "c1_acceptance": get(system, "c1", "spec_acceptance_rate"),
+            "c1_draft_s_per_proposed": get(system, "c1", "spec_draft_s_per_proposed"),
             "sat_acceptance": get(system, "mixed", "spec_acceptance_rate"),
         }
     ratio = lambda a, b: (a / b) if a and b else None  # noqa: E731
@@ -147,6 +148,14 @@ def summarize(result: dict, costs: dict, k: int) -> dict:
             "best_k": best,
             "speedup_at_best_k": leviathan_speedup(a, best, c),
         }
+        # the same formula with the draft's cost as served: each draft call as the decode worker
+        # waited for it (gRPC round trip and the draft service's own overhead included), per
+        # proposed token, over the plain served step (the c1 TPOT without speculation)
+        per_token = rows["agg-spec-fixed"]["c1_draft_s_per_proposed"]
+        if per_token and base["c1_tpot_ms"]:
+            c_served = per_token * 1e3 / base["c1_tpot_ms"]
+            out["formula"]["c_served"] = c_served
+            out["formula"]["speedup_at_k_served"] = leviathan_speedup(a, k, c_served)
     return out
 
 
@@ -223,4 +232,12 @@ def markdown(s: dict) -> str:
         + _fmt((ratios["agg-spec"]["c1_tpot_speedup"] or 0) / f["speedup_at_best_k"] if f else None, 2)
         + f"; wall time {s.get('wall_s')} s.",
     ]
+    if f.get("c_served") is not None:
+        lines += [
+            "",
+            f"With the draft's cost as served (each draft call as the decode worker waited for it, per "
+            f"proposed token, over the c1 TPOT without speculation): c = {_fmt(f['c_served'], 3)}, predicted "
+            f"{_fmt(f['speedup_at_k_served'], 2, 'x')} at k = {s['k']}; measured / predicted (adaptive, c1): "
+            + _fmt((ratios["agg-spec"]["c1_tpot_speedup"] or 0) / f["speedup_at_k_served"], 2) + ".",
+        ]
     return "\n".join(lines) + "\n"
