@@ -297,13 +297,20 @@ class LLMEngine:
         asks = [a for a in asks if a.num_tokens > 0]
         if not asks:
             return {}
+        asked = [self.requests[a.request_id] for a in asks]
+        # a request's first call also has the draft compute its whole prompt: a one-time cost
+        # that says nothing of a speculating step's (measured anyway while nothing else is)
+        catching_up = any(not r.draft_asked for r in asked)
         started = time.perf_counter()
         proposals = self.proposer.propose(asks)
         self._draft_s = time.perf_counter() - started
-        if proposals:  # an empty answer (the draft skipped or gone) says nothing of its cost
+        for r in asked:
+            r.draft_asked = True
+        # an empty answer (the draft skipped or gone) says nothing of its cost
+        if proposals and (not catching_up or not self.spec_policy.draft.measured):
             self.spec_policy.observe_draft(sum(a.num_tokens for a in asks), self._draft_s)
         accepted: dict[str, Proposal] = {}
-        for ask, r in zip(asks, (self.requests[a.request_id] for a in asks), strict=True):
+        for ask, r in zip(asks, asked, strict=True):
             prop = proposals.get(ask.request_id)
             if prop is None or not prop.token_ids:
                 continue

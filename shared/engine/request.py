@@ -36,6 +36,7 @@ class Request:
     num_spec_proposed: int = 0
     num_spec_accepted: int = 0
     num_spec_steps: int = 0  # steps that verified drafts of this request
+    draft_asked: bool = False  # the proposer has seen this request (its first call carries the prompt)
     arrival_time: float | None = None  # time.monotonic() at add_request (None: KV imported, never queued)
     queue_seconds: float | None = None  # arrival_time to its first scheduling
 

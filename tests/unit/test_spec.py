@@ -220,3 +220,32 @@ def test_adaptive_speculation_stops_proposing_when_nothing_is_accepted(ckpt):
     # nothing, so a little acceptance would still pay), decodes plainly from then on
     assert proposers[1].calls <= proposers[0].calls // 3, proposers[1].calls  # then a probe now and then
     assert adaptive.spec_policy.acceptance.value < 0.2
+
+
+def test_a_requests_first_draft_call_is_not_taken_as_a_steps_draft_cost(ckpt):
+    """The first call for a request has the draft compute its prompt: the policy must not take it
+    for what every speculating step costs (it turned speculation off at concurrency 1)."""
+    import time
+
+    class SlowFirstProposer(NgramProposer):
+        def __init__(self):
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def propose(self, batch):
+            time.sleep(0.001 if {r.request_id for r in batch} <= self.seen else 0.2)
+            self.seen |= {r.request_id for r in batch}
+            return {r.request_id: Proposal([r.token_ids[-1]] * r.num_tokens) for r in batch}
+
+    eng = engine(ckpt, num_speculative_tokens=2)
+    eng.set_proposer(SlowFirstProposer())
+    seen: list[float] = []
+    observe = eng.spec_policy.observe_draft
+    eng.spec_policy.observe_draft = lambda m, s: (seen.append(s), observe(m, s))
+    for rid in ("a", "b"):  # two requests one after the other: the second's first call comes with a fit
+        eng.add_request(rid, PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+        while eng.has_unfinished():
+            eng.step()
+    # the very first call was taken (nothing else was measured yet), then only the 1 ms ones
+    assert len(seen) > 3 and seen[0] >= 0.2
+    assert all(s < 0.1 for s in seen[1:]), seen
