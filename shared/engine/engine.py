@@ -288,8 +288,10 @@ class LLMEngine:
         if not caps:
             return {}
         # this step's k from measured costs and acceptance (0: plain decoding this step)
-        k_step = self.spec_policy.choose_k(max(k for _, k in caps), len(caps),
-                                           num_prefill_tokens + len(decodes) - len(caps))
+        k_step = self.spec_policy.choose_k(
+            max(k for _, k in caps), len(caps), num_prefill_tokens + len(decodes) - len(caps),
+            [r.spec_acceptance.value if r.spec_acceptance is not None else self.spec_policy.acceptance.value
+             for r, _ in caps])
         # A seeded sampled request keeps its k: its draws depend on where steps begin, and its
         # output must not depend on timing. Greedy outputs do not depend on k at all.
         asks = [ProposalRequest(r.request_id, r.all_token_ids, k if _k_fixed(r) else min(k, k_step), r.params)
@@ -335,7 +337,9 @@ class LLMEngine:
         req.num_spec_proposed += len(drafts)
         req.num_spec_accepted += accepted
         req.num_spec_steps += 1
-        self.spec_policy.observe_verify(len(drafts), accepted)
+        if req.spec_acceptance is None:
+            req.spec_acceptance = self.spec_policy.request_acceptance()
+        self.spec_policy.observe_verify(len(drafts), accepted, req.spec_acceptance)
         # KV is valid for the last known token and the accepted drafts; rejected positions leave
         req.num_computed_tokens = req.num_tokens + accepted
         self.kv.truncate(req, req.num_computed_tokens)

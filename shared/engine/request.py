@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from shared.params import FinishReason, SamplingParams, TokenLogprobs
 
@@ -37,6 +38,7 @@ class Request:
     num_spec_accepted: int = 0
     num_spec_steps: int = 0  # steps that verified drafts of this request
     draft_asked: bool = False  # the proposer has seen this request (its first call carries the prompt)
+    spec_acceptance: Any = None  # its own per-token acceptance (spec_policy.Ewma), from its first verification
     arrival_time: float | None = None  # time.monotonic() at add_request (None: KV imported, never queued)
     queue_seconds: float | None = None  # arrival_time to its first scheduling
 

@@ -28,7 +28,10 @@ between the starts of consecutive steps while the engine stays busy, less their 
 target pass; a from the verifications (each
 accepted draft is a success, the first rejected one a failure). Until the costs have been
 measured the engine speculates with k_max, which is how they get measured; while the model
-says 0, an occasional probe step with k_max keeps them current.
+says 0, an occasional probe step with k_max keeps them current. a is kept engine-wide and per
+request (each request's starting from the engine-wide value), and a step's expected tokens are
+the sum of its sequences' own E(k): after a stretch of prose the draft guesses badly, and a
+request of source code must not inherit that.
 
 Pure: no torch, no clock; the engine feeds it measurements and asks it for k.
 """
@@ -36,10 +39,15 @@ Pure: no torch, no clock; the engine feeds it measurements and asks it for k.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 ACCEPTANCE_PRIOR = 0.6  # per-token acceptance assumed before any verification
 WEIGHT_PRIOR = 4.0  # worth this many observed drafts
+# A request's own acceptance starts from the engine-wide one, worth this many drafts: its
+# text decides how well the draft guesses (source code vs. free prose), and one verification
+# of k drafts mostly outweighs the prior.
+REQUEST_WEIGHT_PRIOR = 2.0
 DECAY = 0.98  # forgetting per observation: about the last 50 steps count
 # Speculation must promise this much more throughput than plain decoding: the measured costs
 # are noisy, and a gain within the noise is not worth the draft's work.
@@ -65,15 +73,17 @@ def leviathan_speedup(a: float, k: int, c: float) -> float:
     return expected_tokens(a, k) / (1.0 + k * c)
 
 
-def best_k(a: float, k_max: int, draft_s, target_s, num_seqs: int, other_tokens: int = 0,
+def best_k(a: float | Sequence[float], k_max: int, draft_s, target_s, num_seqs: int, other_tokens: int = 0,
            overhead_s: float = 0.0) -> int:
     """The k in [0, k_max] with the most tokens per second (see the module docstring).
-    `target_s(n)`: seconds of a target pass over n tokens; `draft_s(m)`: of a draft call
-    proposing m positions in all; `overhead_s`: the rest of a step, whatever k."""
+    `a`: one acceptance rate for every sequence, or one per sequence; `target_s(n)`: seconds of
+    a target pass over n tokens; `draft_s(m)`: of a draft call proposing m positions in all;
+    `overhead_s`: the rest of a step, whatever k."""
+    rates = [a] * num_seqs if isinstance(a, (int, float)) else list(a)
 
     def rate(k: int) -> float:
         seconds = overhead_s + (draft_s(num_seqs * k) if k else 0.0) + target_s(other_tokens + num_seqs * (k + 1))
-        return num_seqs * expected_tokens(a, k) / max(seconds, 1e-9)
+        return sum(expected_tokens(r, k) for r in rates) / max(seconds, 1e-9)
 
     if k_max <= 0:
         return 0
@@ -163,21 +173,31 @@ class SpecPolicy:
         if num_seqs > 0 and seconds >= 0 and math.isfinite(seconds):
             self.overhead.add(num_seqs, seconds)
 
-    def observe_verify(self, proposed: int, accepted: int) -> None:
-        """m of k drafts accepted: m successes, and one failure when m < k."""
+    def request_acceptance(self) -> Ewma:
+        """A new request's own acceptance estimate, starting from the engine-wide one."""
+        return Ewma(self.acceptance.value, REQUEST_WEIGHT_PRIOR)
+
+    def observe_verify(self, proposed: int, accepted: int, request: Ewma | None = None) -> None:
+        """m of k drafts accepted: m successes, and one failure when m < k; counted engine-wide
+        and in the request's own estimate (`request_acceptance`)."""
         trials = accepted + (1 if accepted < proposed else 0)
         if trials:
             self.acceptance.add(accepted / trials, trials)
+            if request is not None:
+                request.add(accepted / trials, trials)
 
-    def choose_k(self, k_max: int, num_seqs: int, other_tokens: int = 0) -> int:
-        """k for this step's `num_seqs` decoding sequences, `other_tokens` (prefill) beside them."""
+    def choose_k(self, k_max: int, num_seqs: int, other_tokens: int = 0,
+                 acceptances: Sequence[float] | None = None) -> int:
+        """k for this step's `num_seqs` decoding sequences, `other_tokens` (prefill) beside them;
+        `acceptances`: each sequence's own estimate (default: the engine-wide one for all)."""
         if not self.adaptive or k_max <= 0 or num_seqs <= 0:
             k = max(0, k_max)
         elif not (self.draft.measured and self.target.measured):
             k = k_max  # speculate to measure
         else:
             overhead = self.overhead(num_seqs) if self.overhead.measured else 0.0
-            k = best_k(self.acceptance.value, k_max, self.draft, self.target, num_seqs, other_tokens, overhead)
+            a = self.acceptance.value if acceptances is None else acceptances
+            k = best_k(a, k_max, self.draft, self.target, num_seqs, other_tokens, overhead)
             if k == 0:
                 self._plain_steps += 1
                 if self._plain_steps >= PROBE_EVERY * num_seqs:

@@ -140,3 +140,29 @@ def test_policy_uses_the_overhead_it_measured():
     plain.acceptance.value = busy.acceptance.value = 0.6
     assert busy.overhead(1) == pytest.approx(0.005)
     assert busy.choose_k(4, 1) > plain.choose_k(4, 1)
+
+
+def test_each_sequence_counts_with_its_own_acceptance():
+    draft, target = line(0.0015, 0.0006), line(0.007, 0.0003)
+    # one well-guessed sequence beside a badly guessed one: the sum of their own E(k)
+    mixed = best_k([0.9, 0.05], 4, draft, target, num_seqs=2)
+    assert mixed == best_k([0.05, 0.9], 4, draft, target, num_seqs=2) > 0
+    assert best_k([0.05, 0.05], 4, draft, target, num_seqs=2) == 0
+    assert best_k([0.6], 4, draft, target, num_seqs=1) == best_k(0.6, 4, draft, target, num_seqs=1)
+
+
+def test_a_request_of_well_guessed_text_is_not_held_back_by_the_engines_history():
+    """After a long stretch of badly guessed text the engine-wide estimate is low; a new request
+    starts from it, but its own first verifications decide."""
+    cpu = dict(target=line(0.007, 0.0003), draft=line(0.0015, 0.0006))
+    policy = fed(SpecPolicy(), acceptance=0.0, **cpu)
+    for _ in range(200):
+        policy.observe_verify(4, 0)  # the saturated batch of prose: nothing accepted
+    assert policy.choose_k(4, 1) == 0 or policy.last_k == 4  # off (or a probe)
+    mine = policy.request_acceptance()
+    assert mine.value == pytest.approx(policy.acceptance.value)
+    policy.observe_verify(4, 4, mine)  # one probe of this request: every draft accepted
+    policy.observe_verify(4, 3, mine)
+    assert mine.value > 0.6 and policy.acceptance.value < 0.2
+    assert policy.choose_k(4, 1, acceptances=[mine.value]) > 0
+    assert policy.choose_k(4, 1) == 0 or policy.last_k == 4  # the engine-wide estimate alone: still off
