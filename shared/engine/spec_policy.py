@@ -21,7 +21,8 @@ to the server (which, in a served engine, shares the process and its interpreter
 on a small model O is a large share of a plain step, and leaving it out undervalues the
 tokens a verification adds per step (E(k) tokens for one O). The
 policy picks the k in [1, k_max] with the highest rate, or k = 0 (plain decoding,
-rate(0) = B / T(p + B)) unless that rate beats rate(0) by MARGIN. Every input is measured while serving: T and D by least-squares lines
+rate(0) = B / T(p + B)) unless that rate beats rate(0) by MARGIN (once speculating, it stops
+only when rate(0) beats it). Every input is measured while serving: T and D by least-squares lines
 through recent (tokens, seconds) samples, exponentially forgotten (a line keeps its last slope
 while recent samples have too little spread to fit one); O the same way over B, from the time
 between the starts of consecutive steps while the engine stays busy, less their draft call and
@@ -49,8 +50,10 @@ WEIGHT_PRIOR = 4.0  # worth this many observed drafts
 # of k drafts mostly outweighs the prior.
 REQUEST_WEIGHT_PRIOR = 2.0
 DECAY = 0.98  # forgetting per observation: about the last 50 steps count
-# Speculation must promise this much more throughput than plain decoding: the measured costs
-# are noisy, and a gain within the noise is not worth the draft's work.
+# Speculation must promise this much more throughput than plain decoding to start (the measured
+# costs are noisy, and a gain within the noise is not worth the draft's work); once on, it stops
+# when plain decoding promises more at all: each switch has its own cost (the first draft call
+# after plain steps computes the tokens they produced), so near break-even it stays as it is.
 MARGIN = 0.05
 # While the model says k = 0, every PROBE_EVERY x B steps (B decoding sequences) is verified
 # with k_max anyway: acceptance and the draft's cost are only measured while speculating, and
@@ -74,11 +77,12 @@ def leviathan_speedup(a: float, k: int, c: float) -> float:
 
 
 def best_k(a: float | Sequence[float], k_max: int, draft_s, target_s, num_seqs: int, other_tokens: int = 0,
-           overhead_s: float = 0.0) -> int:
+           overhead_s: float = 0.0, margin: float = MARGIN) -> int:
     """The k in [0, k_max] with the most tokens per second (see the module docstring).
     `a`: one acceptance rate for every sequence, or one per sequence; `target_s(n)`: seconds of
     a target pass over n tokens; `draft_s(m)`: of a draft call proposing m positions in all;
-    `overhead_s`: the rest of a step, whatever k."""
+    `overhead_s`: the rest of a step, whatever k; `margin`: the share by which the best k's
+    rate must beat plain decoding's."""
     rates = [a] * num_seqs if isinstance(a, (int, float)) else list(a)
 
     def rate(k: int) -> float:
@@ -88,7 +92,7 @@ def best_k(a: float | Sequence[float], k_max: int, draft_s, target_s, num_seqs: 
     if k_max <= 0:
         return 0
     best = max(range(1, k_max + 1), key=lambda k: (rate(k), -k))
-    return best if rate(best) > rate(0) * (1.0 + MARGIN) else 0
+    return best if rate(best) > rate(0) * (1.0 + margin) else 0
 
 
 class StepCostFit:
@@ -158,6 +162,7 @@ class SpecPolicy:
         self.acceptance = Ewma(ACCEPTANCE_PRIOR, WEIGHT_PRIOR)
         self.last_k: int | None = None
         self._plain_steps = 0  # steps at k = 0 since the last speculating one
+        self._on = True  # the model's last choice was to speculate (probes aside)
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         if num_tokens > 0 and seconds > 0 and math.isfinite(seconds):
@@ -197,7 +202,9 @@ class SpecPolicy:
         else:
             overhead = self.overhead(num_seqs) if self.overhead.measured else 0.0
             a = self.acceptance.value if acceptances is None else acceptances
-            k = best_k(a, k_max, self.draft, self.target, num_seqs, other_tokens, overhead)
+            margin = 0.0 if self._on else MARGIN  # hysteresis: see MARGIN
+            k = best_k(a, k_max, self.draft, self.target, num_seqs, other_tokens, overhead, margin)
+            self._on = k > 0
             if k == 0:
                 self._plain_steps += 1
                 if self._plain_steps >= PROBE_EVERY * num_seqs:

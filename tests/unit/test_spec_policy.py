@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from shared.engine.spec_policy import (
+    MARGIN,
     PROBE_EVERY,
     SpecPolicy,
     StepCostFit,
@@ -166,3 +167,17 @@ def test_a_request_of_well_guessed_text_is_not_held_back_by_the_engines_history(
     assert mine.value > 0.6 and policy.acceptance.value < 0.2
     assert policy.choose_k(4, 1, acceptances=[mine.value]) > 0
     assert policy.choose_k(4, 1) == 0 or policy.last_k == 4  # the engine-wide estimate alone: still off
+
+
+def test_near_break_even_it_keeps_doing_what_it_does():
+    """Hysteresis: up to MARGIN better than plain decoding the policy does not switch either way."""
+    draft, target = line(0.0015, 0.0006), line(0.007, 0.0003)
+    a = 0.3
+    while best_k(a, 4, draft, target, 1, margin=0.0) == 0:  # just past break-even
+        a += 0.005
+    assert best_k(a, 4, draft, target, 1, margin=0.0) > 0  # speculating: stays on
+    assert best_k(a, 4, draft, target, 1, margin=MARGIN) == 0  # plain: stays plain
+    policy = fed(SpecPolicy(), target=target, draft=draft, acceptance=0.9)
+    assert policy.choose_k(4, 1, acceptances=[a]) > 0  # it was speculating
+    assert policy.choose_k(4, 1, acceptances=[0.05]) == 0  # clearly worse: off
+    assert policy.choose_k(4, 1, acceptances=[a]) == 0  # back near break-even: stays off
