@@ -46,9 +46,10 @@ from dataclasses import dataclass
 ACCEPTANCE_PRIOR = 0.6  # per-token acceptance assumed before any verification
 WEIGHT_PRIOR = 4.0  # worth this many observed drafts
 # A request's own acceptance starts from the engine-wide one, worth this many drafts: its
-# text decides how well the draft guesses (source code vs. free prose), and one verification
-# of k drafts mostly outweighs the prior.
-REQUEST_WEIGHT_PRIOR = 2.0
+# text decides how well the draft guesses (source code vs. free prose), but a single
+# verification (often one rejected draft) is too noisy to act on; about two of k = 4 drafts
+# outweigh the prior.
+REQUEST_WEIGHT_PRIOR = 8.0
 DECAY = 0.98  # forgetting per observation: about the last 50 steps count
 # Speculation must promise this much more throughput than plain decoding to start (the measured
 # costs are noisy, and a gain within the noise is not worth the draft's work); once on, it stops

@@ -218,7 +218,8 @@ def test_adaptive_speculation_stops_proposing_when_nothing_is_accepted(ckpt):
     assert proposers[0].calls >= 110  # one call per step (but the last ones, with room for one token)
     # the policy sees nothing accepted and, once its estimate has fallen (this proposer costs
     # nothing, so a little acceptance would still pay), decodes plainly from then on
-    assert proposers[1].calls <= proposers[0].calls // 3, proposers[1].calls  # then a probe now and then
+    # (each request's own estimate starts from the engine-wide prior and needs some verifications)
+    assert proposers[1].calls <= proposers[0].calls // 2, proposers[1].calls  # then a probe now and then
     assert adaptive.spec_policy.acceptance.value < 0.2
 
 

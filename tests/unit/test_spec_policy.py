@@ -162,9 +162,9 @@ def test_a_request_of_well_guessed_text_is_not_held_back_by_the_engines_history(
     assert policy.choose_k(4, 1) == 0 or policy.last_k == 4  # off (or a probe)
     mine = policy.request_acceptance()
     assert mine.value == pytest.approx(policy.acceptance.value)
-    policy.observe_verify(4, 4, mine)  # one probe of this request: every draft accepted
-    policy.observe_verify(4, 3, mine)
-    assert mine.value > 0.6 and policy.acceptance.value < 0.2
+    for accepted in (4, 3, 4):  # three probes of this request: nearly every draft accepted
+        policy.observe_verify(4, accepted, mine)
+    assert mine.value > 0.55 and policy.acceptance.value < 0.25
     assert policy.choose_k(4, 1, acceptances=[mine.value]) > 0
     assert policy.choose_k(4, 1) == 0 or policy.last_k == 4  # the engine-wide estimate alone: still off
 
