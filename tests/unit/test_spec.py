@@ -194,13 +194,19 @@ def test_sampling_with_speculation_matches_model_distribution(tmp_path):
 
 
 class WrongProposer:
-    """Proposes tokens the target never picks (acceptance 0); counts its calls."""
+    """Proposes tokens the target never picks (acceptance 0); counts its calls. Each call takes
+    2 ms, as a draft model's would: with a free proposer on a tiny model, speculating with no
+    acceptance costs about what plain decoding does, and the policy's choice is left to timing
+    noise."""
 
     def __init__(self):
         self.calls = 0
 
     def propose(self, batch):
+        import time
+
         self.calls += 1
+        time.sleep(0.002)
         return {req.request_id: Proposal([3] * req.num_tokens) for req in batch}
 
     def release(self, request_id):
@@ -216,10 +222,9 @@ def test_adaptive_speculation_stops_proposing_when_nothing_is_accepted(ckpt):
     adaptive.set_proposer(proposers[1])
     assert fixed.generate(PROMPTS[:2], greedy) == adaptive.generate(PROMPTS[:2], greedy) == plain
     assert proposers[0].calls >= 110  # one call per step (but the last ones, with room for one token)
-    # the policy sees nothing accepted and, once its estimate has fallen (this proposer costs
-    # nothing, so a little acceptance would still pay), decodes plainly from then on
-    # (each request's own estimate starts from the engine-wide prior and needs some verifications)
-    assert proposers[1].calls <= proposers[0].calls // 2, proposers[1].calls  # then a probe now and then
+    # the policy sees nothing accepted and, once its estimate has fallen, decodes plainly from
+    # then on
+    assert proposers[1].calls <= proposers[0].calls // 3, proposers[1].calls  # then a probe now and then
     assert adaptive.spec_policy.acceptance.value < 0.2
 
 
