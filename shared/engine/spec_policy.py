@@ -180,8 +180,11 @@ class SpecPolicy:
             self.overhead.add(num_seqs, seconds)
 
     def request_acceptance(self) -> Ewma:
-        """A new request's own acceptance estimate, starting from the engine-wide one."""
-        return Ewma(self.acceptance.value, REQUEST_WEIGHT_PRIOR)
+        """A new request's own acceptance estimate: starts from the engine-wide one and averages
+        all the request's verifications, none forgotten. A shorter memory chases stretches of
+        worse-guessed text, and once it says k = 0 only the rare probes can correct it: the
+        estimate stayed low after the text got easy again (slower than plain decoding at c1)."""
+        return Ewma(self.acceptance.value, REQUEST_WEIGHT_PRIOR, decay=1.0)
 
     def observe_verify(self, proposed: int, accepted: int, request: Ewma | None = None) -> None:
         """m of k drafts accepted: m successes, and one failure when m < k; counted engine-wide
