@@ -186,6 +186,16 @@ class SpecPolicy:
         estimate stayed low after the text got easy again (slower than plain decoding at c1)."""
         return Ewma(self.acceptance.value, REQUEST_WEIGHT_PRIOR, decay=1.0)
 
+    def planning_acceptance(self, request: Ewma | None) -> float:
+        """The acceptance a request's k is chosen with: its estimate (None: none yet, the
+        engine-wide value worth REQUEST_WEIGHT_PRIOR drafts) plus one standard error. While a
+        request has few verifications of its own its estimate is mostly the prior, and at k = 0 it
+        would gather more only from the rare probes: the bonus has it speculate until its own
+        drafts tell (optimism in the face of uncertainty), and shrinks as they accumulate."""
+        est = request or self.request_acceptance()
+        a = min(max(est.value, 0.0), 1.0)
+        return min(1.0, a + math.sqrt(a * (1.0 - a) / max(est.weight, 1.0)))
+
     def observe_verify(self, proposed: int, accepted: int, request: Ewma | None = None) -> None:
         """m of k drafts accepted: m successes, and one failure when m < k; counted engine-wide
         and in the request's own estimate (`request_acceptance`)."""

@@ -181,3 +181,22 @@ def test_near_break_even_it_keeps_doing_what_it_does():
     assert policy.choose_k(4, 1, acceptances=[a]) > 0  # it was speculating
     assert policy.choose_k(4, 1, acceptances=[0.05]) == 0  # clearly worse: off
     assert policy.choose_k(4, 1, acceptances=[a]) == 0  # back near break-even: stays off
+
+
+def test_a_request_is_planned_with_its_estimate_plus_one_standard_error():
+    policy = SpecPolicy()
+    policy.acceptance.value = 0.4
+    new = policy.planning_acceptance(None)  # no verification yet: the engine-wide value, uncertain
+    assert new == pytest.approx(0.4 + (0.4 * 0.6 / 8) ** 0.5)
+    mine = policy.request_acceptance()
+    bonuses = []
+    for _ in range(6):
+        for _ in range(10):
+            policy.observe_verify(4, 1, mine)  # one success, one failure: 0.5
+        bonuses.append(policy.planning_acceptance(mine) - mine.value)
+    assert all(b > 0 for b in bonuses) and bonuses == sorted(bonuses, reverse=True)  # shrinks with data
+    assert bonuses[-1] < 0.05 and mine.value == pytest.approx(0.5, abs=0.02)
+    sure = policy.request_acceptance()
+    for _ in range(20):
+        policy.observe_verify(4, 4, sure)
+    assert policy.planning_acceptance(sure) <= 1.0
