@@ -13,7 +13,6 @@ from typing import Any
 from services.common.server import run_until_signal
 from shared.config import ConfigError, add_cli_args, describe, from_env, telemetry_from_env
 
-
 # How long a Python thread may hold the GIL while another waits for it. A worker runs its
 # engine on a thread beside the asyncio loop that serves gRPC; at CPython's default (5 ms) a
 # busy engine thread delays the loop's callbacks, and a reply the engine thread waits for
