@@ -85,7 +85,7 @@ def _cpu(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, K] -> (int8 [M, K], float32 scales [M, 1]); symmetric, one scale per row (token)."""
     xf = x.float()
-    s = (xf.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
+    s = (xf.abs().amax(dim=1, keepdim=True) * (1.0 / 127.0)).clamp(min=1e-12)
     return torch.round(xf * (1.0 / s)).clamp(-127, 127).to(torch.int8), s
 
 
