@@ -10,15 +10,23 @@
 
 namespace {
 
-// Exact IEEE arithmetic here, whatever the build's -ffast-math: with it the compiler may compute
-// 1 / s approximately, and a value exactly between two steps (common with bfloat16 inputs) then
-// rounds the other way than in quant.quantize_rows.
+// 1 / s by an exact IEEE division, whatever the build's -ffast-math (with it the compiler may
+// compute a reciprocal approximately, and an activation exactly between two steps, common with
+// bfloat16 inputs, then rounds the other way than in quant.quantize_rows). Not inlined, so the
+// fast-math loop that uses it cannot rewrite it.
 #if defined(__clang__)
 #pragma float_control(precise, on, push)
 #elif defined(__GNUC__)
 #pragma GCC push_options
 #pragma GCC optimize("no-fast-math")
 #endif
+__attribute__((noinline)) float exact_reciprocal(float s) { return 1.f / s; }
+#if defined(__clang__)
+#pragma float_control(pop)
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+
 template <typename T>
 void quantize_rows_into(const T* x, int8_t* xq, float* xs, int64_t M, int64_t K) {
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
@@ -27,7 +35,7 @@ void quantize_rows_into(const T* x, int8_t* xq, float* xs, int64_t M, int64_t K)
       float amax = 0.f;
       for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(static_cast<float>(r[k])));
       // a product with the float32 reciprocal of 127, as quant.quantize_rows computes it
-      const float s = std::max(amax * (1.f / 127.f), 1e-12f), inv = 1.f / s;
+      const float s = std::max(amax * (1.f / 127.f), 1e-12f), inv = exact_reciprocal(s);
       xs[m] = s;
       int8_t* o = xq + m * K;
       for (int64_t k = 0; k < K; ++k)
@@ -35,11 +43,6 @@ void quantize_rows_into(const T* x, int8_t* xq, float* xs, int64_t M, int64_t K)
     }
   });
 }
-#if defined(__clang__)
-#pragma float_control(pop)
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
 
 template <typename T>
 void scale_out(const int32_t* acc, const float* xs, const float* ws, T* out, int64_t M, int64_t N) {
