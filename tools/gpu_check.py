@@ -234,21 +234,13 @@ def check_batch1(rep: Report, name: str, path: Path, device: str, bw: float, tin
 
 # -- 5. saturation --------------------------------------------------------------------------
 def check_saturation(rep: Report, path: Path, device: str, args) -> None:
-    from shared.engine import SamplingParams
     from tools.bench.engine import _hf_model, run_hf_one, run_hf_static
 
     cfg = json.loads((path / "config.json").read_text())
     prompts = prompts_for(cfg["vocab_size"], args.num_prompts, 32 if not args.tiny else 4, args.max_input, 3,
                           cfg["bos_token_id"])
-    eng = engine(path, device, "bfloat16", max_num_seqs=args.num_prompts, max_num_batched_tokens=2048,
-                 max_model_len=args.max_input + args.output_len + 16)
-    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    eng.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
-    sync(device)
-    t0 = time.perf_counter()
-    outs = eng.generate(prompts, params)
-    sync(device)
-    tandem = len(prompts) * args.output_len / (time.perf_counter() - t0)
+    eng = saturation_engine(path, device, args)
+    outs, tandem = timed_generate(eng, prompts, args.output_len, device)
     assert all(len(o) == args.output_len for o in outs)
     blocks = eng.kv.pool.num_blocks
     check_graph_steps(rep, eng, device, args.tiny)
@@ -270,11 +262,28 @@ def check_saturation(rep: Report, path: Path, device: str, args) -> None:
             goal(tandem / static, GOALS["vs_hf_static"]))
 
 
+def saturation_engine(path: Path, device: str, args, **kw):
+    """The engine of the saturation and quantization rows: every prompt admitted at once."""
+    return engine(path, device, "bfloat16", max_num_seqs=args.num_prompts, max_num_batched_tokens=2048,
+                  max_model_len=args.max_input + args.output_len + 16, **kw)
+
+
+def timed_generate(eng, prompts: list[list[int]], output_len: int, device: str) -> tuple[list[list[int]], float]:
+    """(greedy outputs, output tokens per second) of all prompts at once, after a short warm-up."""
+    from shared.engine import SamplingParams
+
+    eng.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))
+    sync(device)
+    return outs, len(prompts) * output_len / (time.perf_counter() - t0)
+
+
 # -- 7. quantization -----------------------------------------------------------------------
 def check_quant(rep: Report, path: Path, device: str, args) -> None:
     """bf16 / int8 weights / fp8 KV / both on the 1B-shaped model: weight memory, KV blocks per GiB,
     saturation decode throughput and greedy agreement with bf16 (the CPU figures: make bench-quant)."""
-    from shared.engine import SamplingParams
 
     cfg = json.loads((path / "config.json").read_text())
     modes = {"bf16": ("none", "auto"), "int8 weights": ("int8", "auto"), "fp8 KV": ("none", "fp8"),
@@ -284,18 +293,10 @@ def check_quant(rep: Report, path: Path, device: str, args) -> None:
         rep.row("quant: 8-bit KV", f"skipped (head_dim {cfg['head_dim']} not divisible by 32)")
     prompts = prompts_for(cfg["vocab_size"], args.num_prompts, 32 if not args.tiny else 4, args.max_input, 5,
                           cfg["bos_token_id"])
-    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     base = None
     for name, (quantization, kv) in modes.items():
-        eng = engine(path, device, "bfloat16", max_num_seqs=args.num_prompts, max_num_batched_tokens=2048,
-                     max_model_len=args.max_input + args.output_len + 16, quantization=quantization,
-                     kv_cache_dtype=kv)
-        eng.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
-        sync(device)
-        t0 = time.perf_counter()
-        outs = eng.generate(prompts, params)
-        sync(device)
-        tok_s = len(prompts) * args.output_len / (time.perf_counter() - t0)
+        eng = saturation_engine(path, device, args, quantization=quantization, kv_cache_dtype=kv)
+        outs, tok_s = timed_generate(eng, prompts, args.output_len, device)
         weights, per_block = eng.runner.weight_bytes(), eng.runner.kv_bytes_per_block(eng.block_size)
         base = base or (weights, per_block, tok_s, outs)
         same = sum(a == b for o, r in zip(outs, base[3], strict=True) for a, b in zip(o, r, strict=True))

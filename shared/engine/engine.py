@@ -127,7 +127,6 @@ class LLMEngine:
         self.proposer: Proposer | None = None
         self.spec_policy = SpecPolicy(adaptive=config.adaptive_speculation)
         self._last_cycle: tuple[float, float, int] | None = None  # (start, draft + forward s, decodes)
-        self._draft_s = 0.0
 
     def _auto_num_blocks(self) -> int:
         per_block = self.runner.kv_bytes_per_block(self.config.block_size)
@@ -219,7 +218,7 @@ class LLMEngine:
         if batch.is_empty:
             return []
         num_prefill_tokens = sum(n for _, n in batch.prefills)
-        self._draft_s = 0.0
+        proposing = time.perf_counter()
         spec = self._propose(batch.decodes, num_prefill_tokens)
         started = time.perf_counter()
         prefills = [(r, n, 1 if r.num_computed_tokens + n == r.num_tokens else 0) for r, n in batch.prefills]
@@ -264,7 +263,7 @@ class LLMEngine:
         forward_s = time.perf_counter() - started
         self.spec_policy.observe_step(num_tokens, forward_s)
         if batch.decodes and self.has_unfinished():  # busy: the next step follows at once
-            self._last_cycle = (begin, self._draft_s + forward_s, len(batch.decodes))
+            self._last_cycle = (begin, started - proposing + forward_s, len(batch.decodes))
         return outputs
 
     def _seq_input(self, req: Request, n: int, spec: dict[str, Proposal]) -> SeqInput:
@@ -304,12 +303,12 @@ class LLMEngine:
         catching_up = any(not r.draft_asked for r in asked)
         started = time.perf_counter()
         proposals = self.proposer.propose(asks)
-        self._draft_s = time.perf_counter() - started
+        draft_s = time.perf_counter() - started
         for r in asked:
             r.draft_asked = True
         # an empty answer (the draft skipped or gone) says nothing of its cost
         if proposals and (not catching_up or not self.spec_policy.draft.measured):
-            self.spec_policy.observe_draft(sum(a.num_tokens for a in asks), self._draft_s)
+            self.spec_policy.observe_draft(sum(a.num_tokens for a in asks), draft_s)
         accepted: dict[str, Proposal] = {}
         for ask, r in zip(asks, asked, strict=True):
             prop = proposals.get(ask.request_id)

@@ -192,9 +192,9 @@ class SpecPolicy:
         request has few verifications of its own its estimate is mostly the prior, and at k = 0 it
         would gather more only from the rare probes: the bonus has it speculate until its own
         drafts tell (optimism in the face of uncertainty), and shrinks as they accumulate."""
-        est = request or self.request_acceptance()
-        a = min(max(est.value, 0.0), 1.0)
-        return min(1.0, a + math.sqrt(a * (1.0 - a) / max(est.weight, 1.0)))
+        value, weight = (request.value, request.weight) if request else (self.acceptance.value, REQUEST_WEIGHT_PRIOR)
+        a = min(max(value, 0.0), 1.0)
+        return min(1.0, a + math.sqrt(a * (1.0 - a) / max(weight, 1.0)))
 
     def observe_verify(self, proposed: int, accepted: int, request: Ewma | None = None) -> None:
         """m of k drafts accepted: m successes, and one failure when m < k; counted engine-wide

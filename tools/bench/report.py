@@ -83,25 +83,20 @@ def ratios(result: dict) -> list[dict]:
     for system in ("agg", "disagg"):  # the two front doors of the same services, interleaved run by run
         if _ran(result, system) and _ran(result, f"{system}-http"):
             for scenario in ("mixed", "fixed"):
-                rows.append(
-                    _row(
-                        f"output throughput {system}: HTTP front / gRPC front, {scenario}",
-                        f"{system}-http.{scenario}.output_throughput",
-                        f"{system}.{scenario}.output_throughput",
-                        _median(result, f"{system}-http", scenario, "output_throughput"),
-                        _median(result, system, scenario, "output_throughput"),
-                        0.9 if scenario == "mixed" else None,
+                for label, key, goal in (
+                    ("output throughput", "output_throughput", 0.9 if scenario == "mixed" else None),
+                    ("scheduler CPU per generated token", "scheduler_cpu_ms_per_token", None),
+                ):
+                    rows.append(
+                        _row(
+                            f"{label} {system}: HTTP front / gRPC front, {scenario}",
+                            f"{system}-http.{scenario}.{key}",
+                            f"{system}.{scenario}.{key}",
+                            _median(result, f"{system}-http", scenario, key),
+                            _median(result, system, scenario, key),
+                            goal,
+                        )
                     )
-                )
-                rows.append(
-                    _row(
-                        f"scheduler CPU per generated token {system}: HTTP front / gRPC front, {scenario}",
-                        f"{system}-http.{scenario}.scheduler_cpu_ms_per_token",
-                        f"{system}.{scenario}.scheduler_cpu_ms_per_token",
-                        _median(result, f"{system}-http", scenario, "scheduler_cpu_ms_per_token"),
-                        _median(result, system, scenario, "scheduler_cpu_ms_per_token"),
-                    )
-                )
     if set(tandem) == {"agg", "disagg"}:
         for scenario in ("mixed", "fixed"):
             num = _median(result, "disagg", scenario, "output_throughput")

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -240,6 +241,28 @@ inline void values8(const typename R::E* const* vr, int64_t hs, const Args& a, c
   }
 }
 
+// Tokens [0, n) of a sequence in groups of eight (the last token repeated to fill the last
+// group): prefetches the rows two groups ahead, then calls fn(rows, head stride, first token)
+// with the group's eight head-0 row pointers; an 8-bit cache's rows are first decoded into
+// float32 scratch (stage8), so fn then reads Plain<float> rows of stride D.
+template <typename R, int NV, typename Fn>
+inline void each_group8(const typename R::E* base, const std::vector<int64_t>& rows, int64_t n, const Args& a,
+                        Scratch& w, Fn&& fn) {
+  const int64_t row_bytes = a.Hkv * a.W * static_cast<int64_t>(sizeof(typename R::E));
+  for (int64_t i0 = 0; i0 < n; i0 += 8) {
+    prefetch_rows(base, rows.data(), i0 + 16, n, row_bytes);
+    const typename R::E* r[8];
+    for (int j = 0; j < 8; ++j) r[j] = base + rows[std::min(i0 + j, n - 1)];
+    if constexpr (R::kStaged) {
+      const float* f[8];
+      stage8<R, NV>(r, a, w.stage.data(), f);
+      fn(f, a.D, i0);
+    } else {
+      fn(r, a.W, i0);
+    }
+  }
+}
+
 // NV = D / 8 vectors per head row. Tokens go in groups of eight, all KV heads of a group before
 // the next, so each token's K and V rows ([Hkv, W], contiguous in their block) are read once and
 // whole while the rows two groups ahead are prefetched (blocks of one sequence are scattered).
@@ -253,7 +276,7 @@ void attend_avx2(const Args& a, int64_t b, Scratch& w) {
   const E* kc = static_cast<const E*>(a.k);
   const E* vc = static_cast<const E*>(a.v);
   const int64_t ctx = a.cl[b], start = a.window > 0 ? std::max<int64_t>(0, ctx - a.window) : 0, n = ctx - start;
-  const int64_t npad = (n + 7) / 8 * 8, row_bytes = a.Hkv * a.W * static_cast<int64_t>(sizeof(E));
+  const int64_t npad = (n + 7) / 8 * 8;
   scores.resize(a.Hq * npad);
   acc.assign(a.Hq * a.D, 0.f);
   if (R::kStaged) w.stage.resize(8 * a.Hkv * a.D);
@@ -266,18 +289,10 @@ void attend_avx2(const Args& a, int64_t b, Scratch& w) {
   }
   const float* qb = a.q + b * a.Hq * a.D;
   const __m256 vscale = _mm256_set1_ps(a.scale);
-  for (int64_t i0 = 0; i0 < n; i0 += 8) {
-    prefetch_rows(kc, rows.data(), i0 + 16, n, row_bytes);
-    const E* kr[8];
-    for (int j = 0; j < 8; ++j) kr[j] = kc + rows[std::min(i0 + j, n - 1)];
-    if constexpr (R::kStaged) {
-      const float* kf[8];
-      stage8<R, NV>(kr, a, w.stage.data(), kf);
-      scores8<Plain<float>, NV>(kf, a.D, a, qb, scores.data() + i0, npad, vscale);
-    } else {
-      scores8<R, NV>(kr, a.W, a, qb, scores.data() + i0, npad, vscale);
-    }
-  }
+  using Rd = std::conditional_t<R::kStaged, Plain<float>, R>;  // how passes 1 and 3 read a row
+  each_group8<R, NV>(kc, rows, n, a, w, [&](const typename Rd::E* const* kr, int64_t hs, int64_t i0) {
+    scores8<Rd, NV>(kr, hs, a, qb, scores.data() + i0, npad, vscale);
+  });
   inv.resize(a.Hq);
   alignas(32) float tmp[8];
   const int64_t nv = n / 8 * 8;
@@ -303,18 +318,9 @@ void attend_avx2(const Args& a, int64_t b, Scratch& w) {
     for (int64_t i = n; i < npad; ++i) sc[i] = 0.f;  // the last group's padding weighs nothing
     inv[hq] = 1.f / total;
   }
-  for (int64_t i0 = 0; i0 < n; i0 += 8) {
-    prefetch_rows(vc, rows.data(), i0 + 16, n, row_bytes);
-    const E* vr[8];
-    for (int j = 0; j < 8; ++j) vr[j] = vc + rows[std::min(i0 + j, n - 1)];
-    if constexpr (R::kStaged) {
-      const float* vf[8];
-      stage8<R, NV>(vr, a, w.stage.data(), vf);
-      values8<Plain<float>, NV>(vf, a.D, a, scores.data() + i0, npad, acc.data());
-    } else {
-      values8<R, NV>(vr, a.W, a, scores.data() + i0, npad, acc.data());
-    }
-  }
+  each_group8<R, NV>(vc, rows, n, a, w, [&](const typename Rd::E* const* vr, int64_t hs, int64_t i0) {
+    values8<Rd, NV>(vr, hs, a, scores.data() + i0, npad, acc.data());
+  });
   float* ob = a.out + b * a.Hq * a.D;
   for (int64_t hq = 0; hq < a.Hq; ++hq) {
     const __m256 s = _mm256_set1_ps(inv[hq]);
