@@ -5,9 +5,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from shared.params import FinishReason, SamplingParams, TokenLogprobs
+
+if TYPE_CHECKING:
+    from .spec_policy import Ewma
 
 
 class Status(enum.Enum):
@@ -38,7 +41,7 @@ class Request:
     num_spec_accepted: int = 0
     num_spec_steps: int = 0  # steps that verified drafts of this request
     draft_asked: bool = False  # the proposer has seen this request (its first call carries the prompt)
-    spec_acceptance: Any = None  # its own per-token acceptance (spec_policy.Ewma), from its first verification
+    spec_acceptance: Ewma | None = None  # its own per-token acceptance, from its first verification
     arrival_time: float | None = None  # time.monotonic() at add_request (None: KV imported, never queued)
     queue_seconds: float | None = None  # arrival_time to its first scheduling
 
