@@ -6,6 +6,10 @@ Models: the demo model, and a random-weight model of Llama-3.2-1B's width (hidde
 written here (no download). Perplexity and agreement only mean something for the trained demo
 model (on the held-out half of tools/train_demo's stdlib split); the big model gives the memory
 and speed figures. Also times the int8 linear against the bf16 one at the big model's shapes.
+
+Decode throughput is measured twice: with the same batch in every mode (what each format costs
+per token), and with the same KV memory (a server at saturation, where the budget bounds the
+batch: an 8-bit cache holds 1.94x the sequences of a bf16 one).
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ def add_parser(sub) -> None:
     p.add_argument("--big-dir", default="bench-results/llama-1b-shaped")
     p.add_argument("--seqs", type=int, default=64, help="demo model: sequences decoding at once")
     p.add_argument("--big-seqs", type=int, default=32)
+    p.add_argument("--budget-seqs", type=int, default=32,
+                   help="demo model: sequences of bf16 KV the same-budget run's budget holds (0: skip that run)")
+    p.add_argument("--big-budget-seqs", type=int, default=16)
+    p.add_argument("--budget-steps", type=int, default=16, help="decode steps of the same-budget run")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--ppl-seqs", type=int, default=16, help="held-out windows of --ppl-len tokens")
@@ -101,18 +109,21 @@ def _engine(model: str, mode: str, seqs: int, num_blocks: int):
 
 # -- measurements -------------------------------------------------------------------------------
 
-def interleaved_throughput(engines: dict, prompts: list[list[int]], steps: int) -> dict[str, list[float]]:
+def interleaved_throughput(engines: dict, prompts: list[list[int]], steps: int,
+                           counts: dict[str, int] | None = None) -> dict[str, list[float]]:
     """Decode tokens/s of each engine, with every sequence running (prefill excluded), the engines
     taking turns step by step (the order rotating), so that a change in the host's load hits
-    every mode alike. Returns each mode's per-step tokens/s; callers take the median."""
+    every mode alike. Each engine runs the first counts[mode] prompts (all by default).
+    Returns each mode's per-step tokens/s; callers take the median."""
     from shared.engine import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
     for mode, engine in engines.items():
-        for i, p in enumerate(prompts):
+        mine = prompts[: (counts or {}).get(mode, len(prompts))]
+        for i, p in enumerate(mine):
             engine.add_request(f"{mode}-{i}", p, params)
         started: set[str] = set()
-        while len(started) < len(prompts):  # prefill (in chunks) until each has its first token
+        while len(started) < len(mine):  # prefill (in chunks) until each has its first token
             started.update(o.request_id for o in engine.step() if o.new_token_ids)
     rates: dict[str, list[float]] = {mode: [] for mode in engines}
     order = list(engines)
@@ -194,7 +205,28 @@ def _best_ms(fn, n: int = 5) -> float:
 
 # -- the run ------------------------------------------------------------------------------------
 
-def bench_model(model: str, label: str, args, seqs: int, quality: bool) -> dict:
+def budget_throughput(model: str, rows: dict[str, dict], prompts: list[list[int]], steps: int,
+                      bf16_seqs: int) -> None:
+    """Decode throughput when the KV budget, not the batch limit, bounds the batch (a server at
+    saturation): the budget holds bf16_seqs sequences of prompt + steps tokens in bf16, and
+    each mode runs as many sequences as that budget holds in its own KV format. Adds
+    budget_bytes, budget_seqs and budget_tok_s to each mode's row."""
+    per_seq = -(-(len(prompts[0]) + steps + 2) // BLOCK)
+    budget = bf16_seqs * per_seq * rows["bf16"]["kv_bytes_per_block"]
+    counts, engines = {}, {}
+    for mode in MODES:
+        blocks = budget // rows[mode]["kv_bytes_per_block"]
+        counts[mode] = blocks // per_seq
+        engines[mode] = _engine(model, mode, counts[mode], blocks)
+    need = max(counts.values())
+    prompts = (prompts * -(-need // len(prompts)))[:need]
+    for mode, rates in interleaved_throughput(engines, prompts, steps, counts).items():
+        rows[mode].update(budget_bytes=budget, budget_seqs=counts[mode], budget_tok_s=statistics.median(rates))
+    del engines
+    gc.collect()
+
+
+def bench_model(model: str, label: str, args, seqs: int, quality: bool, budget_seqs: int) -> dict:
     import random
 
     rng = random.Random(0)
@@ -228,6 +260,10 @@ def bench_model(model: str, label: str, args, seqs: int, quality: bool) -> dict:
         print(f"[{label}] {mode}: median {statistics.median(rates):.1f} tok/s", file=sys.stderr)
     del engines
     gc.collect()
+    if budget_seqs:
+        budget_throughput(model, rows, prompts, args.budget_steps, budget_seqs)
+        print(f"[{label}] same KV budget: " + ", ".join(
+            f"{mode} {r['budget_seqs']} seqs {r['budget_tok_s']:.1f} tok/s" for mode, r in rows.items()), file=sys.stderr)
     base = rows["bf16"]
     ref_greedy = base.get("greedy")
     for r in rows.values():
@@ -235,10 +271,12 @@ def bench_model(model: str, label: str, args, seqs: int, quality: bool) -> dict:
         r["weights_vs_bf16"] = r["weight_bytes"] / base["weight_bytes"]
         r["kv_capacity_vs_bf16"] = r["kv_blocks_in_budget"] / base["kv_blocks_in_budget"]
         r["throughput_vs_bf16"] = r["decode_tok_s"] / statistics.median(base["tok_s"])
+        if budget_seqs:
+            r["budget_throughput_vs_bf16"] = r["budget_tok_s"] / base["budget_tok_s"]
         if quality:
             r["perplexity_vs_bf16"] = r["perplexity"] / base["perplexity"]
             r["greedy_identical"] = greedy_agreement(r.pop("greedy"), ref_greedy)
-    return {"model": model, "label": label, "seqs": seqs, "rows": rows}
+    return {"model": model, "label": label, "seqs": seqs, "budget_seqs": budget_seqs, "rows": rows}
 
 
 def run(args) -> int:
@@ -249,14 +287,15 @@ def run(args) -> int:
                                                          else sys.argv),
         "machine": machine_info("cpu"), "loadavg_start": loadavg(), "threads": args.threads,
         "kv_budget_bytes": KV_BUDGET, "prompt_len": args.prompt_len, "decode_steps": args.decode_steps,
+        "budget_steps": args.budget_steps,
         "ppl": {"windows": args.ppl_seqs, "tokens": args.ppl_len},
         "linear": linear_timings(),
-        "models": [bench_model(args.model, "demo", args, args.seqs, quality=True)],
+        "models": [bench_model(args.model, "demo", args, args.seqs, quality=True, budget_seqs=args.budget_seqs)],
     }
     if args.big_layers:
         big = build_llama_1b_shaped(Path(args.big_dir), args.big_layers)
         results["models"].append(bench_model(str(big), f"Llama-3.2-1B-wide, {args.big_layers} layers", args,
-                                             args.big_seqs, quality=False))
+                                             args.big_seqs, quality=False, budget_seqs=args.big_budget_seqs))
     results["loadavg_end"] = loadavg()
     results["seconds"] = time.time() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -282,8 +321,17 @@ def report(res: dict) -> str:
                   (f"; perplexity on {res['ppl']['windows']} held-out windows of {res['ppl']['tokens']} tokens; "
                    "greedy agreement: share of 8 x 32 greedy tokens identical to bf16, position by position"
                    if quality else "") + ".", ""]
+        budget = m.get("budget_seqs")
+        if budget:
+            b = m["rows"]["bf16"]
+            lines += [f"Same KV budget: {b['budget_bytes'] / 2**20:.1f} MiB of KV, what {budget} bf16 sequences of "
+                      "this length take; each mode decodes as many sequences as the budget holds in its format "
+                      f"(median of {res.get('budget_steps', '?')} steps, the modes taking turns).", ""]
         head = "| mode | weights MiB | vs bf16 | KV blocks in budget | vs bf16 | decode tok/s | vs bf16 |"
         sep = "|---|---|---|---|---|---|---|"
+        if budget:
+            head += " same KV budget: sequences | tok/s | vs bf16 |"
+            sep += "---|---|---|"
         if quality:
             head += " perplexity | vs bf16 | greedy identical |"
             sep += "---|---|---|"
@@ -292,6 +340,8 @@ def report(res: dict) -> str:
             line = (f"| {mode} | {r['weight_bytes'] / 2**20:.1f} | {r['weights_vs_bf16']:.3f}x | "
                     f"{r['kv_blocks_in_budget']} | {r['kv_capacity_vs_bf16']:.3f}x | {r['decode_tok_s']:.1f} | "
                     f"{r['throughput_vs_bf16']:.2f}x |")
+            if budget:
+                line += f" {r['budget_seqs']} | {r['budget_tok_s']:.1f} | {r['budget_throughput_vs_bf16']:.2f}x |"
             if quality:
                 line += f" {r['perplexity']:.3f} | {r['perplexity_vs_bf16']:.4f}x | {r['greedy_identical']:.1%} |"
             lines.append(line)
