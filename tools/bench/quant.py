@@ -45,9 +45,9 @@ def add_parser(sub) -> None:
     p.add_argument("--big-dir", default="bench-results/llama-1b-shaped")
     p.add_argument("--seqs", type=int, default=64, help="demo model: sequences decoding at once")
     p.add_argument("--big-seqs", type=int, default=32)
-    p.add_argument("--budget-seqs", type=int, default=32,
+    p.add_argument("--budget-seqs", type=int, default=64,
                    help="demo model: sequences of bf16 KV the same-budget run's budget holds (0: skip that run)")
-    p.add_argument("--big-budget-seqs", type=int, default=16)
+    p.add_argument("--big-budget-seqs", type=int, default=32)
     p.add_argument("--budget-steps", type=int, default=16, help="decode steps of the same-budget run")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--decode-steps", type=int, default=32)
