@@ -438,11 +438,26 @@ class WorkerConfig(EngineSettings):
     spec_proposer: str = setting(
         "TANDEM_SPEC_PROPOSER",
         "auto",
-        "Decode worker, speculative decoding: draft (the draft service at TANDEM_DRAFT_ADDR), ngram "
-        "(prompt lookup, no model), none; auto: draft when TANDEM_DRAFT_ADDR is set, else none.",
+        "Decode worker, speculative decoding: draft (a draft model: the draft service at TANDEM_DRAFT_ADDR, "
+        "or TANDEM_DRAFT_MODEL run inside this worker), ngram (prompt lookup, no model), none; auto: draft "
+        "when TANDEM_DRAFT_ADDR or TANDEM_DRAFT_MODEL is set, else none.",
         choices=SPEC_PROPOSERS,
     )
     draft_addr: str = setting("TANDEM_DRAFT_ADDR", "", "host:port of the draft service (services.draft).")
+    draft_model: str = setting(
+        "TANDEM_DRAFT_MODEL",
+        "",
+        "Decode worker (torch engine): a draft model directory to run inside this worker, on its device, "
+        "instead of calling a draft service (no RPC per step; the draft shares the worker's accelerator). "
+        "Its vocabulary must be the target model's.",
+    )
+    draft_kv_cache_memory: int = setting(
+        "TANDEM_DRAFT_KV_CACHE_MEMORY",
+        256 << 20,
+        "With TANDEM_DRAFT_MODEL: bytes of the in-worker draft's KV cache (sequences it cannot hold are "
+        "decoded without drafts).",
+        minimum=1,
+    )
     num_speculative_tokens: int = setting(
         "TANDEM_NUM_SPECULATIVE_TOKENS",
         4,
@@ -476,7 +491,7 @@ class WorkerConfig(EngineSettings):
         if self.num_speculative_tokens == 0:
             return "none"
         if self.spec_proposer == "auto":
-            return "draft" if self.draft_addr else "none"
+            return "draft" if self.draft_addr or self.draft_model else "none"
         return self.spec_proposer
 
     def validate(self) -> None:
@@ -485,8 +500,18 @@ class WorkerConfig(EngineSettings):
             _check_address("TANDEM_SCHEDULER_ADDR", self.scheduler_addr)
         if self.draft_addr:
             _check_address("TANDEM_DRAFT_ADDR", self.draft_addr)
-        if self.spec_proposer == "draft" and not self.draft_addr:
-            raise ConfigError("TANDEM_DRAFT_ADDR: required when TANDEM_SPEC_PROPOSER=draft")
+        if self.draft_addr and self.draft_model:
+            raise ConfigError(
+                "TANDEM_DRAFT_MODEL: set either it (the draft inside this worker) or TANDEM_DRAFT_ADDR "
+                "(the draft service), not both"
+            )
+        if self.spec_proposer == "draft" and not (self.draft_addr or self.draft_model):
+            raise ConfigError("TANDEM_DRAFT_ADDR or TANDEM_DRAFT_MODEL: one is required when TANDEM_SPEC_PROPOSER=draft")
+        if self.draft_model and self.engine != "torch":
+            raise ConfigError(
+                f"TANDEM_DRAFT_MODEL: runs with the torch engine only (TANDEM_ENGINE={self.engine}); "
+                "use the draft service (TANDEM_DRAFT_ADDR)"
+            )
         if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
             raise ConfigError(
                 f"TANDEM_NUM_SPECULATIVE_TOKENS: must be <= {MAX_SPECULATIVE_TOKENS}, got {self.num_speculative_tokens}"
@@ -500,6 +525,21 @@ class WorkerConfig(EngineSettings):
             "enable_prefix_caching": self.prefix_caching,
             "num_speculative_tokens": self.num_speculative_tokens,
             "adaptive_speculation": self.spec_adaptive,
+        }
+
+    def draft_engine_kwargs(self) -> dict[str, Any]:
+        """`EngineConfig` keyword arguments of the draft model run inside this worker
+        (TANDEM_DRAFT_MODEL): the worker's device, element type, block size and lengths, its own
+        KV memory, no prefix sharing (a draft's KV is rolled back), no quantization."""
+        return {
+            **self._engine_kwargs(),
+            "model": self.draft_model,
+            "quantization": "none",
+            "kv_cache_dtype": "auto",
+            "num_blocks": None,
+            "kv_cache_memory": self.draft_kv_cache_memory,
+            "cuda_graphs": False,
+            "enable_prefix_caching": False,
         }
 
 

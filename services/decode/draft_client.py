@@ -1,8 +1,10 @@
-"""The decode worker's proposers for speculative decoding: the draft service, or n-gram lookup.
+"""The decode worker's proposers for speculative decoding: a draft model, or n-gram lookup.
 
 `DraftProposer` is the engine's Proposer over gRPC. The engine calls `propose(batch)` on its
 own thread once per step, so this is a blocking call on a synchronous channel, bounded by a
-short deadline (TANDEM_DRAFT_TIMEOUT_S). Whatever goes wrong (deadline, draft down, a bad
+short deadline (TANDEM_DRAFT_TIMEOUT_S). With TANDEM_DRAFT_MODEL the draft model runs in this
+process instead (`InProcessDraft`): the same calls and delta protocol, answered on the engine
+thread, with no round trip and no serialization wait behind other processes. Whatever goes wrong (deadline, draft down, a bad
 answer), the step gets no proposals and decodes as usual; the draft is then left alone for
 TANDEM_DRAFT_RETRY_S, so a dead draft costs nothing per step, and tried again after that.
 The client's output never depends on it: verification keeps greedy outputs exact and sampled
@@ -25,11 +27,12 @@ import torch
 from opentelemetry.trace import Link, SpanKind
 
 from services.common.convert import sampling_to_pb
+from services.common.draft_calls import InProcessDraft
 from services.common.server import CHANNEL_OPTIONS
 from services.common.tls import PLAINTEXT, Tls
-from shared.config import WorkerConfig
+from shared.config import ConfigError, WorkerConfig
 from shared.draft_delta import DeltaTracker
-from shared.engine.draft import probs_from_bytes
+from shared.engine.draft import DraftEngine, probs_from_bytes
 from shared.engine.spec import NgramProposer, Proposal, ProposalRequest, Proposer
 from shared.params import RequestOutput
 from shared.pb.tandem.v1 import draft_pb2, draft_pb2_grpc
@@ -49,8 +52,13 @@ def build_proposer(
     if kind == "ngram":
         return NgramProposer()
     if kind == "draft":
+        local = None
+        if config.draft_model:
+            local = InProcessDraft(build_draft_engine(config))
+            log.info("draft model %s runs in this worker (%s)", config.draft_model, config.device)
         return DraftProposer(
             config.draft_addr,
+            local=local,
             vocab_size=vocab_size,
             timeout_s=config.draft_timeout_s,
             retry_s=config.draft_retry_s,
@@ -60,13 +68,28 @@ def build_proposer(
     return None
 
 
+def build_draft_engine(config: WorkerConfig) -> DraftEngine:
+    """The draft model of TANDEM_DRAFT_MODEL, in this process; a bad model is a ConfigError."""
+    from shared.engine import EngineConfig, KVCacheTooSmall, ModelLoadError
+
+    try:
+        return DraftEngine(EngineConfig(**config.draft_engine_kwargs()))
+    except (ModelLoadError, FileNotFoundError) as e:
+        raise ConfigError(f"TANDEM_DRAFT_MODEL: {e}") from None
+    except KVCacheTooSmall as e:
+        raise ConfigError(f"TANDEM_DRAFT_KV_CACHE_MEMORY: {e}") from None
+
+
 class DraftProposer:
-    """A Proposer backed by the draft service. Used from the engine thread only."""
+    """A Proposer backed by a draft model: the draft service at `address`, or `local`, a draft
+    engine in this process answering the same calls without a network hop. Used from the
+    engine thread only."""
 
     def __init__(
         self,
         address: str,
         *,
+        local: InProcessDraft | None = None,
         vocab_size: int,
         timeout_s: float,
         retry_s: float,
@@ -74,7 +97,7 @@ class DraftProposer:
         clock: Callable[[], float] = time.monotonic,
         tls: Tls = PLAINTEXT,
     ):
-        self.address = address
+        self.address = local.address if local is not None else address
         self.client_id = uuid.uuid4().hex[:16]  # this process's sequences, to the draft
         self._vocab_size = vocab_size
         self._timeout_s = timeout_s
@@ -89,8 +112,9 @@ class DraftProposer:
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", backoff_ms),
         ]
-        self._channel = tls.channel(address, options=options)
-        self._stub = draft_pb2_grpc.DraftStub(self._channel)
+        self._channel = tls.channel(address, options=options) if local is None else None
+        self.local = local
+        self._stub = draft_pb2_grpc.DraftStub(self._channel) if local is None else local
         self._delta = DeltaTracker()
         self._retry_at = 0.0
         self._failing = False
@@ -123,7 +147,8 @@ class DraftProposer:
                 self._failed(e)  # the draft frees them after its idle timeout anyway
 
     def close(self) -> None:
-        self._channel.close()
+        if self._channel is not None:
+            self._channel.close()
 
     # -- the call -----------------------------------------------------------------------
     def _propose(self, batch: list[ProposalRequest]) -> dict[str, Proposal]:

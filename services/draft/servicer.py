@@ -10,44 +10,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from services.common.convert import sampling_from_pb
-from services.common.errors import InvalidArgument
-from shared.config import MAX_SPECULATIVE_TOKENS, DraftConfig
-from shared.engine.draft import DraftAsk, DraftEngine, DraftResult, probs_to_bytes
+from services.common import draft_calls
+from shared.config import DraftConfig
+from shared.engine.draft import DraftEngine
 from shared.pb.tandem.v1 import draft_pb2, draft_pb2_grpc, worker_pb2, worker_pb2_grpc
 from shared.telemetry import annotate
 
 Run = Callable[..., Awaitable[Any]]  # run(fn, *args): fn(*args) on the engine thread
-
-
-def sequence_key(client_id: str, sequence_id: str) -> str:
-    """One name per (decode worker, sequence); the length prefix keeps any two pairs apart."""
-    return f"{len(client_id)}:{client_id}/{sequence_id}"
-
-
-def ask_from_pb(client_id: str, s: draft_pb2.DraftSequence) -> DraftAsk:
-    if not s.token_ids:
-        raise InvalidArgument("token_ids", f"sequence {s.sequence_id!r} has no tokens")
-    if not 1 <= s.num_proposals <= MAX_SPECULATIVE_TOKENS:
-        raise InvalidArgument(
-            "num_proposals", f"must be in [1, {MAX_SPECULATIVE_TOKENS}], got {s.num_proposals}"
-        )
-    params = None
-    if s.HasField("sampling"):
-        params = sampling_from_pb(s.sampling)
-        params.validate()
-    return DraftAsk(
-        sequence_key(client_id, s.sequence_id), s.num_kept_tokens, list(s.token_ids), s.num_proposals, params
-    )
-
-
-def proposal_to_pb(sequence_id: str, r: DraftResult) -> draft_pb2.DraftProposal:
-    return draft_pb2.DraftProposal(
-        sequence_id=sequence_id,
-        unknown_sequence=r.unknown,
-        token_ids=r.token_ids,
-        probs=probs_to_bytes(r.probs) if r.probs is not None else b"",
-    )
 
 
 class DraftServicer(draft_pb2_grpc.DraftServicer):
@@ -59,35 +28,23 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         self.num_proposed = 0
 
     async def Propose(self, request: draft_pb2.ProposeRequest, context) -> draft_pb2.ProposeResponse:
-        asks = [ask_from_pb(request.client_id, s) for s in request.sequences]
-        released = [sequence_key(request.client_id, sid) for sid in request.released_ids]
-
-        def step(engine: DraftEngine) -> list[DraftResult]:
-            engine.release(released)
-            return engine.propose(asks)
-
-        results = await self._run(step, self._engine)
+        response = await self._run(draft_calls.propose, self._engine, request)
         self._on_change()
+        proposed = sum(len(p.token_ids) for p in response.proposals)
         self.num_calls += 1
-        self.num_proposed += sum(len(r.token_ids) for r in results)
+        self.num_proposed += proposed
         annotate(
-            sequences=len(asks),
-            released=len(released),
-            spec_proposed=sum(len(r.token_ids) for r in results),
-            unknown_sequences=sum(r.unknown for r in results),
+            sequences=len(request.sequences),
+            released=len(request.released_ids),
+            spec_proposed=proposed,
+            unknown_sequences=sum(p.unknown_sequence for p in response.proposals),
         )
-        return draft_pb2.ProposeResponse(
-            proposals=[
-                proposal_to_pb(s.sequence_id, r) for s, r in zip(request.sequences, results, strict=True)
-            ],
-            vocab_size=self._engine.vocab_size,
-        )
+        return response
 
     async def Release(self, request: draft_pb2.ReleaseRequest, context) -> draft_pb2.ReleaseResponse:
-        keys = [sequence_key(request.client_id, sid) for sid in request.sequence_ids]
-        n = await self._run(DraftEngine.release, self._engine, keys)
+        response = await self._run(draft_calls.release, self._engine, request)
         self._on_change()
-        return draft_pb2.ReleaseResponse(num_released=n)
+        return response
 
 
 class DraftWorkerServicer(worker_pb2_grpc.WorkerServicer):

@@ -265,3 +265,29 @@ async def test_slow_draft_misses_its_deadline_and_decoding_goes_on(tiny_model, d
     finally:
         await cluster.stop()
         await draft.stop(0.2)
+
+
+async def test_greedy_with_the_draft_in_the_decode_worker_equals_plain_decoding(tiny_model, draft_model, reference):
+    """TANDEM_DRAFT_MODEL: the draft model runs inside the decode worker (no draft service), with
+    the same delta protocol, and frees every sequence it held once the requests end."""
+    decode = dict(draft_model=str(draft_model), draft_kv_cache_memory=4 << 20)
+    cluster = await start_cluster(tiny_model, decode_overrides=decode)
+    try:
+        worker = cluster.decodes[0]
+        assert worker.proposer is not None and worker.proposer.address == "in-process"
+        results = await generate_all(cluster, REQUESTS)
+        for (prompt, max_tokens, k), responses in zip(REQUESTS, results, strict=True):
+            assert token_ids(responses) == reference(prompt, max_tokens), (len(prompt), k)
+            check_usage(responses[-1].usage, k)
+        usages = [r[-1].usage for r in results]
+        assert 0 < sum(u.spec_accepted_tokens for u in usages) < sum(u.spec_proposed_tokens for u in usages)
+        assert worker.proposer.num_failures == 0
+        await cluster.wait_idle()
+        engine = worker.proposer.local.engine
+        deadline = time.monotonic() + 10
+        while engine.stats().num_sequences and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        stats = engine.stats()
+        assert stats.num_sequences == 0 and stats.num_free_blocks == stats.num_total_blocks
+    finally:
+        await cluster.stop()

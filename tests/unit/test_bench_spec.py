@@ -37,3 +37,23 @@ def test_prediction_from_in_process_and_from_served_costs():
     assert s["ratios"]["agg-spec"]["c1_tpot_speedup"] == pytest.approx(10 / 7)
     text = markdown({**s, "command": "x", "wall_s": 1})
     assert "c = 0.150" in text and "as served" in text
+
+
+def test_the_in_worker_draft_gets_its_own_column_and_ratio_to_the_formula():
+    result = _serve_result({"agg": 10.0, "agg-spec": 7.0, "agg-spec-fixed": 7.5, "agg-spec-local": 5.0},
+                           draft_s_per_proposed=0.0015)
+    costs = {"target_step_ms": 9.0, "draft_step_ms": 0.9, "c": 0.1}
+    s = summarize(result, costs, 4)
+    assert s["ratios"]["agg-spec-local"]["c1_tpot_speedup"] == pytest.approx(2.0)
+    text = markdown({**s, "command": "x", "wall_s": 1})
+    assert "draft in the decode worker" in text
+    best = s["formula"]["speedup_at_best_k"]
+    assert f"draft in the decode worker {2.0 / best:.2f}" in text
+    assert f"draft service {(10 / 7) / best:.2f}" in text
+
+
+def test_a_run_without_the_in_worker_draft_reports_it_missing():
+    s = summarize(_serve_result({"agg": 10.0, "agg-spec": 7.0, "agg-spec-fixed": 7.5}, 0.0015),
+                  {"target_step_ms": 9.0, "draft_step_ms": 0.9, "c": 0.1}, 4)
+    assert s["ratios"]["agg-spec-local"]["c1_tpot_speedup"] is None
+    assert "draft in the decode worker n/a" in markdown({**s, "command": "x", "wall_s": 1})
