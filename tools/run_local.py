@@ -1,7 +1,7 @@
 """`make run`: the Tandem services as local processes on CPU (scheduler, prefill, decode, draft).
 
     python -m tools.run_local [--model models/tandem-demo-code/target] [--transport grpc|collective]
-                              [--no-prefill] [--port 50051] [--spec draft|ngram|none]
+                              [--no-prefill] [--port 50051] [--spec draft|draft-in-worker|ngram|none]
                               [--dtype float32] [--max-model-len N] [--kv-cache-memory 2GiB]
                               [--quantization int8] [--kv-cache-dtype fp8|int8]
                               [--metrics-port 9461] [--http-port 8000]
@@ -12,7 +12,8 @@ in the same order; the OpenAI-compatible HTTP API on --http-port (8000). Everyth
 127.0.0.1.
 
 The draft service runs when the model has a draft beside it (the demo pair's layout,
-<dir>/target and <dir>/draft; or --draft-model), and the decode worker speculates with it.
+<dir>/target and <dir>/draft; or --draft-model), and the decode worker speculates with it;
+`--spec draft-in-worker` runs that draft model inside the decode worker instead.
 
 Starts each service with `python -m services.<name>`, waits until every one reports SERVING
 on the gRPC health service, prints how to call it, and runs until Ctrl-C / SIGTERM, which it
@@ -217,9 +218,10 @@ def build_parser(prog: str = "python -m tools.run_local") -> argparse.ArgumentPa
     )
     parser.add_argument(
         "--spec",
-        choices=("draft", "ngram", "none"),
+        choices=("draft", "draft-in-worker", "ngram", "none"),
         default=None,
-        help="speculative decoding: the draft service, n-gram lookup, or none (default: draft if there is one)",
+        help="speculative decoding: the draft service, the draft model inside the decode worker (no draft "
+        "service, no call per step), n-gram lookup, or none (default: draft if there is one)",
     )
     parser.add_argument(
         "--trace-file",
@@ -259,10 +261,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m tools.run_local")
 
     draft_model = Path(args.draft_model) if args.draft_model else model.resolve().parent / "draft"
     spec = args.spec or ("draft" if (draft_model / "config.json").is_file() else "none")
-    if spec == "draft" and not (draft_model / "config.json").is_file():
+    if spec in ("draft", "draft-in-worker") and not (draft_model / "config.json").is_file():
         print(f"error: no draft model at {draft_model} (config.json missing).", file=sys.stderr)
         return 2
-    if spec == "draft":
+    if spec in ("draft", "draft-in-worker"):
         from shared.text import tokenizer_mismatch
 
         why = tokenizer_mismatch(model, draft_model)
@@ -293,7 +295,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m tools.run_local")
         if value:
             worker[env] = str(value)
     services = {}
-    decode = {**worker, "TANDEM_PORT": str(ports["decode"]), "TANDEM_SPEC_PROPOSER": spec}
+    decode = {**worker, "TANDEM_PORT": str(ports["decode"]),
+              "TANDEM_SPEC_PROPOSER": "draft" if spec == "draft-in-worker" else spec}
+    if spec == "draft-in-worker":
+        decode["TANDEM_DRAFT_MODEL"] = str(draft_model.resolve())
     if spec == "draft":
         draft = {**worker, "TANDEM_MODEL": str(draft_model.resolve()), "TANDEM_PORT": str(ports["draft"])}
         services["draft"] = ("services.draft", draft)

@@ -121,3 +121,27 @@ def test_has_chat_template(tmp_path):
     (tmp_path / "tokenizer_config.json").unlink()
     (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
     assert run_local.has_chat_template(tmp_path)
+
+
+@pytest.mark.parametrize("spec, services", [
+    ("draft", ["draft", "decode", "prefill", "scheduler"]),
+    ("draft-in-worker", ["decode", "prefill", "scheduler"]),
+])
+def test_serve_runs_the_draft_as_a_service_or_inside_the_decode_worker(monkeypatch, spec, services, capsys):
+    started: dict[str, dict[str, str]] = {}
+    monkeypatch.setattr(run_local, "start", lambda name, module, env: started.setdefault(name, env))
+
+    def planned(*_):
+        raise RuntimeError("planned only")
+
+    monkeypatch.setattr(run_local, "wait_healthy", planned)
+    monkeypatch.setattr(run_local, "stop_all", lambda procs, grace_s: 0)
+    assert run_local.main(["--model", str(ROOT / "models/tandem-demo-code/target"), "--spec", spec]) == 1
+    assert list(started) == services
+    decode = started["decode"]
+    assert decode["TANDEM_SPEC_PROPOSER"] == "draft"
+    draft_dir = str((ROOT / "models/tandem-demo-code/draft").resolve())
+    if spec == "draft":
+        assert "TANDEM_DRAFT_MODEL" not in decode and started["draft"]["TANDEM_MODEL"] == draft_dir
+    else:
+        assert decode["TANDEM_DRAFT_MODEL"] == draft_dir and "TANDEM_DRAFT_ADDR" not in decode
