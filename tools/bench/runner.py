@@ -137,12 +137,19 @@ class Runner:
         scenarios: list[str],
         sweep_rates: Callable[[dict], list[float]],
         scrape_urls: dict[str, str] | None = None,
+        *,
+        own_services: dict[str, dict[str, str]] | None = None,
     ) -> dict[str, dict]:
-        """Several ways into the same services (the gRPC and the HTTP front), interleaved: each
-        repeat of each scenario runs through every backend in turn (the order rotating from one
-        repeat to the next), so that a change in the machine's load falls on all of them alike.
-        Each backend sends its own draw of the prompts (same lengths, other tokens), so none
-        finds the previous one's prompts in the prefix cache. The sweep runs through the first only."""
+        """Several backends, interleaved: each repeat of each scenario runs through every backend
+        in turn (the order rotating from one repeat to the next), so that a change in the
+        machine's load falls on all of them alike. Two uses:
+        - ways into the same services (the gRPC and the HTTP front; `scrape_urls` their metrics):
+          each backend sends its own draw of the prompts (same lengths, other tokens), so none
+          finds the previous one's prompts in the prefix cache;
+        - separate stacks, one per configuration (`own_services`: each backend's metrics URLs):
+          every backend sends the same prompts, so that the configurations are compared on
+          the same text.
+        The sweep runs through the first only."""
         outs: dict[str, dict] = {name: {"results": {}, "sweep": []} for name in backends}
         for backend in backends.values():
             self.warm_up(backend)
@@ -153,8 +160,10 @@ class Runner:
                 shift = repeat % len(order)
                 for name in order[shift:] + order[:shift]:
                     figures = self.measure(
-                        backends[name], scenario, repeat, scrape_urls=scrape_urls, variant=order.index(name)
-                    )
+                        backends[name], scenario, repeat,
+                        scrape_urls=own_services[name] if own_services else scrape_urls,
+                        variant=0 if own_services else order.index(name),
+                    )  # fmt: skip
                     runs[name].append(figures)
                     progress(name, scenario, repeat, figures)
             for name in backends:
@@ -166,8 +175,9 @@ class Runner:
             for repeat in range(self.args.repeats):
                 sweep_runs.append(
                     self.measure(
-                        backend, "sweep", repeat, rate=rate, rate_index=i + 1, scrape_urls=scrape_urls
-                    )
+                        backend, "sweep", repeat, rate=rate, rate_index=i + 1,
+                        scrape_urls=own_services[name] if own_services else scrape_urls,
+                    )  # fmt: skip
                 )
                 progress(name, f"sweep@{rate:.3g}/s", repeat, sweep_runs[-1])
             out["sweep"].append(

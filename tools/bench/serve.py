@@ -27,6 +27,7 @@ tools/bench/metrics.py; figures scraped from the services: tools/bench/scrape.py
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -104,6 +105,12 @@ def add_parser(sub) -> None:
     p.add_argument("--sweep-configs", help=f"systems swept (default {DEFAULTS['sweep_configs']})")
     p.add_argument("--sweep-requests", type=int, help="default 32")
     p.add_argument("--repeats", type=int, help="runs per figure; the median is reported (default 3)")
+    p.add_argument(
+        "--interleave-configs",
+        action="store_true",
+        help="start every configuration's services at once and take turns between them on each repeat, "
+        "same prompts for all (fairer ratios on a host whose speed drifts; no sweep)",
+    )
     p.add_argument("--time-limit", type=float, default=600.0, help="seconds per measured run")
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="goodput: TTFT SLO")
     p.add_argument("--slo-tpot-ms", type=float, default=200.0, help="goodput: TPOT SLO")
@@ -217,16 +224,27 @@ def run(args) -> int:
         swept = name in _csv(args.sweep_configs) and "mixed" in scenarios
         return lambda own: sweep_rates(args, systems, own) if swept else []
 
-    for config in configs:
+    def scenarios_of(config) -> list[str]:
         # c1 compares TPOT with and without speculation: the speculating configurations and their twins
         mine = scenarios + (["c1"] if speculating and config.prefix_caching else [])
         if not config.prefix_caching and "prefix" in mine:
             mine = ["prefix"]  # a -nocache twin is there for the prefix-caching TTFT ratio only
-        ran = run_tandem(args, runner, model, config, engine, mine, rates_for(config.name))
-        systems.update(ran)
-        for name, entry in ran.items():
-            if entry["skipped"]:
-                notes.append(f"{name}: {entry['skipped']}")
+        return mine
+
+    if args.interleave_configs and len({tuple(scenarios_of(c)) for c in configs}) > 1:
+        print("--interleave-configs: the configurations must run the same workloads "
+              "(no -nocache twin beside the others)", file=sys.stderr)
+        return 2
+    if args.interleave_configs:
+        ran = run_tandem_interleaved(args, runner, model, configs, engine, scenarios_of(configs[0]))
+    else:
+        ran = {}
+        for config in configs:
+            ran.update(run_tandem(args, runner, model, config, engine, scenarios_of(config), rates_for(config.name)))
+    systems.update(ran)
+    for name, entry in ran.items():
+        if entry["skipped"]:
+            notes.append(f"{name}: {entry['skipped']}")
     systems.update(run_baselines(args, runner, model, engine, scenarios, rates_for))
 
     result = {
@@ -294,6 +312,36 @@ def run_tandem(args, runner: Runner, model: Path, config, engine, scenarios, swe
     except RuntimeError as e:
         for entry in entries.values():
             entry["skipped"] = f"failed to run: {e}"
+    return entries
+
+
+def run_tandem_interleaved(args, runner: Runner, model: Path, configs, engine, scenarios) -> dict:
+    """Every configuration's services up at once (gRPC front), each repeat of each scenario run on
+    every stack in turn with the same prompts, so that the host's drift over minutes falls on
+    all of them alike (--interleave-configs; the stacks that are not measuring sit idle)."""
+    entries = {
+        c.name: {"kind": "tandem", "api": "grpc", "description": c.describe(),
+                 "skipped": unavailable_reason(c, str(model))}
+        for c in configs
+    }  # fmt: skip
+    running = [c for c in configs if not entries[c.name]["skipped"]]
+    try:
+        with contextlib.ExitStack() as stack:
+            stacks = {}
+            for c in running:
+                threads = args.threads or max(1, cores() // (2 if c.disaggregated else 1))
+                entries[c.name]["threads_per_worker"] = threads
+                stacks[c.name] = stack.enter_context(
+                    Services(str(model), c, engine, threads=threads, gpu_hour_usd=args.gpu_hour_usd)
+                )
+            backends = {name: (lambda addr=svc.address: GrpcBackend(addr), True) for name, svc in stacks.items()}
+            outs = runner.run_systems(backends, scenarios, lambda own: [],
+                                      own_services={name: svc.metrics_urls for name, svc in stacks.items()})
+            for name, out in outs.items():
+                entries[name].update(out)
+    except RuntimeError as e:
+        for c in running:
+            entries[c.name]["skipped"] = f"failed to run: {e}"
     return entries
 
 

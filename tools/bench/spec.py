@@ -8,7 +8,10 @@ Runs the serving benchmark (tools/bench/serve.py) on four configurations of the 
 policy, shared/engine/spec_policy.py), `agg-spec-fixed` (the draft service, always k) and
 `agg-spec-local` (the same draft model inside the decode worker, TANDEM_DRAFT_MODEL, adaptive k), each at
 concurrency 1 (the c1 workload: held-out Python source) and at saturation (the mixed workload,
-all requests at once). Then, in this process, with one torch thread as the services run:
+all requests at once). The four stacks run side by side and take turns on each repeat, with the
+same prompts (serve's --interleave-configs): on a host whose speed drifts over minutes, running
+one configuration after another puts the drift into the ratios. Then, in this process, with one
+torch thread as the services run:
 the cost of a batch-1 decode step of the draft and of the target, whose ratio is c. The
 per-token acceptance rate a is solved from the fixed-k run's accepted / proposed drafts
 (for i.i.d. acceptance, E[accepted per step] = a (1 - a^k) / (1 - a)). Leviathan et al.'s
@@ -76,6 +79,7 @@ def run(args) -> int:
             "--num-requests", str(args.num_requests),
             "--c1-requests", str(args.c1_requests),
             "--repeats", str(args.repeats),
+            "--interleave-configs",
             "--out-dir", str(out_dir / "serve"),
             "--no-plots",
         ]
