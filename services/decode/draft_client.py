@@ -4,8 +4,8 @@
 own thread once per step, so this is a blocking call on a synchronous channel, bounded by a
 short deadline (TANDEM_DRAFT_TIMEOUT_S). With TANDEM_DRAFT_MODEL the draft model runs in this
 process instead (`InProcessDraft`): the same calls and delta protocol, answered on the engine
-thread, with no round trip and no serialization wait behind other processes. Whatever goes wrong (deadline, draft down, a bad
-answer), the step gets no proposals and decodes as usual; the draft is then left alone for
+thread, with no round trip and no other process to wait for. Whatever goes wrong (deadline,
+draft down, a bad answer), the step gets no proposals and decodes as usual; the draft is then left alone for
 TANDEM_DRAFT_RETRY_S, so a dead draft costs nothing per step, and tried again after that.
 The client's output never depends on it: verification keeps greedy outputs exact and sampled
 ones distributed as without speculation.
