@@ -348,6 +348,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m tools.run_local")
         print(f"error: {e}", file=sys.stderr)
         stop_all(procs, grace_s=5)
         return 1
+    except BaseException:  # a bug here must not leave the services running without us
+        stop_all(procs, grace_s=5)
+        raise
     print("stopping ...", file=sys.stderr)
     code = stop_all(procs, grace_s=5)
     if code:
@@ -375,7 +378,12 @@ def _banner(
         f"Tandem is up: scheduler {addrs['scheduler']}"
         + ("" if args.no_prefill else f", prefill {addrs['prefill']} ({args.transport} KV transport)")
         + f", decode {addrs['decode']}"
-        + {"draft": f", draft {addrs['draft']}", "ngram": ", n-gram speculation", "none": ""}[spec],
+        + {
+            "draft": f", draft {addrs['draft']}",
+            "draft-in-worker": " (its draft model inside it)",
+            "ngram": ", n-gram speculation",
+            "none": "",
+        }[spec],
     ]
     if metrics:
         order = sorted(metrics, key=PORT_OFFSETS.__getitem__)

@@ -145,3 +145,24 @@ def test_serve_runs_the_draft_as_a_service_or_inside_the_decode_worker(monkeypat
         assert "TANDEM_DRAFT_MODEL" not in decode and started["draft"]["TANDEM_MODEL"] == draft_dir
     else:
         assert decode["TANDEM_DRAFT_MODEL"] == draft_dir and "TANDEM_DRAFT_ADDR" not in decode
+
+
+def test_the_banner_names_every_speculation_choice():
+    parser = run_local.build_parser("tandem serve")
+    choices = next(a.choices for a in parser._actions if a.dest == "spec")
+    args = parser.parse_args([])
+    addrs = {name: f"127.0.0.1:{50051 + off}" for name, off in run_local.PORT_OFFSETS.items()}
+    for spec in choices:
+        assert "Tandem is up" in run_local._banner(args, addrs, {}, spec)
+    assert "draft model inside it" in run_local._banner(args, addrs, {}, "draft-in-worker")
+
+
+def test_an_unexpected_error_still_stops_the_started_services(monkeypatch):
+    started: dict[str, object] = {}
+    stopped: list[dict] = []
+    monkeypatch.setattr(run_local, "start", lambda name, module, env: started.setdefault(name, object()))
+    monkeypatch.setattr(run_local, "wait_healthy", lambda *a: (_ for _ in ()).throw(KeyError("a bug")))
+    monkeypatch.setattr(run_local, "stop_all", lambda procs, grace_s: stopped.append(dict(procs)) or 0)
+    with pytest.raises(KeyError):
+        run_local.main(["--model", str(ROOT / "models/tandem-demo-code/target"), "--spec", "none"])
+    assert stopped == [started] and set(started) == {"decode", "prefill", "scheduler"}
