@@ -57,3 +57,16 @@ def test_a_run_without_the_in_worker_draft_reports_it_missing():
                   {"target_step_ms": 9.0, "draft_step_ms": 0.9, "c": 0.1}, 4)
     assert s["ratios"]["agg-spec-local"]["c1_tpot_speedup"] is None
     assert "draft in the decode worker n/a" in markdown({**s, "command": "x", "wall_s": 1})
+
+
+def test_step_costs_before_and_after_the_runs_are_averaged_and_both_reported():
+    from tools.bench.spec import mean_costs
+
+    costs = mean_costs({"target_step_ms": 8.0, "draft_step_ms": 0.6, "c": 0.075},
+                       {"target_step_ms": 12.0, "draft_step_ms": 1.0, "c": 1 / 12})
+    assert (costs["target_step_ms"], costs["draft_step_ms"]) == (10.0, 0.8)
+    assert costs["c"] == pytest.approx(0.08)
+    s = summarize(_serve_result({"agg": 10.0, "agg-spec": 7.0, "agg-spec-fixed": 7.5}, 0.0015), costs, 4)
+    text = markdown({**s, "command": "x", "wall_s": 1})
+    assert "c = 0.080 (before the runs: 8.00 / 0.60 ms) (after: 12.00 / 1.00 ms)" in text
+    assert mean_costs({"target_step_ms": 8.0, "draft_step_ms": None, "c": None})["c"] is None

@@ -11,7 +11,7 @@ concurrency 1 (the c1 workload: held-out Python source) and at saturation (the m
 all requests at once). The four stacks run side by side and take turns on each repeat, with the
 same prompts (serve's --interleave-configs): on a host whose speed drifts over minutes, running
 one configuration after another puts the drift into the ratios. Then, in this process, with one
-torch thread as the services run:
+torch thread as the services run, before the serving runs and after them (averaged):
 the cost of a batch-1 decode step of the draft and of the target, whose ratio is c. The
 per-token acceptance rate a is solved from the fixed-k run's accepted / proposed drafts
 (for i.i.d. acceptance, E[accepted per step] = a (1 - a^k) / (1 - a)). Leviathan et al.'s
@@ -86,10 +86,11 @@ def run(args) -> int:
     )  # fmt: skip
     os.environ["TANDEM_NUM_SPECULATIVE_TOKENS"] = str(args.k)  # inherited by the decode worker
     started = time.monotonic()
+    before = step_costs(args.model, args.step_samples)
     if serve.run(serve_args) != 0:
         return 1
     result = json.loads((out_dir / "serve" / "serve.json").read_text())
-    costs = step_costs(args.model, args.step_samples)
+    costs = mean_costs(before, step_costs(args.model, args.step_samples))
     summary = summarize(result, costs, args.k)
     summary["command"] = " ".join(["python -m tools.bench spec", *sys.argv[2:]])
     summary["wall_s"] = round(time.monotonic() - started, 1)
@@ -165,6 +166,17 @@ def summarize(result: dict, costs: dict, k: int) -> dict:
     return out
 
 
+def mean_costs(*measured: dict) -> dict:
+    """The step costs measured before and after the serving runs, averaged: this host's speed
+    drifts over the minutes between them, and c from one moment moved the prediction by 20%."""
+    out: dict = {"measured": list(measured)}
+    for key in ("target_step_ms", "draft_step_ms"):
+        values = [m[key] for m in measured if m[key] is not None]
+        out[key] = sum(values) / len(values) if values else None
+    out["c"] = out["draft_step_ms"] / out["target_step_ms"] if out["draft_step_ms"] is not None else None
+    return out
+
+
 def step_costs(model: str, samples: int) -> dict:
     """Median seconds of a batch-1 greedy decode step of the target and of its draft, in this
     process with one torch thread (as the services run), and c = draft / target."""
@@ -233,7 +245,10 @@ def markdown(s: dict) -> str:
     lines += [
         "",
         f"Leviathan et al.: batch-1 decode step {_fmt(c['target_step_ms'])} ms target, "
-        f"{_fmt(c['draft_step_ms'])} ms draft, c = {_fmt(c['c'], 3)}; accepted / proposed drafts at "
+        f"{_fmt(c['draft_step_ms'])} ms draft, c = {_fmt(c['c'], 3)}"
+        + "".join(f" ({label}: {_fmt(m['target_step_ms'])} / {_fmt(m['draft_step_ms'])} ms)"
+                  for label, m in zip(("before the runs", "after"), c.get("measured", []), strict=False))
+        + f"; accepted / proposed drafts at "
         f"k = {s['k']} (fixed, c1) {_fmt(f.get('accepted_per_proposed'), 3)}, so a = "
         f"{_fmt(f.get('acceptance_per_token'), 3)} per token; predicted speedup E(k) / (1 + k c) = "
         f"{_fmt(f.get('speedup_at_k'), 2, 'x')} at k = {s['k']}, {_fmt(f.get('speedup_at_best_k'), 2, 'x')} at the "
