@@ -29,7 +29,7 @@ def test_each_mode_runs_the_sequences_its_share_of_the_budget_holds(tiny, monkey
     for mode in quant.MODES:
         engine = quant._engine(str(tiny), mode, 4, 16)
         rows[mode] = {"kv_bytes_per_block": engine.runner.kv_bytes_per_block(quant.BLOCK)}
-    prompts = [[1, *range(3, 3 + 20)] for _ in range(3)]
+    prompts = [[1, *range(3 + i, 3 + i + 20)] for i in range(8)]  # distinct: no prefix shared
     quant.budget_throughput(str(tiny), rows, prompts, steps=3, bf16_seqs=4)
 
     per_seq = -(-(len(prompts[0]) + 3 + 2) // quant.BLOCK)
@@ -54,3 +54,12 @@ def test_interleaved_throughput_runs_each_engine_its_own_count(tiny):
     assert len(added["bf16"]) == 2 and len(added["fp8 KV"]) == 5  # no count: every prompt
     assert len(rates["bf16"]) == len(rates["fp8 KV"]) == 2 and min(rates["bf16"] + rates["fp8 KV"]) > 0
     assert all(not e.has_unfinished() for e in engines.values())
+
+
+def test_the_same_memory_run_refuses_to_repeat_prompts(tiny):
+    """A repeated prompt would share its KV blocks through the prefix cache, so the 8-bit modes'
+    extra sequences would cost less memory and bandwidth than a real request's."""
+    rows = {mode: {"kv_bytes_per_block": quant._engine(str(tiny), mode, 4, 16).runner.kv_bytes_per_block(quant.BLOCK)}
+            for mode in quant.MODES}
+    with pytest.raises(ValueError, match="distinct prompts"):
+        quant.budget_throughput(str(tiny), rows, [[1, *range(3, 23)]] * 4, steps=3, bf16_seqs=4)

@@ -213,13 +213,11 @@ def budget_throughput(model: str, rows: dict[str, dict], prompts: list[list[int]
     budget_bytes, budget_seqs and budget_tok_s to each mode's row."""
     per_seq = -(-(len(prompts[0]) + steps + 2) // BLOCK)
     budget = bf16_seqs * per_seq * rows["bf16"]["kv_bytes_per_block"]
-    counts, engines = {}, {}
-    for mode in MODES:
-        blocks = budget // rows[mode]["kv_bytes_per_block"]
-        counts[mode] = blocks // per_seq
-        engines[mode] = _engine(model, mode, counts[mode], blocks)
-    need = max(counts.values())
-    prompts = (prompts * -(-need // len(prompts)))[:need]
+    blocks = {mode: budget // rows[mode]["kv_bytes_per_block"] for mode in MODES}
+    counts = {mode: n // per_seq for mode, n in blocks.items()}
+    if len(prompts) < max(counts.values()):  # a repeated prompt would share its blocks through the prefix cache
+        raise ValueError(f"the same-KV-memory run needs {max(counts.values())} distinct prompts, got {len(prompts)}")
+    engines = {mode: _engine(model, mode, counts[mode], blocks[mode]) for mode in MODES}
     for mode, rates in interleaved_throughput(engines, prompts, steps, counts).items():
         rows[mode].update(budget_bytes=budget, budget_seqs=counts[mode], budget_tok_s=statistics.median(rates))
     del engines
@@ -233,7 +231,9 @@ def bench_model(model: str, label: str, args, seqs: int, quality: bool, budget_s
     from shared.engine import ModelConfig, SamplingParams
 
     vocab = ModelConfig.from_dir(model).vocab_size
-    prompts = [[1, *(rng.randrange(3, vocab) for _ in range(args.prompt_len - 1))] for _ in range(seqs)]
+    # distinct prompts for the same-KV-memory run too, where an 8-bit cache holds up to 2x the sequences
+    prompts = [[1, *(rng.randrange(3, vocab) for _ in range(args.prompt_len - 1))]
+               for _ in range(2 * max(seqs, budget_seqs))]
     need = seqs * -(-(args.prompt_len + args.decode_steps + 2) // BLOCK) + 8
     windows = heldout_windows(model, args.ppl_seqs, args.ppl_len) if quality else []
     need = max(need, -(-args.ppl_len // BLOCK) + 8)
@@ -255,7 +255,7 @@ def bench_model(model: str, label: str, args, seqs: int, quality: bool, budget_s
         print(f"[{label}] {mode}: {r['weight_bytes'] / 2**20:.1f} MiB weights"
               + (f", ppl {r['perplexity']:.3f}" if quality else ""), file=sys.stderr)
     engines = {mode: _engine(model, mode, seqs, need) for mode in MODES}
-    for mode, rates in interleaved_throughput(engines, prompts, args.decode_steps).items():
+    for mode, rates in interleaved_throughput(engines, prompts[:seqs], args.decode_steps).items():
         rows[mode]["tok_s"] = rates
         print(f"[{label}] {mode}: median {statistics.median(rates):.1f} tok/s", file=sys.stderr)
     del engines
