@@ -284,7 +284,6 @@ def timed_generate(eng, prompts: list[list[int]], output_len: int, device: str) 
 def check_quant(rep: Report, path: Path, device: str, args) -> None:
     """bf16 / int8 weights / fp8 KV / both on the 1B-shaped model: weight memory, KV blocks per GiB,
     saturation decode throughput and greedy agreement with bf16 (the CPU figures: make bench-quant)."""
-
     cfg = json.loads((path / "config.json").read_text())
     modes = {"bf16": ("none", "auto"), "int8 weights": ("int8", "auto"), "fp8 KV": ("none", "fp8"),
              "int8 weights + fp8 KV": ("int8", "fp8")}

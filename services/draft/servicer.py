@@ -2,8 +2,9 @@
 
 The engine runs on one thread of its own (`run`), one call at a time, through the functions
 of services/common/draft_calls.py (a decode worker with its draft in-process calls the same
-ones); the servicer adds the gauges and the span's attributes. Also serves Worker.GetLoad / GetInfo (role "draft"), so that tools and tests read
-the draft's KV blocks and sequences the way they read a worker's.
+ones); the servicer adds the gauges and the span's attributes. Also serves Worker.GetLoad /
+GetInfo (role "draft"), so that tools and tests read the draft's KV blocks and sequences the
+way they read a worker's.
 """
 
 from __future__ import annotations

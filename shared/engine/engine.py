@@ -289,7 +289,7 @@ class LLMEngine:
         # this step's k from measured costs and acceptance (0: plain decoding this step)
         k_step = self.spec_policy.choose_k(
             max(k for _, k in caps), len(caps), num_prefill_tokens + len(decodes) - len(caps),
-            [self.spec_policy.planning_acceptance(r.spec_acceptance) for r, _ in caps])
+            (self.spec_policy.planning_acceptance(r.spec_acceptance) for r, _ in caps))  # read only if the model runs
         # A seeded sampled request keeps its k: its draws depend on where steps begin, and its
         # output must not depend on timing. Greedy outputs do not depend on k at all.
         asks = [ProposalRequest(r.request_id, r.all_token_ids, k if _k_fixed(r) else min(k, k_step), r.params)

@@ -40,7 +40,7 @@ Pure: no torch, no clock; the engine feeds it measurements and asks it for k.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 ACCEPTANCE_PRIOR = 0.6  # per-token acceptance assumed before any verification
@@ -77,7 +77,7 @@ def leviathan_speedup(a: float, k: int, c: float) -> float:
     return expected_tokens(a, k) / (1.0 + k * c)
 
 
-def best_k(a: float | Sequence[float], k_max: int, draft_s, target_s, num_seqs: int, other_tokens: int = 0,
+def best_k(a: float | Iterable[float], k_max: int, draft_s, target_s, num_seqs: int, other_tokens: int = 0,
            overhead_s: float = 0.0, margin: float = MARGIN) -> int:
     """The k in [0, k_max] with the most tokens per second (see the module docstring).
     `a`: one acceptance rate for every sequence, or one per sequence; `target_s(n)`: seconds of
@@ -206,9 +206,10 @@ class SpecPolicy:
                 request.add(accepted / trials, trials)
 
     def choose_k(self, k_max: int, num_seqs: int, other_tokens: int = 0,
-                 acceptances: Sequence[float] | None = None) -> int:
+                 acceptances: Iterable[float] | None = None) -> int:
         """k for this step's `num_seqs` decoding sequences, `other_tokens` (prefill) beside them;
-        `acceptances`: each sequence's own estimate (default: the engine-wide one for all)."""
+        `acceptances`: each sequence's own estimate (default: the engine-wide one for all), read
+        only when the cost model runs (not while measuring, nor with a fixed k)."""
         if not self.adaptive or k_max <= 0 or num_seqs <= 0:
             k = max(0, k_max)
         elif not (self.draft.measured and self.target.measured):

@@ -126,7 +126,8 @@ class Metrics:
         )
         self.spec_draft_call_seconds = Histogram(
             "tandem_spec_draft_call_seconds",
-            "Each call to the draft service as the decode worker waits for it (one per speculating step).",
+            "Each draft call as the decode worker waits for it: the draft service, or its draft in-process "
+            "(one per speculating step).",
             buckets=ITL_BUCKETS,
             registry=r,
         )

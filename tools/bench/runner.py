@@ -151,6 +151,10 @@ class Runner:
           the same text.
         The sweep runs through the first only."""
         outs: dict[str, dict] = {name: {"results": {}, "sweep": []} for name in backends}
+
+        def urls(name: str) -> dict[str, str] | None:
+            return own_services[name] if own_services else scrape_urls
+
         for backend in backends.values():
             self.warm_up(backend)
         order = list(backends)
@@ -161,8 +165,7 @@ class Runner:
                 for name in order[shift:] + order[:shift]:
                     figures = self.measure(
                         backends[name], scenario, repeat,
-                        scrape_urls=own_services[name] if own_services else scrape_urls,
-                        variant=0 if own_services else order.index(name),
+                        scrape_urls=urls(name), variant=0 if own_services else order.index(name),
                     )  # fmt: skip
                     runs[name].append(figures)
                     progress(name, scenario, repeat, figures)
@@ -175,8 +178,7 @@ class Runner:
             for repeat in range(self.args.repeats):
                 sweep_runs.append(
                     self.measure(
-                        backend, "sweep", repeat, rate=rate, rate_index=i + 1,
-                        scrape_urls=own_services[name] if own_services else scrape_urls,
+                        backend, "sweep", repeat, rate=rate, rate_index=i + 1, scrape_urls=urls(name),
                     )  # fmt: skip
                 )
                 progress(name, f"sweep@{rate:.3g}/s", repeat, sweep_runs[-1])

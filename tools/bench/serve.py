@@ -275,6 +275,21 @@ def run(args) -> int:
     return 0
 
 
+def tandem_entry(config, model: Path, http: bool = False) -> dict:
+    """A configuration's result entry before it runs (skipped: why it cannot run here)."""
+    return {
+        "kind": "tandem",
+        "api": "http" if http else "grpc",
+        "description": config.describe() + (", OpenAI-compatible HTTP API" if http else ""),
+        "skipped": unavailable_reason(config, str(model)),
+    }
+
+
+def threads_per_worker(args, config) -> int:
+    """--threads, or the host's cores shared by the configuration's workers."""
+    return args.threads or max(1, cores() // (2 if config.disaggregated else 1))
+
+
 def run_tandem(args, runner: Runner, model: Path, config, engine, scenarios, sweep_rates) -> dict:
     """One configuration: start its services, run every scenario through the public API(s) that
     --api names (gRPC as <config>, HTTP as <config>-http, interleaved), stop them."""
@@ -283,18 +298,10 @@ def run_tandem(args, runner: Runner, model: Path, config, engine, scenarios, swe
         "http": [f"{config.name}-http"],
         "both": [config.name, f"{config.name}-http"],
     }[args.api]
-    entries = {}
-    for name in names:
-        http = name.endswith("-http")
-        entries[name] = {
-            "kind": "tandem",
-            "api": "http" if http else "grpc",
-            "description": config.describe() + (", OpenAI-compatible HTTP API" if http else ""),
-            "skipped": unavailable_reason(config, str(model)),
-        }
+    entries = {name: tandem_entry(config, model, http=name.endswith("-http")) for name in names}
     if entries[names[0]]["skipped"]:
         return entries
-    threads = args.threads or max(1, cores() // (2 if config.disaggregated else 1))
+    threads = threads_per_worker(args, config)
     try:
         with Services(str(model), config, engine, threads=threads, gpu_hour_usd=args.gpu_hour_usd) as svc:
             backends = {
@@ -319,18 +326,13 @@ def run_tandem_interleaved(args, runner: Runner, model: Path, configs, engine, s
     """Every configuration's services up at once (gRPC front), each repeat of each scenario run on
     every stack in turn with the same prompts, so that the host's drift over minutes falls on
     all of them alike (--interleave-configs; the stacks that are not measuring sit idle)."""
-    entries = {
-        c.name: {"kind": "tandem", "api": "grpc", "description": c.describe(),
-                 "skipped": unavailable_reason(c, str(model))}
-        for c in configs
-    }  # fmt: skip
+    entries = {c.name: tandem_entry(c, model) for c in configs}
     running = [c for c in configs if not entries[c.name]["skipped"]]
     try:
         with contextlib.ExitStack() as stack:
             stacks = {}
             for c in running:
-                threads = args.threads or max(1, cores() // (2 if c.disaggregated else 1))
-                entries[c.name]["threads_per_worker"] = threads
+                threads = entries[c.name]["threads_per_worker"] = threads_per_worker(args, c)
                 stacks[c.name] = stack.enter_context(
                     Services(str(model), c, engine, threads=threads, gpu_hour_usd=args.gpu_hour_usd)
                 )
