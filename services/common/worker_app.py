@@ -208,6 +208,7 @@ class WorkerApp:
                 s.prefix_cache_hit_tokens - last.prefix_cache_hit_tokens,
             )
             metrics.preemptions.inc(s.num_preemptions - last.num_preemptions)
+            metrics.record_spec_steps(last.spec_steps_by_k, s.spec_steps_by_k)
             last = s
             await asyncio.sleep(interval_s)
 

@@ -16,6 +16,7 @@ import torch
 
 from shared.config import auto_dtype
 from shared.params import (
+    MAX_SPECULATIVE_TOKENS,
     FinishReason,
     InvalidRequest,
     RequestOutput,
@@ -98,6 +99,8 @@ class EngineStats:
     prefix_cache_hit_tokens: int
     prefix_cache_query_tokens: int
     num_preemptions: int
+    # decode steps that could speculate, by the drafts per sequence the policy chose (index k; 0: plain)
+    spec_steps_by_k: tuple[int, ...] = ()
 
 
 class LLMEngine:
@@ -126,6 +129,7 @@ class LLMEngine:
         self._generator = torch.Generator().manual_seed(config.seed)
         self.proposer: Proposer | None = None
         self.spec_policy = SpecPolicy(adaptive=config.adaptive_speculation)
+        self._spec_steps_by_k = [0] * (MAX_SPECULATIVE_TOKENS + 1)
         self._last_cycle: tuple[float, float, int] | None = None  # (start, draft + forward s, decodes)
 
     def _auto_num_blocks(self) -> int:
@@ -198,6 +202,7 @@ class LLMEngine:
             num_free_blocks=self.kv.num_free_blocks, num_total_blocks=self.kv.pool.num_blocks,
             num_cached_blocks=self.kv.pool.num_cached, prefix_cache_hit_tokens=self.kv.hit_tokens,
             prefix_cache_query_tokens=self.kv.query_tokens, num_preemptions=self.scheduler.num_preemptions,
+            spec_steps_by_k=tuple(self._spec_steps_by_k),
         )
 
     # -- the step ---------------------------------------------------------------------
@@ -290,6 +295,7 @@ class LLMEngine:
         k_step = self.spec_policy.choose_k(
             max(k for _, k in caps), len(caps), num_prefill_tokens + len(decodes) - len(caps),
             (self.spec_policy.planning_acceptance(r.spec_acceptance) for r, _ in caps))  # read only if the model runs
+        self._spec_steps_by_k[k_step] += 1
         # A seeded sampled request keeps its k: its draws depend on where steps begin, and its
         # output must not depend on timing. Greedy outputs do not depend on k at all.
         asks = [ProposalRequest(r.request_id, r.all_token_ids, k if _k_fixed(r) else min(k, k_step), r.params)

@@ -131,6 +131,13 @@ class Metrics:
             buckets=ITL_BUCKETS,
             registry=r,
         )
+        self.spec_steps = Counter(
+            "tandem_spec_steps",
+            "Decode steps that could speculate, by k: the drafts per sequence the speculation policy chose "
+            "(0: a plain step; TANDEM_SPEC_ADAPTIVE=0 always chooses TANDEM_NUM_SPECULATIVE_TOKENS).",
+            ["k"],
+            registry=r,
+        )
         self.kv_transfer_bytes = Counter(
             "tandem_kv_transfer_bytes", "KV cache bytes moved between workers.", ["transport"], registry=r
         )
@@ -178,6 +185,13 @@ class Metrics:
     def record_kv_transfer(self, transport: str, num_bytes: int, seconds: float) -> None:
         self.kv_transfer_bytes.labels(transport=transport).inc(num_bytes)
         self.kv_transfer_seconds.labels(transport=transport).inc(seconds)
+
+    def record_spec_steps(self, before: tuple[int, ...], after: tuple[int, ...]) -> None:
+        """The steps counted by k since `before` (engine counts, one per k)."""
+        for k, n in enumerate(after):
+            done = n - (before[k] if k < len(before) else 0)
+            if done > 0:
+                self.spec_steps.labels(k=str(k)).inc(done)
 
     def record_speculation(self, proposed: int, accepted: int) -> None:
         self.spec_proposed_tokens.inc(proposed)

@@ -114,6 +114,13 @@ async def test_greedy_with_draft_service_equals_plain_decoding(tiny_model, draft
         calls = registry.get_sample_value("tandem_spec_draft_call_seconds_count")
         assert calls >= max(1, sum(u.spec_verify_steps for u in usages) // len(usages))
         assert registry.get_sample_value("tandem_spec_draft_call_seconds_sum") > 0
+        # the steps by the k the policy chose reach /metrics through the worker's stats sampler
+        for _ in range(50):
+            by_k = [registry.get_sample_value("tandem_spec_steps_total", {"k": str(k)}) or 0 for k in range(17)]
+            if sum(by_k[1:]) >= calls:
+                break
+            await asyncio.sleep(0.1)
+        assert sum(by_k[1:]) >= calls
         await cluster.wait_idle()
         await wait_draft_idle(cluster, draft)
     finally:

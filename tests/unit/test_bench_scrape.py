@@ -22,7 +22,23 @@ def test_parse_sums_labels_and_keeps_total_suffix():
         'tandem_kv_transfer_bytes_total{transport="collective"} 5\n'
         "# TYPE tandem_queue_depth gauge\ntandem_queue_depth 3\n"
     )
-    assert parse(text) == {"tandem_kv_transfer_bytes_total": 15.0, "tandem_queue_depth": 3.0}
+    assert parse(text) == {
+        "tandem_kv_transfer_bytes_total": 15.0,
+        'tandem_kv_transfer_bytes_total{transport="grpc"}': 10.0,
+        'tandem_kv_transfer_bytes_total{transport="collective"}': 5.0,
+        "tandem_queue_depth": 3.0,
+    }
+
+
+def test_mean_k_is_weighted_by_the_steps_each_k_gained_over_the_run():
+    decode, decode2 = Metrics("decode"), Metrics("decode")
+    decode.record_spec_steps((), (0, 0, 0, 0, 10))  # before the run: ten steps at k = 4
+    before = {"decode": exposition(decode), "decode2": exposition(decode2)}
+    decode.record_spec_steps((0, 0, 0, 0, 10), (6, 0, 0, 0, 12))  # six plain steps, two at k = 4
+    decode2.record_spec_steps((), (0, 0, 2))  # two at k = 2
+    f = service_figures(before, {"decode": exposition(decode), "decode2": exposition(decode2)})
+    assert f["spec_mean_k"] == pytest.approx((6 * 0 + 2 * 4 + 2 * 2) / 10)
+    assert service_figures(before, before)["spec_mean_k"] is None  # no step: no mean
 
 
 def test_figures_are_deltas_over_the_run():

@@ -13,8 +13,10 @@ def _serve_result(tpot: dict, draft_s_per_proposed: float) -> dict:
     def entry(system):
         c1 = {"median_tpot_ms": tpot[system], "output_throughput": 1000 / tpot[system],
               "spec_acceptance_rate": None if system == "agg" else 0.46,
-              "spec_draft_s_per_proposed": None if system == "agg" else draft_s_per_proposed}
-        mixed = {"median_tpot_ms": 40.0, "output_throughput": 300.0, "spec_acceptance_rate": None}
+              "spec_draft_s_per_proposed": None if system == "agg" else draft_s_per_proposed,
+              "spec_mean_k": None if system == "agg" else 3.25}
+        mixed = {"median_tpot_ms": 40.0, "output_throughput": 300.0, "spec_acceptance_rate": None,
+                 "spec_mean_k": None if system == "agg" else 0.5}
         return {"results": {"c1": {"median": c1}, "mixed": {"median": mixed}}}
 
     return {"systems": {s: entry(s) for s in tpot}, "machine": {"label": "test"}}
@@ -37,6 +39,7 @@ def test_prediction_from_in_process_and_from_served_costs():
     assert s["ratios"]["agg-spec"]["c1_tpot_speedup"] == pytest.approx(10 / 7)
     text = markdown({**s, "command": "x", "wall_s": 1})
     assert "c = 0.150" in text and "as served" in text
+    assert "| 3.25 / 0.50 |" in text  # the k the policy chose, at c1 and at saturation
 
 
 def test_the_in_worker_draft_gets_its_own_column_and_ratio_to_the_formula():

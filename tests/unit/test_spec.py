@@ -226,6 +226,14 @@ def test_adaptive_speculation_stops_proposing_when_nothing_is_accepted(ckpt):
     # then on
     assert proposers[1].calls <= proposers[0].calls // 3, proposers[1].calls  # then a probe now and then
     assert adaptive.spec_policy.acceptance.value < 0.2
+    # the engine counts the steps by the k chosen (tandem_spec_steps{k}): a proposer call per
+    # speculating step; the fixed engine never at 0 (at its k, less only where max_tokens leaves less
+    # room), the adaptive one mostly at 0
+    by_k = fixed.stats().spec_steps_by_k
+    assert sum(by_k) == proposers[0].calls and by_k[0] == 0
+    assert by_k[fixed.config.num_speculative_tokens] >= proposers[0].calls - 4
+    by_k = adaptive.stats().spec_steps_by_k
+    assert sum(by_k[1:]) == proposers[1].calls and by_k[0] > 2 * proposers[1].calls
 
 
 def test_a_requests_first_draft_call_is_not_taken_as_a_steps_draft_cost(ckpt):

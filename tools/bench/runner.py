@@ -21,7 +21,7 @@ from .metrics import compute_metrics, median_of_runs
 from .scrape import SERVICE_FIGURE_KEYS, scrape_all, service_figures
 from .workloads import BenchRequest, ModelShape, WorkloadSpec, arrival_offsets, make_workload, permute_tokens
 
-SCRAPE_SETTLE_S = 0.5
+SCRAPE_SETTLE_S = 0.75
 # (factory of a backend, whether to close it after each run)
 BackendFactory = tuple[Callable[[], object], bool]
 

@@ -6,6 +6,8 @@ difference, so warm-up traffic and earlier runs do not count:
     prefix_cache_hit_ratio = d(tandem_prefix_cache_hit_tokens) / d(tandem_prefix_cache_queried_tokens)
                              summed over the workers
     spec_acceptance_rate   = d(tandem_spec_accepted_tokens) / d(tandem_spec_proposed_tokens)
+    spec_mean_k            = sum over k of k d(tandem_spec_steps{k}) / d(tandem_spec_steps): the drafts
+                             per sequence the decode workers' policy chose, over the steps that could speculate
     usd_per_million_tokens = sum over services of d(tandem_gpu_cost_usd)
                              / d(tandem_generation_tokens) of the scheduler (else the decode workers) * 1e6
     scheduler_cpu_ms_per_token = d(tandem_process_cpu_seconds) of the scheduler
@@ -23,7 +25,9 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-Scrape = dict[str, float]  # sample name (labels dropped, values summed) -> value
+# sample name (labels dropped, values summed) -> value; a labelled sample (histogram buckets and
+# quantiles aside) is also kept under its name with its labels: 'tandem_spec_steps_total{k="4"}'
+Scrape = dict[str, float]
 
 
 def parse(text: str) -> Scrape:
@@ -31,7 +35,12 @@ def parse(text: str) -> Scrape:
     out: Scrape = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            out[sample.name] = out.get(sample.name, 0.0) + float(sample.value)
+            value = float(sample.value)
+            out[sample.name] = out.get(sample.name, 0.0) + value
+            labels = {k: v for k, v in sample.labels.items() if k not in ("le", "quantile")}
+            if labels and len(labels) == len(sample.labels):
+                key = sample.name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+                out[key] = out.get(key, 0.0) + value
     return out
 
 
@@ -67,6 +76,19 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
+def _mean_label(before: dict, after: dict, services, name: str, label: str) -> float | None:
+    """The mean of a numeric label over the counts a labelled counter gained: sum of value x
+    d(name{label=value}) / d(name), summed over the services."""
+    prefix = f'{name}{{{label}="'
+    keys = {key for s in services for key in (after.get(s) or {}) if key.startswith(prefix) and key.endswith('"}')}
+    weighted = total = 0.0
+    for key in keys:
+        d = _sum_deltas(before, after, services, key) or 0.0
+        weighted += float(key[len(prefix): -2]) * d
+        total += d
+    return weighted / total if total > 0 else None
+
+
 def service_figures(before: dict[str, Scrape | None], after: dict[str, Scrape | None]) -> dict:
     """Windowed figures between two `scrape_all` results (keys: service names)."""
     services = list(after)
@@ -93,6 +115,7 @@ def service_figures(before: dict[str, Scrape | None], after: dict[str, Scrape | 
         "spec_accepted_tokens": accepted,
         # seconds of draft calls per proposed token, as the decode workers waited for them
         "spec_draft_s_per_proposed": _ratio(draft_s, proposed),
+        "spec_mean_k": _mean_label(before, after, workers, "tandem_spec_steps_total", "k"),
         "gpu_hour_price_usd": price,
         "usd_per_million_generated_tokens": None if cost is None else _ratio(cost * 1e6, generated),
         "scheduler_cpu_ms_per_token": _ratio(
@@ -115,6 +138,7 @@ SERVICE_FIGURE_KEYS = (
     "spec_proposed_tokens",
     "spec_accepted_tokens",
     "spec_draft_s_per_proposed",
+    "spec_mean_k",
     "gpu_hour_price_usd",
     "usd_per_million_generated_tokens",
     "scheduler_cpu_ms_per_token",

@@ -131,6 +131,9 @@ def summarize(result: dict, costs: dict, k: int) -> dict:
             "c1_acceptance": get(system, "c1", "spec_acceptance_rate"),
             "c1_draft_s_per_proposed": get(system, "c1", "spec_draft_s_per_proposed"),
             "sat_acceptance": get(system, "mixed", "spec_acceptance_rate"),
+            # the drafts per sequence the policy chose, over the steps that could speculate
+            "c1_mean_k": get(system, "c1", "spec_mean_k"),
+            "sat_mean_k": get(system, "mixed", "spec_mean_k"),
         }
     ratio = lambda a, b: (a / b) if a and b else None  # noqa: E731
     base = rows["agg"]
@@ -220,13 +223,15 @@ def markdown(s: dict) -> str:
         f"Command: `{s['command']}`; machine: {machine.get('label', machine.get('cpu', 'n/a'))}; "
         f"load average (1 min) {machine.get('loadavg_1m_before')} before, {machine.get('loadavg_1m_after')} after.",
         "",
-        "| configuration | c1 TPOT ms | c1 tok/s | saturation TPOT ms | saturation tok/s | acceptance c1 / sat |",
-        "|---|---|---|---|---|---|",
+        "| configuration | c1 TPOT ms | c1 tok/s | saturation TPOT ms | saturation tok/s | acceptance c1 / sat "
+        "| mean k c1 / sat |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         lines.append(
             f"| {name} | {_fmt(r['c1_tpot_ms'], 1)} | {_fmt(r['c1_throughput'], 1)} | {_fmt(r['sat_tpot_ms'], 1)} "
-            f"| {_fmt(r['sat_throughput'], 1)} | {_fmt(r['c1_acceptance'])} / {_fmt(r['sat_acceptance'])} |"
+            f"| {_fmt(r['sat_throughput'], 1)} | {_fmt(r['c1_acceptance'])} / {_fmt(r['sat_acceptance'])} "
+            f"| {_fmt(r['c1_mean_k'])} / {_fmt(r['sat_mean_k'])} |"
         )
     lines += [
         "",
