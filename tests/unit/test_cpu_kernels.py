@@ -107,3 +107,39 @@ def test_a_build_lock_left_by_a_killed_build_does_not_block_later_starts(tmp_pat
 def test_a_build_lock_held_by_a_live_build_is_left_alone(tmp_path):
     with open(tmp_path / "lock", "w"), cpu_kernels._exclusive_build(tmp_path):
         assert (tmp_path / "lock").exists()
+
+
+needs_small_linear = pytest.mark.skipif(cpu_kernels.small_linear_width() == 0, reason="no vector unit for small_linear")
+
+
+@needs_small_linear
+@pytest.mark.parametrize(("k", "n"), [(192, 512), (64, 7), (512, 192), (32, 4096)])
+def test_small_linear_matches_torch_and_each_row_is_independent_of_the_others(k, n):
+    """A row's result is the same bits whatever rows share its call: verifying k drafts (k + 1
+    rows) scores each position as a one-row decode step does."""
+    torch.manual_seed(0)
+    w, b, x = torch.randn(n, k), torch.randn(n), torch.randn(8, k)
+    for bias in (b, None):
+        for m in range(0, cpu_kernels.SMALL_LINEAR_MAX_ROWS + 1):
+            y = cpu_kernels.small_linear(x[:m], w, bias)
+            assert y.shape == (m, n)
+            torch.testing.assert_close(y, torch.nn.functional.linear(x[:m], w, bias), atol=1e-4, rtol=1e-4)
+            for row in range(m):
+                assert torch.equal(y[row], cpu_kernels.small_linear(x[row: row + 1], w, bias)[0])
+
+
+@needs_small_linear
+def test_the_models_linear_takes_the_kernel_for_a_few_float32_rows_only(monkeypatch):
+    from shared.engine.model.llama import Linear
+
+    lin = Linear(cpu_kernels.small_linear_width() * 2, 5)
+    calls = []
+    real = cpu_kernels.small_linear
+    monkeypatch.setattr(cpu_kernels, "small_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for rows in (1, 3, cpu_kernels.SMALL_LINEAR_MAX_ROWS, cpu_kernels.SMALL_LINEAR_MAX_ROWS + 1):
+        x = torch.randn(rows, lin.in_features)
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    assert calls == [1, 3, cpu_kernels.SMALL_LINEAR_MAX_ROWS]  # more rows: torch's matrix product
+    odd = Linear(cpu_kernels.small_linear_width() + 1, 5)  # K not a multiple of the vector width
+    torch.testing.assert_close(odd(x := torch.randn(2, odd.in_features)), torch.nn.functional.linear(x, odd.weight, odd.bias))
+    assert len(calls) == 3

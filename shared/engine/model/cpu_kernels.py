@@ -1,6 +1,7 @@
 """C++ kernels for the CPU engine, compiled on first use: paged decode attention, the
 float32 element-wise parts of a decoder layer fused (RMSNorm, SiLU-and-multiply, RoPE), the
-write of new keys/values into an 8-bit cache, and the int8 linear (sources in csrc/).
+write of new keys/values into an 8-bit cache, the int8 linear, and the float32 linear of a few
+rows (sources in csrc/).
 
 Pure-PyTorch paged attention must first gather every sequence's blocks into one contiguous
 tensor and then read it again; at decode time, on CPU, that copy costs more than the
@@ -38,8 +39,9 @@ log = logging.getLogger(__name__)
 
 # C++ sources, compiled as one translation unit in this order (attention.cpp holds the includes
 # and the vector helpers the others use).
-_CSRC = ("attention.cpp", "fused.cpp", "quant.cpp")
-_FUNCTIONS = ["paged_decode_attention", "write_kv_packed", "rms_norm", "silu_and_mul", "rope_", "int8_linear"]
+_CSRC = ("attention.cpp", "fused.cpp", "quant.cpp", "linear.cpp")
+_FUNCTIONS = ["paged_decode_attention", "write_kv_packed", "rms_norm", "silu_and_mul", "rope_", "int8_linear",
+              "small_linear", "small_linear_width"]
 
 
 def _source() -> str:
@@ -152,3 +154,29 @@ def fused_ok(x: torch.Tensor) -> bool:
     """Whether the fused float32 element-wise ops (rms_norm, silu_and_mul, rope_) apply to x.
     Half precision keeps the PyTorch ops, whose rounding steps match HF's."""
     return x.dtype == torch.float32 and supports(x.device, x.dtype)
+
+
+SMALL_LINEAR_MAX_ROWS = 8  # csrc/linear.cpp
+
+
+@functools.cache
+def small_linear_width() -> int:
+    """K must be a multiple of this for `small_linear`; 0: the kernel is not available here."""
+    module = load()
+    return module.small_linear_width() if module is not None else 0
+
+
+def small_linear_ok(weight: torch.Tensor) -> bool:
+    """Whether `small_linear` can take this weight (float32 on CPU, K a multiple of the vector
+    width, kernels built); x must then be [M <= SMALL_LINEAR_MAX_ROWS, K] float32."""
+    width = small_linear_width() if weight.device.type == "cpu" else 0
+    return width > 0 and weight.dtype == torch.float32 and weight.dim() == 2 and weight.shape[1] % width == 0
+
+
+_NO_BIAS = torch.empty(0)
+
+
+def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] @ weight.T + bias for M <= SMALL_LINEAR_MAX_ROWS (the caller checked
+    `small_linear_ok(weight)`): each row's result is the same whatever M is."""
+    return load().small_linear(x.contiguous(), weight, _NO_BIAS if bias is None else bias)

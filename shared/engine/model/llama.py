@@ -53,10 +53,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose float32 CPU products of up to SMALL_LINEAR_MAX_ROWS rows (decode steps,
+    speculative verification) run through cpu_kernels.small_linear: the weight read once for all
+    rows, and each row's result independent of how many share the step."""
+
+    _small: bool | None = None  # whether the kernel takes this weight (decided on first use)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] <= cpu_kernels.SMALL_LINEAR_MAX_ROWS and x.dtype == torch.float32:
+            if self._small is None:
+                self._small = cpu_kernels.small_linear_ok(self.weight) and self.weight.is_contiguous()
+            if self._small:
+                return cpu_kernels.small_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 def linear(in_features: int, out_features: int, bias: bool, quantization: str) -> nn.Module:
     if quantization == "int8":
         return Int8Linear(in_features, out_features, bias)
-    return nn.Linear(in_features, out_features, bias=bias)
+    return Linear(in_features, out_features, bias=bias)
 
 
 class Attention(nn.Module):
@@ -149,5 +165,10 @@ class LlamaForCausalLM(nn.Module):
             return int8_linear(hidden, embed.weight, embed.weight_scale).float()
         if isinstance(self.lm_head, Int8Linear):
             return self.lm_head(hidden).float()
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        weight = self.model.embed_tokens.weight  # tied: the embedding is the LM head
+        if (hidden.dim() == 2 and hidden.shape[0] <= cpu_kernels.SMALL_LINEAR_MAX_ROWS
+                and hidden.dtype == torch.float32 and cpu_kernels.small_linear_ok(weight)):
+            return cpu_kernels.small_linear(hidden, weight, None)
         return F.linear(hidden, weight).float()
