@@ -9,7 +9,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 MODEL  ?= models/tandem-demo-code/target
 
-.PHONY: install protos test test-unit lint run bench-engine bench-serve bench-spec bench-kv bench-quant clean demo-model gpu-check certs
+.PHONY: install protos test test-unit lint run bench-engine bench-serve bench-spec bench-kv bench-quant bench-forward clean demo-model gpu-check certs
 
 install: $(VENV)/.installed protos
 
@@ -52,6 +52,10 @@ bench-serve: install
 # speculation with / without, concurrency 1 and saturation, against Leviathan et al.'s formula
 bench-spec: install
 	$(PY) -m tools.bench spec --model $(MODEL)
+
+# a CPU model forward of 1-8 rows: the small-row float32 linear kernel against torch's linear
+bench-forward: install
+	$(PY) -m tools.bench forward --model $(MODEL) --out-dir docs/benchmarks/forward
 
 # KV transfer bandwidth (gRPC stream, torch.distributed) against memcpy on this host
 bench-kv: install
