@@ -16,6 +16,19 @@
 #define TANDEM_AVX2 1
 #endif
 
+// A region compiled without fast-math whatever the extension's flags (int8_linear's exact
+// reciprocal, small_linear's fixed summation order).
+#if defined(__clang__)
+#define TANDEM_PRECISE_BEGIN _Pragma("float_control(precise, on, push)")
+#define TANDEM_PRECISE_END _Pragma("float_control(pop)")
+#elif defined(__GNUC__)
+#define TANDEM_PRECISE_BEGIN _Pragma("GCC push_options") _Pragma("GCC optimize(\"no-fast-math\")")
+#define TANDEM_PRECISE_END _Pragma("GCC pop_options")
+#else
+#define TANDEM_PRECISE_BEGIN
+#define TANDEM_PRECISE_END
+#endif
+
 namespace {
 
 // Shapes and pointers of one call. q: [B, Hq, D] float32; caches: [num_blocks, block_size, Hkv, W]

@@ -14,12 +14,7 @@
 
 // Built without fast-math whatever the extension's flags: reassociating the FMA chains (which it
 // allows) could differ between the M instantiations, and a row's sum would then depend on M.
-#if defined(__clang__)
-#pragma float_control(precise, on, push)
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC optimize("no-fast-math")
-#endif
+TANDEM_PRECISE_BEGIN
 
 namespace {
 
@@ -97,11 +92,7 @@ void small_linear_m(const float* x, const float* w, const float* b, float* y, in
 
 }  // namespace
 
-#if defined(__clang__)
-#pragma float_control(pop)
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
+TANDEM_PRECISE_END
 
 constexpr int64_t SMALL_LINEAR_MAX_ROWS = 8;
 

@@ -14,18 +14,9 @@ namespace {
 // compute a reciprocal approximately, and an activation exactly between two steps, common with
 // bfloat16 inputs, then rounds the other way than in quant.quantize_rows). Not inlined, so the
 // fast-math loop that uses it cannot rewrite it.
-#if defined(__clang__)
-#pragma float_control(precise, on, push)
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC optimize("no-fast-math")
-#endif
+TANDEM_PRECISE_BEGIN
 __attribute__((noinline)) float exact_reciprocal(float s) { return 1.f / s; }
-#if defined(__clang__)
-#pragma float_control(pop)
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
+TANDEM_PRECISE_END
 
 template <typename T>
 void quantize_rows_into(const T* x, int8_t* xq, float* xs, int64_t M, int64_t K) {
