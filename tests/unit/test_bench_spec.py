@@ -11,7 +11,7 @@ from tools.bench.spec import markdown, solve_acceptance, summarize
 
 def _serve_result(tpot: dict, draft_s_per_proposed: float) -> dict:
     def entry(system):
-        c1 = {"median_tpot_ms": tpot[system], "output_throughput": 1000 / tpot[system],
+        c1 = {"median_tpot_ms": tpot[system], "mean_tpot_ms": tpot[system] * 1.1, "output_throughput": 1000 / tpot[system],
               "spec_acceptance_rate": None if system == "agg" else 0.46,
               "spec_draft_s_per_proposed": None if system == "agg" else draft_s_per_proposed,
               "spec_mean_k": None if system == "agg" else 3.25}
@@ -37,9 +37,11 @@ def test_prediction_from_in_process_and_from_served_costs():
     assert f["c_served"] == pytest.approx(1.5 / 10.0)  # 1.5 ms of draft call per token over a 10 ms plain step
     assert f["speedup_at_k_served"] == pytest.approx(leviathan_speedup(a, 4, 0.15))
     assert s["ratios"]["agg-spec"]["c1_tpot_speedup"] == pytest.approx(10 / 7)
+    assert s["ratios"]["agg-spec"]["c1_mean_tpot_speedup"] == pytest.approx(11 / 7.7)
     text = markdown({**s, "command": "x", "wall_s": 1})
     assert "c = 0.150" in text and "as served" in text
     assert "| 3.25 / 0.50 |" in text  # the k the policy chose, at c1 and at saturation
+    assert "| TPOT speedup at concurrency 1, mean over the requests | 1.43x |" in text
 
 
 def test_the_in_worker_draft_gets_its_own_column_and_ratio_to_the_formula():

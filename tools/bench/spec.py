@@ -125,6 +125,7 @@ def summarize(result: dict, costs: dict, k: int) -> dict:
     for system in CONFIGS:
         rows[system] = {
             "c1_tpot_ms": get(system, "c1", "median_tpot_ms"),
+            "c1_mean_tpot_ms": get(system, "c1", "mean_tpot_ms"),
             "c1_throughput": get(system, "c1", "output_throughput"),
             "sat_tpot_ms": get(system, "mixed", "median_tpot_ms"),
             "sat_throughput": get(system, "mixed", "output_throughput"),
@@ -142,6 +143,9 @@ def summarize(result: dict, costs: dict, k: int) -> dict:
         r = rows[system]
         out["ratios"][system] = {
             "c1_tpot_speedup": ratio(base["c1_tpot_ms"], r["c1_tpot_ms"]),
+            # the mean request's TPOT: the adaptive k gives up drafts on the requests it guesses
+            # poorly, which shows in the mean more than in the median request
+            "c1_mean_tpot_speedup": ratio(base["c1_mean_tpot_ms"], r["c1_mean_tpot_ms"]),
             "c1_throughput": ratio(r["c1_throughput"], base["c1_throughput"]),
             "sat_throughput": ratio(r["sat_throughput"], base["sat_throughput"]),
         }
@@ -241,6 +245,7 @@ def markdown(s: dict) -> str:
     ]
     for key, label, goal in (
         ("c1_tpot_speedup", "TPOT speedup at concurrency 1", ">= 1.3x and >= 0.8 of the formula"),
+        ("c1_mean_tpot_speedup", "TPOT speedup at concurrency 1, mean over the requests", ""),
         ("c1_throughput", "output throughput at concurrency 1", ""),
         ("sat_throughput", "output throughput at saturation (mixed)", ">= 0.9x"),
     ):
