@@ -43,6 +43,14 @@ def test_speculation_starts_the_draft_service_on_the_draft_model(tmp_path):
     assert "draft" not in ngram and ngram["decode"][1]["TANDEM_SPEC_PROPOSER"] == "ngram"
 
 
+def test_the_in_worker_draft_runs_no_draft_service(tmp_path):
+    _, p = plan("agg-spec-local", tmp_path)
+    decode = p["decode"][1]
+    assert "draft" not in p and "TANDEM_DRAFT_ADDR" not in decode
+    assert decode["TANDEM_SPEC_PROPOSER"] == "draft"
+    assert decode["TANDEM_DRAFT_MODEL"] == str((tmp_path / "draft").resolve())
+
+
 def test_every_port_is_distinct_loopback_with_metrics(tmp_path):
     svc, p = plan("disagg", tmp_path)
     ports = [env["TANDEM_PORT"] for _, env in p.values()] + [

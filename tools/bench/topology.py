@@ -21,7 +21,7 @@ from tools import run_local
 SPECULATION = {
     "": "off",
     "draft": "on, draft model service",
-    "draft-local": "on, draft model inside the decode worker",
+    "draft-in-worker": "on, draft model inside the decode worker",
     "ngram": "on, n-gram prompt lookup",
 }
 
@@ -31,10 +31,15 @@ class Configuration:
     name: str
     disaggregated: bool = False
     prefix_caching: bool = True
-    # "" (off), "draft" (the draft service), "draft-local" (the draft model in the decode worker,
-    # TANDEM_DRAFT_MODEL) or "ngram" (no model)
+    # "" (off), "draft" (the draft service), "draft-in-worker" (the draft model in the decode worker,
+    # TANDEM_DRAFT_MODEL; as `tandem serve --spec`) or "ngram" (no model)
     speculation: str = ""
     adaptive: bool = True  # speculation: k per step from measured costs (TANDEM_SPEC_ADAPTIVE), or always k
+
+    @property
+    def proposer(self) -> str:
+        """The decode worker's TANDEM_SPEC_PROPOSER."""
+        return {"": "none", "draft-in-worker": "draft"}.get(self.speculation, self.speculation)
 
     def describe(self) -> str:
         spec = SPECULATION[self.speculation]
@@ -55,7 +60,7 @@ CONFIGURATIONS = {
         Configuration("disagg-nocache", disaggregated=True, prefix_caching=False),
         Configuration("agg-spec", speculation="draft"),
         Configuration("agg-spec-fixed", speculation="draft", adaptive=False),
-        Configuration("agg-spec-local", speculation="draft-local"),
+        Configuration("agg-spec-local", speculation="draft-in-worker"),
         Configuration("disagg-spec", disaggregated=True, speculation="draft"),
         Configuration("agg-ngram", speculation="ngram"),
     )
@@ -131,12 +136,11 @@ def unavailable_reason(config: Configuration, model: str) -> str | None:
     if not config.speculation:
         return None
     proposer = _worker_setting("TANDEM_SPEC_PROPOSER")
-    kind = "draft" if config.speculation == "draft-local" else config.speculation
-    if proposer is None or kind not in (proposer.metadata.get("choices") or ()):
+    if proposer is None or config.proposer not in (proposer.metadata.get("choices") or ()):
         return f"speculation skipped: the decode worker has no {config.speculation} proposer yet"
     if config.speculation == "ngram":
         return None
-    if config.speculation == "draft-local" and _worker_setting("TANDEM_DRAFT_MODEL") is None:
+    if config.speculation == "draft-in-worker" and _worker_setting("TANDEM_DRAFT_MODEL") is None:
         return "speculation skipped: the decode worker cannot run a draft model itself (TANDEM_DRAFT_MODEL)"
     if importlib.util.find_spec("services.draft") is None or _worker_setting("TANDEM_DRAFT_ADDR") is None:
         return "speculation skipped: the draft service (services/draft, TANDEM_DRAFT_ADDR) is not there yet"
@@ -214,15 +218,14 @@ class Services:
         decode = {
             **base("decode"),
             **worker,
-            "TANDEM_SPEC_PROPOSER": {"": "none", "draft-local": "draft"}.get(self.config.speculation,
-                                                                           self.config.speculation),
+            "TANDEM_SPEC_PROPOSER": self.config.proposer,
             "TANDEM_SPEC_ADAPTIVE": "1" if self.config.adaptive else "0",
         }
         if self.config.speculation == "draft":
             draft_env = {**base("draft"), **worker, "TANDEM_MODEL": str(draft_model_dir(self.model))}
             plan["draft"] = ("services.draft", draft_env)
             decode["TANDEM_DRAFT_ADDR"] = self.addrs["draft"]
-        if self.config.speculation == "draft-local":
+        if self.config.speculation == "draft-in-worker":
             decode["TANDEM_DRAFT_MODEL"] = str(draft_model_dir(self.model))
         plan["decode"] = ("services.decode", decode)
         if self.config.disaggregated:

@@ -167,10 +167,16 @@ def small_linear_width() -> int:
 
 
 def small_linear_ok(weight: torch.Tensor) -> bool:
-    """Whether `small_linear` can take this weight (float32 on CPU, K a multiple of the vector
-    width, kernels built); x must then be [M <= SMALL_LINEAR_MAX_ROWS, K] float32."""
+    """Whether `small_linear` can take this weight (contiguous float32 on CPU, K a multiple of the
+    vector width, kernels built); x must then pass `small_rows`."""
     width = small_linear_width() if weight.device.type == "cpu" else 0
-    return width > 0 and weight.dtype == torch.float32 and weight.dim() == 2 and weight.shape[1] % width == 0
+    return (width > 0 and weight.dtype == torch.float32 and weight.dim() == 2 and weight.shape[1] % width == 0
+            and weight.is_contiguous())
+
+
+def small_rows(x: torch.Tensor) -> bool:
+    """Whether x is what `small_linear` multiplies: [M <= SMALL_LINEAR_MAX_ROWS, K] float32."""
+    return x.dim() == 2 and x.shape[0] <= SMALL_LINEAR_MAX_ROWS and x.dtype == torch.float32
 
 
 _NO_BIAS = torch.empty(0)

@@ -61,9 +61,9 @@ class Linear(nn.Linear):
     _small: bool | None = None  # whether the kernel takes this weight (decided on first use)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] <= cpu_kernels.SMALL_LINEAR_MAX_ROWS and x.dtype == torch.float32:
+        if cpu_kernels.small_rows(x):
             if self._small is None:
-                self._small = cpu_kernels.small_linear_ok(self.weight) and self.weight.is_contiguous()
+                self._small = cpu_kernels.small_linear_ok(self.weight)
             if self._small:
                 return cpu_kernels.small_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -168,7 +168,6 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
         weight = self.model.embed_tokens.weight  # tied: the embedding is the LM head
-        if (hidden.dim() == 2 and hidden.shape[0] <= cpu_kernels.SMALL_LINEAR_MAX_ROWS
-                and hidden.dtype == torch.float32 and cpu_kernels.small_linear_ok(weight)):
+        if cpu_kernels.small_rows(hidden) and cpu_kernels.small_linear_ok(weight):
             return cpu_kernels.small_linear(hidden, weight, None)
         return F.linear(hidden, weight).float()
