@@ -71,6 +71,10 @@ class DeltaTracker:
             self._sent.discard(seq_id)
             self._released.append(seq_id)
 
+    def tracks(self, seq_id: str) -> bool:
+        """Whether the sequence has not ended (release) since a call carried it."""
+        return seq_id in self._sent
+
     def tracked(self) -> list[str]:
         """Sequences the draft may hold."""
         return list(self._sent)

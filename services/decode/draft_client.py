@@ -21,10 +21,12 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 import torch
-from opentelemetry.trace import Link, SpanKind
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from services.common.convert import sampling_to_pb
 from services.common.draft_calls import InProcessDraft
@@ -38,6 +40,7 @@ from shared.params import RequestOutput
 from shared.pb.tandem.v1 import draft_pb2, draft_pb2_grpc
 from shared.telemetry import Telemetry, annotate, inject_context
 from shared.telemetry.attributes import REQUEST_ID, RPC_GRPC_STATUS_CODE
+from shared.telemetry.tracing import start_span
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,55 @@ def build_draft_engine(config: WorkerConfig) -> DraftEngine:
         raise ConfigError(f"TANDEM_DRAFT_KV_CACHE_MEMORY: {e}") from None
 
 
+@dataclass
+class _Call:
+    """A Propose call sent and not yet collected."""
+
+    batch: list[ProposalRequest]
+    lengths: list[int]  # each sequence's token count when sent
+    released: list[str]  # the releases it carries
+    future: grpc.Future
+    span: trace.Span
+
+    def serves(self, batch: list[ProposalRequest]) -> bool:
+        """Its answer is this batch's: the same sequences, at the same lengths, asking as many."""
+        return len(batch) == len(self.batch) and all(
+            a.request_id == b.request_id and len(a.token_ids) == n and a.num_tokens == b.num_tokens
+            for a, b, n in zip(batch, self.batch, self.lengths, strict=True)
+        )
+
+
+class _Answered(grpc.Future):
+    """The done future of a call answered on the spot (the draft in this process)."""
+
+    def __init__(self, response: draft_pb2.ProposeResponse):
+        self._response = response
+
+    def cancel(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def running(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return True
+
+    def result(self, timeout=None) -> draft_pb2.ProposeResponse:
+        return self._response
+
+    def exception(self, timeout=None):
+        return None
+
+    def traceback(self, timeout=None):
+        return None
+
+    def add_done_callback(self, fn) -> None:
+        fn(self)
+
+
 class DraftProposer:
     """A Proposer backed by a draft model: the draft service at `address`, or `local`, a draft
     engine in this process answering the same calls without a network hop. Used from the
@@ -116,26 +168,48 @@ class DraftProposer:
         self.local = local
         self._stub = draft_pb2_grpc.DraftStub(self._channel) if local is None else local
         self._delta = DeltaTracker()
+        self._pending: _Call | None = None  # a prefetched call not yet collected
         self._retry_at = 0.0
         self._failing = False
         self.num_calls = 0
         self.num_failures = 0
+        self.num_unused = 0  # prefetched calls whose step asked for another batch
 
     # -- Proposer -----------------------------------------------------------------------
     def propose(self, batch: list[ProposalRequest]) -> dict[str, Proposal]:
+        pending, self._pending = self._pending, None
         if self._clock() < self._retry_at:
             return {}
         try:
-            return self._propose(batch)
+            if pending is not None:
+                out = self._collect(pending)  # answered or not, the draft's copies moved with it
+                if pending.serves(batch):
+                    return out
+                self.num_unused += 1
+            return self._collect(self._send(batch))
         except Exception as e:  # noqa: BLE001 - the engine thread must never fail for the draft
             self._failed(e)
             return {}
+
+    def prefetch(self, batch: list[ProposalRequest]) -> None:
+        """Send the next step's call now (the engine's guess of its batch, after a step); `propose`
+        takes its answer if the step asks for that batch, or sends another. A draft in this
+        process gains nothing from it: it would compute on the engine's thread all the same."""
+        if self.local is not None or self._clock() < self._retry_at:
+            return
+        self._settle()
+        try:
+            self._pending = self._send(batch, prefetched=True)
+        except Exception as e:  # noqa: BLE001
+            self._failed(e)
 
     def release(self, request_id: str) -> None:
         self._delta.release(request_id)
         released = self._delta.releases
         if not self._delta.tracked() and released and self._clock() >= self._retry_at:
-            # nothing left to speculate on: no next call would carry the releases
+            # nothing left to speculate on: no next call would carry the releases. A prefetched
+            # call still out may name the sequence: let the draft answer it first.
+            self._settle()
             try:
                 self._stub.Release(
                     draft_pb2.ReleaseRequest(client_id=self.client_id, sequence_ids=released),
@@ -147,11 +221,15 @@ class DraftProposer:
                 self._failed(e)  # the draft frees them after its idle timeout anyway
 
     def close(self) -> None:
+        if self._pending is not None:
+            self._pending.future.cancel()
+            self._pending.span.end()
+            self._pending = None
         if self._channel is not None:
             self._channel.close()
 
     # -- the call -----------------------------------------------------------------------
-    def _propose(self, batch: list[ProposalRequest]) -> dict[str, Proposal]:
+    def _send(self, batch: list[ProposalRequest], prefetched: bool = False) -> _Call:
         entries, accepted = [], 0
         for req in batch:
             entry, prev_accepted = self._entry(req)
@@ -165,8 +243,9 @@ class DraftProposer:
         # (the batch is in arrival order) and links to each request's span.
         spans = [(rid, self._telemetry.request_spans.get(rid)) for rid in ids[:MAX_LOGGED_IDS]]
         spans = [(rid, sc) for rid, sc in spans if sc is not None]
-        with self._telemetry.span(
+        span = start_span(
             "draft propose",
+            tracer=self._telemetry.tracer,
             kind=SpanKind.CLIENT,
             parent=spans[0][1] if spans else None,
             links=[Link(sc, {REQUEST_ID: rid}) for rid, sc in spans],
@@ -175,22 +254,34 @@ class DraftProposer:
             request_ids=",".join(ids[:MAX_LOGGED_IDS]),
             # verification results arrive with the next call: these are the previous call's
             spec_accepted=accepted,
-        ) as sp:
-            self.num_calls += 1
-            started = time.perf_counter()
-            try:
-                response = self._stub.Propose(request, timeout=self._timeout_s, metadata=inject_context())
-                self._telemetry.metrics.spec_draft_call_seconds.observe(time.perf_counter() - started)
-            except grpc.RpcError as e:
-                sp.set_attribute(RPC_GRPC_STATUS_CODE, e.code().value[0])
-                raise
-            sp.set_attribute(RPC_GRPC_STATUS_CODE, grpc.StatusCode.OK.value[0])
-            self._delta.releases_delivered(released)
+            prefetched=prefetched,
+        )
+        self.num_calls += 1
+        metadata = inject_context(trace.set_span_in_context(span))
+        started = time.perf_counter()
+        if self.local is not None:  # answered here and now
+            future: grpc.Future = _Answered(self.local.Propose(request))
+        else:
+            future = self._stub.Propose.future(request, timeout=self._timeout_s, metadata=metadata)
+        observe = self._telemetry.metrics.spec_draft_call_seconds.observe
+        future.add_done_callback(lambda f: f.exception() is None and observe(time.perf_counter() - started))
+        return _Call(batch, [len(r.token_ids) for r in batch], released, future, span)
+
+    def _collect(self, call: _Call) -> dict[str, Proposal]:
+        """Waits for a call's answer and takes it into the delta bookkeeping: its proposals by
+        request id, none for a sequence released since it was sent."""
+        span = call.span
+        try:
+            response = call.future.result()
+            span.set_attribute(RPC_GRPC_STATUS_CODE, grpc.StatusCode.OK.value[0])
+            self._delta.releases_delivered(call.released)
             if self._failing:
                 log.info("draft service %s answers again: speculating", self.address)
                 self._failing = False
             out: dict[str, Proposal] = {}
-            for req, prop in zip(batch, response.proposals, strict=True):
+            for req, prop in zip(call.batch, response.proposals, strict=True):
+                if not self._delta.tracks(req.request_id):
+                    continue  # ended while the call was out: released with the next one
                 if prop.unknown_sequence:
                     self._delta.unknown(req.request_id)  # whole list next step
                     continue
@@ -199,8 +290,26 @@ class DraftProposer:
                 proposal = self._proposal(req, tokens, prop.probs, response.vocab_size)
                 if proposal is not None:
                     out[req.request_id] = proposal
-            annotate(sp, spec_proposed=sum(len(p.token_ids) for p in out.values()))
+            annotate(span, spec_proposed=sum(len(p.token_ids) for p in out.values()))
             return out
+        except Exception as e:
+            if isinstance(e, grpc.Call):
+                span.set_attribute(RPC_GRPC_STATUS_CODE, e.code().value[0])
+            span.record_exception(e)
+            span.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"))
+            raise
+        finally:
+            span.end()
+
+    def _settle(self) -> None:
+        """Collects a prefetched call nobody took, so that the bookkeeping follows the draft."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self.num_unused += 1
+            try:
+                self._collect(pending)
+            except Exception as e:  # noqa: BLE001
+                self._failed(e)
 
     def _entry(self, req: ProposalRequest) -> tuple[draft_pb2.DraftSequence, int]:
         """The delta for one sequence, and how many of the previous proposals it accepted."""

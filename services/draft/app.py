@@ -1,16 +1,20 @@
 """Build the draft service from its config (used by __main__ and by tests).
 
-The draft engine runs on one thread of its own: calls from several decode workers queue
-there and run one at a time. A background task frees sequences that no call mentioned for
-TANDEM_DRAFT_IDLE_TIMEOUT_S (their decode worker died, or restarted under a new client id).
+The draft engine runs on the event loop's own thread: calls from several decode workers run
+one at a time in arrival order, each for the few milliseconds of its forward passes, while
+gRPC's own threads keep receiving. A worker thread for the engine would cost two thread hand-offs
+per call (to it and back to the loop), each a wake-up that waits for a core when the host is
+busy; with them a k = 4 call spent 0.35 ms more in this process when idle, and in `make
+bench-spec` with the decode worker's prefetch (services/decode/draft_client.py) the c1 TPOT
+through the draft service was 7-11% higher. A background task frees sequences that no call
+mentioned for TANDEM_DRAFT_IDLE_TIMEOUT_S (their decode worker died, or restarted under a
+new client id).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import grpc
 
@@ -52,7 +56,6 @@ class DraftApp:
         self.telemetry = telemetry if telemetry is not None else quiet_telemetry("tandem-draft")
         self.engine = engine if engine is not None else build_engine(config)
         self.model_name = config.model_name or self.engine.model_name
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-engine")
         self.tls = Tls.from_config(config)
         self.tls.log_mode(self.role)
         self.server = GrpcServer(
@@ -70,7 +73,7 @@ class DraftApp:
                 ErrorInterceptor({InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT}),
             ],
         )
-        self.servicer = DraftServicer(self.engine, self.run, self._update_gauges)
+        self.servicer = DraftServicer(self.engine, self._update_gauges)
         draft_pb2_grpc.add_DraftServicer_to_server(self.servicer, self.server.grpc_server)
         worker_pb2_grpc.add_WorkerServicer_to_server(
             DraftWorkerServicer(self.engine, config, self.model_name), self.server.grpc_server
@@ -80,10 +83,6 @@ class DraftApp:
     @property
     def address(self) -> str:
         return self.server.address
-
-    async def run(self, fn, *args) -> Any:
-        """fn(*args) on the engine thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def start(self) -> int:
         port = await self.server.start()
@@ -95,7 +94,6 @@ class DraftApp:
         if self._sweeper is not None:
             self._sweeper.cancel()
         await self.server.stop(self.config.grace_period_s if grace_s is None else grace_s)
-        await asyncio.to_thread(self._executor.shutdown)
         await asyncio.to_thread(self.telemetry.shutdown)
 
     def _update_gauges(self) -> None:
@@ -107,7 +105,7 @@ class DraftApp:
         timeout = self.config.idle_timeout_s
         while True:
             await asyncio.sleep(min(timeout / 4, 5.0))
-            n = await self.run(self.engine.free_idle, timeout)
+            n = self.engine.free_idle(timeout)
             if n:
                 log.info("freed %d draft sequences idle for %.0f s", n, timeout)
                 self._update_gauges()

@@ -1,6 +1,6 @@
 """gRPC servicers of the draft service: ProposeRequest -> DraftAsks -> engine -> DraftProposals.
 
-The engine runs on one thread of its own (`run`), one call at a time, through the functions
+The engine runs on the event loop's thread (see app.py), one call at a time, through the functions
 of services/common/draft_calls.py (a decode worker with its draft in-process calls the same
 ones); the servicer adds the gauges and the span's attributes. Also serves Worker.GetLoad /
 GetInfo (role "draft"), so that tools and tests read the draft's KV blocks and sequences the
@@ -9,8 +9,7 @@ way they read a worker's.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
 
 from services.common import draft_calls
 from shared.config import DraftConfig
@@ -18,19 +17,16 @@ from shared.engine.draft import DraftEngine
 from shared.pb.tandem.v1 import draft_pb2, draft_pb2_grpc, worker_pb2, worker_pb2_grpc
 from shared.telemetry import annotate
 
-Run = Callable[..., Awaitable[Any]]  # run(fn, *args): fn(*args) on the engine thread
-
 
 class DraftServicer(draft_pb2_grpc.DraftServicer):
-    def __init__(self, engine: DraftEngine, run: Run, on_change: Callable[[], None]):
+    def __init__(self, engine: DraftEngine, on_change: Callable[[], None]):
         self._engine = engine
-        self._run = run
         self._on_change = on_change  # refreshes the gauges
         self.num_calls = 0
         self.num_proposed = 0
 
     async def Propose(self, request: draft_pb2.ProposeRequest, context) -> draft_pb2.ProposeResponse:
-        response = await self._run(draft_calls.propose, self._engine, request)
+        response = draft_calls.propose(self._engine, request)
         self._on_change()
         proposed = sum(len(p.token_ids) for p in response.proposals)
         self.num_calls += 1
@@ -44,7 +40,7 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         return response
 
     async def Release(self, request: draft_pb2.ReleaseRequest, context) -> draft_pb2.ReleaseResponse:
-        response = await self._run(draft_calls.release, self._engine, request)
+        response = draft_calls.release(self._engine, request)
         self._on_change()
         return response
 

@@ -131,6 +131,7 @@ class LLMEngine:
         self.spec_policy = SpecPolicy(adaptive=config.adaptive_speculation)
         self._spec_steps_by_k = [0] * (MAX_SPECULATIVE_TOKENS + 1)
         self._last_cycle: tuple[float, float, int] | None = None  # (start, draft + forward s, decodes)
+        self._plan: _ProposalPlan | None = None  # the next step's draft asks, when prefetched
 
     def _auto_num_blocks(self) -> int:
         per_block = self.runner.kv_bytes_per_block(self.config.block_size)
@@ -269,6 +270,7 @@ class LLMEngine:
         self.spec_policy.observe_step(num_tokens, forward_s)
         if batch.decodes and self.has_unfinished():  # busy: the next step follows at once
             self._last_cycle = (begin, started - proposing + forward_s, len(batch.decodes))
+        self._prefetch_proposals()
         return outputs
 
     def _seq_input(self, req: Request, n: int, spec: dict[str, Proposal]) -> SeqInput:
@@ -285,22 +287,47 @@ class LLMEngine:
                         self.max_model_len - req.num_tokens)
         return max(0, min(k, remaining - 1))
 
-    def _propose(self, decodes: list[Request], num_prefill_tokens: int) -> dict[str, Proposal]:
-        if self.proposer is None or not decodes:
-            return {}
+    def _plan_proposals(self, decodes: list[Request], num_prefill_tokens: int) -> _ProposalPlan | None:
+        """The draft asks of a step with these decodes beside `num_prefill_tokens` prefill tokens
+        (None: none of them can speculate)."""
         caps = [(r, k) for r in decodes if (k := self._spec_k(r)) > 0]
         if not caps:
-            return {}
+            return None
         # this step's k from measured costs and acceptance (0: plain decoding this step)
         k_step = self.spec_policy.choose_k(
             max(k for _, k in caps), len(caps), num_prefill_tokens + len(decodes) - len(caps),
             (self.spec_policy.planning_acceptance(r.spec_acceptance) for r, _ in caps))  # read only if the model runs
-        self._spec_steps_by_k[k_step] += 1
         # A seeded sampled request keeps its k: its draws depend on where steps begin, and its
         # output must not depend on timing. Greedy outputs do not depend on k at all.
         asks = [ProposalRequest(r.request_id, r.all_token_ids, k if _k_fixed(r) else min(k, k_step), r.params)
                 for r, k in caps]
-        asks = [a for a in asks if a.num_tokens > 0]
+        return _ProposalPlan(_batch_key(decodes, num_prefill_tokens), k_step, [a for a in asks if a.num_tokens > 0])
+
+    def _prefetch_proposals(self) -> None:
+        """At the end of a step: when the next one will decode exactly the running requests (no
+        prompt waits, none is mid-prefill), plan its asks now and have the proposer send them at
+        once (`prefetch`), so that a remote draft computes while this step's outputs go out."""
+        prefetch = getattr(self.proposer, "prefetch", None)
+        running = self.scheduler.running
+        if prefetch is None or not running or self.scheduler.waiting:
+            return
+        decodes = sorted(running, key=lambda r: r.arrival)  # the scheduler's order for decodes
+        if any(r.status is not Status.RUNNING or r.num_tokens - r.num_computed_tokens != 1 for r in decodes):
+            return
+        self._plan = self._plan_proposals(decodes, 0)
+        if self._plan is not None and self._plan.asks:
+            prefetch(self._plan.asks)
+
+    def _propose(self, decodes: list[Request], num_prefill_tokens: int) -> dict[str, Proposal]:
+        plan, self._plan = self._plan, None
+        if self.proposer is None or not decodes:
+            return {}
+        if plan is None or plan.key != _batch_key(decodes, num_prefill_tokens):
+            plan = self._plan_proposals(decodes, num_prefill_tokens)  # not the batch prefetched for
+            if plan is None:
+                return {}
+        self._spec_steps_by_k[plan.k_step] += 1
+        asks = plan.asks
         if not asks:
             return {}
         asked = [self.requests[a.request_id] for a in asks]
@@ -482,3 +509,17 @@ class LLMEngine:
 
 def _k_fixed(req: Request) -> bool:
     return req.params.seed is not None and not req.params.greedy
+
+
+@dataclass
+class _ProposalPlan:
+    """One step's draft asks and the k the policy chose for them."""
+
+    key: tuple  # the batch they were planned for (_batch_key)
+    k_step: int
+    asks: list[ProposalRequest]
+
+
+def _batch_key(decodes: list[Request], num_prefill_tokens: int) -> tuple:
+    """What a step's asks depend on: its decodes, each at its length, and the prefill beside them."""
+    return num_prefill_tokens, tuple((r.request_id, r.num_tokens) for r in decodes)

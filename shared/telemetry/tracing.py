@@ -94,11 +94,7 @@ def span(
     `links` point at other spans it relates to. An exception leaving the body is recorded on
     the span and marks it ERROR, then propagates.
     """
-    tracer = tracer or get_tracer()
-    context = trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None
-    current = tracer.start_span(
-        name, context=context, kind=kind, links=list(links), attributes=span_attributes(attrs)
-    )
+    current = start_span(name, tracer=tracer, kind=kind, parent=parent, links=links, **attrs)
     token = otel_context.attach(trace.set_span_in_context(current))
     try:
         yield current
@@ -110,6 +106,22 @@ def span(
     finally:
         current.end()
         _detach(token)
+
+
+def start_span(
+    name: str,
+    *,
+    tracer: trace.Tracer | None = None,
+    kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+    parent: SpanContext | None = None,
+    links: Iterable[Link] = (),
+    **attrs: Any,
+) -> trace.Span:
+    """`span`'s span without making it current: for work that outlives one block of code (a
+    call sent now and collected later); the caller ends it."""
+    tracer = tracer or get_tracer()
+    context = trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None
+    return tracer.start_span(name, context=context, kind=kind, links=list(links), attributes=span_attributes(attrs))
 
 
 def _detach(token: contextvars.Token) -> None:

@@ -110,8 +110,12 @@ async def test_greedy_with_draft_service_equals_plain_decoding(tiny_model, draft
         registry = cluster.decodes[0].telemetry.metrics.registry
         assert registry.get_sample_value("tandem_spec_proposed_tokens_total") == proposed
         assert registry.get_sample_value("tandem_spec_accepted_tokens_total") == accepted
-        # every draft call was timed (one per speculating step)
+        # every draft call was timed: one per speculating step, plus the prefetched calls whose
+        # step asked for another batch (a request arrived meanwhile)
         calls = registry.get_sample_value("tandem_spec_draft_call_seconds_count")
+        proposer = cluster.decodes[0].proposer
+        assert proposer.num_calls == calls
+        calls -= proposer.num_unused
         assert calls >= max(1, sum(u.spec_verify_steps for u in usages) // len(usages))
         assert registry.get_sample_value("tandem_spec_draft_call_seconds_sum") > 0
         # the steps by the k the policy chose reach /metrics through the worker's stats sampler
@@ -298,3 +302,58 @@ async def test_greedy_with_the_draft_in_the_decode_worker_equals_plain_decoding(
         assert stats.num_sequences == 0 and stats.num_free_blocks == stats.num_total_blocks
     finally:
         await cluster.stop()
+
+
+async def test_a_prefetched_draft_call_serves_its_batch_or_is_taken_into_the_bookkeeping(draft_model):
+    """The decode worker sends the next step's call early (prefetch). Asked for that batch, the
+    answer is used as it is; asked for another, the answer still moves the draft's copies, so
+    the next call's deltas match them; a release while a call is out waits for it, and frees
+    everything on the draft."""
+    from services.common.telemetry import quiet_telemetry
+    from services.decode.draft_client import DraftProposer
+    from shared.engine.spec import ProposalRequest
+    from shared.params import SamplingParams
+
+    draft = await start_draft(draft_model)
+    telemetry = quiet_telemetry("t")
+
+    def proposer() -> DraftProposer:
+        return DraftProposer(draft.address, vocab_size=draft.engine.vocab_size, timeout_s=30.0, retry_s=1.0,
+                             telemetry=telemetry)
+
+    def asks(*seqs):
+        greedy = SamplingParams(temperature=0.0, max_tokens=64)
+        return [ProposalRequest(rid, tokens, k, greedy) for rid, tokens, k in seqs]
+
+    def drafts(proposals):
+        return {rid: p.token_ids for rid, p in proposals.items()}
+
+    async def call(fn, *args):  # the proposer blocks: off the loop the draft serves from
+        return await asyncio.to_thread(fn, *args)
+
+    early, plain = proposer(), proposer()
+    a, b = [1, *range(20, 40)], [1, *range(50, 60)]
+    try:
+        await call(early.prefetch, asks(("a", a, 3)))
+        got = await call(early.propose, asks(("a", a, 3)))
+        assert (early.num_calls, early.num_unused) == (1, 0)
+        assert drafts(got) == drafts(await call(plain.propose, asks(("a", a, 3))))
+
+        a = a + got["a"].token_ids[:1] + [7]  # one draft accepted, then a token it did not propose
+        await call(early.prefetch, asks(("a", a, 3)))
+        got = await call(early.propose, asks(("a", a, 3), ("b", b, 2)))  # b arrived meanwhile
+        assert (early.num_calls, early.num_unused) == (3, 1)
+        assert drafts(got) == drafts(await call(plain.propose, asks(("a", a, 3), ("b", b, 2))))
+
+        a, b = a + got["a"].token_ids, b + got["b"].token_ids[:1] + [9]
+        await call(early.prefetch, asks(("a", a, 2), ("b", b, 2)))
+        for rid in ("a", "b"):
+            await call(early.release, rid)
+        for rid in ("a", "b"):
+            await call(plain.release, rid)
+        assert early.num_unused == 2 and early.num_failures == 0
+        assert draft.engine.stats().num_sequences == 0
+    finally:
+        early.close()
+        plain.close()
+        await draft.stop(0.2)

@@ -82,6 +82,62 @@ def test_greedy_with_draft_proposals_equals_plain_decoding(ckpt):
     assert s.num_free_blocks == s.num_total_blocks and not eng.requests  # rejected positions leaked nothing
 
 
+class PrefetchingProposer(OracleProposer):
+    """Records what the engine prefetches after a step and what each step then asks for."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.prefetched: list[list[tuple]] = []
+        self.proposed: list[list[tuple]] = []
+
+    @staticmethod
+    def _batch(batch) -> list[tuple]:
+        return [(r.request_id, len(r.token_ids), r.num_tokens) for r in batch]
+
+    def prefetch(self, batch):
+        self.prefetched.append(self._batch(batch))
+
+    def propose(self, batch):
+        self.proposed.append(self._batch(batch))
+        return super().propose(batch)
+
+
+def test_the_next_steps_asks_are_prefetched_when_its_batch_is_known(ckpt):
+    ref, _ = run_all(engine(ckpt), PROMPTS, GREEDY)
+    eng = engine(ckpt, num_speculative_tokens=3)
+    proposer = PrefetchingProposer({tuple(p): r for p, r in zip(PROMPTS, ref, strict=True)}, 400)
+    eng.set_proposer(proposer)
+    got, _ = run_all(eng, PROMPTS, GREEDY)
+    assert got == ref
+    # no request arrives while they run: each prefetched batch is the next step's, and the
+    # steps whose batch could not be known (a prompt still in chunks) asked anyway
+    assert 0 < len(proposer.prefetched) < len(proposer.proposed)
+    assert all(batch in proposer.proposed for batch in proposer.prefetched)
+    # every step that asked is counted once by its k, prefetched or not
+    assert sum(eng.stats().spec_steps_by_k[1:]) == len(proposer.proposed)
+
+    # a request aborted after the prefetch: the step asks for the batch it has, not the one planned
+    want = {rid: r for rid, r in zip("xy", (ref[4], ref[1]), strict=True)}
+    toks = {"x": [], "y": []}
+    eng.add_request("x", PROMPTS[4], GREEDY)
+    eng.add_request("y", PROMPTS[1], GREEDY)
+    for _ in range(2):
+        for o in eng.step():
+            toks[o.request_id] += o.new_token_ids
+    assert [rid for rid, _, _ in proposer.prefetched[-1]] == ["x", "y"]
+    eng.abort("y")
+    num_tokens = len(PROMPTS[4]) + len(toks["x"])
+    for o in eng.step():
+        toks[o.request_id] += o.new_token_ids
+    assert proposer.proposed[-1] == [("x", num_tokens, 3)]
+    while eng.has_unfinished():
+        for o in eng.step():
+            toks[o.request_id] += o.new_token_ids
+    assert toks["x"] == want["x"] and toks["y"] == want["y"][: len(toks["y"])]
+    s = eng.stats()
+    assert s.num_free_blocks == s.num_total_blocks and not eng.requests
+
+
 def test_greedy_with_ngram_equals_plain_decoding(ckpt):
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     ref, _ = run_all(engine(ckpt), PROMPTS, params)
