@@ -2,13 +2,14 @@
 
 The draft engine runs on the event loop's own thread: calls from several decode workers run
 one at a time in arrival order, each for the few milliseconds of its forward passes, while
-gRPC's own threads keep receiving. A worker thread for the engine would cost two thread hand-offs
-per call (to it and back to the loop), each a wake-up that waits for a core when the host is
-busy; with them a k = 4 call spent 0.35 ms more in this process when idle, and in `make
-bench-spec` with the decode worker's prefetch (services/decode/draft_client.py) the c1 TPOT
-through the draft service was 7-11% higher. A background task frees sequences that no call
-mentioned for TANDEM_DRAFT_IDLE_TIMEOUT_S (their decode worker died, or restarted under a
-new client id).
+gRPC's own threads keep receiving. A worker thread for the engine would add two thread
+hand-offs per call (to it and back to the loop), and on a busy host each hand-off waits for a
+core. Together with the decode worker's prefetch (services/decode/draft_client.py), this gave
+a 9-11% lower c1 TPOT through the draft service in each repeat of one interleaved `bench
+serve` run, against neither change. Each change alone gave mixed results.
+
+A background task frees sequences that no call mentioned for TANDEM_DRAFT_IDLE_TIMEOUT_S
+(their decode worker died, or restarted under a new client id).
 """
 
 from __future__ import annotations

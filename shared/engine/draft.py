@@ -59,6 +59,7 @@ class DraftSequence:
     request_id: str  # the KV manager's name for it: the ask's key
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_in_vocab: int = 0  # a prefix of token_ids checked to be in the draft's vocabulary
     last_used: float = 0.0
 
 
@@ -118,12 +119,23 @@ class DraftEngine:
         else:
             keep, new = ask.num_kept, ask.token_ids
         seq.token_ids = seq.token_ids[:keep] + list(new)
+        seq.num_in_vocab = min(seq.num_in_vocab, keep)
         # the last token's KV is always (re)computed: its logits give the first proposal
         valid = min(seq.num_computed_tokens, keep, len(seq.token_ids) - 1)
         if valid < seq.num_computed_tokens:
             seq.num_computed_tokens = valid
             self.kv.truncate(seq, valid)
         return seq
+
+    def _in_vocab(self, seq: DraftSequence) -> bool:
+        """Whether every token of the copy is one the draft knows (a target with a larger
+        vocabulary may produce others). Each token is checked once, not on every call: a long
+        sequence's whole list, every step, cost more than the step's new tokens."""
+        ids, n = seq.token_ids, seq.num_in_vocab
+        while n < len(ids) and 0 <= ids[n] < self.vocab_size:
+            n += 1
+        seq.num_in_vocab = n
+        return n == len(ids)
 
     def _reserve(self, seq: DraftSequence, k: int, busy: set[str]) -> bool:
         """KV slots for the uncomputed tail and k - 1 proposals, evicting idle sequences if needed."""
@@ -152,7 +164,7 @@ class DraftEngine:
             seq.last_used = now
             # proposal i sits at position len + i; positions must stay below the model length
             k = min(ask.k, self.max_model_len - len(seq.token_ids))
-            usable = k > 0 and not any(not 0 <= t < self.vocab_size for t in seq.token_ids)
+            usable = k > 0 and self._in_vocab(seq)
             if usable and self._reserve(seq, k, set(keys)):
                 active.append((seq, ask, k))
             else:

@@ -69,6 +69,20 @@ def test_batch_of_mixed_sequences_and_unknown(ckpt, greedy):
     assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
 
 
+def test_a_token_outside_the_drafts_vocabulary_stops_its_proposals_until_rolled_back(ckpt, greedy):
+    """A target with a larger vocabulary: the draft cannot read such a token, so it proposes
+    nothing while the token is in the sequence's copy, and again once the copy drops it."""
+    eng = draft_engine(ckpt)
+    first = eng.propose([DraftAsk("a", 0, PROMPT, 2)])[0]
+    seq = PROMPT + first.token_ids[:1]
+    outside = eng.vocab_size + 3
+    assert eng.propose([DraftAsk("a", len(seq), [outside], 2)])[0].token_ids == []
+    assert eng.propose([DraftAsk("a", len(seq) + 1, [5], 2)])[0].token_ids == []  # still in the copy
+    assert eng.propose([DraftAsk("a", len(seq), [5], 2)])[0].token_ids == greedy(seq + [5], 2)
+    assert eng.release(["a"]) == 1
+    assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
+
+
 def test_idle_sequences_are_freed_and_evicted_for_room(ckpt):
     now = [0.0]
     eng = draft_engine(ckpt, clock=lambda: now[0], num_blocks=8)
