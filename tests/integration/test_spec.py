@@ -251,6 +251,8 @@ async def test_draft_call_is_traced_across_services(tiny_model, draft_model):
     assert client and server
     assert client[0].attributes["tandem.request_ids"] == "traced"
     assert "tandem.spec_proposed" in client[0].attributes
+    # the decode worker prefilled the prompt itself: its first draft call went out as that step ended
+    assert client[0].attributes["tandem.prefetched"] is True
     assert {s.context.trace_id for s in server} <= {s.context.trace_id for s in client}
 
 
