@@ -1,8 +1,10 @@
 """The decode worker's proposers for speculative decoding: a draft model, or n-gram lookup.
 
 `DraftProposer` is the engine's Proposer over gRPC. The engine calls `propose(batch)` on its
-own thread once per step, so this is a blocking call on a synchronous channel, bounded by a
-short deadline (TANDEM_DRAFT_TIMEOUT_S). With TANDEM_DRAFT_MODEL the draft model runs in this
+own thread once per step: a call on a synchronous channel, bounded by a short deadline
+(TANDEM_DRAFT_TIMEOUT_S). When a step ends and the next one's batch is known, the engine calls
+`prefetch(batch)` first: the call goes out at once, the draft computes while the worker sends
+the step's tokens on, and the next `propose` of that batch only waits for the answer. With TANDEM_DRAFT_MODEL the draft model runs in this
 process instead (`InProcessDraft`): the same calls and delta protocol, answered on the engine
 thread, with no round trip and no other process to wait for. Whatever goes wrong (deadline,
 draft down, a bad answer), the step gets no proposals and decodes as usual; the draft is then left alone for
@@ -135,7 +137,7 @@ class _Answered(grpc.Future):
 class DraftProposer:
     """A Proposer backed by a draft model: the draft service at `address`, or `local`, a draft
     engine in this process answering the same calls without a network hop. Used from the
-    engine thread only."""
+    engine thread only (`close` aside)."""
 
     def __init__(
         self,
@@ -221,10 +223,11 @@ class DraftProposer:
                 self._failed(e)  # the draft frees them after its idle timeout anyway
 
     def close(self) -> None:
-        if self._pending is not None:
-            self._pending.future.cancel()
-            self._pending.span.end()
-            self._pending = None
+        """From another thread than the engine's, at shutdown: cancels a prefetched call still
+        out (the engine thread, should it step again, collects it as failed) and the channel."""
+        pending = self._pending
+        if pending is not None:
+            pending.future.cancel()
         if self._channel is not None:
             self._channel.close()
 
