@@ -42,6 +42,9 @@ class Proposer(Protocol):
         """The request ended: drop any state kept for it."""
         ...
 
+    # Optional: `prefetch(batch)`, called as a step ends with the next step's batch when it is
+    # already known; a remote proposer starts on it, and the next `propose` may get that batch.
+
 
 class NgramProposer:
     """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens and
