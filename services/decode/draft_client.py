@@ -4,9 +4,10 @@
 own thread once per step: a call on a synchronous channel, bounded by a short deadline
 (TANDEM_DRAFT_TIMEOUT_S). When a step ends and the next one's batch is known, the engine calls
 `prefetch(batch)` first: the call goes out at once, the draft computes while the worker sends
-the step's tokens on, and the next `propose` of that batch only waits for the answer. With TANDEM_DRAFT_MODEL the draft model runs in this
-process instead (`InProcessDraft`): the same calls and delta protocol, answered on the engine
-thread, with no round trip and no other process to wait for. Whatever goes wrong (deadline,
+the step's tokens on, and the next `propose` of that batch only waits for the answer. With
+TANDEM_DRAFT_MODEL the draft model runs in this process instead (`InProcessDraft`): the same
+calls and delta protocol, answered on the engine thread, with no round trip and no other
+process to wait for. Whatever goes wrong (deadline,
 draft down, a bad answer), the step gets no proposals and decodes as usual; the draft is then left alone for
 TANDEM_DRAFT_RETRY_S, so a dead draft costs nothing per step, and tried again after that.
 The client's output never depends on it: verification keeps greedy outputs exact and sampled
@@ -181,6 +182,9 @@ class DraftProposer:
     def propose(self, batch: list[ProposalRequest]) -> dict[str, Proposal]:
         pending, self._pending = self._pending, None
         if self._clock() < self._retry_at:
+            if pending is not None:  # sent before a failure: left to the draft's idle timeout
+                pending.future.cancel()
+                pending.span.end()
             return {}
         try:
             if pending is not None:
@@ -262,10 +266,14 @@ class DraftProposer:
         self.num_calls += 1
         metadata = inject_context(trace.set_span_in_context(span))
         started = time.perf_counter()
-        if self.local is not None:  # answered here and now
-            future: grpc.Future = _Answered(self.local.Propose(request))
-        else:
-            future = self._stub.Propose.future(request, timeout=self._timeout_s, metadata=metadata)
+        try:
+            if self.local is not None:  # answered here and now
+                future: grpc.Future = _Answered(self.local.Propose(request))
+            else:
+                future = self._stub.Propose.future(request, timeout=self._timeout_s, metadata=metadata)
+        except Exception as e:
+            _end_failed(span, e)
+            raise
         observe = self._telemetry.metrics.spec_draft_call_seconds.observe
         future.add_done_callback(lambda f: f.exception() is None and observe(time.perf_counter() - started))
         return _Call(batch, [len(r.token_ids) for r in batch], released, future, span)
@@ -294,15 +302,11 @@ class DraftProposer:
                 if proposal is not None:
                     out[req.request_id] = proposal
             annotate(span, spec_proposed=sum(len(p.token_ids) for p in out.values()))
-            return out
         except Exception as e:
-            if isinstance(e, grpc.Call):
-                span.set_attribute(RPC_GRPC_STATUS_CODE, e.code().value[0])
-            span.record_exception(e)
-            span.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"))
+            _end_failed(span, e)
             raise
-        finally:
-            span.end()
+        span.end()
+        return out
 
     def _settle(self) -> None:
         """Collects a prefetched call nobody took, so that the bookkeeping follows the draft."""
@@ -358,6 +362,15 @@ class DraftProposer:
                 self._retry_s,
             )
             self._failing = True
+
+
+def _end_failed(span: trace.Span, e: Exception) -> None:
+    """Ends a draft call's span with the error that ended the call."""
+    if isinstance(e, grpc.Call):
+        span.set_attribute(RPC_GRPC_STATUS_CODE, e.code().value[0])
+    span.record_exception(e)
+    span.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"))
+    span.end()
 
 
 class SpecTally:

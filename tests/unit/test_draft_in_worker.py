@@ -64,3 +64,25 @@ def test_the_in_process_draft_proposes_and_releases_through_the_delta_protocol(c
     s = engine.stats()
     assert s.num_sequences == 0 and s.num_free_blocks == s.num_total_blocks
     proposer.close()
+
+
+def test_a_failing_draft_call_ends_its_span_as_an_error_and_decoding_goes_on(ckpt):
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    class BrokenDraft(InProcessDraft):
+        def Propose(self, request, timeout=None, metadata=None):  # noqa: N802
+            raise RuntimeError("draft exploded")
+
+    exporter = InMemorySpanExporter()
+    telemetry = setup_telemetry(TelemetryConfig(service_name="t"), set_global=False, configure_logs=False,
+                                span_processors=[SimpleSpanProcessor(exporter)])
+    proposer = DraftProposer("", local=BrokenDraft(None), vocab_size=64, timeout_s=1.0, retry_s=1.0,
+                             telemetry=telemetry)
+    greedy = SamplingParams(temperature=0.0, max_tokens=8)
+    assert proposer.propose([ProposalRequest("r", [1, 2, 3], 2, greedy)]) == {}
+    assert proposer.num_failures == 1
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "draft propose" and span.status.status_code is StatusCode.ERROR
+    assert "draft exploded" in span.status.description
