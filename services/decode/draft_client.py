@@ -93,8 +93,9 @@ class _Call:
     batch: list[ProposalRequest]
     lengths: list[int]  # each sequence's token count when sent
     released: list[str]  # the releases it carries
-    future: grpc.Future
     span: trace.Span
+    answer: Callable[[], draft_pb2.ProposeResponse]  # waits for the response (raises what failed the call)
+    cancel: Callable[[], object]
 
     def serves(self, batch: list[ProposalRequest]) -> bool:
         """Its answer is this batch's: the same sequences, at the same lengths, asking as many."""
@@ -102,37 +103,6 @@ class _Call:
             a.request_id == b.request_id and len(a.token_ids) == n and a.num_tokens == b.num_tokens
             for a, b, n in zip(batch, self.batch, self.lengths, strict=True)
         )
-
-
-class _Answered(grpc.Future):
-    """The done future of a call answered on the spot (the draft in this process)."""
-
-    def __init__(self, response: draft_pb2.ProposeResponse):
-        self._response = response
-
-    def cancel(self) -> bool:
-        return False
-
-    def cancelled(self) -> bool:
-        return False
-
-    def running(self) -> bool:
-        return False
-
-    def done(self) -> bool:
-        return True
-
-    def result(self, timeout=None) -> draft_pb2.ProposeResponse:
-        return self._response
-
-    def exception(self, timeout=None):
-        return None
-
-    def traceback(self, timeout=None):
-        return None
-
-    def add_done_callback(self, fn) -> None:
-        fn(self)
 
 
 class DraftProposer:
@@ -183,7 +153,7 @@ class DraftProposer:
         pending, self._pending = self._pending, None
         if self._clock() < self._retry_at:
             if pending is not None:  # sent before a failure: left to the draft's idle timeout
-                pending.future.cancel()
+                pending.cancel()
                 pending.span.end()
             return {}
         try:
@@ -231,7 +201,7 @@ class DraftProposer:
         out (the engine thread, should it step again, collects it as failed) and the channel."""
         pending = self._pending
         if pending is not None:
-            pending.future.cancel()
+            pending.cancel()
         if self._channel is not None:
             self._channel.close()
 
@@ -266,24 +236,29 @@ class DraftProposer:
         self.num_calls += 1
         metadata = inject_context(trace.set_span_in_context(span))
         started = time.perf_counter()
+        observe = self._telemetry.metrics.spec_draft_call_seconds.observe
         try:
             if self.local is not None:  # answered here and now
-                future: grpc.Future = _Answered(self.local.Propose(request))
+                response = self.local.Propose(request)
+                observe(time.perf_counter() - started)
+                answer, cancel = (lambda: response), (lambda: None)
             else:
                 future = self._stub.Propose.future(request, timeout=self._timeout_s, metadata=metadata)
+                future.add_done_callback(
+                    lambda f: f.cancelled() or f.exception() is not None or observe(time.perf_counter() - started)
+                )
+                answer, cancel = future.result, future.cancel
         except Exception as e:
             _end_failed(span, e)
             raise
-        observe = self._telemetry.metrics.spec_draft_call_seconds.observe
-        future.add_done_callback(lambda f: f.exception() is None and observe(time.perf_counter() - started))
-        return _Call(batch, [len(r.token_ids) for r in batch], released, future, span)
+        return _Call(batch, [len(r.token_ids) for r in batch], released, span, answer, cancel)
 
     def _collect(self, call: _Call) -> dict[str, Proposal]:
         """Waits for a call's answer and takes it into the delta bookkeeping: its proposals by
         request id, none for a sequence released since it was sent."""
         span = call.span
         try:
-            response = call.future.result()
+            response = call.answer()
             span.set_attribute(RPC_GRPC_STATUS_CODE, grpc.StatusCode.OK.value[0])
             self._delta.releases_delivered(call.released)
             if self._failing:

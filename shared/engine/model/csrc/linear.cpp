@@ -46,39 +46,31 @@ constexpr int64_t VW = 0;  // no vector unit we know: the Python side keeps torc
 #endif
 
 #if defined(__AVX512F__) || defined(TANDEM_AVX2)
-// Two weight rows at a time: 2 x M accumulators (M <= 8) stay in registers.
+// R (1 or 2) weight rows from row n against all M rows of x: R x M accumulators (M <= 8) stay in
+// registers, and each weight vector is loaded once for all M rows.
+template <int M, int R>
+inline void weight_rows(const float* x, const float* w, const float* b, float* y, int64_t N, int64_t K, int64_t n) {
+  vec acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = vzero();
+  for (int64_t k = 0; k < K; k += VW) {
+    vec v[R];
+    for (int r = 0; r < R; ++r) v[r] = vload(w + (n + r) * K + k);
+    for (int m = 0; m < M; ++m) {
+      const vec xv = vload(x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[r][m] = vfma(xv, v[r], acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) y[m * N + n + r] = vsum(acc[r][m]) + (b ? b[n + r] : 0.f);
+}
+
 template <int M>
 void small_linear_rows(const float* x, const float* w, const float* b, float* y, int64_t N, int64_t K,
                        int64_t n_begin, int64_t n_end) {
   int64_t n = n_begin;
-  for (; n + 2 <= n_end; n += 2) {
-    vec a0[M], a1[M];
-    for (int m = 0; m < M; ++m) a0[m] = a1[m] = vzero();
-    const float* w0 = w + n * K;
-    const float* w1 = w0 + K;
-    for (int64_t k = 0; k < K; k += VW) {
-      const vec v0 = vload(w0 + k), v1 = vload(w1 + k);
-      for (int m = 0; m < M; ++m) {
-        const vec xv = vload(x + m * K + k);
-        a0[m] = vfma(xv, v0, a0[m]);
-        a1[m] = vfma(xv, v1, a1[m]);
-      }
-    }
-    for (int m = 0; m < M; ++m) {
-      y[m * N + n] = vsum(a0[m]) + (b ? b[n] : 0.f);
-      y[m * N + n + 1] = vsum(a1[m]) + (b ? b[n + 1] : 0.f);
-    }
-  }
-  for (; n < n_end; ++n) {
-    vec a0[M];
-    for (int m = 0; m < M; ++m) a0[m] = vzero();
-    const float* w0 = w + n * K;
-    for (int64_t k = 0; k < K; k += VW) {
-      const vec v0 = vload(w0 + k);
-      for (int m = 0; m < M; ++m) a0[m] = vfma(vload(x + m * K + k), v0, a0[m]);
-    }
-    for (int m = 0; m < M; ++m) y[m * N + n] = vsum(a0[m]) + (b ? b[n] : 0.f);
-  }
+  for (; n + 2 <= n_end; n += 2) weight_rows<M, 2>(x, w, b, y, N, K, n);
+  if (n < n_end) weight_rows<M, 1>(x, w, b, y, N, K, n);
 }
 
 template <int M>
