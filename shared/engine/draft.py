@@ -54,6 +54,16 @@ class DraftResult:
     unknown: bool = False  # no copy of this sequence (or num_kept beyond it): send the whole list
 
 
+@dataclass
+class DraftBranch:
+    """One outcome of verifying a sequence's proposals (keep `num_kept` tokens of the copy, then
+    the target's `token_id`), and the draft's proposals after it."""
+
+    num_kept: int
+    token_id: int
+    token_ids: list[int]
+
+
 @dataclass(eq=False)
 class DraftSequence:
     request_id: str  # the KV manager's name for it: the ask's key
@@ -61,6 +71,12 @@ class DraftSequence:
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_in_vocab: int = 0  # a prefix of token_ids checked to be in the draft's vocabulary
     last_used: float = 0.0
+    # greedy proposals of the last call: each position's second choice (the likeliest token the
+    # target picks where it rejects that proposal); empty after any other change
+    alts: list[int] = field(default_factory=list)
+    # drafted ahead (draft_ahead): (num_kept, token) -> the copy that outcome would make, with
+    # the next proposals; its KV blocks share the sequence's. Dropped by the next call.
+    branches: dict[tuple[int, int], DraftSequence] = field(default_factory=dict)
 
 
 @dataclass
@@ -91,7 +107,9 @@ class DraftEngine:
         """Free these sequences; returns how many existed."""
         n = 0
         for key in keys:
-            if self.seqs.pop(key, None) is not None:
+            seq = self.seqs.pop(key, None)
+            if seq is not None:
+                self._drop_branches(seq)
                 self.kv.free(key)
                 n += 1
         return n
@@ -107,6 +125,9 @@ class DraftEngine:
     def _update(self, ask: DraftAsk) -> DraftSequence | None:
         """Apply the ask's delta to the copy; None when the copy is missing or too short."""
         seq = self.seqs.get(ask.key)
+        if seq is not None:
+            seq.alts = []
+            self._drop_branches(seq)
         if ask.num_kept == 0:
             if seq is None:
                 seq = self.seqs[ask.key] = DraftSequence(ask.key)
@@ -138,8 +159,12 @@ class DraftEngine:
         return n == len(ids)
 
     def _reserve(self, seq: DraftSequence, k: int, busy: set[str]) -> bool:
-        """KV slots for the uncomputed tail and k - 1 proposals, evicting idle sequences if needed."""
+        """KV slots for the uncomputed tail and k - 1 proposals, evicting idle sequences if needed
+        (branches drafted ahead go first)."""
         need = len(seq.token_ids) - seq.num_computed_tokens + k - 1
+        if not self.kv.allocate_slots(seq, need):
+            for other in self.seqs.values():
+                self._drop_branches(other)
         while not self.kv.allocate_slots(seq, need):
             idle = [s for s in self.seqs.values() if s.request_id not in busy]
             if not idle:
@@ -157,6 +182,10 @@ class DraftEngine:
         results: dict[str, DraftResult] = {}
         active: list[tuple[DraftSequence, DraftAsk, int]] = []
         for ask in asks:
+            adopted = self._adopt(ask)
+            if adopted is not None:
+                results[ask.key] = adopted
+                continue
             seq = self._update(ask)
             if seq is None:
                 results[ask.key] = DraftResult(ask.key, [], unknown=True)
@@ -173,20 +202,116 @@ class DraftEngine:
             results.update(self._run(active))
         return [results[k] for k in keys]
 
+    # -- drafting ahead -----------------------------------------------------------------
+    def draft_ahead(self, wanted: list[tuple[str, int]]) -> dict[str, list[DraftBranch]]:
+        """For each (key, n): the sequence's likely outcomes of verifying the greedy proposals it
+        just made, each drafted n proposals further. An outcome is "the first i proposals are
+        accepted, then the target picks the runner-up at proposal i" (i < k), or "all k are
+        accepted, then the target's token is the draft's own next choice". The branches stay
+        until the sequence's next call, which adopts the one its delta names (`propose`) and drops
+        the rest. Branch KV shares the sequence's full blocks; a branch that gets no free block
+        is left out (no sequence is evicted for one)."""
+        forks: list[tuple[DraftSequence, DraftSequence, int, int | None]] = []
+        active: list[tuple[DraftSequence, DraftAsk, int]] = []
+        for key, n in wanted:
+            seq = self.seqs.get(key)
+            if seq is None or not seq.alts or n < 1:
+                continue  # released since, sampled, or proposed nothing
+            self._drop_branches(seq)
+            base = len(seq.token_ids) - len(seq.alts)
+            outcomes = [(base + i, [alt]) for i, alt in enumerate(seq.alts)] + [(len(seq.token_ids), [])]
+            for i, (num_kept, extra) in enumerate(outcomes):
+                # the all-accepted outcome drafts one more: its first token is the guessed target token
+                k = min(n + (not extra), self.max_model_len - num_kept - len(extra))
+                if k < 1 + (not extra):
+                    continue
+                fork = self._fork(seq, f"ahead/{i}/{key}", num_kept, extra, k)
+                if fork is not None:
+                    forks.append((seq, fork, num_kept, extra[0] if extra else None))
+                    active.append((fork, DraftAsk(fork.request_id, 0, [], k), k))
+        if not active:
+            return {}
+        proposed = self._run(active)
+        out: dict[str, list[DraftBranch]] = {}
+        for seq, fork, num_kept, token in forks:
+            tokens = proposed[fork.request_id].token_ids
+            if token is None:  # all accepted: the guessed target token, then the proposals
+                token, tokens = tokens[0], tokens[1:]
+                fork.alts = fork.alts[1:]
+            seq.branches[(num_kept, token)] = fork
+            out.setdefault(seq.request_id, []).append(DraftBranch(num_kept, token, tokens))
+        return out
+
+    def _fork(self, seq: DraftSequence, key: str, num_kept: int, extra: list[int], k: int) -> DraftSequence | None:
+        """A branch of `seq`: its first num_kept tokens then `extra`, with KV slots for k
+        proposals. Full blocks of valid KV are shared; the partly valid one is copied."""
+        fork = DraftSequence(key, seq.token_ids[:num_kept] + extra, last_used=seq.last_used)
+        fork.num_in_vocab = len(fork.token_ids)  # the draft's own tokens
+        computed = fork.num_computed_tokens = min(seq.num_computed_tokens, num_kept, len(fork.token_ids) - 1)
+        table = self.kv.tables.get(seq.request_id, [])
+        full, partial = divmod(computed, self.kv.block_size)
+        blocks = table[:full]
+        if partial and self.kv.pool.num_free < 1:
+            return None
+        self.kv.pool.touch(blocks)
+        if partial:
+            (copy,) = self.kv.pool.allocate(1)
+            self.runner.copy_block(table[full].block_id, copy.block_id)
+            blocks = blocks + [copy]
+        self.kv.tables[key] = blocks
+        if not self.kv.allocate_slots(fork, len(fork.token_ids) - computed + k - 1):
+            self.kv.free(key)
+            return None
+        return fork
+
+    def _adopt(self, ask: DraftAsk) -> DraftResult | None:
+        """The ask's delta is an outcome drafted ahead, and it wants no more proposals than that
+        branch has: the branch becomes the sequence's copy, and its proposals the answer."""
+        seq = self.seqs.get(ask.key)
+        if seq is None or not seq.branches or len(ask.token_ids) != 1 or ask.params is not None:
+            return None
+        fork = seq.branches.pop((ask.num_kept, ask.token_ids[0]), None)
+        if fork is None:
+            return None
+        outcome = ask.num_kept + 1
+        proposals = fork.token_ids[outcome:]
+        if not 0 < ask.k <= len(proposals):
+            self.kv.free(fork.request_id)
+            return None
+        self._drop_branches(seq)
+        self.kv.free(seq.request_id)
+        self.kv.tables[seq.request_id] = self.kv.tables.pop(fork.request_id)
+        seq.token_ids = fork.token_ids[: outcome + ask.k]
+        seq.alts = fork.alts[: ask.k]
+        seq.num_in_vocab = len(seq.token_ids)
+        seq.num_computed_tokens = min(fork.num_computed_tokens, len(seq.token_ids) - 1)
+        self.kv.truncate(seq, seq.num_computed_tokens)
+        seq.last_used = self._clock()
+        return DraftResult(ask.key, proposals[: ask.k])
+
+    def _drop_branches(self, seq: DraftSequence) -> None:
+        for fork in seq.branches.values():
+            self.kv.free(fork.request_id)
+        seq.branches.clear()
+
     @torch.inference_mode()
     def _run(self, active: list[tuple[DraftSequence, DraftAsk, int]]) -> dict[str, DraftResult]:
         logits = self._extend([seq for seq, _, _ in active])  # key -> [V] at each last token
         proposed: dict[str, list[int]] = {seq.request_id: [] for seq, _, _ in active}
         probs: dict[str, list[torch.Tensor]] = {seq.request_id: [] for seq, _, _ in active}
         running = active
+        for seq, _, _ in active:
+            seq.alts = []
         for i in range(max(k for _, _, k in active)):
             running = [(s, a, k) for s, a, k in running if k > i]
-            tokens, q = self._choose(running, torch.stack([logits[s.request_id] for s, _, _ in running]))
-            for (seq, _, _), token, q_row in zip(running, tokens, q, strict=True):
+            tokens, q, alts = self._choose(running, torch.stack([logits[s.request_id] for s, _, _ in running]))
+            for (seq, _, _), token, q_row, alt in zip(running, tokens, q, alts, strict=True):
                 seq.token_ids.append(token)
                 proposed[seq.request_id].append(token)
                 if q_row is not None:
                     probs[seq.request_id].append(q_row)
+                if alt is not None:
+                    seq.alts.append(alt)
             running = [(s, a, k) for s, a, k in running if k > i + 1]
             if not running:
                 break
@@ -232,17 +357,19 @@ class DraftEngine:
             todo = [s for s in todo if s.request_id not in out]
         return out
 
-    def _choose(self, running, logits: torch.Tensor) -> tuple[list[int], list[torch.Tensor | None]]:
-        """logits: [B, V] -> one proposal per sequence, and the q it was drawn from (None: greedy)."""
+    def _choose(self, running, logits: torch.Tensor) -> tuple[list[int], list[torch.Tensor | None], list[int | None]]:
+        """logits: [B, V] -> one proposal per sequence, the q it was drawn from (None: greedy),
+        and the runner-up of a greedy one (None: sampled)."""
         tokens: list[int] = [0] * len(running)
         q: list[torch.Tensor | None] = [None] * len(running)
+        alts: list[int | None] = [None] * len(running)
         rows = [SamplingRow(a.params or GREEDY, s.token_ids, len(s.token_ids)) for s, a, _ in running]
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if greedy:
             scores = target_distribution(logits[greedy].float(), [rows[i] for i in greedy])
-            for i, t in zip(greedy, scores.argmax(dim=-1).tolist(), strict=True):
-                tokens[i] = t
+            for i, (t, alt) in zip(greedy, scores.topk(2, dim=-1).indices.tolist(), strict=True):
+                tokens[i], alts[i] = t, alt
         if sampled:
             dist = target_distribution(logits[sampled].float(), [rows[i] for i in sampled]).cpu()  # [S, V]
             for j, i in enumerate(sampled):
@@ -250,7 +377,7 @@ class DraftEngine:
                 gen = self._generator if seed is None else row_generator(seed ^ _DRAFT_SEED_SALT, rows[i].output_index)
                 tokens[i] = int(torch.multinomial(dist[j], 1, generator=gen))
                 q[i] = dist[j]
-        return tokens, q
+        return tokens, q, alts
 
 
 def probs_to_bytes(probs: torch.Tensor) -> bytes:

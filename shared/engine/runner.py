@@ -108,6 +108,10 @@ class ModelRunner:
         else:
             self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
 
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one KV block's contents (every layer, keys and values) into another block."""
+        self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
+
     @torch.inference_mode()
     def forward(self, prefills: list[SeqInput], decodes: list[SeqInput], num_logits: list[int]) -> torch.Tensor:
         """Run one step over prefills (any number of new tokens each) then decodes (one each).
