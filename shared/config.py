@@ -484,6 +484,13 @@ class WorkerConfig(EngineSettings):
         "After a failed or late draft call, decode without the draft for this many seconds, then try again.",
         minimum=0,
     )
+    draft_ahead: bool = setting(
+        "TANDEM_DRAFT_AHEAD",
+        True,
+        "Decode worker with a draft service: while the target verifies a step's proposals, the draft drafts the "
+        "next step after each likely outcome (Draft.ProposeAhead), so that a step whose outcome it foresaw starts "
+        "without waiting for the draft. Greedy requests, batches of up to 4 speculating sequences; 0: off.",
+    )
 
     @property
     def speculation(self) -> str:

@@ -24,6 +24,8 @@ def ask_from_pb(client_id: str, s: draft_pb2.DraftSequence) -> DraftAsk:
         raise InvalidArgument(
             "num_proposals", f"must be in [1, {MAX_SPECULATIVE_TOKENS}], got {s.num_proposals}"
         )
+    if s.num_ahead > MAX_SPECULATIVE_TOKENS:
+        raise InvalidArgument("num_ahead", f"must be in [0, {MAX_SPECULATIVE_TOKENS}], got {s.num_ahead}")
     params = None
     if s.HasField("sampling"):
         params = sampling_from_pb(s.sampling)
@@ -49,6 +51,30 @@ def propose(engine: DraftEngine, request: draft_pb2.ProposeRequest) -> draft_pb2
     results = engine.propose(asks)
     return draft_pb2.ProposeResponse(
         proposals=[proposal_to_pb(s.sequence_id, r) for s, r in zip(request.sequences, results, strict=True)],
+        vocab_size=engine.vocab_size,
+    )
+
+
+def draft_ahead(engine: DraftEngine, request: draft_pb2.ProposeRequest) -> draft_pb2.ProposeResponse:
+    """ProposeAhead's second answer, after `propose` answered the same request (which checked
+    it): the branches of each greedy sequence that asked for them (every sequence has an entry,
+    in order)."""
+    wanted = []
+    for s in request.sequences:
+        if s.num_ahead and not s.HasField("sampling"):
+            wanted.append((sequence_key(request.client_id, s.sequence_id), s.num_ahead))
+    branches = engine.draft_ahead(wanted)
+    return draft_pb2.ProposeResponse(
+        proposals=[
+            draft_pb2.DraftProposal(
+                sequence_id=s.sequence_id,
+                branches=[
+                    draft_pb2.DraftBranch(num_kept_tokens=b.num_kept, token_id=b.token_id, token_ids=b.token_ids)
+                    for b in branches.get(sequence_key(request.client_id, s.sequence_id), [])
+                ],
+            )
+            for s in request.sequences
+        ],
         vocab_size=engine.vocab_size,
     )
 

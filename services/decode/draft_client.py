@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import torch
@@ -48,6 +48,9 @@ from shared.telemetry.tracing import start_span
 log = logging.getLogger(__name__)
 
 MAX_LOGGED_IDS = 32  # request ids put on one span
+# Draft ahead for at most this many sequences: the draft's work per call grows k + 1 times, and
+# the step it hides behind (the target's verification) grows far less with the batch.
+MAX_AHEAD_BATCH = 4
 
 
 def build_proposer(
@@ -70,6 +73,7 @@ def build_proposer(
             retry_s=config.draft_retry_s,
             telemetry=telemetry,
             tls=tls,
+            ahead=config.draft_ahead and local is None,
         )
     return None
 
@@ -88,7 +92,7 @@ def build_draft_engine(config: WorkerConfig) -> DraftEngine:
 
 @dataclass
 class _Call:
-    """A Propose call sent and not yet collected."""
+    """A Propose or ProposeAhead call sent and not yet collected."""
 
     batch: list[ProposalRequest]
     lengths: list[int]  # each sequence's token count when sent
@@ -96,6 +100,17 @@ class _Call:
     span: trace.Span
     answer: Callable[[], draft_pb2.ProposeResponse]  # waits for the response (raises what failed the call)
     cancel: Callable[[], object]
+    # ProposeAhead: waits for the second response, the branches (after `answer`)
+    branches: Callable[[], draft_pb2.ProposeResponse] | None = None
+    # request id -> its proposals, known at sending from a branch of the previous call
+    foreseen: dict[str, list[int]] = field(default_factory=dict)
+    started: float = 0.0
+    proposals: dict[str, Proposal] | None = None  # the answer, once taken in
+    timed: bool = False  # a ProposeAhead call's wait went into the histogram
+
+    @property
+    def all_foreseen(self) -> bool:
+        return len(self.foreseen) == len(self.batch)
 
     def serves(self, batch: list[ProposalRequest]) -> bool:
         """Its answer is this batch's: the same sequences, at the same lengths, asking as many."""
@@ -121,6 +136,7 @@ class DraftProposer:
         telemetry: Telemetry,
         clock: Callable[[], float] = time.monotonic,
         tls: Tls = PLAINTEXT,
+        ahead: bool = False,
     ):
         self.address = local.address if local is not None else address
         self.client_id = uuid.uuid4().hex[:16]  # this process's sequences, to the draft
@@ -142,27 +158,31 @@ class DraftProposer:
         self._stub = draft_pb2_grpc.DraftStub(self._channel) if local is None else local
         self._delta = DeltaTracker()
         self._pending: _Call | None = None  # a prefetched call not yet collected
+        self._ahead = ahead and local is None  # ProposeAhead: nothing to gain in this process
+        self._last: _Call | None = None  # the call whose proposals are verified now, branches unread
         self._retry_at = 0.0
         self._failing = False
         self.num_calls = 0
         self.num_failures = 0
         self.num_unused = 0  # prefetched calls whose step asked for another batch
+        self.num_foreseen = 0  # steps that took every proposal from a branch, without waiting
 
     # -- Proposer -----------------------------------------------------------------------
     def propose(self, batch: list[ProposalRequest]) -> dict[str, Proposal]:
         pending, self._pending = self._pending, None
         if self._clock() < self._retry_at:
-            if pending is not None:  # sent before a failure: left to the draft's idle timeout
-                pending.cancel()
-                pending.span.end()
+            for call in (pending, self._last):  # sent before a failure: left to the draft's idle timeout
+                if call is not None:
+                    self._abandon(call)
+            self._last = None
             return {}
         try:
             if pending is not None:
-                out = self._collect(pending)  # answered or not, the draft's copies moved with it
                 if pending.serves(batch):
-                    return out
+                    return self._take(pending)
+                self._finish(pending)  # answered or not, the draft's copies moved with it
                 self.num_unused += 1
-            return self._collect(self._send(batch))
+            return self._take(self._send(batch))
         except Exception as e:  # noqa: BLE001 - the engine thread must never fail for the draft
             self._failed(e)
             return {}
@@ -183,39 +203,55 @@ class DraftProposer:
         self._delta.release(request_id)
         released = self._delta.releases
         if not self._delta.tracked() and released and self._clock() >= self._retry_at:
-            # nothing left to speculate on: no next call would carry the releases. A prefetched
-            # call still out may name the sequence: let the draft answer it first.
+            # nothing left to speculate on: no next call would carry the releases. A call still
+            # out may name the sequence: let the draft answer it first.
             self._settle()
             try:
+                self._read_branches()
                 self._stub.Release(
                     draft_pb2.ReleaseRequest(client_id=self.client_id, sequence_ids=released),
                     timeout=self._timeout_s,
                     metadata=inject_context(),
                 )
                 self._delta.releases_delivered(released)
-            except grpc.RpcError as e:
+            except Exception as e:  # noqa: BLE001
                 self._failed(e)  # the draft frees them after its idle timeout anyway
 
     def close(self) -> None:
         """From another thread than the engine's, at shutdown: cancels a prefetched call still
         out (the engine thread, should it step again, collects it as failed) and the channel."""
-        pending = self._pending
-        if pending is not None:
-            pending.cancel()
+        for call in (self._pending, self._last):
+            if call is not None:
+                call.cancel()
         if self._channel is not None:
             self._channel.close()
 
     # -- the call -----------------------------------------------------------------------
     def _send(self, batch: list[ProposalRequest], prefetched: bool = False) -> _Call:
-        entries, accepted = [], 0
+        branches = self._read_branches()
+        ahead = self._ahead and len(batch) <= MAX_AHEAD_BATCH
+        entries, accepted, foreseen = [], 0, {}
         for req in batch:
             entry, prev_accepted = self._entry(req)
             entries.append(entry)
             accepted += prev_accepted
+            if entry.HasField("sampling"):
+                continue  # greedy sequences only
+            if ahead:
+                entry.num_ahead = max(req.max_tokens, req.num_tokens)
+            # the step's outcome is one the draft drafted ahead: it answers with that branch
+            if len(entry.token_ids) == 1 and entry.num_kept_tokens:
+                drafted = branches.get(req.request_id, {}).get((entry.num_kept_tokens, entry.token_ids[0]))
+                if drafted is not None and req.num_tokens <= len(drafted):
+                    foreseen[req.request_id] = drafted[: req.num_tokens]
         released = self._delta.releases
         request = draft_pb2.ProposeRequest(client_id=self.client_id, sequences=entries, released_ids=released)
         ids = [r.request_id for r in batch]
         self._delta.sent(ids)
+        for req in batch:  # the draft's copy, once it adopts the branch (its answer confirms it)
+            if req.request_id in foreseen:
+                self._delta.answered(req.request_id, req.token_ids, foreseen[req.request_id])
+        ahead = any(e.num_ahead for e in entries)
         # One call serves every speculating request: its span is a child of the oldest one's
         # (the batch is in arrival order) and links to each request's span.
         spans = [(rid, self._telemetry.request_spans.get(rid)) for rid in ids[:MAX_LOGGED_IDS]]
@@ -232,16 +268,22 @@ class DraftProposer:
             # verification results arrive with the next call: these are the previous call's
             spec_accepted=accepted,
             prefetched=prefetched,
+            foreseen=len(foreseen),
         )
         self.num_calls += 1
         metadata = inject_context(trace.set_span_in_context(span))
         started = time.perf_counter()
         observe = self._telemetry.metrics.spec_draft_call_seconds.observe
+        branches_of = None
         try:
             if self.local is not None:  # answered here and now
                 response = self.local.Propose(request)
                 observe(time.perf_counter() - started)
                 answer, cancel = (lambda: response), (lambda: None)
+            elif ahead:  # two responses on one stream: the proposals, then the branches
+                stream = self._stub.ProposeAhead(request, timeout=self._timeout_s, metadata=metadata)
+                answer = branches_of = lambda: next(stream)
+                cancel = stream.cancel
             else:
                 future = self._stub.Propose.future(request, timeout=self._timeout_s, metadata=metadata)
                 future.add_done_callback(
@@ -249,16 +291,39 @@ class DraftProposer:
                 )
                 answer, cancel = future.result, future.cancel
         except Exception as e:
+            self._forget(foreseen)
             _end_failed(span, e)
             raise
-        return _Call(batch, [len(r.token_ids) for r in batch], released, span, answer, cancel)
+        return _Call(batch, [len(r.token_ids) for r in batch], released, span, answer, cancel, branches_of,
+                     foreseen, started)
 
-    def _collect(self, call: _Call) -> dict[str, Proposal]:
-        """Waits for a call's answer and takes it into the delta bookkeeping: its proposals by
-        request id, none for a sequence released since it was sent."""
+    def _take(self, call: _Call) -> dict[str, Proposal]:
+        """The proposals of the call this step verifies: known already when a branch foresaw
+        every sequence's, else its answer. Its branches are read when the next call goes out."""
+        if call.all_foreseen:
+            self.num_foreseen += 1
+            self._time(call, 0.0)  # the step waited for nothing
+            out = {}
+            for req in call.batch:
+                proposal = self._proposal(req, call.foreseen[req.request_id], b"", self._vocab_size)
+                if proposal is not None:
+                    out[req.request_id] = proposal
+        else:
+            out = self._answer(call)
+        if call.branches is not None:
+            self._last = call
+        return out
+
+    def _answer(self, call: _Call) -> dict[str, Proposal]:
+        """Waits for a call's answer (once) and takes it into the delta bookkeeping: its
+        proposals by request id, none for a sequence released since it was sent. Ends the span
+        of a call with no branches to come."""
+        if call.proposals is not None:
+            return call.proposals
         span = call.span
         try:
             response = call.answer()
+            self._time(call, time.perf_counter() - call.started)
             span.set_attribute(RPC_GRPC_STATUS_CODE, grpc.StatusCode.OK.value[0])
             self._delta.releases_delivered(call.released)
             if self._failing:
@@ -278,10 +343,57 @@ class DraftProposer:
                     out[req.request_id] = proposal
             annotate(span, spec_proposed=sum(len(p.token_ids) for p in out.values()))
         except Exception as e:
+            self._forget(call.foreseen)
             _end_failed(span, e)
             raise
-        span.end()
+        call.proposals = out
+        if call.branches is None:
+            span.end()
         return out
+
+    def _time(self, call: _Call, seconds: float) -> None:
+        """Times a ProposeAhead call once, as its step waited for it (a Propose call times itself)."""
+        if call.branches is not None and not call.timed:
+            call.timed = True
+            self._telemetry.metrics.spec_draft_call_seconds.observe(seconds)
+
+    def _read_branches(self) -> dict[str, dict[tuple[int, int], list[int]]]:
+        """The branches of the call verified last (ProposeAhead's second response): request id ->
+        (num_kept, token) -> proposals; none if that call had none. Raises what failed it."""
+        call, self._last = self._last, None
+        return {} if call is None else self._finish(call)
+
+    def _finish(self, call: _Call) -> dict[str, dict[tuple[int, int], list[int]]]:
+        """Takes a call's answer in, then its branches (if it has any), and ends its span."""
+        self._answer(call)
+        if call.branches is None:
+            return {}
+        try:
+            response = call.branches()
+        except Exception as e:
+            self._forget(call.foreseen)
+            _end_failed(call.span, e)
+            raise
+        out = {
+            prop.sequence_id: {(b.num_kept_tokens, b.token_id): list(b.token_ids) for b in prop.branches}
+            for prop in response.proposals
+            if prop.branches and self._delta.tracks(prop.sequence_id)
+        }
+        annotate(call.span, spec_branches=sum(len(b) for b in out.values()))
+        call.span.end()
+        return out
+
+    def _abandon(self, call: _Call) -> None:
+        """Drops a call without its answer (the draft may have taken it or not)."""
+        call.cancel()
+        self._forget(call.foreseen)
+        call.span.end()
+
+    def _forget(self, foreseen: dict[str, list[int]]) -> None:
+        """The bookkeeping took these sequences' branches as the draft's copies on sending; the
+        call failed, so whether the draft adopted them is unknown: send them whole next time."""
+        for request_id in foreseen:
+            self._delta.unknown(request_id)
 
     def _settle(self) -> None:
         """Collects a prefetched call nobody took, so that the bookkeeping follows the draft."""
@@ -289,7 +401,7 @@ class DraftProposer:
         if pending is not None:
             self.num_unused += 1
             try:
-                self._collect(pending)
+                self._finish(pending)
             except Exception as e:  # noqa: BLE001
                 self._failed(e)
 

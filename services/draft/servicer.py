@@ -39,6 +39,14 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         )
         return response
 
+    async def ProposeAhead(self, request: draft_pb2.ProposeRequest, context):
+        """Propose's answer at once; the branches once drafted, while the caller verifies."""
+        yield await self.Propose(request, context)
+        response = draft_calls.draft_ahead(self._engine, request)
+        self._on_change()
+        annotate(spec_branches=sum(len(p.branches) for p in response.proposals))
+        yield response
+
     async def Release(self, request: draft_pb2.ReleaseRequest, context) -> draft_pb2.ReleaseResponse:
         response = draft_calls.release(self._engine, request)
         self._on_change()

@@ -299,7 +299,7 @@ class LLMEngine:
             (self.spec_policy.planning_acceptance(r.spec_acceptance) for r, _ in caps))  # read only if the model runs
         # A seeded sampled request keeps its k: its draws depend on where steps begin, and its
         # output must not depend on timing. Greedy outputs do not depend on k at all.
-        asks = [ProposalRequest(r.request_id, r.all_token_ids, k if _k_fixed(r) else min(k, k_step), r.params)
+        asks = [ProposalRequest(r.request_id, r.all_token_ids, k if _k_fixed(r) else min(k, k_step), r.params, k)
                 for r, k in caps]
         return _ProposalPlan(_batch_key(decodes, num_prefill_tokens), k_step, [a for a in asks if a.num_tokens > 0])
 

@@ -25,6 +25,7 @@ class ProposalRequest:
     token_ids: list[int]  # prompt + output so far (the last one has no KV yet)
     num_tokens: int  # k: how many to propose at most
     params: SamplingParams
+    max_tokens: int = 0  # the most a later step may ask of it (its k before the step's policy); 0: num_tokens
 
 
 @dataclass

@@ -127,7 +127,7 @@ class Metrics:
         self.spec_draft_call_seconds = Histogram(
             "tandem_spec_draft_call_seconds",
             "Each draft call as the decode worker waits for it: the draft service, or its draft in-process "
-            "(one per speculating step).",
+            "(one per speculating step; 0 for a step whose proposals the draft had drafted ahead).",
             buckets=ITL_BUCKETS,
             registry=r,
         )

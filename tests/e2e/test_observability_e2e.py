@@ -257,7 +257,7 @@ def test_one_request_is_one_trace_continuing_the_clients(served):
     assert parent(prefill) is prefill_server and parent(kv_out) is prefill_server
     # draft: each call's client span under the decode server span, the draft's server span under it
     proposes = [s for s in spans if s["name"] == "draft propose"]
-    draft_servers = [s for s in spans if s["name"] == "tandem.v1.Draft/Propose"]
+    draft_servers = [s for s in spans if s["name"] in ("tandem.v1.Draft/Propose", "tandem.v1.Draft/ProposeAhead")]
     assert proposes and len(draft_servers) == len(proposes)
     assert all(parent(p) is decode_server and p["service"] == "tandem-decode" for p in proposes)
     assert all(parent(d)["name"] == "draft propose" and d["service"] == "tandem-draft" for d in draft_servers)

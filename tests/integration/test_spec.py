@@ -247,10 +247,13 @@ async def test_draft_call_is_traced_across_services(tiny_model, draft_model):
         await draft.stop(0.2)
     spans = exporter.get_finished_spans()
     client = [s for s in spans if s.name == "draft propose"]
-    server = [s for s in spans if s.name == "tandem.v1.Draft/Propose"]
+    # greedy, one sequence: every call drafts ahead (TANDEM_DRAFT_AHEAD is on by default)
+    server = [s for s in spans if s.name == "tandem.v1.Draft/ProposeAhead"]
     assert client and server
     assert client[0].attributes["tandem.request_ids"] == "traced"
     assert "tandem.spec_proposed" in client[0].attributes
+    assert all("tandem.spec_branches" in s.attributes for s in server)
+    assert all("tandem.foreseen" in s.attributes for s in client)
     # the decode worker prefilled the prompt itself: its first draft call went out as that step ended
     assert client[0].attributes["tandem.prefetched"] is True
     assert {s.context.trace_id for s in server} <= {s.context.trace_id for s in client}
