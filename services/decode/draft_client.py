@@ -244,6 +244,7 @@ class DraftProposer:
                 drafted = branches.get(req.request_id, {}).get((entry.num_kept_tokens, entry.token_ids[0]))
                 if drafted is not None and req.num_tokens <= len(drafted):
                     foreseen[req.request_id] = drafted[: req.num_tokens]
+
         released = self._delta.releases
         request = draft_pb2.ProposeRequest(client_id=self.client_id, sequences=entries, released_ids=released)
         ids = [r.request_id for r in batch]
@@ -302,6 +303,7 @@ class DraftProposer:
         every sequence's, else its answer. Its branches are read when the next call goes out."""
         if call.all_foreseen:
             self.num_foreseen += 1
+            self._telemetry.metrics.spec_draft_foreseen.inc()
             self._time(call, 0.0)  # the step waited for nothing
             out = {}
             for req in call.batch:

@@ -71,9 +71,9 @@ class DraftSequence:
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_in_vocab: int = 0  # a prefix of token_ids checked to be in the draft's vocabulary
     last_used: float = 0.0
-    # greedy proposals of the last call: each position's second choice (the likeliest token the
+    # greedy proposals of the last call: each position's runner-ups (the likeliest tokens the
     # target picks where it rejects that proposal); empty after any other change
-    alts: list[int] = field(default_factory=list)
+    alts: list[list[int]] = field(default_factory=list)
     # drafted ahead (draft_ahead): (num_kept, token) -> the copy that outcome would make, with
     # the next proposals; its KV blocks share the sequence's. Dropped by the next call.
     branches: dict[tuple[int, int], DraftSequence] = field(default_factory=dict)
@@ -87,7 +87,13 @@ class DraftStats:
 
 
 class DraftEngine:
-    def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        config: EngineConfig,
+        clock: Callable[[], float] = time.monotonic,
+        ahead_width: int = 2,
+        ahead_rows: int = 8,
+    ):
         if config.enable_prefix_caching:
             raise ValueError("the draft engine rolls KV back: enable_prefix_caching must be False")
         base = LLMEngine(config)  # loads the model and sizes the KV cache; its scheduler stays unused
@@ -101,6 +107,8 @@ class DraftEngine:
         self.seqs: dict[str, DraftSequence] = {}
         self._clock = clock
         self._generator = torch.Generator().manual_seed(config.seed)
+        self.ahead_width = ahead_width
+        self.ahead_rows = ahead_rows
 
     # -- state --------------------------------------------------------------------------
     def release(self, keys: Iterable[str]) -> int:
@@ -206,26 +214,33 @@ class DraftEngine:
     def draft_ahead(self, wanted: list[tuple[str, int]]) -> dict[str, list[DraftBranch]]:
         """For each (key, n): the sequence's likely outcomes of verifying the greedy proposals it
         just made, each drafted n proposals further. An outcome is "the first i proposals are
-        accepted, then the target picks the runner-up at proposal i" (i < k), or "all k are
-        accepted, then the target's token is the draft's own next choice". The branches stay
+        accepted, then the target picks one of the draft's runner-ups at proposal i" (i < k; the
+        engine's `ahead_width` of them), or "all k are
+        accepted, then the target's token is the draft's own next choice". The likeliest of them
+        are drafted, `ahead_rows` in all (split among the sequences): the rows of one forward pass
+        that cost about as little as one (the CPU's small-row kernel takes up to 8). The branches stay
         until the sequence's next call, which adopts the one its delta names (`propose`) and drops
         the rest. Branch KV shares the sequence's full blocks; a branch that gets no free block
         is left out (no sequence is evicted for one)."""
         forks: list[tuple[DraftSequence, DraftSequence, int, int | None]] = []
         active: list[tuple[DraftSequence, DraftAsk, int]] = []
-        for key, n in wanted:
-            seq = self.seqs.get(key)
-            if seq is None or not seq.alts or n < 1:
-                continue  # released since, sampled, or proposed nothing
+        wanted = [(seq, n) for key, n in wanted if (seq := self.seqs.get(key)) is not None and seq.alts and n > 0]
+        for seq, n in wanted:  # (the others were released since, are sampled, or proposed nothing)
             self._drop_branches(seq)
             base = len(seq.token_ids) - len(seq.alts)
-            outcomes = [(base + i, [alt]) for i, alt in enumerate(seq.alts)] + [(len(seq.token_ids), [])]
-            for i, (num_kept, extra) in enumerate(outcomes):
+            # the likeliest outcomes first: all accepted, then each proposal's runner-up, then the next ones
+            outcomes = [(len(seq.token_ids), [])] + [
+                (base + i, [alts[rank]])
+                for rank in range(self.ahead_width)
+                for i, alts in enumerate(seq.alts)
+                if rank < len(alts)
+            ]
+            for i, (num_kept, extra) in enumerate(outcomes[: max(1, self.ahead_rows // len(wanted))]):
                 # the all-accepted outcome drafts one more: its first token is the guessed target token
                 k = min(n + (not extra), self.max_model_len - num_kept - len(extra))
                 if k < 1 + (not extra):
                     continue
-                fork = self._fork(seq, f"ahead/{i}/{key}", num_kept, extra, k)
+                fork = self._fork(seq, f"ahead/{i}/{seq.request_id}", num_kept, extra, k)
                 if fork is not None:
                     forks.append((seq, fork, num_kept, extra[0] if extra else None))
                     active.append((fork, DraftAsk(fork.request_id, 0, [], k), k))
@@ -357,18 +372,19 @@ class DraftEngine:
             todo = [s for s in todo if s.request_id not in out]
         return out
 
-    def _choose(self, running, logits: torch.Tensor) -> tuple[list[int], list[torch.Tensor | None], list[int | None]]:
+    def _choose(self, running, logits: torch.Tensor) -> tuple[list[int], list[torch.Tensor | None], list[list[int] | None]]:
         """logits: [B, V] -> one proposal per sequence, the q it was drawn from (None: greedy),
-        and the runner-up of a greedy one (None: sampled)."""
+        and the runner-ups of a greedy one (None: sampled)."""
         tokens: list[int] = [0] * len(running)
         q: list[torch.Tensor | None] = [None] * len(running)
-        alts: list[int | None] = [None] * len(running)
+        alts: list[list[int] | None] = [None] * len(running)
         rows = [SamplingRow(a.params or GREEDY, s.token_ids, len(s.token_ids)) for s, a, _ in running]
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if greedy:
             scores = target_distribution(logits[greedy].float(), [rows[i] for i in greedy])
-            for i, (t, alt) in zip(greedy, scores.topk(2, dim=-1).indices.tolist(), strict=True):
+            ranked = scores.topk(min(1 + self.ahead_width, scores.shape[-1]), dim=-1).indices.tolist()
+            for i, (t, *alt) in zip(greedy, ranked, strict=True):
                 tokens[i], alts[i] = t, alt
         if sampled:
             dist = target_distribution(logits[sampled].float(), [rows[i] for i in sampled]).cpu()  # [S, V]

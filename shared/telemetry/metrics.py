@@ -131,6 +131,12 @@ class Metrics:
             buckets=ITL_BUCKETS,
             registry=r,
         )
+        self.spec_draft_foreseen = Counter(
+            "tandem_spec_draft_foreseen_calls",
+            "Draft calls whose proposals the draft service had drafted ahead (TANDEM_DRAFT_AHEAD): their step "
+            "took them without waiting.",
+            registry=r,
+        )
         self.spec_steps = Counter(
             "tandem_spec_steps",
             "Decode steps that could speculate, by k: the drafts per sequence the speculation policy chose "

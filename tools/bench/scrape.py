@@ -6,6 +6,8 @@ difference, so warm-up traffic and earlier runs do not count:
     prefix_cache_hit_ratio = d(tandem_prefix_cache_hit_tokens) / d(tandem_prefix_cache_queried_tokens)
                              summed over the workers
     spec_acceptance_rate   = d(tandem_spec_accepted_tokens) / d(tandem_spec_proposed_tokens)
+    spec_foreseen_share    = d(tandem_spec_draft_foreseen_calls) / d(tandem_spec_draft_call_seconds_count):
+                             the draft calls a step took without waiting, drafted ahead
     spec_mean_k            = sum over k of k d(tandem_spec_steps{k}) / d(tandem_spec_steps): the drafts
                              per sequence the decode workers' policy chose, over the steps that could speculate
     usd_per_million_tokens = sum over services of d(tandem_gpu_cost_usd)
@@ -98,6 +100,8 @@ def service_figures(before: dict[str, Scrape | None], after: dict[str, Scrape | 
     accepted = _sum_deltas(before, after, workers, "tandem_spec_accepted_tokens_total")
     proposed = _sum_deltas(before, after, workers, "tandem_spec_proposed_tokens_total")
     draft_s = _sum_deltas(before, after, workers, "tandem_spec_draft_call_seconds_sum")
+    draft_calls = _sum_deltas(before, after, workers, "tandem_spec_draft_call_seconds_count")
+    foreseen = _sum_deltas(before, after, workers, "tandem_spec_draft_foreseen_calls_total")
     cost = _sum_deltas(before, after, services, "tandem_gpu_cost_usd")
     generated = _delta(before.get("scheduler"), after.get("scheduler"), "tandem_generation_tokens_total")
     if not generated:
@@ -116,6 +120,7 @@ def service_figures(before: dict[str, Scrape | None], after: dict[str, Scrape | 
         # seconds of draft calls per proposed token, as the decode workers waited for them
         "spec_draft_s_per_proposed": _ratio(draft_s, proposed),
         "spec_mean_k": _mean_label(before, after, workers, "tandem_spec_steps_total", "k"),
+        "spec_foreseen_share": _ratio(foreseen, draft_calls),
         "gpu_hour_price_usd": price,
         "usd_per_million_generated_tokens": None if cost is None else _ratio(cost * 1e6, generated),
         "scheduler_cpu_ms_per_token": _ratio(
@@ -139,6 +144,7 @@ SERVICE_FIGURE_KEYS = (
     "spec_accepted_tokens",
     "spec_draft_s_per_proposed",
     "spec_mean_k",
+    "spec_foreseen_share",
     "gpu_hour_price_usd",
     "usd_per_million_generated_tokens",
     "scheduler_cpu_ms_per_token",

@@ -3,20 +3,23 @@ baseline and against Leviathan et al.'s formula, in one run.
 
     python -m tools.bench spec --model models/tandem-demo-code/target
 
-Runs the serving benchmark (tools/bench/serve.py) on four configurations of the same stack:
-`agg` (no speculation), `agg-spec` (the draft service, k chosen per step by the engine's
-policy, shared/engine/spec_policy.py), `agg-spec-fixed` (the draft service, always k) and
-`agg-spec-local` (the same draft model inside the decode worker, TANDEM_DRAFT_MODEL, adaptive k), each at
-concurrency 1 (the c1 workload: held-out Python source) and at saturation (the mixed workload,
-all requests at once). The four stacks run side by side and take turns on each repeat, with the
-same prompts (serve's --interleave-configs): on a host whose speed drifts over minutes, running
-one configuration after another puts the drift into the ratios. Then, in this process, with one
+Runs the serving benchmark (tools/bench/serve.py) on five configurations of the same stack:
+`agg` (no speculation), `agg-spec` (the default: the draft service, drafting ahead while the
+target verifies, k chosen per step by the engine's policy, shared/engine/spec_policy.py),
+`agg-spec-fixed` (the same, always k), `agg-spec-noahead` (the draft service without drafting
+ahead, TANDEM_DRAFT_AHEAD=0, adaptive k) and `agg-spec-local` (the same draft model inside the
+decode worker, TANDEM_DRAFT_MODEL, adaptive k), each at concurrency 1 (the c1 workload: held-out
+Python source) and at saturation (the mixed workload, all requests at once). The stacks run side
+by side and take turns on each repeat, with the same prompts (serve's --interleave-configs): on a
+host whose speed drifts over minutes, running one configuration after another puts the drift
+into the ratios. Then, in this process, with one
 torch thread as the services run, before the serving runs and after them (averaged):
 the cost of a batch-1 decode step of the draft and of the target, whose ratio is c. The
 per-token acceptance rate a is solved from the fixed-k run's accepted / proposed drafts
 (for i.i.d. acceptance, E[accepted per step] = a (1 - a^k) / (1 - a)). Leviathan et al.'s
 predicted speedup is E(k) / (1 + k c), E(k) = (1 - a^(k+1)) / (1 - a), at the configured k and
-at the best k <= it.
+at the best k <= it. The formula assumes the draft runs before the target, step by step; a
+draft that drafts ahead runs beside it, and can beat it.
 
 Prints and writes (--out-dir) spec.md and spec.json: TPOT and output throughput with and
 without speculation at concurrency 1 and at saturation, the ratios, a, c and the prediction.
@@ -35,8 +38,8 @@ from shared.engine.spec_policy import expected_tokens, leviathan_speedup
 
 from .topology import draft_model_dir
 
-CONFIGS = ("agg", "agg-spec", "agg-spec-fixed", "agg-spec-local")
-SPECULATING = ("agg-spec", "agg-spec-fixed", "agg-spec-local")
+CONFIGS = ("agg", "agg-spec", "agg-spec-fixed", "agg-spec-noahead", "agg-spec-local")
+SPECULATING = ("agg-spec", "agg-spec-fixed", "agg-spec-noahead", "agg-spec-local")
 
 
 def add_parser(sub) -> None:
@@ -135,6 +138,8 @@ def summarize(result: dict, costs: dict, k: int) -> dict:
             # the drafts per sequence the policy chose, over the steps that could speculate
             "c1_mean_k": get(system, "c1", "spec_mean_k"),
             "sat_mean_k": get(system, "mixed", "spec_mean_k"),
+            # the draft calls a c1 step took without waiting (drafted ahead)
+            "c1_foreseen": get(system, "c1", "spec_foreseen_share"),
         }
     ratio = lambda a, b: (a / b) if a and b else None  # noqa: E731
     base = rows["agg"]
@@ -227,20 +232,20 @@ def markdown(s: dict) -> str:
         f"load average (1 min) {machine.get('loadavg_1m_before')} before, {machine.get('loadavg_1m_after')} after.",
         "",
         "| configuration | c1 TPOT ms | c1 tok/s | saturation TPOT ms | saturation tok/s | acceptance c1 / sat "
-        "| mean k c1 / sat |",
-        "|---|---|---|---|---|---|---|",
+        "| mean k c1 / sat | drafted ahead, c1 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         lines.append(
             f"| {name} | {_fmt(r['c1_tpot_ms'], 1)} | {_fmt(r['c1_throughput'], 1)} | {_fmt(r['sat_tpot_ms'], 1)} "
             f"| {_fmt(r['sat_throughput'], 1)} | {_fmt(r['c1_acceptance'])} / {_fmt(r['sat_acceptance'])} "
-            f"| {_fmt(r['c1_mean_k'])} / {_fmt(r['sat_mean_k'])} |"
+            f"| {_fmt(r['c1_mean_k'])} / {_fmt(r['sat_mean_k'])} | {_fmt(r.get('c1_foreseen'))} |"
         )
     lines += [
         "",
         "| ratio (with the draft / without) | draft service, adaptive k | draft service, fixed k "
-        "| draft in the decode worker, adaptive k | goal |",
-        "|---|---|---|---|---|",
+        "| draft service, adaptive k, no drafting ahead | draft in the decode worker, adaptive k | goal |",
+        "|---|---|---|---|---|---|",
     ]
     for key, label, goal in (
         ("c1_tpot_speedup", "TPOT speedup at concurrency 1", ">= 1.3x and >= 0.8 of the formula"),
@@ -263,7 +268,9 @@ def markdown(s: dict) -> str:
         f"{_fmt(f.get('speedup_at_k'), 2, 'x')} at k = {s['k']}, {_fmt(f.get('speedup_at_best_k'), 2, 'x')} at the "
         f"best k = {f.get('best_k', 'n/a')}. Measured / predicted (adaptive, c1): draft service "
         + _fmt(_of_formula(ratios, "agg-spec", f.get("speedup_at_best_k")), 2)
-        + ", draft in the decode worker "
+        + " (without drafting ahead "
+        + _fmt(_of_formula(ratios, "agg-spec-noahead", f.get("speedup_at_best_k")), 2)
+        + "), draft in the decode worker "
         + _fmt(_of_formula(ratios, "agg-spec-local", f.get("speedup_at_best_k")), 2)
         + f"; wall time {s.get('wall_s')} s.",
     ]
