@@ -563,6 +563,14 @@ class DraftConfig(EngineSettings):
         "Free a sequence's state when no call mentioned it for this long (its decode worker died or forgot).",
         minimum=0.1,
     )
+    ahead_rows: int = setting(
+        "TANDEM_DRAFT_AHEAD_ROWS",
+        5,
+        "Draft.ProposeAhead: how many outcomes of a call's verification the draft drafts ahead (split among its "
+        "sequences), likeliest first: all proposals accepted, then each proposal's runner-up, then the next "
+        "runner-ups. The rows of one forward pass: on a GPU nearly free, on a CPU each costs.",
+        minimum=1,
+    )
 
     def validate(self) -> None:
         self._validate_engine()

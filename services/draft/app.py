@@ -40,7 +40,7 @@ def build_engine(config: DraftConfig) -> DraftEngine:
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
     try:
-        return DraftEngine(EngineConfig(**config.engine_kwargs()))
+        return DraftEngine(EngineConfig(**config.engine_kwargs()), ahead_rows=config.ahead_rows)
     except (ModelLoadError, FileNotFoundError) as e:
         raise ConfigError(f"TANDEM_MODEL: {e}") from None
     except KVCacheTooSmall as e:

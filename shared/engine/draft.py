@@ -35,6 +35,7 @@ from .sampler import SamplingRow, row_generator, target_distribution
 # the same (seed, position): the acceptance test needs u independent of the draft's choice.
 _DRAFT_SEED_SALT = 0x5DEECE66D
 GREEDY = SamplingParams(temperature=0.0)
+MAX_AHEAD_WIDTH = 3  # runner-ups per proposal that draft_ahead may branch on
 
 
 @dataclass
@@ -91,8 +92,7 @@ class DraftEngine:
         self,
         config: EngineConfig,
         clock: Callable[[], float] = time.monotonic,
-        ahead_width: int = 2,
-        ahead_rows: int = 8,
+        ahead_rows: int = 5,
     ):
         if config.enable_prefix_caching:
             raise ValueError("the draft engine rolls KV back: enable_prefix_caching must be False")
@@ -107,8 +107,9 @@ class DraftEngine:
         self.seqs: dict[str, DraftSequence] = {}
         self._clock = clock
         self._generator = torch.Generator().manual_seed(config.seed)
-        self.ahead_width = ahead_width
         self.ahead_rows = ahead_rows
+        # runner-ups kept per greedy proposal: enough to fill the rows after the all-accepted one
+        self.ahead_width = min(MAX_AHEAD_WIDTH, max(1, ahead_rows - 1))
 
     # -- state --------------------------------------------------------------------------
     def release(self, keys: Iterable[str]) -> int:
@@ -214,11 +215,11 @@ class DraftEngine:
     def draft_ahead(self, wanted: list[tuple[str, int]]) -> dict[str, list[DraftBranch]]:
         """For each (key, n): the sequence's likely outcomes of verifying the greedy proposals it
         just made, each drafted n proposals further. An outcome is "the first i proposals are
-        accepted, then the target picks one of the draft's runner-ups at proposal i" (i < k; the
-        engine's `ahead_width` of them), or "all k are
-        accepted, then the target's token is the draft's own next choice". The likeliest of them
-        are drafted, `ahead_rows` in all (split among the sequences): the rows of one forward pass
-        that cost about as little as one (the CPU's small-row kernel takes up to 8). The branches stay
+        accepted, then the target picks one of the draft's runner-ups at proposal i" (i < k), or
+        "all k are accepted, then the target's token is the draft's own next choice". The likeliest
+        are drafted, `ahead_rows` in all (split among the sequences): all accepted, then each
+        proposal's runner-up, then each one's next runner-up. (Ranking them by the draft's own
+        probabilities found fewer of the target's outcomes on the demo model.) The branches stay
         until the sequence's next call, which adopts the one its delta names (`propose`) and drops
         the rest. Branch KV shares the sequence's full blocks; a branch that gets no free block
         is left out (no sequence is evicted for one)."""
