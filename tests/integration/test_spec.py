@@ -93,10 +93,11 @@ def check_usage(usage: common_pb2.Usage, k: int | None) -> None:
     )
 
 
-async def test_greedy_with_draft_service_equals_plain_decoding(tiny_model, draft_model, reference):
+@pytest.mark.parametrize("ahead", [True, False], ids=["drafting-ahead", "propose-only"])
+async def test_greedy_with_draft_service_equals_plain_decoding(tiny_model, draft_model, reference, ahead):
     draft = await start_draft(draft_model)
     # a generous draft deadline: on a loaded machine a missed one would (correctly) skip speculation
-    decode = dict(draft_addr=draft.address, draft_timeout_s=30.0)
+    decode = dict(draft_addr=draft.address, draft_timeout_s=30.0, draft_ahead=ahead)
     cluster = await start_cluster(tiny_model, decode_overrides=decode)
     try:
         results = await generate_all(cluster, REQUESTS)
@@ -118,6 +119,10 @@ async def test_greedy_with_draft_service_equals_plain_decoding(tiny_model, draft
         calls -= proposer.num_unused
         assert calls >= max(1, sum(u.spec_verify_steps for u in usages) // len(usages))
         assert registry.get_sample_value("tandem_spec_draft_call_seconds_sum") > 0
+        # drafting ahead: some steps found their outcome drafted already, and took it without waiting
+        foreseen = registry.get_sample_value("tandem_spec_draft_foreseen_calls_total")
+        assert foreseen == proposer.num_foreseen and (foreseen > 0) == ahead
+        assert draft.servicer.num_calls == proposer.num_calls
         # the steps by the k the policy chose reach /metrics through the worker's stats sampler
         for _ in range(50):
             by_k = [registry.get_sample_value("tandem_spec_steps_total", {"k": str(k)}) or 0 for k in range(17)]
