@@ -486,10 +486,11 @@ class WorkerConfig(EngineSettings):
     )
     draft_ahead: bool = setting(
         "TANDEM_DRAFT_AHEAD",
-        True,
-        "Decode worker with a draft service: while the target verifies a step's proposals, the draft drafts the "
-        "next step after each likely outcome (Draft.ProposeAhead), so that a step whose outcome it foresaw starts "
-        "without waiting for the draft. Greedy requests, batches of up to 4 speculating sequences; 0: off.",
+        False,
+        "Decode worker with a draft service, experimental: while the target verifies a step's proposals, the draft "
+        "drafts the next step after each likely outcome (Draft.ProposeAhead), so that a step whose outcome it "
+        "foresaw starts without waiting for the draft. Greedy requests, batches of up to 4 speculating sequences. "
+        "Off by default: on a 2-core CPU host it gained nothing (docs/benchmarks.md); meant for a draft on its own GPU.",
     )
 
     @property

@@ -224,7 +224,8 @@ async def test_draft_restart_pauses_speculation_only(tiny_model, draft_model, re
             await replacement.stop(0.2)
 
 
-async def test_draft_call_is_traced_across_services(tiny_model, draft_model):
+@pytest.mark.parametrize("ahead", [False, True], ids=["propose", "drafting-ahead"])
+async def test_draft_call_is_traced_across_services(tiny_model, draft_model, ahead):
     exporter = InMemorySpanExporter()
 
     def telemetry(name):
@@ -239,7 +240,7 @@ async def test_draft_call_is_traced_across_services(tiny_model, draft_model):
     cluster = await start_cluster(
         tiny_model,
         num_prefill=0,
-        decode_overrides=dict(draft_addr=draft.address, draft_timeout_s=30.0),
+        decode_overrides=dict(draft_addr=draft.address, draft_timeout_s=30.0, draft_ahead=ahead),
         telemetry=telemetry,
     )
     try:
@@ -252,12 +253,12 @@ async def test_draft_call_is_traced_across_services(tiny_model, draft_model):
         await draft.stop(0.2)
     spans = exporter.get_finished_spans()
     client = [s for s in spans if s.name == "draft propose"]
-    # greedy, one sequence: every call drafts ahead (TANDEM_DRAFT_AHEAD is on by default)
-    server = [s for s in spans if s.name == "tandem.v1.Draft/ProposeAhead"]
+    # greedy, one sequence: with TANDEM_DRAFT_AHEAD every call drafts ahead
+    server = [s for s in spans if s.name == ("tandem.v1.Draft/ProposeAhead" if ahead else "tandem.v1.Draft/Propose")]
     assert client and server
     assert client[0].attributes["tandem.request_ids"] == "traced"
     assert "tandem.spec_proposed" in client[0].attributes
-    assert all("tandem.spec_branches" in s.attributes for s in server)
+    assert all(("tandem.spec_branches" in s.attributes) == ahead for s in server)
     assert all("tandem.foreseen" in s.attributes for s in client)
     # the decode worker prefilled the prompt itself: its first draft call went out as that step ended
     assert client[0].attributes["tandem.prefetched"] is True

@@ -4,10 +4,10 @@ baseline and against Leviathan et al.'s formula, in one run.
     python -m tools.bench spec --model models/tandem-demo-code/target
 
 Runs the serving benchmark (tools/bench/serve.py) on five configurations of the same stack:
-`agg` (no speculation), `agg-spec` (the default: the draft service, drafting ahead while the
-target verifies, k chosen per step by the engine's policy, shared/engine/spec_policy.py),
-`agg-spec-fixed` (the same, always k), `agg-spec-noahead` (the draft service without drafting
-ahead, TANDEM_DRAFT_AHEAD=0, adaptive k) and `agg-spec-local` (the same draft model inside the
+`agg` (no speculation), `agg-spec` (the default: the draft service, k chosen per step by the
+engine's policy, shared/engine/spec_policy.py), `agg-spec-fixed` (the draft service, always k),
+`agg-spec-ahead` (the draft service drafting ahead while the target verifies,
+TANDEM_DRAFT_AHEAD=1, adaptive k) and `agg-spec-local` (the same draft model inside the
 decode worker, TANDEM_DRAFT_MODEL, adaptive k), each at concurrency 1 (the c1 workload: held-out
 Python source) and at saturation (the mixed workload, all requests at once). The stacks run side
 by side and take turns on each repeat, with the same prompts (serve's --interleave-configs): on a
@@ -38,8 +38,8 @@ from shared.engine.spec_policy import expected_tokens, leviathan_speedup
 
 from .topology import draft_model_dir
 
-CONFIGS = ("agg", "agg-spec", "agg-spec-fixed", "agg-spec-noahead", "agg-spec-local")
-SPECULATING = ("agg-spec", "agg-spec-fixed", "agg-spec-noahead", "agg-spec-local")
+CONFIGS = ("agg", "agg-spec", "agg-spec-fixed", "agg-spec-ahead", "agg-spec-local")
+SPECULATING = ("agg-spec", "agg-spec-fixed", "agg-spec-ahead", "agg-spec-local")
 
 
 def add_parser(sub) -> None:
@@ -244,7 +244,7 @@ def markdown(s: dict) -> str:
     lines += [
         "",
         "| ratio (with the draft / without) | draft service, adaptive k | draft service, fixed k "
-        "| draft service, adaptive k, no drafting ahead | draft in the decode worker, adaptive k | goal |",
+        "| draft service, adaptive k, drafting ahead | draft in the decode worker, adaptive k | goal |",
         "|---|---|---|---|---|---|",
     ]
     for key, label, goal in (
@@ -268,8 +268,8 @@ def markdown(s: dict) -> str:
         f"{_fmt(f.get('speedup_at_k'), 2, 'x')} at k = {s['k']}, {_fmt(f.get('speedup_at_best_k'), 2, 'x')} at the "
         f"best k = {f.get('best_k', 'n/a')}. Measured / predicted (adaptive, c1): draft service "
         + _fmt(_of_formula(ratios, "agg-spec", f.get("speedup_at_best_k")), 2)
-        + " (without drafting ahead "
-        + _fmt(_of_formula(ratios, "agg-spec-noahead", f.get("speedup_at_best_k")), 2)
+        + " (drafting ahead "
+        + _fmt(_of_formula(ratios, "agg-spec-ahead", f.get("speedup_at_best_k")), 2)
         + "), draft in the decode worker "
         + _fmt(_of_formula(ratios, "agg-spec-local", f.get("speedup_at_best_k")), 2)
         + f"; wall time {s.get('wall_s')} s.",

@@ -35,7 +35,7 @@ class Configuration:
     # TANDEM_DRAFT_MODEL; as `tandem serve --spec`) or "ngram" (no model)
     speculation: str = ""
     adaptive: bool = True  # speculation: k per step from measured costs (TANDEM_SPEC_ADAPTIVE), or always k
-    ahead: bool = True  # the draft service drafts ahead while the target verifies (TANDEM_DRAFT_AHEAD)
+    ahead: bool = False  # the draft service drafts ahead while the target verifies (TANDEM_DRAFT_AHEAD)
 
     @property
     def proposer(self) -> str:
@@ -46,8 +46,8 @@ class Configuration:
         spec = SPECULATION[self.speculation]
         if self.speculation:
             spec += ", adaptive k" if self.adaptive else ", fixed k"
-            if self.speculation == "draft" and not self.ahead:
-                spec += ", no drafting ahead"
+            if self.speculation == "draft" and self.ahead:
+                spec += ", drafting ahead"
         return (
             f"{'1 prefill + 1 decode worker' if self.disaggregated else 'decode worker prefills'}, "
             f"prefix caching {'on' if self.prefix_caching else 'off'}, speculation {spec}"
@@ -63,7 +63,7 @@ CONFIGURATIONS = {
         Configuration("disagg-nocache", disaggregated=True, prefix_caching=False),
         Configuration("agg-spec", speculation="draft"),
         Configuration("agg-spec-fixed", speculation="draft", adaptive=False),
-        Configuration("agg-spec-noahead", speculation="draft", ahead=False),
+        Configuration("agg-spec-ahead", speculation="draft", ahead=True),
         Configuration("agg-spec-local", speculation="draft-in-worker"),
         Configuration("disagg-spec", disaggregated=True, speculation="draft"),
         Configuration("agg-ngram", speculation="ngram"),
