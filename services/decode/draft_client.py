@@ -440,6 +440,11 @@ class DraftProposer:
         return Proposal(tokens, q[: len(tokens)])
 
     def _failed(self, e: Exception) -> None:
+        if self._ahead and isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.UNIMPLEMENTED:
+            # a draft service from before ProposeAhead: plain Propose calls from now on
+            self._ahead = False
+            log.warning("draft service %s does not serve ProposeAhead: drafting without it", self.address)
+            return
         self.num_failures += 1
         self._retry_at = self._clock() + self._retry_s
         if not self._failing:

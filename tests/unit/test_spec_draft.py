@@ -5,6 +5,9 @@ proposals without waiting."""
 
 from __future__ import annotations
 
+import concurrent.futures
+
+import grpc
 import pytest
 import torch
 
@@ -246,12 +249,38 @@ class _Stream:
         return False
 
 
+class _Unimplemented(grpc.RpcError, grpc.Call):
+    """What a draft service from before ProposeAhead answers it with."""
+
+    def code(self):
+        return grpc.StatusCode.UNIMPLEMENTED
+
+    def details(self):
+        return "Method not found!"
+
+
+class _Answered:
+    """A unary method's `future`, answered already (the grpc.Future calls DraftProposer uses)."""
+
+    def __init__(self, call):
+        self._call = call
+
+    def future(self, request, timeout=None, metadata=None):
+        done = concurrent.futures.Future()
+        done.set_result(self._call(request))
+        return done
+
+
 class AheadStub:
     """The Draft stub, answered by a draft engine in this process: ProposeAhead's two responses."""
 
     def __init__(self, engine: DraftEngine):
         self.engine = engine
         self.requests: list[draft_pb2.ProposeRequest] = []
+
+    @property
+    def Propose(self):  # noqa: N802
+        return _Answered(lambda request: (self.requests.append(request), draft_calls.propose(self.engine, request))[1])
 
     def ProposeAhead(self, request, timeout=None, metadata=None):  # noqa: N802 (the proto's name)
         self.requests.append(request)
@@ -320,5 +349,26 @@ def test_a_failed_call_after_a_foreseen_step_resends_the_sequence_whole(ckpt, gr
         seq2, 4
     )
     assert stub.requests[-1].sequences[0].num_kept_tokens == 0  # whole, after the lost answer
+    proposer.release("r")
+    assert not eng.seqs and all_free(eng)
+
+
+def test_a_draft_service_without_propose_ahead_gets_plain_calls(ckpt, greedy):
+    eng = ahead_engine(ckpt)
+    proposer, stub = ahead_proposer(eng)
+
+    def unimplemented(request, timeout=None, metadata=None):
+        class Failing(_Stream):
+            def __next__(self):
+                raise _Unimplemented()
+
+        return Failing([])
+
+    stub.ProposeAhead = unimplemented
+    assert proposer.propose([ProposalRequest("r", PROMPT, 4, GREEDY_PARAMS, 4)]) == {}
+    # no pause, no failure counted: the next step's call is a plain Propose
+    proposals = proposer.propose([ProposalRequest("r", PROMPT, 4, GREEDY_PARAMS, 4)])["r"].token_ids
+    assert proposals == greedy(PROMPT, 4) and proposer.num_failures == 0
+    assert stub.requests[-1].sequences[0].num_ahead == 0
     proposer.release("r")
     assert not eng.seqs and all_free(eng)
