@@ -31,7 +31,12 @@ def ask_from_pb(client_id: str, s: draft_pb2.DraftSequence) -> DraftAsk:
         params = sampling_from_pb(s.sampling)
         params.validate()
     return DraftAsk(
-        sequence_key(client_id, s.sequence_id), s.num_kept_tokens, list(s.token_ids), s.num_proposals, params
+        sequence_key(client_id, s.sequence_id),
+        s.num_kept_tokens,
+        list(s.token_ids),
+        s.num_proposals,
+        params,
+        ahead=s.num_ahead > 0,
     )
 
 
@@ -59,21 +64,20 @@ def draft_ahead(engine: DraftEngine, request: draft_pb2.ProposeRequest) -> draft
     """ProposeAhead's second answer, after `propose` answered the same request (which checked
     it): the branches of each greedy sequence that asked for them (every sequence has an entry,
     in order)."""
-    wanted = []
-    for s in request.sequences:
-        if s.num_ahead and not s.HasField("sampling"):
-            wanted.append((sequence_key(request.client_id, s.sequence_id), s.num_ahead))
-    branches = engine.draft_ahead(wanted)
+    keys = [sequence_key(request.client_id, s.sequence_id) for s in request.sequences]
+    branches = engine.draft_ahead(
+        [(key, s.num_ahead) for key, s in zip(keys, request.sequences, strict=True) if s.num_ahead]
+    )
     return draft_pb2.ProposeResponse(
         proposals=[
             draft_pb2.DraftProposal(
                 sequence_id=s.sequence_id,
                 branches=[
                     draft_pb2.DraftBranch(num_kept_tokens=b.num_kept, token_id=b.token_id, token_ids=b.token_ids)
-                    for b in branches.get(sequence_key(request.client_id, s.sequence_id), [])
+                    for b in branches.get(key, [])
                 ],
             )
-            for s in request.sequences
+            for key, s in zip(keys, request.sequences, strict=True)
         ],
         vocab_size=engine.vocab_size,
     )

@@ -229,7 +229,7 @@ class DraftProposer:
     # -- the call -----------------------------------------------------------------------
     def _send(self, batch: list[ProposalRequest], prefetched: bool = False) -> _Call:
         branches = self._read_branches()
-        ahead = self._ahead and len(batch) <= MAX_AHEAD_BATCH
+        may_ahead = self._ahead and len(batch) <= MAX_AHEAD_BATCH
         entries, accepted, foreseen = [], 0, {}
         for req in batch:
             entry, prev_accepted = self._entry(req)
@@ -237,7 +237,7 @@ class DraftProposer:
             accepted += prev_accepted
             if entry.HasField("sampling"):
                 continue  # greedy sequences only
-            if ahead:
+            if may_ahead:
                 entry.num_ahead = max(req.max_tokens, req.num_tokens)
             # the step's outcome is one the draft drafted ahead: it answers with that branch
             if len(entry.token_ids) == 1 and entry.num_kept_tokens:

@@ -45,6 +45,7 @@ class DraftAsk:
     token_ids: list[int]  # the sequence's tokens after the kept ones
     k: int  # proposals wanted
     params: SamplingParams | None = None  # None: greedy
+    ahead: bool = False  # greedy: keep each proposal's runner-ups, for `draft_ahead` after this call
 
 
 @dataclass
@@ -244,7 +245,7 @@ class DraftEngine:
                 fork = self._fork(seq, f"ahead/{i}/{seq.request_id}", num_kept, extra, k)
                 if fork is not None:
                     forks.append((seq, fork, num_kept, extra[0] if extra else None))
-                    active.append((fork, DraftAsk(fork.request_id, 0, [], k), k))
+                    active.append((fork, DraftAsk(fork.request_id, 0, [], k, ahead=True), k))
         if not active:
             return {}
         proposed = self._run(active)
@@ -264,17 +265,11 @@ class DraftEngine:
         fork = DraftSequence(key, seq.token_ids[:num_kept] + extra, last_used=seq.last_used)
         fork.num_in_vocab = len(fork.token_ids)  # the draft's own tokens
         computed = fork.num_computed_tokens = min(seq.num_computed_tokens, num_kept, len(fork.token_ids) - 1)
-        table = self.kv.tables.get(seq.request_id, [])
-        full, partial = divmod(computed, self.kv.block_size)
-        blocks = table[:full]
-        if partial and self.kv.pool.num_free < 1:
+        copy = self.kv.fork(seq.request_id, key, computed)
+        if copy is None:
             return None
-        self.kv.pool.touch(blocks)
-        if partial:
-            (copy,) = self.kv.pool.allocate(1)
-            self.runner.copy_block(table[full].block_id, copy.block_id)
-            blocks = blocks + [copy]
-        self.kv.tables[key] = blocks
+        if copy[0] >= 0:
+            self.runner.copy_block(*copy)
         if not self.kv.allocate_slots(fork, len(fork.token_ids) - computed + k - 1):
             self.kv.free(key)
             return None
@@ -295,8 +290,7 @@ class DraftEngine:
             self.kv.free(fork.request_id)
             return None
         self._drop_branches(seq)
-        self.kv.free(seq.request_id)
-        self.kv.tables[seq.request_id] = self.kv.tables.pop(fork.request_id)
+        self.kv.move(fork.request_id, seq.request_id)
         seq.token_ids = fork.token_ids[: outcome + ask.k]
         seq.alts = fork.alts[: ask.k]
         seq.num_in_vocab = len(seq.token_ids)
@@ -375,7 +369,7 @@ class DraftEngine:
 
     def _choose(self, running, logits: torch.Tensor) -> tuple[list[int], list[torch.Tensor | None], list[list[int] | None]]:
         """logits: [B, V] -> one proposal per sequence, the q it was drawn from (None: greedy),
-        and the runner-ups of a greedy one (None: sampled)."""
+        and the runner-ups of a greedy one that drafts ahead (else None)."""
         tokens: list[int] = [0] * len(running)
         q: list[torch.Tensor | None] = [None] * len(running)
         alts: list[list[int] | None] = [None] * len(running)
@@ -384,9 +378,13 @@ class DraftEngine:
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if greedy:
             scores = target_distribution(logits[greedy].float(), [rows[i] for i in greedy])
-            ranked = scores.topk(min(1 + self.ahead_width, scores.shape[-1]), dim=-1).indices.tolist()
-            for i, (t, *alt) in zip(greedy, ranked, strict=True):
-                tokens[i], alts[i] = t, alt
+            if any(running[i][1].ahead for i in greedy):
+                ranked = scores.topk(min(1 + self.ahead_width, scores.shape[-1]), dim=-1).indices.tolist()
+                for i, (t, *alt) in zip(greedy, ranked, strict=True):
+                    tokens[i], alts[i] = t, alt if running[i][1].ahead else None
+            else:
+                for i, t in zip(greedy, scores.argmax(dim=-1).tolist(), strict=True):
+                    tokens[i] = t
         if sampled:
             dist = target_distribution(logits[sampled].float(), [rows[i] for i in sampled]).cpu()  # [S, V]
             for j, i in enumerate(sampled):

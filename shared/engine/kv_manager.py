@@ -74,6 +74,30 @@ class KVCacheManager:
             self.pool.cache(table[i], req.block_hashes[i])
         self._num_hashed[req.request_id] = num_full
 
+    def fork(self, src_id: str, dst_id: str, num_tokens: int) -> tuple[int, int] | None:
+        """A block table for `dst_id` holding `src_id`'s first num_tokens tokens: the full blocks
+        shared (one more reference each), the partly filled one, if any, a fresh block. Returns
+        (source block id, fresh block id) for the caller to copy the partial block's contents,
+        (-1, -1) when there is none; None when no block is free (nothing changed then)."""
+        table = self.tables.get(src_id, [])
+        full, partial = divmod(num_tokens, self.block_size)
+        if partial and self.pool.num_free < 1:
+            return None
+        shared = table[:full]
+        self.pool.touch(shared)
+        if not partial:
+            self.tables[dst_id] = shared
+            return -1, -1
+        (fresh,) = self.pool.allocate(1)
+        self.tables[dst_id] = shared + [fresh]
+        return table[full].block_id, fresh.block_id
+
+    def move(self, src_id: str, dst_id: str) -> None:
+        """`dst_id` takes over `src_id`'s blocks (its own, if any, are freed first)."""
+        self.free(dst_id)
+        self.tables[dst_id] = self.tables.pop(src_id, [])
+        self._num_hashed.pop(src_id, None)
+
     def free(self, request_id: str) -> None:
         table = self.tables.pop(request_id, None)
         self._num_hashed.pop(request_id, None)

@@ -143,7 +143,7 @@ def all_free(eng: DraftEngine) -> bool:
 @pytest.mark.parametrize("rows", [1, 5, 9])
 def test_each_branch_is_what_the_draft_proposes_after_its_outcome(ckpt, greedy, rows):
     eng = ahead_engine(ckpt, ahead_rows=rows)
-    proposals = eng.propose([DraftAsk("a", 0, PROMPT, 4)])[0].token_ids
+    proposals = eng.propose([DraftAsk("a", 0, PROMPT, 4, ahead=True)])[0].token_ids
     copy = PROMPT + proposals
     branches = eng.draft_ahead([("a", 3)])["a"]
     assert len(branches) == rows
@@ -162,7 +162,7 @@ def test_each_branch_is_what_the_draft_proposes_after_its_outcome(ckpt, greedy, 
 
 def test_the_next_call_adopts_the_branch_its_delta_names_and_drops_the_rest(ckpt, greedy):
     eng = ahead_engine(ckpt)
-    proposals = eng.propose([DraftAsk("a", 0, PROMPT, 4)])[0].token_ids
+    proposals = eng.propose([DraftAsk("a", 0, PROMPT, 4, ahead=True)])[0].token_ids
     held = eng.stats().num_free_blocks
     branches = eng.draft_ahead([("a", 4)])["a"]
     assert eng.stats().num_free_blocks < held  # each branch's own blocks; full blocks are shared
@@ -175,7 +175,7 @@ def test_the_next_call_adopts_the_branch_its_delta_names_and_drops_the_rest(ckpt
     assert eng.seqs["a"].token_ids == seq + b.token_ids[:3] and not eng.seqs["a"].branches
     # the adopted branch's KV serves the calls after it: rollback, extend, draft ahead again
     later = seq + b.token_ids[:2] + [7]
-    assert eng.propose([DraftAsk("a", len(seq) + 2, [7], 4)])[0].token_ids == greedy(later, 4)
+    assert eng.propose([DraftAsk("a", len(seq) + 2, [7], 4, ahead=True)])[0].token_ids == greedy(later, 4)
     for again in eng.draft_ahead([("a", 2)])["a"]:
         copy = eng.seqs["a"].token_ids
         assert again.token_ids == greedy(copy[: again.num_kept] + [again.token_id], 2)
@@ -190,13 +190,13 @@ def test_the_next_call_adopts_the_branch_its_delta_names_and_drops_the_rest(ckpt
 
 def test_asking_more_than_a_branch_has_or_sampling_computes_afresh(ckpt, greedy):
     eng = ahead_engine(ckpt)
-    proposals = eng.propose([DraftAsk("a", 0, PROMPT, 4)])[0].token_ids
+    proposals = eng.propose([DraftAsk("a", 0, PROMPT, 4, ahead=True)])[0].token_ids
     b = eng.draft_ahead([("a", 2)])["a"][0]
     seq = PROMPT + proposals + [b.token_id]
     answer = eng.propose([DraftAsk("a", b.num_kept, [b.token_id], 4)])[0]
     assert answer.token_ids == greedy(seq, 4)
     # a sampled sequence gets no branches
-    eng.propose([DraftAsk("s", 0, PROMPT, 3, SamplingParams(temperature=0.7, seed=1))])
+    eng.propose([DraftAsk("s", 0, PROMPT, 3, SamplingParams(temperature=0.7, seed=1), ahead=True)])
     assert eng.draft_ahead([("s", 3)]) == {}
     eng.release(["a", "s"])
     assert all_free(eng)
@@ -204,7 +204,7 @@ def test_asking_more_than_a_branch_has_or_sampling_computes_afresh(ckpt, greedy)
 
 def test_branches_never_cost_a_sequence_its_blocks(ckpt, greedy):
     eng = ahead_engine(ckpt, num_blocks=9, ahead_rows=5)
-    eng.propose([DraftAsk("a", 0, PROMPT, 4)])  # 4 blocks
+    eng.propose([DraftAsk("a", 0, PROMPT, 4, ahead=True)])  # 4 blocks
     eng.propose([DraftAsk("b", 0, [1, *range(60, 80)], 4)])  # 3 blocks: 2 left for branches
     branches = eng.draft_ahead([("a", 4)])["a"]
     assert 0 < len(branches) < 5 and set(eng.seqs) == {"a", "b"}
@@ -219,7 +219,7 @@ def test_branches_never_cost_a_sequence_its_blocks(ckpt, greedy):
 
 def test_a_released_sequence_frees_its_branches_and_is_not_drafted_ahead(ckpt):
     eng = ahead_engine(ckpt)
-    eng.propose([DraftAsk("a", 0, PROMPT, 4)])
+    eng.propose([DraftAsk("a", 0, PROMPT, 4, ahead=True)])
     eng.draft_ahead([("a", 4)])
     assert eng.release(["a"]) == 1 and all_free(eng)
     assert eng.draft_ahead([("a", 4)]) == {}
