@@ -14,6 +14,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m tools.bench") -> 
     from tools.bench import forward as forward_bench
 
     forward_bench.add_parser(sub)
+    from tools.bench import draft_gap
+
+    draft_gap.add_parser(sub)
     try:
         from tools.bench import serve as serve_bench
     except ImportError:
