@@ -96,7 +96,7 @@ def run(args) -> int:
     engine = build_engine(DraftConfig(model=str(draft_dir), torch_threads=1))
     # token ids of real source text (this repository's engine), as a code model's sequences
     source = "".join(p.read_text() for p in sorted((ROOT / "shared" / "engine").glob("*.py")))
-    tokens = [t % engine.vocab_size for t in Tokenizer.from_dir(draft_dir).encode(source)]
+    tokens = Tokenizer.from_dir(draft_dir).encode(source)
     timed = _Sequence(engine, "timed", tokens, args.k)
     other = _Sequence(engine, "other", tokens[len(tokens) // 2 :], args.k)
     gap_s = args.gap_ms / 1e3
