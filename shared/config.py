@@ -484,6 +484,13 @@ class WorkerConfig(EngineSettings):
         "After a failed or late draft call, decode without the draft for this many seconds, then try again.",
         minimum=0,
     )
+    draft_transport: str = setting(
+        "TANDEM_DRAFT_TRANSPORT",
+        "stream",
+        "Decode worker with a draft service: stream (its plain TCP stream for Propose and Release, when it "
+        "offers one, see TANDEM_DRAFT_STREAM; else gRPC) or grpc (always gRPC).",
+        choices=("stream", "grpc"),
+    )
     draft_ahead: bool = setting(
         "TANDEM_DRAFT_AHEAD",
         False,
@@ -573,8 +580,28 @@ class DraftConfig(EngineSettings):
         minimum=1,
     )
 
+    stream: bool = setting(
+        "TANDEM_DRAFT_STREAM",
+        True,
+        "Serve Draft.Propose and Draft.Release on a plain TCP stream too (services/common/draft_stream.py), "
+        "beside gRPC: a decode worker's call per step then costs one socket wake-up each way instead of gRPC's "
+        "thread hand-offs. Bound to TANDEM_HOST; advertised through Worker.GetInfo. Not served when TLS is on "
+        "(decode workers then call over gRPC with TLS).",
+    )
+    stream_port: int = setting(
+        "TANDEM_DRAFT_STREAM_PORT",
+        0,
+        "Port of the stream transport (TANDEM_DRAFT_STREAM); 0 picks a free one. Fix it where only declared "
+        "ports are reachable (a Kubernetes Service).",
+        minimum=0,
+    )
+
     def validate(self) -> None:
         self._validate_engine()
+        if self.stream_port > 65535:
+            raise ConfigError(f"TANDEM_DRAFT_STREAM_PORT: {self.stream_port} is not a port")
+        if self.stream_port and self.stream_port == self.port:
+            raise ConfigError(f"TANDEM_DRAFT_STREAM_PORT: {self.stream_port} is the gRPC port (TANDEM_PORT) too")
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `shared.engine.EngineConfig` for the draft model."""

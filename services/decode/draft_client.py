@@ -33,6 +33,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from services.common.convert import sampling_to_pb
 from services.common.draft_calls import InProcessDraft
+from services.common.draft_stream import StreamDraftStub, StreamError
 from services.common.server import CHANNEL_OPTIONS
 from services.common.tls import PLAINTEXT, Tls
 from shared.config import ConfigError, WorkerConfig
@@ -40,7 +41,7 @@ from shared.draft_delta import DeltaTracker
 from shared.engine.draft import DraftEngine, probs_from_bytes
 from shared.engine.spec import NgramProposer, Proposal, ProposalRequest, Proposer
 from shared.params import RequestOutput
-from shared.pb.tandem.v1 import draft_pb2, draft_pb2_grpc
+from shared.pb.tandem.v1 import draft_pb2, draft_pb2_grpc, worker_pb2, worker_pb2_grpc
 from shared.telemetry import Telemetry, annotate, inject_context
 from shared.telemetry.attributes import REQUEST_ID, RPC_GRPC_STATUS_CODE
 from shared.telemetry.tracing import start_span
@@ -74,6 +75,7 @@ def build_proposer(
             telemetry=telemetry,
             tls=tls,
             ahead=config.draft_ahead and local is None,
+            transport=config.draft_transport,
         )
     return None
 
@@ -137,6 +139,7 @@ class DraftProposer:
         clock: Callable[[], float] = time.monotonic,
         tls: Tls = PLAINTEXT,
         ahead: bool = False,
+        transport: str = "stream",
     ):
         self.address = local.address if local is not None else address
         self.client_id = uuid.uuid4().hex[:16]  # this process's sequences, to the draft
@@ -159,6 +162,11 @@ class DraftProposer:
         self._delta = DeltaTracker()
         self._pending: _Call | None = None  # a prefetched call not yet collected
         self._ahead = ahead and local is None  # ProposeAhead: nothing to gain in this process
+        # Propose and Release over the draft's stream transport (services/common/draft_stream.py)
+        # when it offers one: asked through GetInfo at the first call and after each failure
+        self._use_stream = transport == "stream" and local is None and not tls.enabled
+        self._stream: StreamDraftStub | None = None
+        self._stream_asked = False
         self._last: _Call | None = None  # the call whose proposals are verified now, branches unread
         self._retry_at = 0.0
         self._failing = False
@@ -166,6 +174,13 @@ class DraftProposer:
         self.num_failures = 0
         self.num_unused = 0  # prefetched calls whose step asked for another batch
         self.num_foreseen = 0  # steps that took every proposal from a branch, without waiting
+
+    @property
+    def transport(self) -> str:
+        """How the last calls went: "in-process", "stream" (the draft's stream transport) or "grpc"."""
+        if self.local is not None:
+            return "in-process"
+        return "stream" if self._stream is not None and not self._ahead else "grpc"
 
     # -- Proposer -----------------------------------------------------------------------
     def propose(self, batch: list[ProposalRequest]) -> dict[str, Proposal]:
@@ -208,7 +223,7 @@ class DraftProposer:
             self._settle()
             try:
                 self._read_branches()
-                self._stub.Release(
+                self._unary_stub().Release(
                     draft_pb2.ReleaseRequest(client_id=self.client_id, sequence_ids=released),
                     timeout=self._timeout_s,
                     metadata=inject_context(),
@@ -223,8 +238,32 @@ class DraftProposer:
         for call in (self._pending, self._last):
             if call is not None:
                 call.cancel()
+        if self._stream is not None:
+            self._stream.close()
         if self._channel is not None:
             self._channel.close()
+
+    def _unary_stub(self):
+        """Where Propose and Release go: the draft's stream when it serves one (and no call
+        drafts ahead: ProposeAhead is gRPC's), else the gRPC stub (or the draft in this process)."""
+        if not self._use_stream or self._ahead:
+            return self._stub
+        if not self._stream_asked:
+            info = worker_pb2_grpc.WorkerStub(self._channel).GetInfo(
+                worker_pb2.GetInfoRequest(), timeout=self._timeout_s
+            )
+            self._stream_asked = True
+            if info.stream_port:
+                host = self.address.rpartition(":")[0].strip("[]")
+                stream = StreamDraftStub(host, info.stream_port, connect_timeout_s=self._timeout_s)
+                try:
+                    stream.connect()
+                    self._stream = stream
+                    log.info("draft service %s: calling it on its stream transport, %s", self.address, stream.address)
+                except StreamError as e:  # e.g. a port the network does not route: gRPC will do
+                    log.warning("draft service %s: its stream transport %s is unreachable (%s): calling over gRPC",
+                                self.address, stream.address, e.details())
+        return self._stream or self._stub
 
     # -- the call -----------------------------------------------------------------------
     def _send(self, batch: list[ProposalRequest], prefetched: bool = False) -> _Call:
@@ -286,7 +325,9 @@ class DraftProposer:
                 answer = branches_of = lambda: next(stream)
                 cancel = stream.cancel
             else:
-                future = self._stub.Propose.future(request, timeout=self._timeout_s, metadata=metadata)
+                stub = self._unary_stub()
+                annotate(span, transport=self.transport)
+                future = stub.Propose.future(request, timeout=self._timeout_s, metadata=metadata)
                 future.add_done_callback(
                     lambda f: f.cancelled() or f.exception() is not None or observe(time.perf_counter() - started)
                 )
@@ -447,6 +488,10 @@ class DraftProposer:
             return
         self.num_failures += 1
         self._retry_at = self._clock() + self._retry_s
+        if self._stream is not None:  # it may have restarted on another port: ask again
+            self._stream.close()
+            self._stream = None
+        self._stream_asked = False
         if not self._failing:
             what = e.code().name if isinstance(e, grpc.Call) else f"{type(e).__name__}: {e}"
             log.warning(

@@ -19,6 +19,7 @@ import logging
 
 import grpc
 
+from services.common.draft_stream import DraftStreamServer
 from services.common.errors import ErrorInterceptor
 from services.common.server import GrpcServer
 from services.common.telemetry import quiet_telemetry, traced_server_interceptors
@@ -76,9 +77,17 @@ class DraftApp:
         )
         self.servicer = DraftServicer(self.engine, self._update_gauges)
         draft_pb2_grpc.add_DraftServicer_to_server(self.servicer, self.server.grpc_server)
-        worker_pb2_grpc.add_WorkerServicer_to_server(
-            DraftWorkerServicer(self.engine, config, self.model_name), self.server.grpc_server
-        )
+        self.worker_servicer = DraftWorkerServicer(self.engine, config, self.model_name)
+        worker_pb2_grpc.add_WorkerServicer_to_server(self.worker_servicer, self.server.grpc_server)
+        # the same servicer on a plain TCP stream, for decode workers' per-step calls: only while
+        # gRPC is plaintext too (the stream has no TLS)
+        self.stream: DraftStreamServer | None = None
+        if config.stream and not self.tls.enabled:
+            self.stream = DraftStreamServer(
+                self.servicer, self.telemetry.tracer, {InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT}
+            )
+        elif config.stream:
+            log.info("draft: TLS is on, so the stream transport is off: decode workers call over gRPC")
         self._sweeper: asyncio.Task | None = None
 
     @property
@@ -87,6 +96,9 @@ class DraftApp:
 
     async def start(self) -> int:
         port = await self.server.start()
+        if self.stream is not None:
+            self.worker_servicer.stream_port = await self.stream.start(self.config.host, self.config.stream_port)
+            log.info("draft stream transport on %s:%d", self.config.host, self.worker_servicer.stream_port)
         self._update_gauges()
         self._sweeper = asyncio.create_task(self._free_idle(), name="draft-idle")
         return port
@@ -94,6 +106,8 @@ class DraftApp:
     async def stop(self, grace_s: float | None = None) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self.stream is not None:
+            await self.stream.stop()
         await self.server.stop(self.config.grace_period_s if grace_s is None else grace_s)
         await asyncio.to_thread(self.telemetry.shutdown)
 

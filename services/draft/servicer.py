@@ -60,6 +60,7 @@ class DraftWorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._engine = engine
         self._config = config
         self._model_name = model_name
+        self.stream_port = 0  # the stream transport's, once it listens (app.py)
 
     async def GetLoad(self, request, context) -> worker_pb2.WorkerLoad:
         s = self._engine.stats()  # plain ints read across threads: a snapshot, no lock needed
@@ -85,4 +86,5 @@ class DraftWorkerServicer(worker_pb2_grpc.WorkerServicer):
             device=self._config.device,
             engine="torch",
             eos_token_ids=mc.eos_token_ids,
+            stream_port=self.stream_port,
         )

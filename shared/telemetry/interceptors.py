@@ -68,6 +68,29 @@ def _metadata_value(metadata: Sequence[tuple[str, Any]], key: str) -> str | None
     return None
 
 
+def start_server_span(
+    tracer: trace.Tracer, method: str, metadata: Sequence[tuple[str, Any]], peer: str | None
+) -> tuple[trace.Span, otel_context.Context, str | None]:
+    """The SERVER span of a call to `method` (`/package.Service/Method`) with this metadata, as a
+    child of the caller's span: (span, a context with it current, the x-request-id). Also for
+    calls that arrive without gRPC (the draft's stream transport); end it with `end_server_span`."""
+    name, attrs = _rpc_attributes(method)
+    request_id = _metadata_value(metadata, REQUEST_ID_METADATA_KEY)
+    if request_id is not None:
+        attrs[A.REQUEST_ID] = request_id
+    if peer:
+        attrs[A.NET_PEER] = peer
+    parent = extract_context(metadata)
+    span = tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attrs)
+    return span, trace.set_span_in_context(span, parent), request_id
+
+
+def end_server_span(span: trace.Span, code: grpc.StatusCode, details: str | None) -> None:
+    """Records a server call's status code (an error only for the server's own failures) and ends its span."""
+    _finish(span, code, details, _SERVER_ERROR_CODES)
+    span.end()
+
+
 class ServerTracingInterceptor(grpc.aio.ServerInterceptor):
     """Continues the caller's trace with a SERVER span around every handler."""
 
@@ -105,16 +128,8 @@ class ServerTracingInterceptor(grpc.aio.ServerInterceptor):
         )
 
     def _start(self, method: str, metadata: Sequence[tuple[str, Any]], context) -> tuple:
-        name, attrs = _rpc_attributes(method)
-        request_id = _metadata_value(metadata, REQUEST_ID_METADATA_KEY)
-        if request_id is not None:
-            attrs[A.REQUEST_ID] = request_id
         peer = context.peer() if hasattr(context, "peer") else None
-        if peer:
-            attrs[A.NET_PEER] = peer
-        parent = extract_context(metadata)
-        span = self._tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attrs)
-        return span, trace.set_span_in_context(span, parent), request_id
+        return start_server_span(self._tracer, method, metadata, peer)
 
     @contextmanager
     def _current(self, span_context, request_id):

@@ -93,14 +93,20 @@ def check_usage(usage: common_pb2.Usage, k: int | None) -> None:
     )
 
 
-@pytest.mark.parametrize("ahead", [True, False], ids=["drafting-ahead", "propose-only"])
-async def test_greedy_with_draft_service_equals_plain_decoding(tiny_model, draft_model, reference, ahead):
+@pytest.mark.parametrize(
+    "ahead, transport",
+    [(True, "stream"), (False, "stream"), (False, "grpc")],
+    ids=["drafting-ahead", "propose-on-the-stream", "propose-over-grpc"],
+)
+async def test_greedy_with_draft_service_equals_plain_decoding(tiny_model, draft_model, reference, ahead, transport):
     draft = await start_draft(draft_model)
     # a generous draft deadline: on a loaded machine a missed one would (correctly) skip speculation
-    decode = dict(draft_addr=draft.address, draft_timeout_s=30.0, draft_ahead=ahead)
+    decode = dict(draft_addr=draft.address, draft_timeout_s=30.0, draft_ahead=ahead, draft_transport=transport)
     cluster = await start_cluster(tiny_model, decode_overrides=decode)
     try:
         results = await generate_all(cluster, REQUESTS)
+        # Propose goes on the draft's stream unless asked for gRPC; ProposeAhead is gRPC's
+        assert cluster.decodes[0].proposer.transport == ("stream" if transport == "stream" and not ahead else "grpc")
         for (prompt, max_tokens, k), responses in zip(REQUESTS, results, strict=True):
             assert token_ids(responses) == reference(prompt, max_tokens), (len(prompt), k)
             check_usage(responses[-1].usage, k)
@@ -213,6 +219,8 @@ async def test_draft_restart_pauses_speculation_only(tiny_model, draft_model, re
                 restarted = True
         assert got == reference(prompt, max_tokens)
         assert restarted and replacement.servicer.num_proposed > 0
+        # found the new draft's stream (another port than the old one's)
+        assert proposer.transport == "stream" and proposer._stream.address.endswith(f":{replacement.stream.port}")
         assert resp.usage.spec_verify_steps > 0
         await cluster.wait_idle()
         await wait_draft_idle(cluster, replacement)
@@ -260,6 +268,8 @@ async def test_draft_call_is_traced_across_services(tiny_model, draft_model, ahe
     assert "tandem.spec_proposed" in client[0].attributes
     assert all(("tandem.spec_branches" in s.attributes) == ahead for s in server)
     assert all("tandem.foreseen" in s.attributes for s in client)
+    # the plain Propose went on the draft's stream, with the same SERVER span as over gRPC
+    assert all(s.attributes.get("tandem.transport") == (None if ahead else "stream") for s in client)
     # the decode worker prefilled the prompt itself: its first draft call went out as that step ended
     assert client[0].attributes["tandem.prefetched"] is True
     assert {s.context.trace_id for s in server} <= {s.context.trace_id for s in client}

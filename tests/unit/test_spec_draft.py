@@ -295,7 +295,7 @@ class AheadStub:
 def ahead_proposer(eng: DraftEngine, retry_s: float = 1.0) -> tuple[DraftProposer, AheadStub]:
     telemetry = setup_telemetry(TelemetryConfig(service_name="t"), set_global=False, configure_logs=False)
     proposer = DraftProposer("127.0.0.1:9", vocab_size=eng.vocab_size, timeout_s=5.0, retry_s=retry_s,
-                             telemetry=telemetry, ahead=True)  # fmt: skip
+                             telemetry=telemetry, ahead=True, transport="grpc")  # fmt: skip
     stub = proposer._stub = AheadStub(eng)
     return proposer, stub
 

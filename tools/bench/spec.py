@@ -3,11 +3,12 @@ baseline and against Leviathan et al.'s formula, in one run.
 
     python -m tools.bench spec --model models/tandem-demo-code/target
 
-Runs the serving benchmark (tools/bench/serve.py) on five configurations of the same stack:
-`agg` (no speculation), `agg-spec` (the default: the draft service, k chosen per step by the
-engine's policy, shared/engine/spec_policy.py), `agg-spec-fixed` (the draft service, always k),
-`agg-spec-ahead` (the draft service drafting ahead while the target verifies,
-TANDEM_DRAFT_AHEAD=1, adaptive k) and `agg-spec-local` (the same draft model inside the
+Runs the serving benchmark (tools/bench/serve.py) on six configurations of the same stack:
+`agg` (no speculation), `agg-spec` (the default: the draft service, called on its stream
+transport, k chosen per step by the engine's policy, shared/engine/spec_policy.py),
+`agg-spec-fixed` (the draft service, always k), `agg-spec-ahead` (the draft service drafting
+ahead while the target verifies, TANDEM_DRAFT_AHEAD=1, adaptive k), `agg-spec-grpc` (the
+default called over gRPC, TANDEM_DRAFT_TRANSPORT=grpc) and `agg-spec-local` (the same draft model inside the
 decode worker, TANDEM_DRAFT_MODEL, adaptive k), each at concurrency 1 (the c1 workload: held-out
 Python source) and at saturation (the mixed workload, all requests at once). The stacks run side
 by side and take turns on each repeat, with the same prompts (serve's --interleave-configs): on a
@@ -38,8 +39,8 @@ from shared.engine.spec_policy import expected_tokens, leviathan_speedup
 
 from .topology import draft_model_dir
 
-CONFIGS = ("agg", "agg-spec", "agg-spec-fixed", "agg-spec-ahead", "agg-spec-local")
-SPECULATING = ("agg-spec", "agg-spec-fixed", "agg-spec-ahead", "agg-spec-local")
+CONFIGS = ("agg", "agg-spec", "agg-spec-fixed", "agg-spec-ahead", "agg-spec-grpc", "agg-spec-local")
+SPECULATING = ("agg-spec", "agg-spec-fixed", "agg-spec-ahead", "agg-spec-grpc", "agg-spec-local")
 
 
 def add_parser(sub) -> None:
@@ -244,8 +245,9 @@ def markdown(s: dict) -> str:
     lines += [
         "",
         "| ratio (with the draft / without) | draft service, adaptive k | draft service, fixed k "
-        "| draft service, adaptive k, drafting ahead | draft in the decode worker, adaptive k | goal |",
-        "|---|---|---|---|---|---|",
+        "| draft service, adaptive k, drafting ahead | draft service over gRPC, adaptive k "
+        "| draft in the decode worker, adaptive k | goal |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key, label, goal in (
         ("c1_tpot_speedup", "TPOT speedup at concurrency 1", ">= 1.3x and >= 0.8 of the formula"),
@@ -270,6 +272,8 @@ def markdown(s: dict) -> str:
         + _fmt(_of_formula(ratios, "agg-spec", f.get("speedup_at_best_k")), 2)
         + " (drafting ahead "
         + _fmt(_of_formula(ratios, "agg-spec-ahead", f.get("speedup_at_best_k")), 2)
+        + ", over gRPC "
+        + _fmt(_of_formula(ratios, "agg-spec-grpc", f.get("speedup_at_best_k")), 2)
         + "), draft in the decode worker "
         + _fmt(_of_formula(ratios, "agg-spec-local", f.get("speedup_at_best_k")), 2)
         + f"; wall time {s.get('wall_s')} s.",

@@ -36,6 +36,7 @@ class Configuration:
     speculation: str = ""
     adaptive: bool = True  # speculation: k per step from measured costs (TANDEM_SPEC_ADAPTIVE), or always k
     ahead: bool = False  # the draft service drafts ahead while the target verifies (TANDEM_DRAFT_AHEAD)
+    transport: str = "stream"  # how the decode worker calls the draft service (TANDEM_DRAFT_TRANSPORT)
 
     @property
     def proposer(self) -> str:
@@ -48,6 +49,8 @@ class Configuration:
             spec += ", adaptive k" if self.adaptive else ", fixed k"
             if self.speculation == "draft" and self.ahead:
                 spec += ", drafting ahead"
+            if self.speculation == "draft" and self.transport != "stream":
+                spec += f", called over {self.transport}"
         return (
             f"{'1 prefill + 1 decode worker' if self.disaggregated else 'decode worker prefills'}, "
             f"prefix caching {'on' if self.prefix_caching else 'off'}, speculation {spec}"
@@ -64,6 +67,7 @@ CONFIGURATIONS = {
         Configuration("agg-spec", speculation="draft"),
         Configuration("agg-spec-fixed", speculation="draft", adaptive=False),
         Configuration("agg-spec-ahead", speculation="draft", ahead=True),
+        Configuration("agg-spec-grpc", speculation="draft", transport="grpc"),
         Configuration("agg-spec-local", speculation="draft-in-worker"),
         Configuration("disagg-spec", disaggregated=True, speculation="draft"),
         Configuration("agg-ngram", speculation="ngram"),
@@ -225,6 +229,7 @@ class Services:
             "TANDEM_SPEC_PROPOSER": self.config.proposer,
             "TANDEM_SPEC_ADAPTIVE": "1" if self.config.adaptive else "0",
             "TANDEM_DRAFT_AHEAD": "1" if self.config.ahead else "0",
+            "TANDEM_DRAFT_TRANSPORT": self.config.transport,
         }
         if self.config.speculation == "draft":
             draft_env = {**base("draft"), **worker, "TANDEM_MODEL": str(draft_model_dir(self.model))}
