@@ -16,7 +16,7 @@ import pytest
 
 from services.common.draft_stream import HEADER, StreamDraftStub, StreamError, encode
 from services.draft.app import DraftApp
-from shared.config import DraftConfig, from_env
+from shared.config import DraftConfig, WorkerConfig, from_env
 from shared.pb.tandem.v1 import draft_pb2, draft_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.helpers.models import make_tiny_checkpoint
 
@@ -233,3 +233,16 @@ async def test_the_decode_workers_proposer_takes_the_stream_or_falls_back_to_grp
         assert draft.engine.stats().num_sequences == 0  # every release arrived, on either transport
     finally:
         await draft.stop(0.1)
+
+
+def test_the_stream_port_settings_are_checked():
+    from shared.config import ConfigError
+
+    env = {"TANDEM_MODEL": "/m", "TANDEM_PORT": "6000"}
+    assert from_env(DraftConfig, env={**env}).stream_port == 0  # a free one by default
+    with pytest.raises(ConfigError, match="TANDEM_DRAFT_STREAM_PORT: 6000 is the gRPC port"):
+        from_env(DraftConfig, env={**env, "TANDEM_DRAFT_STREAM_PORT": "6000"})
+    with pytest.raises(ConfigError, match="TANDEM_DRAFT_STREAM_PORT"):
+        from_env(DraftConfig, env={**env, "TANDEM_DRAFT_STREAM_PORT": "70000"})
+    with pytest.raises(ConfigError, match="TANDEM_DRAFT_TRANSPORT"):
+        from_env(WorkerConfig, env={"TANDEM_MODEL": "/m", "TANDEM_DRAFT_TRANSPORT": "udp"})
