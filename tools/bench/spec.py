@@ -168,7 +168,7 @@ def summarize(result: dict, costs: dict, k: int) -> dict:
             "speedup_at_best_k": leviathan_speedup(a, best, c),
         }
         # the same formula with the draft's cost as served: each draft call as the decode worker
-        # waited for it (gRPC round trip and the draft service's own overhead included), per
+        # waited for it (the round trip and the draft service's own overhead included), per
         # proposed token, over the plain served step (the c1 TPOT without speculation)
         per_token = rows["agg-spec-fixed"]["c1_draft_s_per_proposed"]
         if per_token and base["c1_tpot_ms"]:
