@@ -51,9 +51,12 @@ def test_client_ctrl_c_prints_no_traceback():
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
+        # Ctrl-C as at a terminal: a suite started as a background job (`make test &`) runs with
+        # SIGINT ignored, which its children inherit, and Python keeps an ignored SIGINT ignored
         proc = subprocess.Popen(
             [sys.executable, "-m", "tools.client", "--addr", f"127.0.0.1:{port}", "hello"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         assert proc.stdout.read(3) == b"t0 "  # streaming
         proc.send_signal(signal.SIGINT)
