@@ -23,6 +23,8 @@ def test_every_gap_kind_is_timed_and_reported(tmp_path):
     result = json.loads((tmp_path / "draft-gap.json").read_text())
     assert set(result["call_ms"]) == set(draft_gap.GAPS)
     assert all(ms > 0 for ms in result["call_ms"].values())
+    # each call's forwards: the new tokens, then one per further proposal (k = 4)
+    assert all(len(f) == 4 and all(ms > 0 for ms in f) for f in result["forward_ms"].values())
     text = (tmp_path / "draft-gap.md").read_text()
     assert all(f"| {kind} |" in text for kind in draft_gap.GAPS)
 

@@ -15,7 +15,9 @@ process and thread, with nothing else of Tandem running, after each of these gap
     warm        8 ms of spin, then a one-token draft call on another sequence just before
 
 The gap kinds take turns, round by round, so that the host's drift lands on all; medians.
-One torch thread, as the services run.
+Each of the call's model forwards is timed too (the first computes the sequence's new tokens,
+each next one a proposal), to show where in the call a gap's cost falls. One torch thread, as
+the services run.
 """
 
 from __future__ import annotations
@@ -115,17 +117,37 @@ def run(args) -> int:
         if kind == "warm":
             other.step(k=1)
 
+    # each forward of the timed call (not the gap's own draft calls)
+    forward, forwards, recording = engine.runner.forward, [], [False]
+
+    def timed_forward(*a, **kw):
+        t = time.perf_counter()
+        out = forward(*a, **kw)
+        if recording[0]:
+            forwards.append(time.perf_counter() - t)
+        return out
+
+    engine.runner.forward = timed_forward
     medians: dict[str, list[float]] = {kind: [] for kind in GAPS}
+    forward_medians: dict[str, list[list[float]]] = {kind: [] for kind in GAPS}  # per round, per forward
     for _ in range(args.rounds):
         for kind in GAPS:
-            times = []
+            times, per_forward = [], [[] for _ in range(args.k)]
             for _ in range(args.calls):
+                if timed.length + 2 > 512:  # the sequence starts over outside the timed call
+                    timed.restart()
                 if kind != "none":
                     gap(kind)
+                forwards.clear()
+                recording[0] = True
                 t = time.perf_counter()
                 timed.step()
                 times.append(time.perf_counter() - t)
+                recording[0] = False
+                for i, sec in enumerate(forwards[: args.k]):
+                    per_forward[i].append(sec)
             medians[kind].append(statistics.median(times) * 1e3)
+            forward_medians[kind].append([statistics.median(f) * 1e3 for f in per_forward if f])
     result = {
         "command": "python -m tools.bench draft-gap "
         + " ".join(
@@ -137,17 +159,23 @@ def run(args) -> int:
         "gap_ms": args.gap_ms,
         "call_ms": {kind: statistics.median(v) for kind, v in medians.items()},
         "call_ms_by_round": medians,
+        # the median over the rounds of each forward's median: [first forward, second, ...]
+        "forward_ms": {
+            kind: [statistics.median(r[i] for r in rounds) for i in range(min(len(r) for r in rounds))]
+            for kind, rounds in forward_medians.items()
+        },
     }
     base = result["call_ms"]["none"]
     lines = [
         f"Draft call proposing k = {args.k}, after {args.gap_ms:g} ms of: (median of {args.rounds} rounds)",
         "",
-        "| gap | call ms | / back to back |",
-        "|---|---|---|",
+        "| gap | call ms | / back to back | its forwards, ms (first, second, ...) |",
+        "|---|---|---|---|",
     ]
     for kind in GAPS:
         ms = result["call_ms"][kind]
-        lines.append(f"| {kind} | {ms:.2f} | {ms / base:.2f}x |")
+        each = ", ".join(f"{f:.2f}" for f in result["forward_ms"][kind])
+        lines.append(f"| {kind} | {ms:.2f} | {ms / base:.2f}x | {each} |")
     text = "\n".join(lines) + "\n"
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
