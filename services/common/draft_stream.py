@@ -123,7 +123,9 @@ class DraftStreamServer:
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = writer.get_extra_info("peername")
-        peer_name = f"ipv4:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else None
+        peer_name = None  # as gRPC names peers
+        if isinstance(peer, tuple):
+            peer_name = f"ipv6:[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"ipv4:{peer[0]}:{peer[1]}"
         self._connections.add(writer)
         try:
             while True:
@@ -149,8 +151,8 @@ class DraftStreamServer:
         out = draft_pb2.StreamFrame(call_id=frame.call_id)
         metadata = [(m.key, m.value) for m in frame.metadata]
         method = f"/{SERVICE}/{frame.method}"
-        span = None  # as over gRPC, Release (housekeeping) is not traced
-        if method not in UNTRACED_METHODS:
+        span = None  # as over gRPC, Release (housekeeping) and methods not served are not traced
+        if frame.method in METHODS and method not in UNTRACED_METHODS:
             span, span_context, request_id = start_server_span(self._tracer, method, metadata, peer)
             token = otel_context.attach(span_context)
         else:
