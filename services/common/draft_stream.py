@@ -22,6 +22,7 @@ to TANDEM_HOST like the gRPC port. Only the decode worker's engine thread calls 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
@@ -30,14 +31,12 @@ from collections.abc import Callable, Mapping
 
 import grpc
 from google.protobuf.message import DecodeError
-from opentelemetry import context as otel_context
 
-from services.common.errors import status_of
+from services.common.errors import InvalidArgument, Unimplemented, status_of
 from services.common.server import MAX_MESSAGE_BYTES
 from services.common.telemetry import UNTRACED_METHODS
 from shared.pb.tandem.v1 import draft_pb2
-from shared.telemetry.interceptors import end_server_span, start_server_span
-from shared.telemetry.logs import bind_request_id
+from shared.telemetry.interceptors import current_call, end_server_span, start_server_span
 
 log = logging.getLogger(__name__)
 
@@ -149,45 +148,35 @@ class DraftStreamServer:
 
     async def _call(self, frame: draft_pb2.StreamFrame, peer: str | None) -> draft_pb2.StreamFrame:
         out = draft_pb2.StreamFrame(call_id=frame.call_id)
-        metadata = [(m.key, m.value) for m in frame.metadata]
         method = f"/{SERVICE}/{frame.method}"
-        span = None  # as over gRPC, Release (housekeeping) and methods not served are not traced
+        span, current = None, contextlib.nullcontext()
+        # as over gRPC, Release (housekeeping) and methods not served are not traced
         if frame.method in METHODS and method not in UNTRACED_METHODS:
+            metadata = [(m.key, m.value) for m in frame.metadata]
             span, span_context, request_id = start_server_span(self._tracer, method, metadata, peer)
-            token = otel_context.attach(span_context)
-        else:
-            request_id, token = None, None
+            current = current_call(span_context, request_id)
         code, details = grpc.StatusCode.OK, ""
         try:
-            with bind_request_id(request_id):
-                if frame.method not in METHODS:
-                    raise _Status(grpc.StatusCode.UNIMPLEMENTED, f"method {frame.method!r} is not served on the stream")
-                request_type, _ = METHODS[frame.method]
-                try:
-                    request = request_type.FromString(frame.body)
-                except DecodeError:
-                    raise _Status(grpc.StatusCode.INVALID_ARGUMENT, f"the body is not a {request_type.__name__}") from None
-                response = await self._handlers[frame.method](request, None)
-                out.body = response.SerializeToString()
-        except _Status as e:
-            code, details = e.code, e.details
+            with current:
+                out.body = (await self._handle(frame)).SerializeToString()
         except Exception as e:  # noqa: BLE001 - a bad call fails alone, as over gRPC
             code, details = status_of(e, self._errors)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("draft stream: %s failed", frame.method)
-        finally:
-            if token is not None:
-                otel_context.detach(token)
         out.status_code, out.status_details = code.value[0], details
         if span is not None:
             end_server_span(span, code, details)
         return out
 
-
-class _Status(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(details)
-        self.code, self.details = code, details
+    async def _handle(self, frame: draft_pb2.StreamFrame):
+        if frame.method not in METHODS:
+            raise Unimplemented(f"method {frame.method!r} is not served on the stream")
+        request_type, _ = METHODS[frame.method]
+        try:
+            request = request_type.FromString(frame.body)
+        except DecodeError:
+            raise InvalidArgument("body", f"not a {request_type.__name__}") from None
+        return await self._handlers[frame.method](request, None)
 
 
 # -- the decode worker's side -------------------------------------------------------------------

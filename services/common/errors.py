@@ -55,6 +55,12 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Unimplemented(ServiceError):
+    """The method is not served here (e.g. on the draft's stream transport, only Propose and Release are)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class FailedPrecondition(ServiceError):
     """The request cannot run on this worker as configured (e.g. the two sides' KV cache types differ)."""
 

@@ -34,6 +34,9 @@ from .servicer import DraftServicer, DraftWorkerServicer
 
 log = logging.getLogger(__name__)
 
+# the engine's errors as status codes, on either transport
+ERRORS = {InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT}
+
 
 def build_engine(config: DraftConfig) -> DraftEngine:
     import torch
@@ -72,7 +75,7 @@ class DraftApp:
             # tracing outermost, so that its span records the status code the errors map to
             interceptors=[
                 *traced_server_interceptors(self.telemetry),
-                ErrorInterceptor({InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT}),
+                ErrorInterceptor(ERRORS),
             ],
         )
         self.servicer = DraftServicer(self.engine, self._update_gauges)
@@ -83,9 +86,7 @@ class DraftApp:
         # gRPC is plaintext too (the stream has no TLS)
         self.stream: DraftStreamServer | None = None
         if config.stream and not self.tls.enabled:
-            self.stream = DraftStreamServer(
-                self.servicer, self.telemetry.tracer, {InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT}
-            )
+            self.stream = DraftStreamServer(self.servicer, self.telemetry.tracer, ERRORS)
         elif config.stream:
             log.info("draft: TLS is on, so the stream transport is off: decode workers call over gRPC")
         self._sweeper: asyncio.Task | None = None

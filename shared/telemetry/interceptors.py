@@ -73,7 +73,8 @@ def start_server_span(
 ) -> tuple[trace.Span, otel_context.Context, str | None]:
     """The SERVER span of a call to `method` (`/package.Service/Method`) with this metadata, as a
     child of the caller's span: (span, a context with it current, the x-request-id). Also for
-    calls that arrive without gRPC (the draft's stream transport); end it with `end_server_span`."""
+    calls that arrive without gRPC (the draft's stream transport): run the call in `current_call`,
+    end the span with `end_server_span`."""
     name, attrs = _rpc_attributes(method)
     request_id = _metadata_value(metadata, REQUEST_ID_METADATA_KEY)
     if request_id is not None:
@@ -83,6 +84,20 @@ def start_server_span(
     parent = extract_context(metadata)
     span = tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attrs)
     return span, trace.set_span_in_context(span, parent), request_id
+
+
+@contextmanager
+def current_call(span_context: otel_context.Context, request_id: str | None):
+    """Makes a server call's span current, and binds its request id for logging, while the block
+    runs. The interceptor enters it per step rather than across `yield`s: a streaming handler
+    may be closed from another task (cancellation, garbage collection), where a token taken
+    there could not be detached."""
+    token = otel_context.attach(span_context)
+    try:
+        with bind_request_id(request_id):
+            yield
+    finally:
+        otel_context.detach(token)
 
 
 def end_server_span(span: trace.Span, code: grpc.StatusCode, details: str | None) -> None:
@@ -131,23 +146,11 @@ class ServerTracingInterceptor(grpc.aio.ServerInterceptor):
         peer = context.peer() if hasattr(context, "peer") else None
         return start_server_span(self._tracer, method, metadata, peer)
 
-    @contextmanager
-    def _current(self, span_context, request_id):
-        # Attached per step rather than across `yield`s: a streaming handler may be closed
-        # from another task (cancellation, garbage collection), where a token taken
-        # here could not be detached.
-        token = otel_context.attach(span_context)
-        try:
-            with bind_request_id(request_id):
-                yield
-        finally:
-            otel_context.detach(token)
-
     def _wrap_unary(self, behavior, method: str, metadata):
         async def traced(request_or_iterator, context):
             span, span_context, request_id = self._start(method, metadata, context)
             with _server_outcome(span, context):
-                with self._current(span_context, request_id):
+                with current_call(span_context, request_id):
                     result = behavior(request_or_iterator, context)
                     if inspect.isawaitable(result):
                         result = await result
@@ -166,14 +169,14 @@ class ServerTracingInterceptor(grpc.aio.ServerInterceptor):
                 responses = behavior(request_or_iterator, context)
                 try:
                     while True:
-                        with self._current(span_context, request_id):
+                        with current_call(span_context, request_id):
                             try:
                                 response = await responses.__anext__()
                             except StopAsyncIteration:
                                 break
                         await context.write(response)
                 finally:
-                    with self._current(span_context, request_id):
+                    with current_call(span_context, request_id):
                         await responses.aclose()
 
         return traced
