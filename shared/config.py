@@ -261,7 +261,7 @@ class SchedulerConfig(ServerSettings):
 class EngineSettings(ServerSettings):
     """What every service that runs a model (prefill, decode, draft) needs."""
 
-    model: str = setting("TANDEM_MODEL", "", "Model directory (config.json, *.safetensors, tokenizer.json).")
+    model: str = setting("TANDEM_MODEL", "", "Model directory (config.json, *.safetensors or pytorch_model*.bin, tokenizer.json).")
     model_name: str = setting(
         "TANDEM_MODEL_NAME", "", "Name reported to the scheduler; default: the model directory's name."
     )

@@ -22,7 +22,8 @@ ARCHS = {
 def make_tiny_checkpoint(path: Path, arch: str = "llama", *, tie: bool = False, num_layers: int = 2,
                          hidden: int = 64, heads: int = 4, kv_heads: int = 2, seed: int = 0,
                          max_positions: int = 512, rope_scaling: dict | None = None,
-                         sharded: bool = False, std: float = 0.08, **extra) -> Path:
+                         sharded: bool = False, std: float = 0.08, weights: str = "safetensors",
+                         **extra) -> Path:
     import transformers
 
     cfg_name, model_name = ARCHS[arch]
@@ -45,7 +46,30 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, tie: bool = False, 
             if name.endswith("bias"):
                 p.normal_(0, std)
     model.save_pretrained(path, max_shard_size="200KB" if sharded else "2GB")
+    if weights == "bin":
+        to_pytorch_bin(path)
     return path
+
+
+def to_pytorch_bin(path: Path, *, legacy: bool = False) -> None:
+    """Rewrites a checkpoint's safetensors files as PyTorch's pytorch_model*.bin (+ index), the
+    way older Hugging Face checkpoints ship; `legacy`: the pre-zipfile torch.save format."""
+    import json
+
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    names = {"model.safetensors": "pytorch_model.bin"}
+    if index.is_file():
+        data = json.loads(index.read_text())
+        names = {f: f.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+                 for f in set(data["weight_map"].values())}
+        data["weight_map"] = {k: names[f] for k, f in data["weight_map"].items()}
+        (path / "pytorch_model.bin.index.json").write_text(json.dumps(data))
+        index.unlink()
+    for old, new in names.items():
+        torch.save(load_file(str(path / old)), path / new, _use_new_zipfile_serialization=not legacy)
+        (path / old).unlink()
 
 
 def load_hf(path: Path):

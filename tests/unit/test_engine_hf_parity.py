@@ -7,7 +7,7 @@ import torch
 
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
 from shared.engine.model import ModelLoadError
-from tests.helpers.models import hf_greedy, load_hf, make_tiny_checkpoint
+from tests.helpers.models import hf_greedy, load_hf, make_tiny_checkpoint, to_pytorch_bin
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
@@ -29,6 +29,9 @@ CHECKPOINTS = {
     "mistral": dict(arch="mistral", sliding_window=None),
     "mistral-sliding-window": dict(arch="mistral", sliding_window=16),
     "llama-sharded": dict(arch="llama", sharded=True),
+    # older checkpoints: PyTorch's pytorch_model.bin, one file or shards + index
+    "llama-pytorch-bin": dict(arch="llama", weights="bin"),
+    "qwen2-pytorch-bin-sharded": dict(arch="qwen2", tie=True, sharded=True, weights="bin"),
 }
 
 
@@ -139,6 +142,38 @@ def test_missing_weights_file_is_named(tmp_path):
     (path / "model.safetensors").unlink()
     with pytest.raises(ModelLoadError, match="model.safetensors"):
         _engine(path)
+
+
+def test_legacy_pytorch_bin_loads_like_safetensors(tmp_path):
+    """A pre-zipfile pytorch_model.bin (torch.save of torch < 1.6) cannot be memory-mapped: read whole."""
+    path = make_tiny_checkpoint(tmp_path / "st")
+    legacy = make_tiny_checkpoint(tmp_path / "bin")
+    to_pytorch_bin(legacy, legacy=True)
+    outs = [_run_staggered(_engine(p), PROMPTS[:2], GREEDY) for p in (path, legacy)]
+    assert outs[0] == outs[1] and len(outs[0][0]) == GREEDY.max_tokens
+
+
+def test_safetensors_win_over_pytorch_bin(tmp_path):
+    path = make_tiny_checkpoint(tmp_path)
+    torch.save({"garbage": torch.zeros(1)}, path / "pytorch_model.bin")
+    _engine(path)  # loads model.safetensors; the .bin is never read
+
+
+def test_pytorch_bin_with_code_is_refused(tmp_path):
+    """weights_only: a .bin whose pickle would run code (or holds anything but tensors) is refused
+    with a line saying what to do, never unpickled."""
+    path = make_tiny_checkpoint(tmp_path, weights="bin")
+    torch.save({"model.embed_tokens.weight": torch.zeros(1), "x": _Payload()}, path / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="pytorch_model.bin.*convert the checkpoint to safetensors"):
+        _engine(path)
+    torch.save([torch.zeros(1)], path / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="not a state dict of tensors"):
+        _engine(path)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("unpickled",))
 
 
 def test_missing_config_is_named(tmp_path):

@@ -1,4 +1,6 @@
-"""Weights from `model.safetensors` or sharded `model-*.safetensors` + index, into a module.
+"""Weights from `model.safetensors` or sharded `model-*.safetensors` + index, into a module;
+failing those, from PyTorch's `pytorch_model.bin` (or its shards + index), as older
+checkpoints ship them, read with `torch.load(weights_only=True)`: tensors only, no code.
 
 An int8 parameter of the module (quant.Int8Linear / Int8Embedding) takes the checkpoint's
 float tensor quantized per output channel, its scale going to `<name>_scale`. A checkpoint
@@ -9,6 +11,7 @@ that is already int8 with per-channel scales (compressed-tensors' int8 weight-on
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,23 +21,60 @@ from .config import ModelLoadError
 from .quant import dequantize_weight, quantize_weight
 
 
-def load_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:  # noqa: BLE001 - a pickle with code in it, or not a checkpoint at all
+        raise ModelLoadError(
+            f"cannot read {path} as tensors ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "convert the checkpoint to safetensors"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{path} is not a state dict of tensors; convert the checkpoint to safetensors")
+    return state
+
+
+# (single file, index of shards, how to read one file), in the order a checkpoint is looked up
+FORMATS = (
+    ("model.safetensors", "model.safetensors.index.json", _load_safetensors),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json", _load_bin),
+)
+
+
+def checkpoint_files(model_dir: str | Path) -> tuple[list[Path], Callable[[Path], dict[str, torch.Tensor]]]:
+    """The weight files of the checkpoint in `model_dir` and the function that reads one."""
     model_dir = Path(model_dir)
-    single = model_dir / "model.safetensors"
-    index = model_dir / "model.safetensors.index.json"
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise ModelLoadError(f"missing shard(s) listed in {index}: {', '.join(missing)}")
-    else:
-        raise ModelLoadError(f"missing file {single} (or a sharded model.safetensors.index.json) in {model_dir}")
+    for single_name, index_name, read in FORMATS:
+        single, index = model_dir / single_name, model_dir / index_name
+        if single.is_file():
+            return [single], read
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            files = [model_dir / name for name in sorted(set(weight_map.values()))]
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise ModelLoadError(f"missing shard(s) listed in {index}: {', '.join(missing)}")
+            return files, read
+    raise ModelLoadError(
+        f"missing file {model_dir / 'model.safetensors'} (or a sharded model.safetensors.index.json, or "
+        f"PyTorch's pytorch_model.bin) in {model_dir}"
+    )
+
+
+def load_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    files, read = checkpoint_files(model_dir)
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        state.update(read(f))
     return state
 
 
