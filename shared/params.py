@@ -74,6 +74,9 @@ class SamplingParams:
     # (its earlier outputs appended to its prompt) passes how many it already produced, so
     # it keeps drawing the noise it would have drawn had it never moved.
     seed_offset: int = 0
+    # None: off; n: the logprob of every prompt token after the first, with the n most likely
+    # alternatives (RequestOutput.prompt_logprobs, on the first output)
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -97,6 +100,10 @@ class SamplingParams:
             )
         if not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidRequest("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(
+                "prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}"
+            )
         if self.seed_offset < 0:
             raise InvalidRequest("seed_offset", f"must be >= 0, got {self.seed_offset}")
         k = self.num_speculative_tokens
@@ -157,3 +164,5 @@ class RequestOutput:
     num_spec_accepted: int = 0  # of which the target accepted
     num_spec_steps: int = 0  # steps that verified drafts (mean accepted length = accepted / steps)
     queue_seconds: float | None = None  # add_request to first scheduled (None: not yet, or KV imported)
+    # on the first output when SamplingParams.prompt_logprobs is set: prompt token i + 1 at index i
+    prompt_logprobs: list[TokenLogprobs] | None = None

@@ -36,6 +36,7 @@ def sampling_from_pb(
             sampling.num_speculative_tokens if sampling.HasField("num_speculative_tokens") else None
         ),
         seed_offset=sampling.seed_offset,
+        prompt_logprobs=sampling.prompt_logprobs if sampling.HasField("prompt_logprobs") else None,
     )
 
 
@@ -77,4 +78,5 @@ def output_to_pb(out: RequestOutput, *, prefilled_by: str = "") -> worker_pb2.De
         num_spec_proposed=out.num_spec_proposed,
         num_spec_accepted=out.num_spec_accepted,
         num_spec_steps=out.num_spec_steps,
+        prompt_logprobs=[logprob_to_pb(lp) for lp in out.prompt_logprobs or []],
     )

@@ -73,7 +73,8 @@ class DecodeWorker:
     async def _generate(self, job: DecodeJob) -> AsyncIterator[tuple[RequestOutput, str]]:
         generated = self._telemetry.metrics.generation_tokens
         spec = SpecTally(self._telemetry.metrics)
-        if job.prefill_peer:
+        # prompt logprobs need every prompt token's logits: this worker prefills such a request itself
+        if job.prefill_peer and job.params.prompt_logprobs is None:
             try:
                 async for out in self._generate_disaggregated(job):
                     generated.inc(len(out.new_token_ids))

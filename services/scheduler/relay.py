@@ -55,6 +55,11 @@ class Job:
     priority: int = 0
 
     @property
+    def full_prefill(self) -> bool:
+        """It asks for prompt logprobs: its decode worker computes every prompt token itself."""
+        return self.sampling.HasField("prompt_logprobs")
+
+    @property
     def num_tokens(self) -> int:
         """The work it brings: prompt + max_tokens (what the admission queue bounds)."""
         return len(self.prompt_token_ids) + self.stopping.max_tokens
@@ -64,6 +69,7 @@ class Job:
         sampling = common_pb2.SamplingParameters()
         sampling.CopyFrom(self.sampling)
         sampling.seed_offset = self.sampling.seed_offset + len(emitted)
+        sampling.ClearField("prompt_logprobs")  # the first response, which carried them, reached the client
         stopping = common_pb2.StoppingCriteria()
         stopping.CopyFrom(self.stopping)
         stopping.max_tokens = self.stopping.max_tokens - len(emitted)
@@ -86,6 +92,7 @@ class Piece:
     text: str
     token_ids: list[int]
     logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)  # passed through from the worker
+    prompt_logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)  # on the first piece, when asked
     finish_reason: int = FinishReason.FINISH_REASON_UNSPECIFIED
     finish_message: str = ""
     usage: common_pb2.Usage | None = None
@@ -159,12 +166,12 @@ class Relay:
     async def _route(self, job: Job, failure: str) -> Route:
         with self._telemetry.span("route", request_id=job.request_id) as sp:
             try:
-                route = self._router.route(job.prompt_token_ids)
+                route = self._router.route(job.prompt_token_ids, full_prefill=job.full_prefill)
             except NoDecodeWorker:
                 # Workers may have come up (or back) since the last health round: check now, once.
                 await self._pool.check_all()
                 try:
-                    route = self._router.route(job.prompt_token_ids)
+                    route = self._router.route(job.prompt_token_ids, full_prefill=job.full_prefill)
                 except NoDecodeWorker as e:
                     raise Unavailable(f"{failure}; {e}" if failure else str(e)) from None
             annotate(
@@ -214,7 +221,9 @@ class Relay:
                 usage.spec_verify_steps = steps + resp.num_spec_steps
                 progress.emitted.extend(resp.token_ids)
                 delta, stopped = text.push(resp.token_ids)
-                piece = Piece(job.request_id, delta, list(resp.token_ids), list(resp.logprobs))
+                piece = Piece(
+                    job.request_id, delta, list(resp.token_ids), list(resp.logprobs), list(resp.prompt_logprobs)
+                )
                 if stopped:
                     # the decode worker aborts (and frees the blocks) when its call is cancelled
                     call.cancel()
@@ -231,7 +240,7 @@ class Relay:
                     piece.usage = _with_mean_accepted(usage)
                     yield piece
                     return
-                if piece.text or piece.token_ids:
+                if piece.text or piece.token_ids or piece.prompt_logprobs:
                     yield piece
             raise Unavailable(
                 f"decode worker {route.decode.address} ended the stream without a finish reason"

@@ -72,7 +72,9 @@ class Router:
         self._pool = pool
         self._disagg_min_tokens = disagg_min_tokens
 
-    def route(self, prompt_token_ids: Sequence[int]) -> Route:
+    def route(self, prompt_token_ids: Sequence[int], *, full_prefill: bool = False) -> Route:
+        """`full_prefill`: the request computes every prompt token on its decode worker (it asks
+        for prompt logprobs): no prefill peer, no cached tokens."""
         decodes = self._pool.healthy("decode")
         if not decodes:
             raise NoDecodeWorker("no healthy decode worker")
@@ -84,6 +86,8 @@ class Router:
         prefill = None
         cached = local_cached
         prefills = self._pool.healthy("prefill")
+        if full_prefill:
+            return Route(decode, None, num_blocks, hashes, 0)
         if prefills and len(prompt_token_ids) - local_cached >= self._disagg_min_tokens:
             matched = {w.address: w.prefix.num_cached_blocks(hashes) for w in prefills}
             prefill = min(prefills, key=lambda w: (-matched[w.address], w.queue_length))

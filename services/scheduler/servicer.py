@@ -22,6 +22,7 @@ def piece_to_pb(piece: Piece) -> generate_pb2.GenerateResponse:
         text=piece.text,
         token_ids=piece.token_ids,
         logprobs=piece.logprobs,
+        prompt_logprobs=piece.prompt_logprobs,
         finish_reason=piece.finish_reason,
         finish_message=piece.finish_message,
         usage=piece.usage,

@@ -350,6 +350,7 @@ def _merge(first: RequestOutput, then: RequestOutput) -> RequestOutput:
         new_token_ids=first.new_token_ids + then.new_token_ids,
         logprobs=logprobs,
         queue_seconds=first.queue_seconds if first.queue_seconds is not None else then.queue_seconds,
+        prompt_logprobs=first.prompt_logprobs if first.prompt_logprobs is not None else then.prompt_logprobs,
     )
 
 

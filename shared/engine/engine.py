@@ -177,6 +177,8 @@ class LLMEngine:
         self.validate_request(prompt_token_ids, params)
         req = Request(request_id, list(prompt_token_ids), params, next(self._arrival), hold_kv=hold_kv,
                       arrival_time=time.monotonic())
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = []
         self.requests[request_id] = req
         self.scheduler.add(req)
 
@@ -227,7 +229,10 @@ class LLMEngine:
         proposing = time.perf_counter()
         spec = self._propose(batch.decodes, num_prefill_tokens)
         started = time.perf_counter()
-        prefills = [(r, n, 1 if r.num_computed_tokens + n == r.num_tokens else 0) for r, n in batch.prefills]
+        # a prefill chunk wants its last row's logits when it ends the prompt (the first token), and
+        # every row's while the request collects prompt logprobs
+        prefills = [(r, n, n if r.collects_prompt_logprobs else int(r.num_computed_tokens + n == r.num_tokens))
+                    for r, n in batch.prefills]
         verifies = [(r, 1 + len(spec[r.request_id].token_ids), 1 + len(spec[r.request_id].token_ids))
                     for r in batch.decodes if r.request_id in spec]
         # by context length, so that the runner can batch decodes of similar length
@@ -248,11 +253,13 @@ class LLMEngine:
             if r.request_id in spec and want > 1:
                 outputs.append(self._verify(r, spec[r.request_id], block))
                 continue
+            if r.collects_prompt_logprobs:
+                self._collect_prompt_logprobs(r, block)
             r.num_computed_tokens += n
             self.kv.cache_full_blocks(r)
-            if want:
+            if r.num_computed_tokens == r.num_tokens:  # the prompt's last row samples the first token
                 sample_reqs.append(r)
-                sample_logits.append(block)
+                sample_logits.append(block[-1:])
         for r in decodes:
             r.num_computed_tokens += 1
             self.kv.cache_full_blocks(r)
@@ -272,6 +279,21 @@ class LLMEngine:
             self._last_cycle = (begin, started - proposing + forward_s, len(batch.decodes))
         self._prefetch_proposals()
         return outputs
+
+    def _collect_prompt_logprobs(self, req: Request, rows: torch.Tensor) -> None:
+        """rows: the logits of every token of a prefill chunk (before num_computed_tokens moves):
+        row i predicts the token after position num_computed_tokens + i. Positions already
+        collected (a chunk computed again after a preemption) are skipped."""
+        prompt, lps = req.prompt_token_ids, req.prompt_logprobs
+        start = req.num_computed_tokens
+        first = len(lps) + 1 - (start + 1)  # the row of the next prompt position to collect
+        stop = min(rows.shape[0], len(prompt) - 1 - start)  # the last prompt position is followed by output
+        if first >= stop:
+            return
+        raw = torch.log_softmax(rows[first:stop].float(), dim=-1)
+        top_n = req.params.prompt_logprobs
+        for i in range(stop - first):
+            lps.append(token_logprobs(raw[i], prompt[start + first + i + 1], top_n))
 
     def _seq_input(self, req: Request, n: int, spec: dict[str, Proposal]) -> SeqInput:
         tokens = req.all_token_ids
@@ -402,7 +424,15 @@ class LLMEngine:
             num_output_tokens=req.num_output_tokens + req.num_external_outputs,
             num_spec_proposed=req.num_spec_proposed, num_spec_accepted=req.num_spec_accepted,
             num_spec_steps=req.num_spec_steps, queue_seconds=req.queue_seconds,
+            prompt_logprobs=self._take_prompt_logprobs(req),
         )
+
+    @staticmethod
+    def _take_prompt_logprobs(req: Request) -> list[TokenLogprobs] | None:
+        if req.prompt_logprobs is None or req.prompt_logprobs_sent:
+            return None
+        req.prompt_logprobs_sent = True
+        return req.prompt_logprobs
 
     def _check_stop(self, req: Request, token: int) -> FinishReason | None:
         p = req.params
@@ -465,6 +495,8 @@ class LLMEngine:
         the first token already ends it (then the reservation is freed)."""
         req = self._get(request_id, Status.RESERVED)
         self.validate_request(prompt_token_ids, params)
+        if params.prompt_logprobs is not None:
+            raise InvalidRequest("prompt_logprobs", "need the prompt prefilled on this engine, not imported")
         reserved = len(self.kv.tables.get(request_id, [])) * self.block_size
         if reserved < len(prompt_token_ids):
             raise ValueError(f"reserved {reserved} tokens of KV, prompt has {len(prompt_token_ids)}")

@@ -44,6 +44,14 @@ class Request:
     spec_acceptance: Ewma | None = None  # its own per-token acceptance, from its first verification
     arrival_time: float | None = None  # time.monotonic() at add_request (None: KV imported, never queued)
     queue_seconds: float | None = None  # arrival_time to its first scheduling
+    # SamplingParams.prompt_logprobs: prompt token i + 1's at index i, collected as prefill goes
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs_sent: bool = False
+
+    @property
+    def collects_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked and not all computed yet (the prefill must keep every row's logits)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
     def mark_scheduled(self) -> None:
         if self.queue_seconds is None and self.arrival_time is not None:

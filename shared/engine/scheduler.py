@@ -90,7 +90,8 @@ class Scheduler:
         while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             computed, num_cached = [], 0
-            if req.num_computed_tokens == 0:
+            # a request collecting prompt logprobs computes every prompt token: no cache hits
+            if req.num_computed_tokens == 0 and not req.collects_prompt_logprobs:
                 computed, num_cached = self.kv.get_computed_blocks(req)
             n = min(req.num_tokens - req.num_computed_tokens - num_cached, budget)
             if not self.kv.allocate_slots(req, n, computed):

@@ -263,6 +263,49 @@ def test_logprobs(client):
     )
 
 
+def test_echo_scores_prompts_as_lm_eval_harness_does(stack, client, tokenizer, hf):
+    """lm-eval-harness's `local-completions` loglikelihood request, byte for byte: token-id
+    prompts, echo, logprobs 1, max_tokens 1. Each choice returns its prompt's tokens with their
+    logprobs (the first null) equal to transformers', the top-1 alternative that tells whether
+    the continuation is greedy, then the generated token; the prompts are prefilled on the decode
+    worker, with the prefill worker left healthy."""
+    import torch
+
+    prompts = [[1, *range(60, 90)], [1, 7, 300, 42, 9]]
+    body = {"model": "tiny", "prompt": prompts, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+            "echo": True}
+    resp = httpx.post(stack["base"] + "/v1/completions", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    choices = sorted(resp.json()["choices"], key=lambda c: c["index"])
+    for prompt, choice in zip(prompts, choices, strict=True):
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(prompt) + 1
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        for i in range(1, len(prompt)):
+            assert lp["token_logprobs"][i] == pytest.approx(float(ref[i - 1, prompt[i]]), abs=1e-4)
+            (best,) = lp["top_logprobs"][i].values()
+            # lm-eval's greedy test: the token's logprob equals the best alternative's
+            assert (lp["token_logprobs"][i] == best) == (int(ref[i - 1].argmax()) == prompt[i])
+        prompt_text = tokenizer.decode(prompt, skip_special_tokens=False)
+        assert choice["text"] == prompt_text + tokenizer.decode(hf_greedy(hf, prompt, 1))
+        assert lp["text_offset"][-1] == len(prompt_text)
+    assert "prefilled without it" not in stack["scheduler"].log()
+    # max_tokens 0 with echo (OpenAI's way to score a prompt alone): the prompt, no completion
+    only = client.completions.create(model="tiny", prompt="def hello world", max_tokens=0, echo=True, logprobs=0)
+    assert only.choices[0].text == "def hello world" and only.usage.completion_tokens == 0
+    assert len(only.choices[0].logprobs.tokens) == len(tokenizer.encode("def hello world"))
+    # echo without logprobs, streamed and not: the prompt, then the completion
+    full = client.completions.create(model="tiny", prompt="def hello world", max_tokens=6, echo=True, **GREEDY)
+    chunks = list(client.completions.create(
+        model="tiny", prompt="def hello world", max_tokens=6, echo=True, stream=True, **GREEDY))
+    expected = "def hello world" + tokenizer.decode(hf_greedy(hf, tokenizer.encode("def hello world"), 6))
+    assert full.choices[0].text == "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[0].choices[0].text.startswith("def hello world")
+    wait_all_blocks_free(stack)
+
+
 def test_usage_counts_prompt_completion_and_cached_tokens(client, tokenizer):
     prompt = "the quick brown fox jumps over lazy dog " * 6  # several KV blocks
     num_prompt = len(tokenizer.encode(prompt))
@@ -350,7 +393,8 @@ BAD_COMPLETION_FIELDS = [
     ({"prompt": [1, 10_000]}, "prompt"),
     ({"prompt": None}, "prompt"),
     ({"frequency_penalty": 0.5}, "frequency_penalty"),
-    ({"echo": True}, "echo"),
+    ({"echo": True, "max_tokens": -1}, "max_tokens"),
+    ({"echo": True, "logprobs": 21}, "logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"ignore_eos": "yes"}, "ignore_eos"),
 ]

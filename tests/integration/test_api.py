@@ -65,6 +65,7 @@ async def test_stop_string_cuts_text_and_frees_blocks(cluster):
         (dict(prompt=[1, 2, 100000]), "token_ids"),
         (dict(prompt=""), "text"),
         (dict(stop=[""]), "stop"),
+        (dict(prompt_logprobs=21), "prompt_logprobs"),
     ],
 )
 async def test_invalid_arguments_are_named_and_the_server_keeps_serving(

@@ -113,3 +113,35 @@ async def test_prefix_cache_on_the_prefill_worker(tiny_model, reference):
         await cluster.wait_idle()
     finally:
         await cluster.stop()
+
+
+async def test_prompt_logprobs_are_computed_on_the_decode_worker(tiny_model, reference):
+    """A request asking for prompt logprobs needs every prompt token's logits: the scheduler
+    routes it to no prefill peer, its decode worker prefills it in full (no prefix-cache hit),
+    and the first response carries one entry per prompt token after the first, equal to the
+    engine's own log-softmax; the prefill worker is not blamed for it."""
+    import torch
+
+    from tests.helpers.models import load_hf
+
+    cluster = await start_cluster(tiny_model)
+    try:
+        await cluster.generate(prompt=PROMPT, max_tokens=2)  # the prompt's blocks are now cached
+        responses = await cluster.generate(prompt=PROMPT, max_tokens=6, prompt_logprobs=2)
+        assert token_ids(responses) == reference(PROMPT, 6)
+        first, *rest = responses
+        assert len(first.prompt_logprobs) == len(PROMPT) - 1 and not any(r.prompt_logprobs for r in rest)
+        assert [lp.token_id for lp in first.prompt_logprobs] == PROMPT[1:]
+        with torch.no_grad():
+            ref = torch.log_softmax(load_hf(tiny_model)(torch.tensor([PROMPT])).logits[0].float(), dim=-1)
+        for i, lp in enumerate(first.prompt_logprobs):
+            assert abs(lp.logprob - float(ref[i, PROMPT[i + 1]])) < 1e-4
+            assert [t.token_id for t in lp.top] == ref[i].topk(2).indices.tolist()
+        assert responses[-1].usage.cached_tokens == 0  # computed, not taken from the cache
+        worker = cluster.decodes[0].worker
+        assert (worker.num_local_prefills, worker.num_remote_prefills) == (1, 1)
+        pool = cluster.scheduler.pool
+        assert all(w.healthy for w in pool.workers.values())
+        await cluster.wait_idle()
+    finally:
+        await cluster.stop()

@@ -43,6 +43,8 @@ def requests(draw, vocab: int):
     s.logprobs = draw(st.integers(0, 2**32 - 1) | st.integers(18, 22))
     s.seed_offset = draw(st.integers(0, 2**32 - 1))
     if draw(st.booleans()):
+        s.prompt_logprobs = draw(st.integers(0, 2**32 - 1) | st.integers(18, 22))
+    if draw(st.booleans()):
         s.num_speculative_tokens = draw(st.integers(0, 2**32 - 1) | st.integers(14, 18))
     t = common_pb2.StoppingCriteria()
     if draw(st.booleans()):  # unset: the scheduler's default max_tokens

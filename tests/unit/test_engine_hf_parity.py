@@ -120,6 +120,60 @@ def test_prefix_cache_hits_match_hf(checkpoint):
     _assert_no_leak(engine)
 
 
+def _prompt_logprobs(engine: LLMEngine, prompts, top_n: int = 3) -> list[list]:
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=top_n)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    got: dict[int, list] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.prompt_logprobs is not None:
+                assert int(out.request_id) not in got, "prompt logprobs sent twice"
+                got[int(out.request_id)] = out.prompt_logprobs
+    return [got[i] for i in range(len(prompts))]
+
+
+def _assert_prompt_logprobs_match(model, prompts, got, top_n: int = 3) -> None:
+    for prompt, lps in zip(prompts, got, strict=True):
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        assert [lp.token_id for lp in lps] == prompt[1:]
+        for i, lp in enumerate(lps):
+            assert lp.logprob == pytest.approx(float(ref[i, prompt[i + 1]]), abs=1e-4)
+            assert [t for t, _ in lp.top] == ref[i].topk(top_n).indices.tolist()
+
+
+def test_prompt_logprobs_match_hf(checkpoint):
+    """Every prompt token's logprob (what lm-eval's loglikelihood tasks read through echo), in
+    chunks of a prefill split across steps, and after the same prompts filled the prefix cache:
+    computed again, never read from it."""
+    path, model, _ = checkpoint
+    engine = _engine(path, max_num_batched_tokens=16)
+    _run_staggered(engine, PROMPTS, GREEDY)  # the prompts' blocks are cached now
+    got = _prompt_logprobs(engine, PROMPTS)
+    _assert_prompt_logprobs_match(model, PROMPTS, got)
+    _assert_no_leak(engine)
+
+
+def test_prompt_logprobs_survive_preemption_mid_prefill(tiny_checkpoint_and_hf):
+    """A request preempted between two chunks of its prompt computes them again: each position's
+    logprob is kept once."""
+    path, model = tiny_checkpoint_and_hf
+    # 10 blocks of 8 tokens, prefill chunks of 16: the long prompts cannot all run together
+    engine = _engine(path, num_blocks=10, max_num_batched_tokens=16, enable_prefix_caching=False)
+    prompts = [[1, *range(5, 45)], [1, *range(200, 239)]]
+    got = _prompt_logprobs(engine, prompts)
+    assert engine.stats().num_preemptions > 0
+    _assert_prompt_logprobs_match(model, prompts, got)
+    _assert_no_leak(engine)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint_and_hf(tmp_path_factory):
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("preempt"))
+    return path, load_hf(path)
+
+
 def test_preemption_matches_hf(checkpoint):
     path, _, refs = checkpoint
     # 24 blocks of 8 = 192 token slots for requests that need 27..85 each: some must be preempted

@@ -7,6 +7,7 @@ KV transfer timeouts free the blocks). The real tensorrt_llm is never imported."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import pickle
 import sys
@@ -373,6 +374,8 @@ async def test_invalid_requests_are_refused_before_tensorrt_llm_sees_them(model_
         await collect(engine.generate("a", [VOCAB + 5], greedy(2)))
     with pytest.raises(InvalidRequest, match="max_tokens"):
         await collect(engine.generate("b", PROMPT, greedy(1000)))
+    with pytest.raises(InvalidRequest, match="prompt_logprobs: not supported by the TensorRT-LLM engine"):
+        await collect(engine.generate("c", PROMPT, dataclasses.replace(greedy(2), prompt_logprobs=1)))
     assert not engine.llm.requests
 
 

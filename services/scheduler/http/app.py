@@ -157,6 +157,10 @@ class OpenAIFront:
             chat,
             plan,
             body.stream_options is not None and body.stream_options.include_usage,
+            # echo: each choice's prompt as text, and its first token id (which has no logprob)
+            [(self._prompt_text(r), j.prompt_token_ids[0]) for r, j in zip(plan.requests, jobs, strict=True)]
+            if plan.echo
+            else None,
         )
         try:
             if body.stream:
@@ -182,22 +186,31 @@ class OpenAIFront:
             headers={**headers, "Cache-Control": "no-cache"},
         )
 
+    def _prompt_text(self, request) -> str:
+        if request.WhichOneof("prompt") == "text":
+            return request.text
+        return self._tokenizer.decode(request.token_ids.ids, skip_special_tokens=False)
+
     def _answer(self, meta: _Meta, pieces: list[list[Piece]]) -> dict[str, Any]:
         """The non-streaming response body."""
         choices = []
         for index, choice in enumerate(pieces):
-            text = "".join(p.text for p in choice)
+            merged = Piece(
+                "",
+                "".join(p.text for p in choice),
+                [],
+                [lp for p in choice for lp in p.logprobs],
+                [lp for p in choice for lp in p.prompt_logprobs],
+            )
+            text, logprobs = self._content(meta, index, merged, 0, True)
             reason = next((convert.finish_reason(p) for p in choice if p.usage is not None), None)
-            entry: dict[str, Any] = {"index": index, "finish_reason": reason, "logprobs": None}
-            if meta.plan.logprobs is not None:
-                merged = Piece("", "", [], [lp for p in choice for lp in p.logprobs])
-                entry["logprobs"] = self._logprobs(meta, merged, 0)
+            entry: dict[str, Any] = {"index": index, "finish_reason": reason, "logprobs": logprobs}
             if meta.chat:
                 entry["message"] = {"role": "assistant", "content": text}
             else:
                 entry["text"] = text
             choices.append(entry)
-        usages = [next((p.usage for p in choice if p.usage is not None), None) for choice in pieces]
+        usages = [meta.usage(next((p.usage for p in choice if p.usage is not None), None)) for choice in pieces]
         return {
             "id": meta.id,
             "object": "chat.completion" if meta.chat else "text_completion",
@@ -220,12 +233,12 @@ class OpenAIFront:
             while item is not None:
                 index, piece = item
                 if piece.usage is not None:
-                    usages[index] = piece.usage
+                    usages[index] = meta.usage(piece.usage)
                 if (
                     piece.text
                     or piece.usage is not None
                     or meta.plan.logprobs is not None
-                    or (meta.chat and not started[index])
+                    or ((meta.chat or meta.echo) and not started[index])
                 ):  # not for tokens whose text is held back (a split character, a possible stop string)
                     yield self._chunk(meta, index, piece, offsets, started)
                 item = await run.next()
@@ -254,18 +267,37 @@ class OpenAIFront:
             if piece.text or "role" in delta:
                 delta["content"] = piece.text
             choice["delta"] = delta
+            choice["logprobs"] = self._logprobs(meta, piece, 0) if meta.plan.logprobs is not None else None
         else:
-            choice["text"] = piece.text
-        choice["logprobs"] = (
-            self._logprobs(meta, piece, offsets[index]) if meta.plan.logprobs is not None else None
-        )
-        if not meta.chat:
-            offsets[index] += len(piece.text)
+            choice["text"], choice["logprobs"] = self._content(meta, index, piece, offsets[index], not started[index])
+            started[index] = True
+            offsets[index] += len(choice["text"])
         choice["finish_reason"] = convert.finish_reason(piece)
         chunk = {**meta.head(), "choices": [choice]}
         if meta.include_usage:
             chunk["usage"] = None
         return _event(chunk)
+
+    def _content(
+        self, meta: _Meta, index: int, piece: Piece, offset: int, first: bool
+    ) -> tuple[str, dict[str, Any] | None]:
+        """A completion choice's text and logprobs for this piece; `first`: the choice's first
+        piece, which starts with the prompt when echoed; offset: the choice's text so far."""
+        text = "" if meta.plan.prompt_only else piece.text
+        completion = piece if not meta.plan.prompt_only else Piece("", "", [])
+        logprobs = None
+        if meta.echo is not None and first:
+            prompt, first_token = meta.echo[index]
+            text = prompt + text
+            if meta.plan.logprobs is not None:
+                logprobs = convert.prompt_logprobs(self._tokens, first_token, piece, meta.plan.logprobs)
+                logprobs = convert.completion_logprobs(
+                    self._tokens, completion, meta.plan.logprobs, len(prompt), logprobs
+                )
+                return text, logprobs
+        if meta.plan.logprobs is not None:
+            logprobs = self._logprobs(meta, completion, offset)
+        return text, logprobs
 
     def _logprobs(self, meta: _Meta, piece: Piece, offset: int) -> dict[str, Any]:
         top_n = meta.plan.logprobs or 0
@@ -315,13 +347,20 @@ class OpenAIFront:
 class _Meta:
     """What every chunk of one response repeats."""
 
-    __slots__ = ("id", "created", "model", "chat", "plan", "include_usage", "_head")
+    __slots__ = ("id", "created", "model", "chat", "plan", "include_usage", "echo", "_head")
 
     def __init__(
-        self, id: str, created: int, model: str, chat: bool, plan: convert.Plan, include_usage: bool
+        self,
+        id: str,
+        created: int,
+        model: str,
+        chat: bool,
+        plan: convert.Plan,
+        include_usage: bool,
+        echo: list[tuple[str, int]] | None = None,
     ):
         self.id, self.created, self.model, self.chat = id, created, model, chat
-        self.plan, self.include_usage = plan, include_usage
+        self.plan, self.include_usage, self.echo = plan, include_usage, echo
         self._head = {
             "id": id,
             "object": "chat.completion.chunk" if chat else "text_completion",
@@ -331,6 +370,15 @@ class _Meta:
 
     def head(self) -> dict[str, Any]:
         return self._head
+
+    def usage(self, usage: Any) -> Any:
+        """A choice's usage as the client sees it: echo with max_tokens 0 returns no completion token."""
+        if usage is None or not self.plan.prompt_only:
+            return usage
+        out = type(usage)()
+        out.CopyFrom(usage)
+        out.completion_tokens = 0
+        return out
 
 
 def _event(data: dict[str, Any]) -> bytes:

@@ -42,6 +42,8 @@ class Plan:
     prompt_of: list[int]  # the prompt each choice answers (usage counts each prompt once)
     logprobs: int | None  # None: none asked; 0: the sampled token's only; k: and the k most likely
     fields: dict[str, str] = field(default_factory=dict)  # gRPC field -> OpenAI field, for errors
+    echo: bool = False  # completions: each choice's text (and logprobs) starts with its prompt
+    prompt_only: bool = False  # echo with max_tokens 0: one token is generated, and not returned
 
     def openai_field(self, name: str) -> str:
         return openai_field(name, self.fields)
@@ -66,8 +68,6 @@ def _check_neutral(req: CompletionRequest | ChatCompletionRequest) -> None:
     if req.logit_bias:
         raise InvalidArgument("logit_bias", "not supported")
     if isinstance(req, CompletionRequest):
-        if req.echo:
-            raise InvalidArgument("echo", "not supported")
         if req.suffix:
             raise InvalidArgument("suffix", "not supported")
         if req.best_of is not None and req.best_of != req.n:
@@ -179,9 +179,14 @@ def _completion_plan(req: CompletionRequest, request_id: str, fields: dict[str, 
         prompts = [_token_ids(prompt, "prompt")]
     else:
         prompts = [p if isinstance(p, str) else _token_ids(p, "prompt") for p in prompt]
-    sampling, stopping = _parameters(req, req.max_tokens, req.logprobs)
+    max_tokens, prompt_only = req.max_tokens, False
+    if req.echo and max_tokens == 0:  # OpenAI's way to score a prompt alone
+        max_tokens, prompt_only = 1, True
+    sampling, stopping = _parameters(req, max_tokens, req.logprobs)
+    if req.echo and req.logprobs is not None:  # the prompt's tokens get theirs too
+        sampling.prompt_logprobs = sampling.logprobs
     requests, prompt_of = _fan_out(request_id, prompts, req.n, sampling, stopping, req.priority)
-    return Plan(requests, prompt_of, req.logprobs, fields)
+    return Plan(requests, prompt_of, req.logprobs, fields, echo=req.echo, prompt_only=prompt_only)
 
 
 async def chat_plan(
@@ -282,9 +287,21 @@ class Tokens:
         return list(self._tokenizer.token_bytes(token_id))
 
 
-def completion_logprobs(tokens: Tokens, piece: Piece, top_n: int, offset: int) -> dict[str, Any]:
-    """The `logprobs` of a completion choice for this piece's tokens; offset: text length before it."""
-    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+def prompt_logprobs(tokens: Tokens, first_token_id: int, piece: Piece, top_n: int) -> dict[str, Any]:
+    """The prompt's part of an echoed completion's `logprobs` (the prompt's first token has none,
+    null as in OpenAI's answers); add the completion's with completion_logprobs(..., offset=its end)."""
+    first = tokens.text(first_token_id)
+    out: dict[str, Any] = {"tokens": [first], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [0]}
+    return completion_logprobs(tokens, Piece("", "", [], piece.prompt_logprobs), top_n, len(first), out)
+
+
+def completion_logprobs(
+    tokens: Tokens, piece: Piece, top_n: int, offset: int, out: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The `logprobs` of a completion choice for this piece's tokens (appended to `out`, if given);
+    offset: text length before them."""
+    if out is None:
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for lp in piece.logprobs:
         token = tokens.text(lp.token_id)
         out["tokens"].append(token)

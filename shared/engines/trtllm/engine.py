@@ -190,6 +190,8 @@ class TrtllmEngine:
         if any(not 0 <= t < self.model.vocab_size for t in prompt):
             raise InvalidRequest("prompt", f"token ids outside the vocabulary [0, {self.model.vocab_size})")
         params.validate(self.model.vocab_size)
+        if params.prompt_logprobs is not None:
+            raise InvalidRequest("prompt_logprobs", "not supported by the TensorRT-LLM engine (TANDEM_ENGINE=torch has them)")
         check_length(len(prompt), params.max_tokens, self.max_model_len)
 
     async def abort(self, request_id: str) -> None:
