@@ -154,6 +154,7 @@ def build_stack(model: Path, draft: Path | None, log_dir: Path, num_blocks: int)
         {
             "TANDEM_MODEL": str(model),
             "TANDEM_PORT": str(ports["scheduler"]),
+            "TANDEM_HTTP_PORT": "0",  # gRPC only: never in the way of a `make run` on port 8000
             "TANDEM_HEALTH_INTERVAL_S": "0.2",
             "TANDEM_DECODE_ADDRS": f"{addr['decode-a']},{addr['decode-b']}",
             "TANDEM_PREFILL_ADDRS": addr["prefill"],

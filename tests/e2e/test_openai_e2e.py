@@ -306,6 +306,39 @@ def test_echo_scores_prompts_as_lm_eval_harness_does(stack, client, tokenizer, h
     wait_all_blocks_free(stack)
 
 
+def test_tokenizer_routes_as_vllm_serves_them(stack, model, tokenizer):
+    """/tokenize, /detokenize and /tokenizer_info: what lm-eval-harness checks before it uses a
+    server's tokenizer (tokenizer_info has eos_token; /tokenize answers a token list), the same
+    ids as the scheduler's own tokenizer and, for messages, as transformers' apply_chat_template."""
+    import transformers
+
+    base = stack["base"]
+    info = httpx.get(base + "/tokenizer_info").json()
+    assert info["eos_token"] == tokenizer.id_to_token(tokenizer.eos_token_ids[0])
+    assert info["chat_template"] == CHAT_TEMPLATE and info["model_max_length"] == 512
+    probe = httpx.post(base + "/tokenize", json={"prompt": "test", "add_special_tokens": False}).json()
+    assert probe["tokens"] == tokenizer.encode("test", add_special_tokens=False)
+    text = "def hello world"
+    out = httpx.post(base + "/tokenize", json={"model": "tiny", "prompt": text, "return_token_strs": True}).json()
+    assert out["tokens"] == tokenizer.encode(text) and out["count"] == len(out["tokens"])
+    assert out["max_model_len"] == 512 and out["token_strs"] == [tokenizer.id_to_token(t) for t in out["tokens"]]
+    messages = [{"role": "user", "content": "hello world"}]
+    chat = httpx.post(base + "/tokenize", json={"messages": messages}).json()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(model)
+    expected = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert chat["tokens"] == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    back = httpx.post(base + "/detokenize", json={"tokens": out["tokens"]}).json()
+    assert back["prompt"] == tokenizer.decode(out["tokens"], skip_special_tokens=False)
+    for path, body, param in [
+        ("/detokenize", {"tokens": [1, 10_000]}, "tokens"),
+        ("/tokenize", {}, "prompt"),
+        ("/tokenize", {"prompt": "x" * 100_000}, "prompt"),  # far beyond the model length: refused untokenized
+        ("/tokenize", {"messages": [{"role": "tool?", "content": "x"}]}, "messages"),
+    ]:
+        resp = httpx.post(base + path, json=body)
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
+
+
 def test_usage_counts_prompt_completion_and_cached_tokens(client, tokenizer):
     prompt = "the quick brown fox jumps over lazy dog " * 6  # several KV blocks
     num_prompt = len(tokenizer.encode(prompt))

@@ -2,6 +2,7 @@
 
     POST /v1/completions, POST /v1/chat/completions   (stream: server-sent events, then `data: [DONE]`)
     GET  /v1/models, GET /health, GET /metrics
+    POST /tokenize, POST /detokenize, GET /tokenizer_info   (vLLM's tokenizer routes: tokenize.py)
 
 `build_http_app` takes the scheduler's pipeline objects (the Frontend that the gRPC servicer
 calls, the worker pool, the tokenizer, telemetry). A request body is parsed by pydantic
@@ -24,7 +25,7 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -46,7 +47,8 @@ from .auth import ApiKeyMiddleware
 from .chat import ChatTemplate
 from .errors import HttpError, describe, error_body, error_response, validation_error
 from .run import ClientDisconnected, Run, until_disconnect
-from .schemas import ChatCompletionRequest, CompletionRequest
+from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .tokenize import TokenizerRoutes
 
 DONE = b"data: [DONE]\n\n"
 
@@ -82,6 +84,19 @@ def build_http_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await api.serve(request, body)
 
+    tokens = TokenizerRoutes(
+        tokenizer, frontend.encode, chat_template, pool.max_model_len
+    )
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> Response:
+        return await _answered(tokens.tokenize(body), {"text": "prompt"})
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        return await _answered(tokens.detokenize(body))
+
+    app.get("/tokenizer_info")(tokens.tokenizer_info)
     app.get("/v1/models")(api.models)
     app.get("/v1/models/{model_id:path}")(api.model)
     app.get("/health")(api.health)
@@ -342,6 +357,14 @@ class OpenAIFront:
 
     async def metrics(self) -> Response:
         return Response(generate_latest(self._telemetry.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _answered(result: Awaitable[dict[str, Any]], fields: dict[str, str] | None = None) -> Response:
+    """A route's JSON, or its error in OpenAI's shape (`fields`: internal field -> the route's)."""
+    try:
+        return JSONResponse(await result)
+    except Exception as e:  # noqa: BLE001 - answered in OpenAI's shape
+        return error_response(e, lambda name: (fields or {}).get(name, name))
 
 
 class _Meta:

@@ -22,7 +22,7 @@ from shared.text import Tokenizer
 
 from ..relay import Piece
 from .chat import ChatTemplate, TemplateError
-from .schemas import ChatCompletionRequest, CompletionRequest
+from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 MAX_N = 64  # choices per prompt
 _U64 = 1 << 64
@@ -215,33 +215,7 @@ async def _chat_plan(
     fields: dict[str, str],
 ) -> Plan:
     _check_neutral(req)
-    if template is None:
-        raise InvalidArgument(
-            "messages",
-            "this model has no chat template (chat_template.jinja, or chat_template in "
-            "tokenizer_config.json); use /v1/completions with a prompt",
-        )
-    if not req.messages:
-        raise InvalidArgument("messages", "must not be empty")
-    messages = []
-    for i, message in enumerate(req.messages):
-        content = message.content
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            texts = []
-            for j, part in enumerate(content):
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise InvalidArgument(
-                        f"messages[{i}].content[{j}]", "only text parts are supported ({type: text, text})"
-                    )
-                texts.append(part["text"])
-            content = "".join(texts)
-        messages.append({**message.model_dump(exclude_none=True), "content": content or ""})
-    try:
-        text = template.render(
-            messages, add_generation_prompt=req.add_generation_prompt, **(req.chat_template_kwargs or {})
-        )
-    except TemplateError as e:
-        raise InvalidArgument("messages", f"the chat template refused them: {e}") from None
+    text = render_messages(template, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
     prompt = await encode(text)
     if not prompt:
         raise InvalidArgument("messages", "the chat template rendered them as an empty prompt")
@@ -260,6 +234,40 @@ async def _chat_plan(
     sampling, stopping = _parameters(req, max_tokens, logprobs)
     requests, prompt_of = _fan_out(request_id, [prompt], req.n, sampling, stopping, req.priority)
     return Plan(requests, prompt_of, logprobs, fields)
+
+
+def render_messages(
+    template: ChatTemplate | None,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool,
+    chat_template_kwargs: dict[str, Any] | None,
+) -> str:
+    """The conversation as the model's chat template writes it (InvalidArgument "messages[...]")."""
+    if template is None:
+        raise InvalidArgument(
+            "messages",
+            "this model has no chat template (chat_template.jinja, or chat_template in "
+            "tokenizer_config.json); use /v1/completions with a prompt",
+        )
+    if not messages:
+        raise InvalidArgument("messages", "must not be empty")
+    rendered = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            texts = []
+            for j, part in enumerate(content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise InvalidArgument(
+                        f"messages[{i}].content[{j}]", "only text parts are supported ({type: text, text})"
+                    )
+                texts.append(part["text"])
+            content = "".join(texts)
+        rendered.append({**message.model_dump(exclude_none=True), "content": content or ""})
+    try:
+        return template.render(rendered, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}))
+    except TemplateError as e:
+        raise InvalidArgument("messages", f"the chat template refused them: {e}") from None
 
 
 # -- responses --------------------------------------------------------------------------------
