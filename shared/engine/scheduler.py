@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from .kv_manager import KVCacheManager
 from .request import Request, Status
 
+# A prefill chunk of a request collecting prompt logprobs keeps one row of logits per token
+# (vocabulary-wide, float32: 0.5 MiB each for a 128k vocabulary): at most this many per step.
+PROMPT_LOGPROBS_ROWS = 256
+
 
 @dataclass
 class ScheduledBatch:
@@ -55,6 +59,11 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
 
+    @staticmethod
+    def _token_cap(req: Request, budget: int) -> int:
+        """The most tokens `req` may compute this step within `budget`."""
+        return min(budget, PROMPT_LOGPROBS_ROWS) if req.collects_prompt_logprobs else budget
+
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
@@ -66,7 +75,7 @@ class Scheduler:
                 break
             if req.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_tokens - req.num_computed_tokens, self._token_cap(req, budget))
             while not self.kv.allocate_slots(req, n):
                 victim = self._pick_victim(scheduled)
                 if victim is None:
@@ -93,7 +102,7 @@ class Scheduler:
             # a request collecting prompt logprobs computes every prompt token: no cache hits
             if req.num_computed_tokens == 0 and not req.collects_prompt_logprobs:
                 computed, num_cached = self.kv.get_computed_blocks(req)
-            n = min(req.num_tokens - req.num_computed_tokens - num_cached, budget)
+            n = min(req.num_tokens - req.num_computed_tokens - num_cached, self._token_cap(req, budget))
             if not self.kv.allocate_slots(req, n, computed):
                 break
             self.waiting.popleft()

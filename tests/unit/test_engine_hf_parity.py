@@ -168,6 +168,30 @@ def test_prompt_logprobs_survive_preemption_mid_prefill(tiny_checkpoint_and_hf):
     _assert_no_leak(engine)
 
 
+def test_prompt_logprobs_chunks_are_capped(tiny_checkpoint_and_hf, monkeypatch):
+    """Each prefill chunk of a request collecting prompt logprobs keeps its rows' logits (a
+    vocabulary each): the scheduler caps such a chunk at PROMPT_LOGPROBS_ROWS tokens, whatever
+    the step's token budget."""
+    from shared.engine import scheduler
+
+    path, model = tiny_checkpoint_and_hf
+    monkeypatch.setattr(scheduler, "PROMPT_LOGPROBS_ROWS", 8)
+    engine = _engine(path, max_num_batched_tokens=256)
+    chunks = []
+    forward = engine.runner.forward
+
+    def spy(prefills, decodes, num_logits):
+        chunks.extend(s.n for s in prefills)
+        return forward(prefills, decodes, num_logits)
+
+    engine.runner.forward = spy
+    prompt = PROMPTS[0]  # 41 tokens
+    got = _prompt_logprobs(engine, [prompt])
+    assert chunks == [8, 8, 8, 8, 8]  # the 41st token runs as a decode: its row samples the first output
+    _assert_prompt_logprobs_match(model, [prompt], got)
+    _assert_no_leak(engine)
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint_and_hf(tmp_path_factory):
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("preempt"))
