@@ -30,7 +30,7 @@ from .kv_manager import KVCacheManager
 from .model import ModelConfig, cpu_kernels
 from .request import Request, Status
 from .runner import ModelRunner, SeqInput
-from .sampler import SamplingRow, row_generator, sample, target_distribution, token_logprobs
+from .sampler import SamplingRow, row_generator, rows_logprobs, sample, target_distribution, token_logprobs
 from .scheduler import Scheduler
 from .spec import Proposal, ProposalRequest, Proposer, verify
 from .spec_policy import SpecPolicy
@@ -286,14 +286,13 @@ class LLMEngine:
         collected (a chunk computed again after a preemption) are skipped."""
         prompt, lps = req.prompt_token_ids, req.prompt_logprobs
         start = req.num_computed_tokens
-        first = len(lps) + 1 - (start + 1)  # the row of the next prompt position to collect
-        stop = min(rows.shape[0], len(prompt) - 1 - start)  # the last prompt position is followed by output
+        # lps holds positions 1..len(lps), so the next one to collect is predicted by row len(lps) - start;
+        # the prompt's last row predicts the first output, not a prompt token
+        first, stop = len(lps) - start, min(rows.shape[0], len(prompt) - 1 - start)
         if first >= stop:
             return
         raw = torch.log_softmax(rows[first:stop].float(), dim=-1)
-        top_n = req.params.prompt_logprobs
-        for i in range(stop - first):
-            lps.append(token_logprobs(raw[i], prompt[start + first + i + 1], top_n))
+        lps.extend(rows_logprobs(raw, prompt[start + first + 1 : start + stop + 1], req.params.prompt_logprobs))
 
     def _seq_input(self, req: Request, n: int, spec: dict[str, Proposal]) -> SeqInput:
         tokens = req.all_token_ids

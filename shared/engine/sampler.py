@@ -67,6 +67,15 @@ def token_logprobs(logprobs_row: torch.Tensor, token: int, n: int) -> TokenLogpr
                          top=list(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
 
 
+def rows_logprobs(logprobs: torch.Tensor, tokens: list[int], n: int) -> list[TokenLogprobs]:
+    """logprobs: [R, V] log-softmax rows -> token_logprobs of each row's token, in one pass."""
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None]).squeeze(1).tolist()
+    top = logprobs.topk(n, dim=-1)
+    ids, values = top.indices.tolist(), top.values.tolist()
+    return [TokenLogprobs(token_id=t, logprob=lp, top=list(zip(i, v, strict=True)))
+            for t, lp, i, v in zip(tokens, chosen, ids, values, strict=True)]
+
+
 def target_distribution(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """What verification compares drafts against, one row per position: for greedy requests
     the repetition-penalised logits (their argmax is the greedy token), otherwise the
