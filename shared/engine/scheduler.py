@@ -99,8 +99,9 @@ class Scheduler:
         while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             computed, num_cached = [], 0
-            # a request collecting prompt logprobs computes every prompt token: no cache hits
-            if req.num_computed_tokens == 0 and not req.collects_prompt_logprobs:
+            # a request collecting prompt logprobs computes every prompt token: no lookup, no hits
+            looked_up = req.num_computed_tokens == 0 and not req.collects_prompt_logprobs
+            if looked_up:
                 computed, num_cached = self.kv.get_computed_blocks(req)
             n = min(req.num_tokens - req.num_computed_tokens - num_cached, self._token_cap(req, budget))
             if not self.kv.allocate_slots(req, n, computed):
@@ -110,7 +111,7 @@ class Scheduler:
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_cached
                 self.kv.hit_tokens += num_cached
-                self.kv.query_tokens += req.num_prompt_tokens
+                self.kv.query_tokens += req.num_prompt_tokens if looked_up else 0
             req.num_computed_tokens += num_cached
             req.status = Status.RUNNING
             self.running.append(req)

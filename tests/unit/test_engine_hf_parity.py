@@ -150,8 +150,12 @@ def test_prompt_logprobs_match_hf(checkpoint):
     path, model, _ = checkpoint
     engine = _engine(path, max_num_batched_tokens=16)
     _run_staggered(engine, PROMPTS, GREEDY)  # the prompts' blocks are cached now
+    before = engine.stats()
     got = _prompt_logprobs(engine, PROMPTS)
     _assert_prompt_logprobs_match(model, PROMPTS, got)
+    after = engine.stats()  # not looked up, so neither a hit nor a miss of the prefix cache
+    assert (after.prefix_cache_query_tokens, after.prefix_cache_hit_tokens) == (
+        before.prefix_cache_query_tokens, before.prefix_cache_hit_tokens)
     _assert_no_leak(engine)
 
 
