@@ -82,12 +82,12 @@ class Router:
         hashes = block_hashes(prompt_token_ids, block_size)
         num_blocks = -(-len(prompt_token_ids) // block_size)
         decode = min(decodes, key=lambda w: (w.free_blocks < num_blocks, w.queue_length, -w.free_blocks))
+        if full_prefill:
+            return Route(decode, None, num_blocks, hashes, 0)
         local_cached = decode.prefix.num_cached_blocks(hashes) * block_size
         prefill = None
         cached = local_cached
         prefills = self._pool.healthy("prefill")
-        if full_prefill:
-            return Route(decode, None, num_blocks, hashes, 0)
         if prefills and len(prompt_token_ids) - local_cached >= self._disagg_min_tokens:
             matched = {w.address: w.prefix.num_cached_blocks(hashes) for w in prefills}
             prefill = min(prefills, key=lambda w: (-matched[w.address], w.queue_length))

@@ -30,7 +30,7 @@ from .kv_manager import KVCacheManager
 from .model import ModelConfig, cpu_kernels
 from .request import Request, Status
 from .runner import ModelRunner, SeqInput
-from .sampler import SamplingRow, row_generator, rows_logprobs, sample, target_distribution, token_logprobs
+from .sampler import SamplingRow, row_generator, rows_logprobs, sample, target_distribution
 from .scheduler import Scheduler
 from .spec import Proposal, ProposalRequest, Proposer, verify
 from .spec_policy import SpecPolicy
@@ -398,7 +398,7 @@ class LLMEngine:
         lps = None
         if req.params.logprobs:
             raw = torch.log_softmax(logits, dim=-1)
-            lps = [token_logprobs(raw[i], t, req.params.logprobs) for i, t in enumerate(tokens)]
+            lps = rows_logprobs(raw[: len(tokens)], tokens, req.params.logprobs)
         out = self._append_tokens(req, tokens, lps)
         if not out.finished:
             self.kv.cache_full_blocks(req)
@@ -428,10 +428,9 @@ class LLMEngine:
 
     @staticmethod
     def _take_prompt_logprobs(req: Request) -> list[TokenLogprobs] | None:
-        if req.prompt_logprobs is None or req.prompt_logprobs_sent:
-            return None
-        req.prompt_logprobs_sent = True
-        return req.prompt_logprobs
+        """The prompt logprobs, once: the first output comes after the whole prompt was computed."""
+        lps, req.prompt_logprobs = req.prompt_logprobs, None
+        return lps
 
     def _check_stop(self, req: Request, token: int) -> FinishReason | None:
         p = req.params

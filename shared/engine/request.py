@@ -45,8 +45,8 @@ class Request:
     arrival_time: float | None = None  # time.monotonic() at add_request (None: KV imported, never queued)
     queue_seconds: float | None = None  # arrival_time to its first scheduling
     # SamplingParams.prompt_logprobs: prompt token i + 1's at index i, collected as prefill goes
+    # (None: not asked, or handed out with the first output)
     prompt_logprobs: list[TokenLogprobs] | None = None
-    prompt_logprobs_sent: bool = False
 
     @property
     def collects_prompt_logprobs(self) -> bool:

@@ -62,13 +62,12 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow],
 
 def token_logprobs(logprobs_row: torch.Tensor, token: int, n: int) -> TokenLogprobs:
     """logprobs_row: [V] log-softmax of the raw logits -> the token's logprob and the top n."""
-    top = logprobs_row.topk(n)
-    return TokenLogprobs(token_id=token, logprob=float(logprobs_row[token]),
-                         top=list(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
+    return rows_logprobs(logprobs_row[None], [token], n)[0]
 
 
 def rows_logprobs(logprobs: torch.Tensor, tokens: list[int], n: int) -> list[TokenLogprobs]:
-    """logprobs: [R, V] log-softmax rows -> token_logprobs of each row's token, in one pass."""
+    """logprobs: [R, V] log-softmax rows, one per token -> each token's logprob and the top n of
+    its row, in one gather and one topk."""
     chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None]).squeeze(1).tolist()
     top = logprobs.topk(n, dim=-1)
     ids, values = top.indices.tolist(), top.values.tolist()
