@@ -15,6 +15,8 @@ from enum import Enum
 
 MAX_LOGPROBS = 20  # top-n logprobs per token, at most
 MAX_SPECULATIVE_TOKENS = 16  # draft tokens verified per step, at most
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI's
+MAX_LOGIT_BIAS = 100.0  # a logit bias lies in [-100, 100], as OpenAI's
 
 
 class FinishReason(str, Enum):
@@ -63,6 +65,10 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    # OpenAI's penalties, over the generated tokens only; 0: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -98,6 +104,15 @@ class SamplingParams:
             raise InvalidRequest(
                 "repetition_penalty", f"must be a finite number > 0, got {self.repetition_penalty}"
             )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise InvalidRequest(name, f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}")
+        for t, bias in self.logit_bias.items():
+            if not math.isfinite(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise InvalidRequest(
+                    "logit_bias", f"token {t}: bias must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}"
+                )
         if not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidRequest("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
@@ -117,6 +132,9 @@ class SamplingParams:
                     raise InvalidRequest(
                         "stop_token_ids", f"token id {t} outside the vocabulary [0, {vocab_size})"
                     )
+            for t in self.logit_bias:
+                if not 0 <= t < vocab_size:
+                    raise InvalidRequest("logit_bias", f"token id {t} outside the vocabulary [0, {vocab_size})")
 
 
 def check_prompt(

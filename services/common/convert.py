@@ -28,6 +28,9 @@ def sampling_from_pb(
         top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,
         min_p=sampling.min_p,
         repetition_penalty=sampling.repetition_penalty if sampling.HasField("repetition_penalty") else 1.0,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        logit_bias=dict(sampling.logit_bias),
         seed=sampling.seed if sampling.HasField("seed") else None,
         stop_token_ids=list(stopping.stop_token_ids),
         ignore_eos=stopping.ignore_eos,
@@ -41,13 +44,17 @@ def sampling_from_pb(
 
 
 def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParameters:
-    """The sampling fields a draft needs to draw as the target would (inverse of sampling_from_pb)."""
+    """The sampling fields a draft needs to draw as the target would (inverse of sampling_from_pb).
+    Not the frequency and presence penalties: the draft does not know which of a sequence's tokens
+    were generated. Its proposals are then drawn from a distribution further from the target's,
+    which lowers acceptance but not exactness (verification compares against the target's own)."""
     pb = common_pb2.SamplingParameters(
         temperature=p.temperature,
         top_k=p.top_k,
         top_p=p.top_p,
         min_p=p.min_p,
         repetition_penalty=p.repetition_penalty,
+        logit_bias=p.logit_bias,
     )
     if p.seed is not None:
         pb.seed = p.seed

@@ -457,7 +457,7 @@ class DraftProposer:
             token_ids=delta.token_ids,
             num_proposals=req.num_tokens,
         )
-        if not (req.params.greedy and req.params.repetition_penalty == 1.0):
+        if not (req.params.greedy and req.params.repetition_penalty == 1.0 and not req.params.logit_bias):
             entry.sampling.CopyFrom(sampling_to_pb(req.params))
         return entry, delta.num_accepted
 

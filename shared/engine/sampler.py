@@ -1,7 +1,9 @@
 """Logits -> next tokens, per request parameters, batched.
 
-Order of transforms (as in HF `generate`): repetition penalty, temperature, top-k, top-p,
-min-p, then sample. A seeded request draws its randomness from a generator seeded by
+Order of transforms: logit bias, repetition penalty (as in HF `generate`), frequency and
+presence penalties (OpenAI's, over the generated tokens only, as vLLM applies them), then
+temperature, top-k, top-p, min-p, and the draw. Greedy requests take the argmax after the
+penalties. Returned logprobs are the raw model's, before any of these. A seeded request draws its randomness from a generator seeded by
 (seed, output index), so its tokens do not depend on the batch it runs in, nor on which
 worker (prefill or decode) samples a given position.
 """
@@ -20,8 +22,10 @@ _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) o
 @dataclass
 class SamplingRow:
     params: SamplingParams
-    token_ids: list[int]  # prompt + output so far (for the repetition penalty)
-    output_index: int  # index of the token being sampled among the request's outputs
+    token_ids: list[int]  # prompt + output so far (for the penalties)
+    # index of the token being sampled among the request's outputs: the last output_index
+    # of token_ids are the generated ones (a resumed request's earlier outputs included)
+    output_index: int
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow],
@@ -31,7 +35,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow],
     if any(r.params.logprobs for r in rows):
         raw_logprobs = torch.log_softmax(logits, dim=-1)
     logits = logits.clone()
-    _apply_repetition_penalty(logits, rows)
+    _apply_penalties(logits, rows)
     tokens = torch.empty(len(rows), dtype=torch.long)
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     if greedy:
@@ -77,10 +81,10 @@ def rows_logprobs(logprobs: torch.Tensor, tokens: list[int], n: int) -> list[Tok
 
 def target_distribution(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """What verification compares drafts against, one row per position: for greedy requests
-    the repetition-penalised logits (their argmax is the greedy token), otherwise the
+    the penalised logits (their argmax is the greedy token), otherwise the
     probabilities that `sample` would draw from."""
     logits = logits.clone()
-    _apply_repetition_penalty(logits, rows)
+    _apply_penalties(logits, rows)
     if rows[0].params.greedy:
         return logits
     return _filtered_probs(logits, [r.params for r in rows])
@@ -94,15 +98,27 @@ def _row_seed(seed: int, index: int) -> int:
     return (seed * _SEED_MIX + index) % (2**63 - 1)
 
 
-def _apply_repetition_penalty(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """In place, per row: logit bias, repetition penalty, frequency and presence penalties."""
     for i, r in enumerate(rows):
-        penalty = r.params.repetition_penalty
-        if penalty == 1.0 or not r.token_ids:
-            continue
-        ids = torch.tensor(sorted(set(r.token_ids)), dtype=torch.long, device=logits.device)
-        seen = logits[i, ids]
-        # CTRL/HF rule: shrink positive logits, push negative ones further down
-        logits[i, ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+        p = r.params
+        if p.logit_bias:
+            # ids past this model's vocabulary (a draft's may be smaller than its target's) are skipped
+            bias = [(t, b) for t, b in p.logit_bias.items() if t < logits.shape[1]]
+            if bias:
+                ids = torch.tensor([t for t, _ in bias], dtype=torch.long, device=logits.device)
+                logits[i, ids] += torch.tensor([b for _, b in bias], dtype=logits.dtype, device=logits.device)
+        if p.repetition_penalty != 1.0 and r.token_ids:
+            ids = torch.tensor(sorted(set(r.token_ids)), dtype=torch.long, device=logits.device)
+            seen = logits[i, ids]
+            # CTRL/HF rule: shrink positive logits, push negative ones further down
+            logits[i, ids] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and r.output_index > 0:
+            generated = r.token_ids[max(0, len(r.token_ids) - r.output_index) :]
+            ids, counts = torch.tensor(generated, dtype=torch.long).unique(return_counts=True)
+            ids, counts = ids.to(logits.device), counts.to(logits.device, logits.dtype)
+            # OpenAI's rule: mu[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty
+            logits[i, ids] -= counts * p.frequency_penalty + p.presence_penalty
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -15,7 +15,7 @@ import pytest
 
 from shared.pb.tandem.v1 import worker_pb2, worker_pb2_grpc
 from shared.text import Tokenizer
-from tests.helpers.models import hf_greedy, load_hf, make_tiny_checkpoint
+from tests.helpers.models import hf_greedy, hf_greedy_penalised, load_hf, make_tiny_checkpoint
 
 from .procs import Service, free_port, serving
 
@@ -208,6 +208,30 @@ def test_sampling_filters_reach_the_engine(client, tokenizer, hf):
     both = client.completions.create(model="tiny", prompt=[prompt, "def "], max_tokens=8, **GREEDY)
     assert both.choices[0].text == greedy
     assert both.choices[1].text == tokenizer.decode(hf_greedy(hf, tokenizer.encode("def "), 8))
+
+
+def test_frequency_presence_penalties_and_logit_bias(client, tokenizer, hf):
+    """OpenAI's penalties and logit bias, greedy, equal to the rule applied to HF's logits; the
+    first token is sampled on the prefill worker, the rest on the decode worker."""
+    prompt = "hello world"
+    ids = tokenizer.encode(prompt)
+    plain = hf_greedy(hf, ids, 16)
+    cases = [
+        dict(frequency_penalty=1.5, presence_penalty=0.5),
+        dict(logit_bias={plain[0]: -100.0, plain[1]: 5.0}),  # the first token banned
+    ]
+    for case in cases:
+        want = hf_greedy_penalised(hf, ids, 16, **case)
+        assert want != plain
+        body = {**case, "logit_bias": {str(t): b for t, b in case.get("logit_bias", {}).items()}}
+        got = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, **GREEDY, **body)
+        assert got.choices[0].text == tokenizer.decode(want), case
+    # a bias of 100 forces a token, in chat too
+    forced = tokenizer.encode(" x", add_special_tokens=False)[-1]
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, logit_bias={str(forced): 100}, **GREEDY
+    )
+    assert chat.choices[0].message.content == tokenizer.decode([forced] * 4)
 
 
 def test_stop_strings(client, tokenizer, hf):
@@ -425,7 +449,11 @@ BAD_COMPLETION_FIELDS = [
     ({"prompt": []}, "prompt"),
     ({"prompt": [1, 10_000]}, "prompt"),
     ({"prompt": None}, "prompt"),
-    ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"presence_penalty": -3}, "presence_penalty"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"10000": 1}}, "logit_bias"),  # past the vocabulary
+    ({"logit_bias": {"5": 200}}, "logit_bias"),
     ({"echo": True, "max_tokens": -1}, "max_tokens"),
     ({"echo": True, "logprobs": 21}, "logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),

@@ -89,6 +89,9 @@ class SamplingParams:
     seed: int | None = None
     temperature: float | None = None
     repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    prompt_ignore_length: int | None = None
     min_p: float | None = None
     logprobs: int | None = None
     ignore_eos: bool = False

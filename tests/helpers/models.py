@@ -78,6 +78,29 @@ def load_hf(path: Path):
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+def hf_greedy_penalised(
+    model,
+    prompt: list[int],
+    max_new_tokens: int,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    logit_bias: dict[int, float] | None = None,
+) -> list[int]:
+    """Greedy decoding on HF's logits with OpenAI's rule written out: the bias, then
+    logit[j] -= count_j * frequency_penalty + (count_j > 0) * presence_penalty over the outputs."""
+    tokens, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([tokens])).logits[0, -1].float()
+            for t, b in (logit_bias or {}).items():
+                logits[t] += b
+            for t in set(out):
+                logits[t] -= out.count(t) * frequency_penalty + presence_penalty
+            out.append(int(logits.argmax()))
+            tokens.append(out[-1])
+    return out
+
+
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,

@@ -22,9 +22,12 @@ def make_engine(ckpt) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(ckpt), num_blocks=64, block_size=8))
 
 
+@pytest.mark.parametrize("penalised", [False, True])
 @pytest.mark.parametrize("speculate", [False, True])
-def test_resumed_seeded_request_continues_the_same_stream(ckpt, speculate):
+def test_resumed_seeded_request_continues_the_same_stream(ckpt, speculate, penalised):
     params = dict(temperature=1.0, top_k=40, seed=77, ignore_eos=True)
+    if penalised:  # counted over generated tokens: the resumed one's earlier outputs included
+        params.update(frequency_penalty=1.5, presence_penalty=1.0)
     engine = make_engine(ckpt)
     if speculate:
         engine.set_proposer(NgramProposer())

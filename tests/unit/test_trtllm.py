@@ -364,6 +364,15 @@ def test_sampling_parameters(model_dir):
     assert (s.temperature, s.top_p, s.min_p, s.top_k) == (0.7, 0.9, 0.05, 40)
     assert sampling_params(API, greedy(5, ignore_eos=True), info).stop_token_ids is None
     assert sampling_params(API, greedy(5), info, max_tokens=1).max_tokens == 1
+    plain = sampling_params(API, greedy(5), info, num_prompt_tokens=12)
+    assert (plain.presence_penalty, plain.frequency_penalty, plain.prompt_ignore_length) == (None, None, None)
+    # OpenAI's penalties count generated tokens only: the prompt is skipped, except a resumed
+    # request's earlier outputs at its end (seed_offset of them)
+    p = sampling_params(
+        API, SamplingParams(max_tokens=5, presence_penalty=0.5, frequency_penalty=-1.0, seed_offset=3), info,
+        num_prompt_tokens=12,
+    )
+    assert (p.presence_penalty, p.frequency_penalty, p.prompt_ignore_length) == (0.5, -1.0, 9)
 
 
 async def test_invalid_requests_are_refused_before_tensorrt_llm_sees_them(model_dir):
@@ -376,6 +385,8 @@ async def test_invalid_requests_are_refused_before_tensorrt_llm_sees_them(model_
         await collect(engine.generate("b", PROMPT, greedy(1000)))
     with pytest.raises(InvalidRequest, match="prompt_logprobs: not supported by the TensorRT-LLM engine"):
         await collect(engine.generate("c", PROMPT, dataclasses.replace(greedy(2), prompt_logprobs=1)))
+    with pytest.raises(InvalidRequest, match="logit_bias: not supported by the TensorRT-LLM engine"):
+        await collect(engine.generate("c", PROMPT, dataclasses.replace(greedy(2), logit_bias={5: 1.0})))
     assert not engine.llm.requests
 
 

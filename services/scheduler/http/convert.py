@@ -62,11 +62,6 @@ def renamed(error: InvalidArgument, fields: dict[str, str]) -> InvalidArgument:
 
 def _check_neutral(req: CompletionRequest | ChatCompletionRequest) -> None:
     """OpenAI fields without an implementation must keep their neutral values."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name) not in (None, 0, 0.0):
-            raise InvalidArgument(name, "not supported (only 0)")
-    if req.logit_bias:
-        raise InvalidArgument("logit_bias", "not supported")
     if isinstance(req, CompletionRequest):
         if req.suffix:
             raise InvalidArgument("suffix", "not supported")
@@ -102,6 +97,15 @@ def _parameters(
         sampling.min_p = req.min_p
     if req.repetition_penalty is not None:
         sampling.repetition_penalty = req.repetition_penalty
+    if req.presence_penalty is not None:
+        sampling.presence_penalty = req.presence_penalty
+    if req.frequency_penalty is not None:
+        sampling.frequency_penalty = req.frequency_penalty
+    for key, bias in (req.logit_bias or {}).items():
+        # OpenAI's keys are token ids as strings; the engine checks them against the vocabulary
+        if not key.strip().isdigit() or int(key) >= 1 << 32:
+            raise InvalidArgument("logit_bias", f"key {key!r} is not a token id")
+        sampling.logit_bias[int(key)] = bias
     if req.seed is not None:
         if not -(1 << 63) <= req.seed < _U64:
             raise InvalidArgument("seed", f"must fit in 64 bits, got {req.seed}")

@@ -44,10 +44,9 @@ class _Common(BaseModel):
     ignore_eos: StrictBool = False
     priority: StrictInt = 0
     user: StrictStr | None = None
-    # OpenAI fields without an implementation: only their neutral values are accepted.
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[StrictStr, float] | None = None  # token id (as a string) -> bias
 
 
 PromptType = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
@@ -59,6 +58,7 @@ class CompletionRequest(_Common):
     prompt: PromptType
     logprobs: StrictInt | None = None  # top-n alternatives per token; 0: the sampled token's only
     echo: StrictBool = False
+    # OpenAI fields without an implementation: only their neutral values are accepted.
     suffix: StrictStr | None = None
     best_of: StrictInt | None = None
 
@@ -81,6 +81,7 @@ class ChatCompletionRequest(_Common):
     top_logprobs: StrictInt | None = None
     add_generation_prompt: StrictBool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    # OpenAI fields without an implementation: only their neutral values are accepted.
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None

@@ -31,7 +31,12 @@ HANDOFF_VERSION = 1
 
 
 def sampling_params(
-    api: TrtllmApi, params: SamplingParams, info: ModelInfo, *, max_tokens: int | None = None
+    api: TrtllmApi,
+    params: SamplingParams,
+    info: ModelInfo,
+    *,
+    max_tokens: int | None = None,
+    num_prompt_tokens: int = 0,
 ):
     """TensorRT-LLM SamplingParams for a Tandem request.
 
@@ -41,6 +46,9 @@ def sampling_params(
     - end_id is the model's first EOS id (the worker has no tokenizer), the other EOS ids join
       stop_token_ids, and ignore_eos is passed through;
     - stop strings are not passed: the scheduler applies them to the detokenized text;
+    - presence and frequency penalties count generated tokens only, as the torch engine's:
+      TensorRT-LLM counts the prompt's too unless told to skip it (`prompt_ignore_length`);
+      a resumed request's prompt ends with its earlier outputs (`seed_offset` of them), which count;
     - the token that ends a request stays in its output, as with the torch engine (whose last
       output token is the EOS or stop token that ended it): TensorRT-LLM strips a matched stop
       token from `token_ids` unless `include_stop_str_in_output` (executor/result.py,
@@ -72,6 +80,12 @@ def sampling_params(
         )
     if params.repetition_penalty != 1.0:
         kwargs["repetition_penalty"] = params.repetition_penalty
+    if params.presence_penalty or params.frequency_penalty:
+        kwargs.update(
+            presence_penalty=params.presence_penalty or None,
+            frequency_penalty=params.frequency_penalty or None,
+            prompt_ignore_length=max(0, num_prompt_tokens - params.seed_offset),
+        )
     return api.SamplingParams(**kwargs)
 
 

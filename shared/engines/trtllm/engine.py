@@ -174,7 +174,7 @@ class TrtllmEngine:
         try:
             result = self.llm.generate_async(
                 prompt,
-                sampling_params(self.api, params, self.model, max_tokens=max_tokens),
+                sampling_params(self.api, params, self.model, max_tokens=max_tokens, num_prompt_tokens=len(prompt)),
                 streaming=streaming,
                 disaggregated_params=disaggregated_params,
             )
@@ -192,6 +192,8 @@ class TrtllmEngine:
         params.validate(self.model.vocab_size)
         if params.prompt_logprobs is not None:
             raise InvalidRequest("prompt_logprobs", "not supported by the TensorRT-LLM engine (TANDEM_ENGINE=torch has them)")
+        if params.logit_bias:
+            raise InvalidRequest("logit_bias", "not supported by the TensorRT-LLM engine (TANDEM_ENGINE=torch has it)")
         check_length(len(prompt), params.max_tokens, self.max_model_len)
 
     async def abort(self, request_id: str) -> None:
