@@ -28,6 +28,8 @@ def build_request(args: argparse.Namespace) -> generate_pb2.GenerateRequest:
         top_p=args.top_p,
         min_p=args.min_p,
         logprobs=args.logprobs,
+        frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty,
     )
     if args.seed is not None:
         sampling.seed = args.seed
@@ -54,6 +56,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m tools.client") ->
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--min-p", type=float, default=0.0)
     parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
+    parser.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true")

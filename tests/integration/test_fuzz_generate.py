@@ -25,7 +25,7 @@ GENERATE = "/tandem.v1.Tandem/Generate"
 FIELDS = {
     "prompt", "text", "token_ids", "request", "request_id", "stop", "stop_token_ids", "max_tokens",
     "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "logprobs", "seed_offset",
-    "num_speculative_tokens",
+    "num_speculative_tokens", "presence_penalty", "frequency_penalty", "logit_bias",
 }  # fmt: skip
 CLEAN_REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
@@ -83,6 +83,10 @@ def requests(draw) -> generate_pb2.GenerateRequest:
         draw, st.integers(0, 50), st.integers(-(2**31), -1) | st.integers(VOCAB_SIZE, 2**31 - 1)
     )
     s.logprobs = sometimes_bad(draw, st.integers(0, 5), st.integers(21, 2**32 - 1))
+    s.presence_penalty = sometimes_bad(draw, st.just(0.0) | st.floats(-2, 2), floats32)
+    s.frequency_penalty = sometimes_bad(draw, st.just(0.0) | st.floats(-2, 2), floats32)
+    for token in draw(st.lists(st.integers(0, VOCAB_SIZE + 3), max_size=2)):  # a few past the vocabulary
+        s.logit_bias[token] = sometimes_bad(draw, st.floats(-100, 100), floats32)
     s.seed_offset = draw(st.integers(0, 50))
     if draw(st.booleans()):
         s.seed = draw(st.integers(0, 2**64 - 1))

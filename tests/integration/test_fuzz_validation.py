@@ -39,6 +39,10 @@ def requests(draw, vocab: int):
         if value is not None:
             setattr(s, name, value)
     s.min_p = draw(floats32 | edges)
+    s.presence_penalty = draw(floats32 | edges | st.sampled_from([2.0, -2.0, 2.0000002]))
+    s.frequency_penalty = draw(floats32 | edges | st.sampled_from([2.0, -2.0, -2.0000002]))
+    for token in draw(st.lists(st.integers(0, 2**32 - 1) | st.integers(vocab - 2, vocab + 1), max_size=3)):
+        s.logit_bias[token] = draw(floats32 | st.sampled_from([100.0, -100.0, 100.00001]))
     s.top_k = draw(st.integers(-(2**31), 2**31 - 1) | st.integers(-2, 2))
     s.logprobs = draw(st.integers(0, 2**32 - 1) | st.integers(18, 22))
     s.seed_offset = draw(st.integers(0, 2**32 - 1))

@@ -8,9 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from services.common.draft_calls import InProcessDraft
+from services.decode.draft_client import DraftProposer, build_draft_engine
+from shared.config import WorkerConfig, from_env
 from shared.engine import EngineConfig, InvalidRequest, LLMEngine, SamplingParams
 from shared.engine.sampler import SamplingRow, sample, target_distribution
 from shared.engine.spec import NgramProposer
+from shared.telemetry import TelemetryConfig, setup_telemetry
 from tests.helpers.models import hf_greedy_penalised, load_hf, make_tiny_checkpoint
 
 PROMPTS = [[1, *range(5, 45)], [1, 30, 31, 30, 31], [1, *range(100, 119)], [1, 7]]
@@ -66,6 +70,15 @@ def test_greedy_with_penalties_matches_reference(hf_ckpt, case):
     speculating = LLMEngine(EngineConfig(**cfg, num_speculative_tokens=3, adaptive_speculation=False))
     speculating.set_proposer(NgramProposer())
     assert run(speculating, params) == refs
+    # a draft model (the target itself, through the draft service's calls): it applies the logit
+    # bias but not the penalties, which only lowers how many of its proposals are accepted
+    drafting = LLMEngine(EngineConfig(**cfg, num_speculative_tokens=3, adaptive_speculation=False))
+    draft = build_draft_engine(from_env(WorkerConfig, env={}, overrides={
+        "model": str(path), "draft_model": str(path), "draft_kv_cache_memory": 1 << 20}))
+    telemetry = setup_telemetry(TelemetryConfig(service_name="t"), set_global=False, configure_logs=False)
+    drafting.set_proposer(DraftProposer("", local=InProcessDraft(draft), vocab_size=draft.vocab_size,
+                                        timeout_s=5.0, retry_s=1.0, telemetry=telemetry))
+    assert run(drafting, params) == refs
 
 
 def test_penalties_count_generated_tokens_not_the_prompt():
