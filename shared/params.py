@@ -17,6 +17,8 @@ MAX_LOGPROBS = 20  # top-n logprobs per token, at most
 MAX_SPECULATIVE_TOKENS = 16  # draft tokens verified per step, at most
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI's
 MAX_LOGIT_BIAS = 100.0  # a logit bias lies in [-100, 100], as OpenAI's
+MAX_GUIDANCE_BYTES = 64 * 1024  # a structured-output schema, regex or grammar, at most
+GUIDANCE_KINDS = ("json_schema", "json_object", "regex", "lark")
 
 
 class FinishReason(str, Enum):
@@ -55,6 +57,17 @@ def check_length(num_prompt_tokens: int, max_tokens: int, max_model_len: int | N
         )
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """Structured output: the generated text must belong to a language, and the request ends
+    once the text is complete. kind: json_schema (value: the schema as JSON text), json_object
+    (any JSON object; no value), regex (the whole output matches it), lark (a Lark grammar as
+    llguidance reads it). Compiled by shared/guidance.py."""
+
+    kind: str
+    value: str = ""
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens and when to stop. temperature == 0 means greedy."""
@@ -83,6 +96,7 @@ class SamplingParams:
     # None: off; n: the logprob of every prompt token after the first, with the n most likely
     # alternatives (RequestOutput.prompt_logprobs, on the first output)
     prompt_logprobs: int | None = None
+    guidance: Guidance | None = None  # structured output (no speculation for such a request)
 
     @property
     def greedy(self) -> bool:
@@ -119,6 +133,16 @@ class SamplingParams:
             raise InvalidRequest(
                 "prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}"
             )
+        g = self.guidance
+        if g is not None:
+            if g.kind not in GUIDANCE_KINDS:
+                raise InvalidRequest("guidance", f"kind must be one of {', '.join(GUIDANCE_KINDS)}, got {g.kind!r}")
+            if g.kind != "json_object" and not g.value:
+                raise InvalidRequest("guidance", f"the {g.kind} is empty")
+            if len(g.value.encode()) > MAX_GUIDANCE_BYTES:
+                raise InvalidRequest(
+                    "guidance", f"the {g.kind} is {len(g.value.encode())} bytes, more than {MAX_GUIDANCE_BYTES}"
+                )
         if self.seed_offset < 0:
             raise InvalidRequest("seed_offset", f"must be >= 0, got {self.seed_offset}")
         k = self.num_speculative_tokens

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.params import FinishReason, RequestOutput, SamplingParams, TokenLogprobs
+from shared.params import FinishReason, Guidance, RequestOutput, SamplingParams, TokenLogprobs
 from shared.pb.tandem.v1 import common_pb2, worker_pb2
 
 DEFAULT_MAX_TOKENS = 16
@@ -40,7 +40,16 @@ def sampling_from_pb(
         ),
         seed_offset=sampling.seed_offset,
         prompt_logprobs=sampling.prompt_logprobs if sampling.HasField("prompt_logprobs") else None,
+        guidance=guidance_from_pb(sampling.guidance) if sampling.HasField("guidance") else None,
     )
+
+
+def guidance_from_pb(g: common_pb2.Guidance) -> Guidance:
+    """The set kind of a Guidance message (none set: kind "", which validate refuses)."""
+    kind = g.WhichOneof("kind")
+    if kind is None or kind == "json_object":
+        return Guidance(kind or "")
+    return Guidance(kind, getattr(g, kind))
 
 
 def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParameters:

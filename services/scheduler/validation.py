@@ -26,6 +26,7 @@ from google.protobuf.message import DecodeError, Message
 
 from services.common.convert import sampling_from_pb
 from services.common.errors import InvalidArgument
+from shared import guidance
 from shared.params import InvalidRequest, check_length, check_prompt
 from shared.pb.tandem.v1 import common_pb2, generate_pb2
 from shared.text import validate_stop_strings
@@ -176,6 +177,9 @@ def check_options(
     del stopping.stop[:]
     if not stopping.HasField("max_tokens"):
         stopping.max_tokens = default_max_tokens
-    _engine_rule(lambda: sampling_from_pb(req.sampling, stopping).validate(vocab_size))
+    params = sampling_from_pb(req.sampling, stopping)
+    _engine_rule(params.validate, vocab_size)
+    if params.guidance is not None:
+        _engine_rule(guidance.check, params.guidance)
     _engine_rule(check_length, num_prompt_tokens, stopping.max_tokens, max_model_len)
     return stopping, stops

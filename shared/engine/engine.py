@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from shared.config import auto_dtype
+from shared.guidance import Guide, allowed_tokens
 from shared.params import (
     MAX_SPECULATIVE_TOKENS,
     FinishReason,
@@ -132,6 +133,7 @@ class LLMEngine:
         self._spec_steps_by_k = [0] * (MAX_SPECULATIVE_TOKENS + 1)
         self._last_cycle: tuple[float, float, int] | None = None  # (start, draft + forward s, decodes)
         self._plan: _ProposalPlan | None = None  # the next step's draft asks, when prefetched
+        self.guide = Guide(config.model, self.model_config.vocab_size, self.model_config.eos_token_ids)
 
     def _auto_num_blocks(self) -> int:
         per_block = self.runner.kv_bytes_per_block(self.config.block_size)
@@ -179,8 +181,18 @@ class LLMEngine:
                       arrival_time=time.monotonic())
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = []
+        req.matcher = self._matcher(prompt_token_ids, params)
         self.requests[request_id] = req
         self.scheduler.add(req)
+
+    def _matcher(self, prompt_token_ids: list[int], params: SamplingParams, first: list[int] = ()):
+        """The structured-output matcher of a request (None without guidance), advanced past its
+        generated tokens: a resumed request's earlier outputs (the last seed_offset of its prompt),
+        then `first` (a token sampled by the prefill worker)."""
+        if params.guidance is None:
+            return None
+        earlier = prompt_token_ids[len(prompt_token_ids) - params.seed_offset :] if params.seed_offset else []
+        return self.guide.matcher(params.guidance, [*earlier, *first])
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -267,7 +279,9 @@ class LLMEngine:
             sample_logits.append(logits[offset: offset + 1])
             offset += 1
         if sample_reqs:
-            rows = [SamplingRow(r.params, r.all_token_ids, r.num_output_tokens + r.params.seed_offset)
+            vocab = self.model_config.vocab_size
+            rows = [SamplingRow(r.params, r.all_token_ids, r.num_output_tokens + r.params.seed_offset,
+                                allowed_tokens(r.matcher, vocab) if r.matcher is not None else None)
                     for r in sample_reqs]
             tokens, logprobs = sample(torch.cat(sample_logits), rows, self._generator)
             for r, token, lp in zip(sample_reqs, tokens, logprobs, strict=True):
@@ -301,6 +315,8 @@ class LLMEngine:
         return SeqInput(tokens, req.num_computed_tokens, n, self.kv.block_ids(req.request_id))
 
     def _spec_k(self, req: Request) -> int:
+        if req.matcher is not None:  # structured output: every token is sampled under its mask
+            return 0
         k = req.params.num_speculative_tokens
         k = self.config.num_speculative_tokens if k is None else k
         # every step adds up to k + 1 tokens: stay within max_tokens and the model length
@@ -410,6 +426,12 @@ class LLMEngine:
         for token in tokens:
             req.output_token_ids.append(token)
             emitted.append(token)
+            if req.matcher is not None and not req.matcher.consume_token(token):
+                # the mask allowed it, so only a fault in the matcher gets here
+                log.error("request %s: structured output refused token %d: %s", req.request_id, token,
+                          req.matcher.get_error())
+                reason = FinishReason.ERROR
+                break
             reason = self._check_stop(req, token)
             if reason is not None:
                 break
@@ -437,6 +459,8 @@ class LLMEngine:
         if not p.ignore_eos and token in self.model_config.eos_token_ids:
             return FinishReason.STOP
         if token in p.stop_token_ids:
+            return FinishReason.STOP
+        if req.matcher is not None and req.matcher.is_stopped():  # the structured output is complete
             return FinishReason.STOP
         if req.num_output_tokens + req.num_external_outputs >= p.max_tokens or req.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
@@ -498,8 +522,10 @@ class LLMEngine:
         reserved = len(self.kv.tables.get(request_id, [])) * self.block_size
         if reserved < len(prompt_token_ids):
             raise ValueError(f"reserved {reserved} tokens of KV, prompt has {len(prompt_token_ids)}")
+        matcher = self._matcher(prompt_token_ids, params, [first_token_id])
         req.prompt_token_ids = list(prompt_token_ids)
         req.params = params
+        req.matcher = matcher
         req.num_computed_tokens = len(prompt_token_ids)
         req.num_cached_tokens = 0
         self.kv.cache_full_blocks(req)

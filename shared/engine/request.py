@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shared.params import FinishReason, SamplingParams, TokenLogprobs
 
@@ -47,6 +47,8 @@ class Request:
     # SamplingParams.prompt_logprobs: prompt token i + 1's at index i, collected as prefill goes
     # (None: not asked, or handed out with the first output)
     prompt_logprobs: list[TokenLogprobs] | None = None
+    # SamplingParams.guidance: the llguidance matcher, advanced by every output token
+    matcher: Any = None
 
     @property
     def collects_prompt_logprobs(self) -> bool:

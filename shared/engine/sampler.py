@@ -1,8 +1,8 @@
 """Logits -> next tokens, per request parameters, batched.
 
 Order of transforms: logit bias, repetition penalty (as in HF `generate`), frequency and
-presence penalties (OpenAI's, over the generated tokens only, as vLLM applies them), then
-temperature, top-k, top-p, min-p, and the draw. Greedy requests take the argmax after the
+presence penalties (OpenAI's, over the generated tokens only, as vLLM applies them), the
+structured-output mask (tokens outside the requested format get -inf), then temperature, top-k, top-p, min-p, and the draw. Greedy requests take the argmax after the
 penalties. Returned logprobs are the raw model's, before any of these. A seeded request draws its randomness from a generator seeded by
 (seed, output index), so its tokens do not depend on the batch it runs in, nor on which
 worker (prefill or decode) samples a given position.
@@ -26,6 +26,7 @@ class SamplingRow:
     # index of the token being sampled among the request's outputs: the last output_index
     # of token_ids are the generated ones (a resumed request's earlier outputs included)
     output_index: int
+    allowed: torch.Tensor | None = None  # [V] bool: structured output's next tokens (None: any)
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow],
@@ -99,7 +100,8 @@ def _row_seed(seed: int, index: int) -> int:
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
-    """In place, per row: logit bias, repetition penalty, frequency and presence penalties."""
+    """In place, per row: logit bias, repetition penalty, frequency and presence penalties, the
+    structured-output mask."""
     for i, r in enumerate(rows):
         p = r.params
         if p.logit_bias:
@@ -119,6 +121,8 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
             ids, counts = ids.to(logits.device), counts.to(logits.device, logits.dtype)
             # OpenAI's rule: mu[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty
             logits[i, ids] -= counts * p.frequency_penalty + p.presence_penalty
+        if r.allowed is not None:
+            logits[i].masked_fill_(~r.allowed.to(logits.device), float("-inf"))
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -6,10 +6,13 @@ KV block, and a 400 naming each bad field while the service keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 
 import grpc
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -232,6 +235,38 @@ def test_frequency_presence_penalties_and_logit_bias(client, tokenizer, hf):
         model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, logit_bias={str(forced): 100}, **GREEDY
     )
     assert chat.choices[0].message.content == tokenizer.decode([forced] * 4)
+
+
+STRUCTURED_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 8}, "ok": {"type": "boolean"}},
+    "required": ["name", "ok"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_output(client):
+    """response_format (json_schema, json_object) and vLLM's guided_* fields: the output is in the
+    language and complete (finish_reason stop); the first token is sampled on the prefill worker."""
+    messages = [{"role": "user", "content": "hello"}]
+    for temperature in (0.0, 1.0):
+        r = client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=64, temperature=temperature, seed=1,
+            response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": STRUCTURED_SCHEMA}},
+        )
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), STRUCTURED_SCHEMA)
+    r = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=64, temperature=0, response_format={"type": "json_object"}
+    )
+    assert r.choices[0].message.content.startswith("{")  # any object: may not close within max_tokens
+    choices = ["the dog", "hello world", "über café"]
+    r = client.completions.create(model="tiny", prompt="def ", max_tokens=16, n=3, temperature=1.0, seed=3,
+                                  extra_body={"guided_choice": choices})
+    assert all(c.text in choices and c.finish_reason == "stop" for c in r.choices)
+    stream = client.completions.create(model="tiny", prompt="the", max_tokens=16, temperature=1.0, stream=True,
+                                       extra_body={"structured_outputs": {"regex": "(quick|lazy) [0-9]{3}"}})
+    assert re.fullmatch("(quick|lazy) [0-9]{3}", "".join(c.choices[0].text for c in stream))
 
 
 def test_stop_strings(client, tokenizer, hf):
@@ -470,6 +505,14 @@ BAD_CHAT_FIELDS = [
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}},
+     "response_format"),
+    ({"guided_regex": "a(b"}, "guided_regex"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_regex"),
+    ({"structured_outputs": {"regex": "a", "json": {}}}, "structured_outputs"),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import grpc
@@ -66,6 +67,10 @@ async def test_stop_string_cuts_text_and_frees_blocks(cluster):
         (dict(prompt=""), "text"),
         (dict(stop=[""]), "stop"),
         (dict(prompt_logprobs=21), "prompt_logprobs"),
+        (dict(frequency_penalty=3.0), "frequency_penalty"),
+        (dict(logit_bias={100000: 1.0}), "logit_bias"),
+        (dict(guidance=common_pb2.Guidance(regex="a(b")), "guidance: invalid regex"),
+        (dict(guidance=common_pb2.Guidance()), "guidance: kind must be one of"),
     ],
 )
 async def test_invalid_arguments_are_named_and_the_server_keeps_serving(
@@ -77,6 +82,23 @@ async def test_invalid_arguments_are_named_and_the_server_keeps_serving(
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(field_name), err.value.details()
     assert token_ids(await cluster.generate(prompt=PROMPT, max_tokens=4)) == reference(PROMPT, 4)
+    await cluster.wait_idle()
+
+
+async def test_structured_output_through_prefill_and_decode(cluster):
+    """A guided request's first token is sampled on the prefill worker, the rest on the decode
+    worker, each under the mask; the text is complete and in the language."""
+    guidance = common_pb2.Guidance(regex="(quick|lazy) (fox|dog)[0-9]{2}")
+    decode = cluster.decodes[0].aengine.engine
+    add_prefilled, prefilled = decode.add_prefilled, []
+    decode.add_prefilled = lambda rid, *a, **kw: prefilled.append(rid) or add_prefilled(rid, *a, **kw)
+    for temperature in (0.0, 1.0):
+        responses = await cluster.generate(
+            prompt="the quick brown fox", max_tokens=32, temperature=temperature, ignore_eos=False, guidance=guidance
+        )
+        assert re.fullmatch("(quick|lazy) (fox|dog)[0-9]{2}", text_of(responses))
+        assert responses[-1].finish_reason == common_pb2.FINISH_REASON_STOP
+    assert len(prefilled) == 2  # both were prefilled on the prefill worker
     await cluster.wait_idle()
 
 

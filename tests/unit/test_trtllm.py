@@ -28,6 +28,7 @@ from shared.engines.trtllm.convert import Handoff, finish_reason, sampling_param
 from shared.engines.trtllm.drafter import DraftAsk, remote_drafter
 from shared.engines.trtllm.engine import TrtllmEngine
 from shared.kv.errors import KvTransferTimeout
+from shared.params import Guidance
 from tests.fakes import fake_tensorrt_llm as fake
 
 API = TrtllmApi.from_namespace(fake)
@@ -385,6 +386,8 @@ async def test_invalid_requests_are_refused_before_tensorrt_llm_sees_them(model_
         await collect(engine.generate("b", PROMPT, greedy(1000)))
     with pytest.raises(InvalidRequest, match="prompt_logprobs: not supported by the TensorRT-LLM engine"):
         await collect(engine.generate("c", PROMPT, dataclasses.replace(greedy(2), prompt_logprobs=1)))
+    with pytest.raises(InvalidRequest, match="guidance: structured output is not supported by the TensorRT-LLM"):
+        await collect(engine.generate("c", PROMPT, dataclasses.replace(greedy(2), guidance=Guidance("json_object"))))
     with pytest.raises(InvalidRequest, match="logit_bias: not supported by the TensorRT-LLM engine"):
         await collect(engine.generate("c", PROMPT, dataclasses.replace(greedy(2), logit_bias={5: 1.0})))
     assert not engine.llm.requests

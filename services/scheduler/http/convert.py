@@ -11,12 +11,14 @@ the gRPC checks: `text`/`token_ids` -> `prompt` or `messages`, ...).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.errors import InvalidArgument
+from shared.guidance import choice_grammar
 from shared.pb.tandem.v1 import common_pb2, generate_pb2
 from shared.text import Tokenizer
 
@@ -72,9 +74,6 @@ def _check_neutral(req: CompletionRequest | ChatCompletionRequest) -> None:
             raise InvalidArgument("tools", "tool calling is not supported")
         if req.tool_choice not in (None, "none"):
             raise InvalidArgument("tool_choice", "tool calling is not supported")
-        fmt = (req.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise InvalidArgument("response_format", f"only type 'text' is supported, got {fmt!r}")
 
 
 def _parameters(
@@ -126,6 +125,56 @@ def _parameters(
             raise InvalidArgument("stop_token_ids", f"token id {token_id} outside the vocabulary")
         stopping.stop_token_ids.append(token_id)
     return sampling, stopping
+
+
+def _structured_output(
+    req: CompletionRequest | ChatCompletionRequest, sampling: common_pb2.SamplingParameters, fields: dict[str, str]
+) -> None:
+    """Sets sampling.guidance from the one structured-output field the request sets (OpenAI's
+    response_format, or vLLM's guided_* / structured_outputs); errors in it name that field."""
+    asked = {
+        name: value
+        for name in ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                     "structured_outputs")
+        if (value := getattr(req, name)) is not None
+    }
+    if isinstance(asked.get("response_format"), dict) and asked["response_format"].get("type", "text") == "text":
+        del asked["response_format"]  # plain text: no constraint
+    if not asked:
+        return
+    if len(asked) > 1:
+        raise InvalidArgument(sorted(asked)[1], f"set one structured-output field, not {' and '.join(sorted(asked))}")
+    (name, value), = asked.items()
+    fields["guidance"] = name
+    g = sampling.guidance
+    if name == "response_format":
+        kind = value.get("type")
+        if kind == "json_object":
+            g.json_object = True
+        elif kind == "json_schema":
+            schema = (value.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise InvalidArgument(name, "json_schema.schema must be a JSON Schema object")
+            g.json_schema = json.dumps(schema)
+        else:
+            raise InvalidArgument(name, f"type must be text, json_object or json_schema, got {kind!r}")
+        return
+    if name == "structured_outputs":
+        known = {k: v for k, v in value.items() if k in ("json", "regex", "choice", "grammar") and v is not None}
+        if len(known) != 1:
+            raise InvalidArgument(name, "set exactly one of json, regex, choice, grammar")
+        (key, value), = known.items()
+        name = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice", "grammar": "guided_grammar"}[key]
+    if name == "guided_json":
+        g.json_schema = value if isinstance(value, str) else json.dumps(value)
+    elif name == "guided_regex" and isinstance(value, str):
+        g.regex = value
+    elif name == "guided_grammar" and isinstance(value, str):
+        g.lark = value
+    elif name == "guided_choice" and isinstance(value, list) and value and all(isinstance(c, str) for c in value):
+        g.lark = choice_grammar(value)
+    else:
+        raise InvalidArgument(fields["guidance"], f"{name.removeprefix('guided_')} has the wrong type")
 
 
 def _fan_out(
@@ -187,6 +236,7 @@ def _completion_plan(req: CompletionRequest, request_id: str, fields: dict[str, 
     if req.echo and max_tokens == 0:  # OpenAI's way to score a prompt alone
         max_tokens, prompt_only = 1, True
     sampling, stopping = _parameters(req, max_tokens, req.logprobs)
+    _structured_output(req, sampling, fields)
     if req.echo and req.logprobs is not None:  # the prompt's tokens get theirs too
         sampling.prompt_logprobs = sampling.logprobs
     requests, prompt_of = _fan_out(request_id, prompts, req.n, sampling, stopping, req.priority)
@@ -236,6 +286,7 @@ async def _chat_plan(
         raise InvalidArgument("top_logprobs", "requires logprobs: true")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     sampling, stopping = _parameters(req, max_tokens, logprobs)
+    _structured_output(req, sampling, fields)
     requests, prompt_of = _fan_out(request_id, [prompt], req.n, sampling, stopping, req.priority)
     return Plan(requests, prompt_of, logprobs, fields)
 

@@ -7,7 +7,8 @@ setting one to anything but its neutral value is refused (400 naming it), never 
 ignored. Unknown fields are ignored, as OpenAI's own server does.
 
 Extensions beyond OpenAI's fields, as vLLM names them: top_k (-1 or 0: off), min_p,
-repetition_penalty, ignore_eos, stop_token_ids, priority.
+repetition_penalty, ignore_eos, stop_token_ids, priority, and structured output's
+guided_json, guided_regex, guided_choice, guided_grammar and structured_outputs.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ class _Common(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[StrictStr, float] | None = None  # token id (as a string) -> bias
+    # structured output: OpenAI's response_format, or vLLM's fields (at most one of them)
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None  # a Lark grammar (llguidance's dialect)
+    structured_outputs: dict[str, Any] | None = None  # vLLM's newer form: {json | regex | choice | grammar}
 
 
 PromptType = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
@@ -84,7 +92,6 @@ class ChatCompletionRequest(_Common):
     # OpenAI fields without an implementation: only their neutral values are accepted.
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
 
 
 class TokenizeRequest(BaseModel):

@@ -192,6 +192,8 @@ class TrtllmEngine:
         params.validate(self.model.vocab_size)
         if params.prompt_logprobs is not None:
             raise InvalidRequest("prompt_logprobs", "not supported by the TensorRT-LLM engine (TANDEM_ENGINE=torch has them)")
+        if params.guidance is not None:
+            raise InvalidRequest("guidance", "structured output is not supported by the TensorRT-LLM engine (TANDEM_ENGINE=torch has it)")
         if params.logit_bias:
             raise InvalidRequest("logit_bias", "not supported by the TensorRT-LLM engine (TANDEM_ENGINE=torch has it)")
         check_length(len(prompt), params.max_tokens, self.max_model_len)

@@ -1,0 +1,109 @@
+"""Structured output with llguidance: a request's `Guidance` compiled to a grammar, checked,
+and run as a matcher that says, before each sampled token, which tokens keep the output in
+the language.
+
+The scheduler checks a guidance with `check` (no tokenizer: syntax and schema errors) before
+the request queues; the engine compiles it against the model's tokenizer (`Guide.matcher`).
+Both raise InvalidRequest naming the field "guidance". No torch here except `allowed_tokens`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from shared.params import Guidance, InvalidRequest
+
+if TYPE_CHECKING:
+    import llguidance
+    import torch
+
+# JSON as the OpenAI API writes it: `{"a": 1, "b": [1, 2]}`, one space after ':' and ','
+_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def grammar(g: Guidance) -> str:
+    """The llguidance grammar of a guidance (not yet checked: `check` or `Guide.matcher` do)."""
+    from llguidance import LLMatcher
+
+    if g.kind == "json_object":
+        return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=_JSON_OPTIONS)
+    if g.kind == "json_schema":
+        try:
+            schema = json.loads(g.value)
+        except ValueError as e:
+            raise InvalidRequest("guidance", f"the JSON schema is not valid JSON: {e}") from None
+        if not isinstance(schema, dict):
+            raise InvalidRequest("guidance", "the JSON schema must be a JSON object")
+        return LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+    if g.kind == "regex":
+        return LLMatcher.grammar_from_regex(g.value)
+    if g.kind == "lark":
+        return LLMatcher.grammar_from_lark(g.value)
+    raise InvalidRequest("guidance", f"unknown kind {g.kind!r}")
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """A Lark grammar whose language is exactly these strings (vLLM's guided_choice)."""
+    return "start: " + " | ".join(json.dumps(c) for c in choices)
+
+
+def _refuse(g: Guidance, error: str) -> InvalidRequest:
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    return InvalidRequest("guidance", f"invalid {g.kind.replace('_', ' ')}: {' '.join(lines[:3])}")
+
+
+def check(g: Guidance) -> None:
+    """Raise InvalidRequest when the guidance does not compile (no tokenizer needed)."""
+    from llguidance import LLMatcher
+
+    error = LLMatcher.validate_grammar(grammar(g))
+    if error:
+        raise _refuse(g, error)
+
+
+class Guide:
+    """One model's llguidance tokenizer (built on first use from tokenizer.json) and the matchers
+    made with it."""
+
+    def __init__(self, model_dir: str | Path, vocab_size: int, eos_token_ids: list[int]):
+        self.path = Path(model_dir) / "tokenizer.json"
+        self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+        self._tokenizer: llguidance.LLTokenizer | None = None
+
+    def _llg_tokenizer(self) -> llguidance.LLTokenizer:
+        if self._tokenizer is None:
+            from llguidance import LLTokenizer
+
+            if not self.path.is_file():
+                raise InvalidRequest("guidance", f"structured output needs the model's tokenizer.json ({self.path.name} missing)")
+            self._tokenizer = LLTokenizer(
+                str(self.path), n_vocab=self.vocab_size, eos_token=self.eos_token_ids or None
+            )
+        return self._tokenizer
+
+    def matcher(self, g: Guidance, generated: list[int] = ()) -> llguidance.LLMatcher:
+        """A matcher for this guidance that has consumed `generated` (a resumed request's earlier
+        outputs); InvalidRequest when the guidance does not compile or they leave the language."""
+        from llguidance import LLMatcher
+
+        m = LLMatcher(self._llg_tokenizer(), grammar(g), log_level=0)
+        if m.is_error():
+            raise _refuse(g, m.get_error())
+        if generated and not m.consume_tokens(list(generated)):
+            raise InvalidRequest("guidance", "the tokens generated so far are outside the requested format")
+        return m
+
+
+def allowed_tokens(matcher: llguidance.LLMatcher, vocab_size: int) -> torch.Tensor:
+    """[vocab_size] bool: the tokens the matcher takes next."""
+    import torch
+
+    words = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
+    bits = (words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1
+    allowed = bits.flatten()[:vocab_size].bool()
+    if allowed.shape[0] < vocab_size:  # ids past the tokenizer's words (padding rows of the vocabulary)
+        allowed = torch.cat([allowed, allowed.new_zeros(vocab_size - allowed.shape[0])])
+    return allowed
