@@ -266,16 +266,25 @@ def train(args, train_stream: torch.Tensor, eval_batches: list[torch.Tensor], vo
 
 # The demo models continue Python, so a chat turns into Python: what the system and the user say
 # becomes comment lines, an assistant's turn is code, and the model answers with code after the
-# last comment. transformers (and Tandem's /v1/chat/completions) read it from chat_template.jinja.
+# last comment. Tools (transformers' `tools=`), an assistant's tool calls and a tool's result are
+# comments too. transformers (and Tandem's /v1/chat/completions) read it from chat_template.jinja.
 CHAT_TEMPLATE = (
     "{{- bos_token -}}\n"
+    "{%- if tools -%}\n"
+    "{{- '# tools: ' + tools | map(attribute='function') | map(attribute='name') | join(', ') + '\\n' -}}\n"
+    "{%- endif -%}\n"
     "{%- for message in messages -%}\n"
     "{%- if message['role'] in ['system', 'developer', 'user'] -%}\n"
     "{{- '# ' + message['content'] | trim | replace('\\n', '\\n# ') + '\\n' -}}\n"
     "{%- elif message['role'] == 'assistant' -%}\n"
-    "{{- message['content'] | trim + '\\n' -}}\n"
+    "{%- for call in message['tool_calls'] or [] -%}\n"
+    "{{- '# call ' + call['function']['name'] + ' ' + call['function']['arguments'] | tojson + '\\n' -}}\n"
+    "{%- endfor -%}\n"
+    "{{- message['content'] | trim + ('\\n' if message['content'] else '') -}}\n"
+    "{%- elif message['role'] == 'tool' -%}\n"
+    "{{- '# result: ' + message['content'] | trim | replace('\\n', '\\n# ') + '\\n' -}}\n"
     "{%- else -%}\n"
-    "{{- raise_exception('the demo chat template knows the roles system, developer, user and assistant, "
+    "{{- raise_exception('the demo chat template knows the roles system, developer, user, assistant and tool, "
     "not ' + message['role']) -}}\n"
     "{%- endif -%}\n"
     "{%- endfor -%}\n"

@@ -269,6 +269,64 @@ def test_structured_output(client):
     assert re.fullmatch("(quick|lazy) [0-9]{3}", "".join(c.choices[0].text for c in stream))
 
 
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 8}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+ADD = {"type": "object", "properties": {"a": {"type": "integer", "maximum": 9}}, "required": ["a"], "additionalProperties": False}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "add", "parameters": ADD}},
+]
+
+
+def test_tool_calls_with_a_named_function_or_required(client):
+    """tool_choice naming a function, or "required": the output is constrained to a call, and the
+    message carries it as tool_calls (finish_reason tool_calls), streamed too."""
+    messages = [{"role": "user", "content": "weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice=named,
+                                       max_tokens=64, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice=named,
+                                                 max_tokens=64, temperature=0, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert deltas[0].role == "assistant" and chunks[-1].choices[0].finish_reason == "tool_calls"
+    (streamed,) = [t for d in deltas for t in d.tool_calls or []]
+    assert (streamed.index, streamed.function.name) == (0, "get_weather")
+    assert json.loads(streamed.function.arguments) == json.loads(call.function.arguments)  # same greedy call
+    r = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice="required",
+                                       max_tokens=96, temperature=1.0, seed=4, n=4)
+    calls = [t for c in r.choices if c.finish_reason == "tool_calls" for t in c.message.tool_calls]
+    assert calls  # the others ran out of max_tokens: their text comes back as content
+    for t in calls:
+        jsonschema.validate(json.loads(t.function.arguments), {"get_weather": WEATHER, "add": ADD}[t.function.name])
+
+
+@pytest.mark.parametrize(
+    "change,param",
+    [
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({}, "tool_choice"),  # auto is the default with tools
+        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {}}], "tool_choice": "required"}, "tools[0].function.name"),
+        ({"tools": [{"type": "retrieval"}], "tool_choice": "required"}, "tools[0]"),
+        ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ],
+)
+def test_tool_requests_the_server_cannot_honour_are_400s(client, change, param):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "tools": TOOLS, **change}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.post("/chat/completions", body=body, cast_to=object)
+    assert e.value.body["param"] == param, e.value.body
+
+
 def test_stop_strings(client, tokenizer, hf):
     prompt = "the quick brown fox"
     full = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, **GREEDY).choices[0].text
@@ -504,7 +562,6 @@ BAD_CHAT_FIELDS = [
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"response_format": {"type": "xml"}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}},

@@ -56,8 +56,38 @@ def test_demo_model_chat_equals_transformers():
         assert text == expected_text
         assert text.startswith("<s># You write Python.\n# fibonacci numbers\n# fast, please\ndef fib(n):\n")
         assert Tokenizer.from_dir(DEMO / kind).encode(text, add_special_tokens=False) == expected_ids
-    with pytest.raises(TemplateError, match="not tool"):
-        ChatTemplate.from_dir(DEMO / "target").render([{"role": "tool", "content": "x"}])
+    with pytest.raises(TemplateError, match="not function"):
+        ChatTemplate.from_dir(DEMO / "target").render([{"role": "function", "content": "x"}])
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+TOOL_TURNS = [
+    {"role": "user", "content": "weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+]
+
+
+def test_a_tool_conversation_renders_as_transformers_renders_it():
+    """The chat route hands the template `tools` and each call's arguments as a dict (an OpenAI
+    client sends them as JSON text), as transformers' apply_chat_template takes them."""
+    body = ChatCompletionRequest(messages=TOOL_TURNS, tools=TOOLS, tool_choice="none", max_tokens=4)
+    rendered = []
+
+    async def encode(text):
+        rendered.append(text)
+        return Tokenizer.from_dir(DEMO / "target").encode(text, add_special_tokens=False)
+
+    asyncio.run(chat_plan(body, "r", ChatTemplate.from_dir(DEMO / "target"), encode, 1024))
+    as_dicts = [
+        {**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": {"city": "Paris"}}} for c in m["tool_calls"]]}
+        if m.get("tool_calls") else m
+        for m in TOOL_TURNS
+    ]
+    expected, _ = hf_render(DEMO / "target", as_dicts, tools=TOOLS)
+    assert rendered == [expected]
+    assert expected == '<s># tools: get_weather\n# weather in Paris?\n# call get_weather {"city": "Paris"}\n# result: sunny\n'
 
 
 def test_train_demo_writes_the_template(tmp_path):

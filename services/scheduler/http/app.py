@@ -220,7 +220,11 @@ class OpenAIFront:
             text, logprobs = self._content(meta, index, merged, 0, True)
             reason = next((convert.finish_reason(p) for p in choice if p.usage is not None), None)
             entry: dict[str, Any] = {"index": index, "finish_reason": reason, "logprobs": logprobs}
-            if meta.chat:
+            calls = meta.plan.tool_calls.calls(text) if meta.plan.tool_calls and reason == "stop" else None
+            if calls:
+                entry["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+                entry["finish_reason"] = "tool_calls"
+            elif meta.chat:
                 entry["message"] = {"role": "assistant", "content": text}
             else:
                 entry["text"] = text
@@ -243,13 +247,18 @@ class OpenAIFront:
         usages: list[Any] = [None] * len(meta.plan.requests)
         offsets = [0] * len(usages)
         started = [False] * len(usages)
+        calls_text = [""] * len(usages)  # a tool call's text, sent whole at the end
         try:
             item = first
             while item is not None:
                 index, piece = item
                 if piece.usage is not None:
                     usages[index] = meta.usage(piece.usage)
-                if (
+                if meta.plan.tool_calls is not None:
+                    calls_text[index] += piece.text
+                    if piece.usage is not None or not started[index]:
+                        yield self._tool_chunk(meta, index, piece, calls_text[index], started)
+                elif (
                     piece.text
                     or piece.usage is not None
                     or meta.plan.logprobs is not None
@@ -271,6 +280,28 @@ class OpenAIFront:
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
+
+    def _tool_chunk(self, meta: _Meta, index: int, piece: Piece, text: str, started: list[bool]) -> bytes:
+        """A choice of a tool-call request, streamed: the role first, then at its end the calls
+        (or, when max_tokens cut them, the text) in one delta."""
+        delta: dict[str, Any] = {}
+        if not started[index]:
+            delta["role"] = "assistant"
+            started[index] = True
+        reason = convert.finish_reason(piece)
+        if reason is not None:
+            calls = meta.plan.tool_calls.calls(text) if reason == "stop" else None
+            if calls:
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+                reason = "tool_calls"
+            else:
+                delta["content"] = text
+        elif "role" in delta:
+            delta["content"] = ""
+        chunk = {**meta.head(), "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+        if meta.include_usage:
+            chunk["usage"] = None
+        return _event(chunk)
 
     def _chunk(self, meta: _Meta, index: int, piece: Piece, offsets: list[int], started: list[bool]) -> bytes:
         choice: dict[str, Any] = {"index": index}

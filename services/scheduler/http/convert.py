@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,37 @@ FINISH_REASONS = {
 
 
 @dataclass
+class ToolCalls:
+    """A chat request whose output is constrained to a call of its tools: tool_choice
+    {"type": "function", "function": {"name"}} (the output is that function's arguments) or
+    "required" (a JSON list of {"name", "parameters"}, one or more calls)."""
+
+    name: str | None  # the named function; None: "required"
+
+    def calls(self, text: str) -> list[dict[str, Any]] | None:
+        """The message's tool_calls, OpenAI's shape, from the generated text (None: it does not
+        parse, which only a choice cut by max_tokens gives)."""
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+        if self.name is not None:
+            pairs = [(self.name, value)]
+        elif isinstance(value, list) and all(isinstance(v, dict) and "name" in v for v in value):
+            pairs = [(v["name"], v.get("parameters", {})) for v in value]
+        else:
+            return None
+        return [
+            {
+                "id": f"call_{uuid.uuid4().hex[:24]}",
+                "type": "function",
+                "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)},
+            }
+            for name, args in pairs
+        ]
+
+
+@dataclass
 class Plan:
     """What one HTTP request becomes."""
 
@@ -46,6 +78,7 @@ class Plan:
     fields: dict[str, str] = field(default_factory=dict)  # gRPC field -> OpenAI field, for errors
     echo: bool = False  # completions: each choice's text (and logprobs) starts with its prompt
     prompt_only: bool = False  # echo with max_tokens 0: one token is generated, and not returned
+    tool_calls: ToolCalls | None = None  # chat: the output is a tool call (tool_choice required or named)
 
     def openai_field(self, name: str) -> str:
         return openai_field(name, self.fields)
@@ -69,11 +102,6 @@ def _check_neutral(req: CompletionRequest | ChatCompletionRequest) -> None:
             raise InvalidArgument("suffix", "not supported")
         if req.best_of is not None and req.best_of != req.n:
             raise InvalidArgument("best_of", "not supported (only equal to n)")
-    else:
-        if req.tools:
-            raise InvalidArgument("tools", "tool calling is not supported")
-        if req.tool_choice not in (None, "none"):
-            raise InvalidArgument("tool_choice", "tool calling is not supported")
 
 
 def _parameters(
@@ -269,7 +297,11 @@ async def _chat_plan(
     fields: dict[str, str],
 ) -> Plan:
     _check_neutral(req)
-    text = render_messages(template, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+    tool_calls, guidance = _tool_choice(req)
+    template_kwargs = req.chat_template_kwargs
+    if req.tools:  # as transformers' apply_chat_template(tools=...) gives them to the template
+        template_kwargs = {"tools": req.tools, **(template_kwargs or {})}
+    text = render_messages(template, req.messages, req.add_generation_prompt, template_kwargs)
     prompt = await encode(text)
     if not prompt:
         raise InvalidArgument("messages", "the chat template rendered them as an empty prompt")
@@ -287,8 +319,59 @@ async def _chat_plan(
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     sampling, stopping = _parameters(req, max_tokens, logprobs)
     _structured_output(req, sampling, fields)
+    if guidance is not None:
+        if sampling.HasField("guidance"):
+            raise InvalidArgument("tool_choice", f"a tool call cannot also follow {fields['guidance']}")
+        sampling.guidance.json_schema = json.dumps(guidance)
+        fields["guidance"] = "tools"
     requests, prompt_of = _fan_out(request_id, [prompt], req.n, sampling, stopping, req.priority)
-    return Plan(requests, prompt_of, logprobs, fields)
+    return Plan(requests, prompt_of, logprobs, fields, tool_calls=tool_calls)
+
+
+def _tool_choice(req: ChatCompletionRequest) -> tuple[ToolCalls | None, dict[str, Any] | None]:
+    """The tool call the output must be (tool_choice "required" or a named function) and the JSON
+    schema that constrains it; (None, None) for no tools or tool_choice "none". "auto" is refused:
+    telling a call from text needs a parser for the model's own tool-call format."""
+    tools, choice = req.tools or [], req.tool_choice
+    schemas: dict[str, dict[str, Any]] = {}
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+            raise InvalidArgument(f"tools[{i}]", 'must be {"type": "function", "function": {"name", "parameters"}}')
+        name, parameters = function.get("name"), function.get("parameters", {"type": "object"})
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument(f"tools[{i}].function.name", "must be a non-empty string")
+        if not isinstance(parameters, dict):
+            raise InvalidArgument(f"tools[{i}].function.parameters", "must be a JSON Schema object")
+        schemas[name] = parameters
+    if choice is None:
+        choice = "auto" if tools else "none"
+    if choice == "none":
+        return None, None
+    if not tools:
+        raise InvalidArgument("tool_choice", "needs tools")
+    if choice == "auto":
+        raise InvalidArgument(
+            "tool_choice",
+            'auto is not supported (telling a tool call from text needs the model\'s own call format); set '
+            'tool_choice to "required" or {"type": "function", "function": {"name": ...}}, which make the '
+            'output a call, or "none"',
+        )
+    if choice == "required":
+        calls = [
+            {"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
+             "required": ["name", "parameters"], "additionalProperties": False}
+            for name, schema in schemas.items()
+        ]
+        return ToolCalls(None), {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
+        raise InvalidArgument(
+            "tool_choice", 'must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
+        )
+    if name not in schemas:
+        raise InvalidArgument("tool_choice", f"names {name!r}, which is not one of the tools")
+    return ToolCalls(name), schemas[name]
 
 
 def render_messages(
@@ -318,11 +401,25 @@ def render_messages(
                     )
                 texts.append(part["text"])
             content = "".join(texts)
-        rendered.append({**message.model_dump(exclude_none=True), "content": content or ""})
+        entry = {**message.model_dump(exclude_none=True), "content": content or ""}
+        if isinstance(entry.get("tool_calls"), list):  # templates read a call's arguments as a dict
+            entry["tool_calls"] = [_arguments_as_dict(call) for call in entry["tool_calls"]]
+        rendered.append(entry)
     try:
         return template.render(rendered, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}))
     except TemplateError as e:
         raise InvalidArgument("messages", f"the chat template refused them: {e}") from None
+
+
+def _arguments_as_dict(call: Any) -> Any:
+    """An assistant message's tool call with its JSON-text arguments parsed, as vLLM passes them."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+        try:
+            return {**call, "function": {**function, "arguments": json.loads(function["arguments"])}}
+        except ValueError:
+            pass
+    return call
 
 
 # -- responses --------------------------------------------------------------------------------

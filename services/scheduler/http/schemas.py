@@ -89,8 +89,7 @@ class ChatCompletionRequest(_Common):
     top_logprobs: StrictInt | None = None
     add_generation_prompt: StrictBool = True
     chat_template_kwargs: dict[str, Any] | None = None
-    # OpenAI fields without an implementation: only their neutral values are accepted.
-    tools: list[Any] | None = None
+    tools: list[Any] | None = None  # with tool_choice "required" or a named function (convert._tool_choice)
     tool_choice: Any = None
 
 
