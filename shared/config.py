@@ -227,6 +227,16 @@ class SchedulerConfig(ServerSettings):
         minimum=0,
     )
 
+    tool_call_parser: str = setting(
+        "TANDEM_TOOL_CALL_PARSER",
+        "auto",
+        "How /v1/chat/completions finds tool calls in a reply for tool_choice \"auto\": hermes "
+        "(<tool_call>{...}</tool_call>: Qwen2/2.5/3, Hermes), llama3_json (a reply that is {\"name\", "
+        "\"parameters\"}: Llama 3.1+), auto (the one the model's chat template writes), or none (tool_choice "
+        "\"auto\" is then refused; \"required\" and a named function work with any model).",
+        choices=("auto", "none", "hermes", "llama3_json"),
+    )
+
     max_request_bytes: int = setting(
         "TANDEM_MAX_REQUEST_BYTES",
         16 << 20,

@@ -17,7 +17,7 @@ from shared.telemetry import Telemetry
 from shared.text import Tokenizer
 
 from .frontend import Frontend
-from .http import ChatTemplate, HttpServer, build_http_app
+from .http import ChatTemplate, HttpServer, build_http_app, tool_parsers
 from .http.chat import TemplateError
 from .pool import WorkerPool
 from .router import Router
@@ -118,6 +118,9 @@ class SchedulerApp:
                     self.telemetry,
                     model_name=self.model_name,
                     chat_template=self.chat_template,
+                    tool_parser=tool_parsers.choose(
+                        config.tool_call_parser, self.chat_template.source if self.chat_template else None
+                    ),
                     api_keys=self.api_keys,
                 ),
                 host=config.host,

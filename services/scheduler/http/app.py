@@ -49,6 +49,7 @@ from .errors import HttpError, describe, error_body, error_response, validation_
 from .run import ClientDisconnected, Run, until_disconnect
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .tokenize import TokenizerRoutes
+from .tool_parsers import ToolParser
 
 DONE = b"data: [DONE]\n\n"
 
@@ -61,11 +62,13 @@ def build_http_app(
     *,
     model_name: str,
     chat_template: ChatTemplate | None,
+    tool_parser: ToolParser | None = None,
     api_keys: ApiKeys | None = None,
 ) -> FastAPI:
     """The ASGI app; every route and exception handler is added here."""
     api = OpenAIFront(
-        frontend, pool, tokenizer, telemetry, model_name=model_name, chat_template=chat_template
+        frontend, pool, tokenizer, telemetry, model_name=model_name, chat_template=chat_template,
+        tool_parser=tool_parser,
     )
     app = FastAPI(title="Tandem", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(RequestValidationError, lambda request, exc: validation_error(exc))
@@ -116,8 +119,10 @@ class OpenAIFront:
         *,
         model_name: str,
         chat_template: ChatTemplate | None,
+        tool_parser: ToolParser | None = None,
     ):
         self._frontend = frontend
+        self._tool_parser = tool_parser
         self._pool = pool
         self._tokenizer = tokenizer
         self._tokens = convert.Tokens(tokenizer)
@@ -157,6 +162,7 @@ class OpenAIFront:
                     self._chat_template,
                     functools.partial(self._frontend.encode, add_special_tokens=False),
                     self._pool.max_model_len(),
+                    self._tool_parser,
                 )
             else:
                 plan = convert.completion_plan(body, request_id)
@@ -220,9 +226,11 @@ class OpenAIFront:
             text, logprobs = self._content(meta, index, merged, 0, True)
             reason = next((convert.finish_reason(p) for p in choice if p.usage is not None), None)
             entry: dict[str, Any] = {"index": index, "finish_reason": reason, "logprobs": logprobs}
-            calls = meta.plan.tool_calls.calls(text) if meta.plan.tool_calls and reason == "stop" else None
+            content, calls = (
+                meta.plan.tool_calls.split(text) if meta.plan.tool_calls and reason == "stop" else (text, [])
+            )
             if calls:
-                entry["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+                entry["message"] = {"role": "assistant", "content": content or None, "tool_calls": calls}
                 entry["finish_reason"] = "tool_calls"
             elif meta.chat:
                 entry["message"] = {"role": "assistant", "content": text}
@@ -247,7 +255,7 @@ class OpenAIFront:
         usages: list[Any] = [None] * len(meta.plan.requests)
         offsets = [0] * len(usages)
         started = [False] * len(usages)
-        calls_text = [""] * len(usages)  # a tool call's text, sent whole at the end
+        texts = [""] * len(usages)  # tool calls: each choice's text so far, of which offsets[i] chars went out
         try:
             item = first
             while item is not None:
@@ -255,9 +263,10 @@ class OpenAIFront:
                 if piece.usage is not None:
                     usages[index] = meta.usage(piece.usage)
                 if meta.plan.tool_calls is not None:
-                    calls_text[index] += piece.text
-                    if piece.usage is not None or not started[index]:
-                        yield self._tool_chunk(meta, index, piece, calls_text[index], started)
+                    texts[index] += piece.text
+                    chunk = self._tool_chunk(meta, index, piece, texts[index], offsets, started)
+                    if chunk is not None:
+                        yield chunk
                 elif (
                     piece.text
                     or piece.usage is not None
@@ -281,23 +290,32 @@ class OpenAIFront:
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
 
-    def _tool_chunk(self, meta: _Meta, index: int, piece: Piece, text: str, started: list[bool]) -> bytes:
-        """A choice of a tool-call request, streamed: the role first, then at its end the calls
-        (or, when max_tokens cut them, the text) in one delta."""
+    def _tool_chunk(
+        self, meta: _Meta, index: int, piece: Piece, text: str, offsets: list[int], started: list[bool]
+    ) -> bytes | None:
+        """A chunk of a choice that may call tools (None: nothing to send yet). Content goes out
+        up to where a call could begin (nothing, for a constrained call); at the end, the calls
+        in one delta, or the rest as content when there are none."""
         delta: dict[str, Any] = {}
         if not started[index]:
             delta["role"] = "assistant"
             started[index] = True
         reason = convert.finish_reason(piece)
-        if reason is not None:
-            calls = meta.plan.tool_calls.calls(text) if reason == "stop" else None
-            if calls:
-                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
-                reason = "tool_calls"
-            else:
-                delta["content"] = text
-        elif "role" in delta:
-            delta["content"] = ""
+        calls: list[dict[str, Any]] = []
+        if reason is None:
+            content = text[: max(offsets[index], meta.plan.tool_calls.streamable(text))]
+        elif reason == "stop":
+            content, calls = meta.plan.tool_calls.split(text)
+        else:
+            content = text
+        if len(content) > offsets[index] or "role" in delta:
+            delta["content"] = content[offsets[index] :]
+            offsets[index] = max(offsets[index], len(content))
+        if calls:
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+            reason = "tool_calls"
+        if not delta and reason is None:
+            return None
         chunk = {**meta.head(), "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]}
         if meta.include_usage:
             chunk["usage"] = None

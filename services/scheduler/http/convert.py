@@ -26,6 +26,7 @@ from shared.text import Tokenizer
 from ..relay import Piece
 from .chat import ChatTemplate, TemplateError
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+from .tool_parsers import ToolParser
 
 MAX_N = 64  # choices per prompt
 _U64 = 1 << 64
@@ -39,26 +40,38 @@ FINISH_REASONS = {
 
 @dataclass
 class ToolCalls:
-    """A chat request whose output is constrained to a call of its tools: tool_choice
-    {"type": "function", "function": {"name"}} (the output is that function's arguments) or
-    "required" (a JSON list of {"name", "parameters"}, one or more calls)."""
+    """How a chat choice's text becomes a message with tool calls.
 
-    name: str | None  # the named function; None: "required"
+    - tool_choice {"type": "function", "function": {"name"}}: the output was constrained to that
+      function's arguments (`name`);
+    - "required": to a JSON list of {"name", "parameters"}, one or more calls;
+    - "auto": free text in which `parser` finds the calls the model wrote in its own format."""
 
-    def calls(self, text: str) -> list[dict[str, Any]] | None:
-        """The message's tool_calls, OpenAI's shape, from the generated text (None: it does not
-        parse, which only a choice cut by max_tokens gives)."""
-        try:
-            value = json.loads(text)
-        except ValueError:
-            return None
-        if self.name is not None:
-            pairs = [(self.name, value)]
-        elif isinstance(value, list) and all(isinstance(v, dict) and "name" in v for v in value):
-            pairs = [(v["name"], v.get("parameters", {})) for v in value]
+    name: str | None = None
+    parser: ToolParser | None = None
+
+    def streamable(self, text: str) -> int:
+        """How many leading characters of a choice's text so far can go out as content."""
+        return self.parser.streamable(text) if self.parser is not None else 0
+
+    def split(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """(content, tool_calls in OpenAI's shape) of a finished choice; no calls when the text
+        holds none (auto) or does not parse (a constrained choice that max_tokens cut)."""
+        if self.parser is not None:
+            content, pairs = self.parser.parse(text)
         else:
-            return None
-        return [
+            try:
+                value = json.loads(text)
+            except ValueError:
+                return text, []
+            if self.name is not None:
+                pairs = [(self.name, value)]
+            elif isinstance(value, list) and all(isinstance(v, dict) and "name" in v for v in value):
+                pairs = [(v["name"], v.get("parameters", {})) for v in value]
+            else:
+                return text, []
+            content = ""
+        calls = [
             {
                 "id": f"call_{uuid.uuid4().hex[:24]}",
                 "type": "function",
@@ -66,6 +79,7 @@ class ToolCalls:
             }
             for name, args in pairs
         ]
+        return (content if calls else text), calls
 
 
 @dataclass
@@ -277,13 +291,15 @@ async def chat_plan(
     template: ChatTemplate | None,
     encode: Callable[[str], Awaitable[list[int]]],
     max_model_len: int | None,
+    tool_parser: ToolParser | None = None,
 ) -> Plan:
-    """`encode`: the rendered template's token ids, without BOS (Frontend.encode, off the event loop)."""
+    """`encode`: the rendered template's token ids, without BOS (Frontend.encode, off the event loop);
+    `tool_parser`: finds tool calls in free text (tool_choice "auto"; None: auto is refused)."""
     fields = {"text": "messages", "token_ids": "messages", "prompt": "messages", "logprobs": "top_logprobs"}
     if req.max_completion_tokens is not None:
         fields["max_tokens"] = "max_completion_tokens"
     try:
-        return await _chat_plan(req, request_id, template, encode, max_model_len, fields)
+        return await _chat_plan(req, request_id, template, encode, max_model_len, fields, tool_parser)
     except InvalidArgument as e:
         raise renamed(e, fields) from None
 
@@ -295,9 +311,10 @@ async def _chat_plan(
     encode: Callable[[str], Awaitable[list[int]]],
     max_model_len: int | None,
     fields: dict[str, str],
+    tool_parser: ToolParser | None,
 ) -> Plan:
     _check_neutral(req)
-    tool_calls, guidance = _tool_choice(req)
+    tool_calls, guidance = _tool_choice(req, tool_parser)
     template_kwargs = req.chat_template_kwargs
     if req.tools:  # as transformers' apply_chat_template(tools=...) gives them to the template
         template_kwargs = {"tools": req.tools, **(template_kwargs or {})}
@@ -328,10 +345,12 @@ async def _chat_plan(
     return Plan(requests, prompt_of, logprobs, fields, tool_calls=tool_calls)
 
 
-def _tool_choice(req: ChatCompletionRequest) -> tuple[ToolCalls | None, dict[str, Any] | None]:
-    """The tool call the output must be (tool_choice "required" or a named function) and the JSON
-    schema that constrains it; (None, None) for no tools or tool_choice "none". "auto" is refused:
-    telling a call from text needs a parser for the model's own tool-call format."""
+def _tool_choice(
+    req: ChatCompletionRequest, parser: ToolParser | None
+) -> tuple[ToolCalls | None, dict[str, Any] | None]:
+    """How the choices' text becomes tool calls, and the JSON schema that constrains the output
+    (tool_choice "required" or a named function; None for "auto"); (None, None) for no tools or
+    tool_choice "none". "auto" without a parser for the model's own call format is refused."""
     tools, choice = req.tools or [], req.tool_choice
     schemas: dict[str, dict[str, Any]] = {}
     for i, tool in enumerate(tools):
@@ -351,12 +370,14 @@ def _tool_choice(req: ChatCompletionRequest) -> tuple[ToolCalls | None, dict[str
     if not tools:
         raise InvalidArgument("tool_choice", "needs tools")
     if choice == "auto":
-        raise InvalidArgument(
-            "tool_choice",
-            'auto is not supported (telling a tool call from text needs the model\'s own call format); set '
-            'tool_choice to "required" or {"type": "function", "function": {"name": ...}}, which make the '
-            'output a call, or "none"',
-        )
+        if parser is None:
+            raise InvalidArgument(
+                "tool_choice",
+                "auto needs a parser for this model's tool-call format, and its chat template writes none "
+                "Tandem knows (TANDEM_TOOL_CALL_PARSER: hermes, llama3_json); set tool_choice to \"required\" "
+                'or {"type": "function", "function": {"name": ...}}, which make the output a call, or "none"',
+            )
+        return ToolCalls(parser=parser), None
     if choice == "required":
         calls = [
             {"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
