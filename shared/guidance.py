@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shared.params import Guidance, InvalidRequest
 
@@ -36,12 +36,41 @@ def grammar(g: Guidance) -> str:
             raise InvalidRequest("guidance", f"the JSON schema is not valid JSON: {e}") from None
         if not isinstance(schema, dict):
             raise InvalidRequest("guidance", "the JSON schema must be a JSON object")
-        return LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+        return LLMatcher.grammar_from_json_schema(closed(schema), defaults=_JSON_OPTIONS)
     if g.kind == "regex":
         return LLMatcher.grammar_from_regex(g.value)
     if g.kind == "lark":
         return LLMatcher.grammar_from_lark(g.value)
     raise InvalidRequest("guidance", f"unknown kind {g.kind!r}")
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMAS = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames")
+
+
+def closed(schema: Any) -> Any:
+    """The schema with every object that lists its properties, and says nothing of others,
+    taking no others (additionalProperties: false), as vLLM's default backend reads a schema:
+    JSON Schema itself allows any extra key there, and a model given the choice writes some,
+    where a caller who listed the fields (a pydantic model, a function's parameters) wants those."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed(sub) for name, sub in out[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed(sub) for sub in out[key]]
+    for key in _SCHEMAS:
+        if key in out:
+            out[key] = [closed(s) for s in out[key]] if isinstance(out[key], list) else closed(out[key])
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = closed(out["additionalProperties"])
+    return out
 
 
 def choice_grammar(choices: list[str]) -> str:

@@ -16,7 +16,7 @@ import torch
 
 from shared.engine import EngineConfig, FinishReason, InvalidRequest, LLMEngine, SamplingParams
 from shared.engine.spec import NgramProposer
-from shared.guidance import choice_grammar, grammar
+from shared.guidance import Guide, choice_grammar, closed, grammar
 from shared.params import Guidance
 from shared.text import Tokenizer
 from tests.helpers.models import load_hf, make_tiny_checkpoint
@@ -187,3 +187,32 @@ def test_bad_guidance_is_refused_naming_the_field(ckpt, g, message):
         eng.add_request("r", [1, 5, 6], SamplingParams(guidance=g))
     assert e.value.field == "guidance" and not eng.requests
     assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
+
+
+def test_an_object_that_lists_its_properties_takes_no_others(ckpt):
+    """As vLLM's default backend reads a schema: listed properties, and nothing said of others,
+    means no others (a property named "properties" is a property, not a keyword)."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "properties": {"type": "object", "properties": {"a": {"type": "integer"}}},
+            "list": {"type": "array", "items": {"$ref": "#/$defs/P"}},
+            "open": {"type": "object", "properties": {}, "additionalProperties": True},
+        },
+        "$defs": {"P": {"anyOf": [{"type": "object", "properties": {"b": {"type": "string"}}}, {"type": "null"}]}},
+    }
+    got = closed(schema)
+    assert got["additionalProperties"] is False
+    assert got["properties"]["properties"]["additionalProperties"] is False
+    assert "additionalProperties" not in got["properties"]  # the property map itself is left alone
+    assert got["$defs"]["P"]["anyOf"][0]["additionalProperties"] is False
+    assert got["properties"]["open"]["additionalProperties"] is True
+    assert schema["properties"]["properties"] == {"type": "object", "properties": {"a": {"type": "integer"}}}
+    # so the engine's matcher takes {"a": 1} and refuses another key
+    path, _, tok = ckpt
+    guide = Guide(path, 400, [EOS_ID])
+    g = Guidance("json_schema", json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}}))
+    ok = tok.encode('{"a": 1}', add_special_tokens=False)
+    extra = tok.encode('{"a": 1, "b": 2}', add_special_tokens=False)
+    assert guide.matcher(g).validate_tokens(ok) == len(ok)
+    assert guide.matcher(g).validate_tokens(extra) < len(extra)
