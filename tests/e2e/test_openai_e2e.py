@@ -14,6 +14,7 @@ import grpc
 import httpx
 import jsonschema
 import openai
+import pydantic
 import pytest
 
 from shared.pb.tandem.v1 import worker_pb2, worker_pb2_grpc
@@ -325,6 +326,47 @@ def test_tool_requests_the_server_cannot_honour_are_400s(client, change, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.post("/chat/completions", body=body, cast_to=object)
     assert e.value.body["param"] == param, e.value.body
+
+
+def test_responses_api(client):
+    """POST /v1/responses through the openai SDK: the same greedy text as the chat route, streamed
+    as typed events, structured output parsed by the SDK, a function call, and 400s named by the
+    Responses field."""
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, **GREEDY)
+    r = client.responses.create(model="tiny", instructions="be brief", input="hello", max_output_tokens=12,
+                                temperature=0, extra_body={"ignore_eos": True})
+    assert r.output_text == chat.choices[0].message.content
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (chat.usage.prompt_tokens, 12)
+    with client.responses.stream(model="tiny", instructions="be brief", input="hello", max_output_tokens=12,
+                                 temperature=0, extra_body={"ignore_eos": True}) as stream:
+        events = list(stream)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+    assert events[0].type == "response.created" and events[-1].type == "response.incomplete"
+
+    class Flag(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=8)
+        ok: bool
+
+    parsed = client.responses.parse(model="tiny", input="hello", text_format=Flag, max_output_tokens=64, temperature=0)
+    assert parsed.status == "completed" and isinstance(parsed.output_parsed, Flag)
+    tools = [{"type": "function", "name": "get_weather", "parameters": WEATHER}]
+    r = client.responses.create(model="tiny", input="weather?", tools=tools, tool_choice="required",
+                                max_output_tokens=96, temperature=0)
+    (call,) = [o for o in r.output if o.type == "function_call"]
+    assert call.name == "get_weather" and call.call_id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+    for change, param in [
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"max_output_tokens": 100_000}, "max_output_tokens"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0]"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0]"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.post("/responses", body={"model": "tiny", "input": "hi", **change}, cast_to=object)
+        assert e.value.body["param"] == param
 
 
 def test_stop_strings(client, tokenizer, hf):

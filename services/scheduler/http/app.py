@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API of the scheduler, as one ASGI app over the gRPC front's pipeline.
 
     POST /v1/completions, POST /v1/chat/completions   (stream: server-sent events, then `data: [DONE]`)
+    POST /v1/responses   (OpenAI's Responses API, translated to and from chat: responses.py)
     GET  /v1/models, GET /health, GET /metrics
     POST /tokenize, POST /detokenize, GET /tokenizer_info   (vLLM's tokenizer routes: tokenize.py)
 
@@ -42,7 +43,7 @@ from shared.text import Tokenizer
 
 from ..frontend import Frontend, Piece
 from ..pool import WorkerPool
-from . import convert
+from . import convert, responses
 from .auth import ApiKeyMiddleware
 from .chat import ChatTemplate
 from .errors import HttpError, describe, error_body, error_response, validation_error
@@ -86,6 +87,10 @@ def build_http_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await api.serve(request, body)
+
+    @app.post("/v1/responses")
+    async def create_response(body: responses.ResponsesRequest, request: Request) -> Response:
+        return await api.serve_responses(request, body)
 
     tokens = TokenizerRoutes(
         tokenizer, frontend.encode, chat_template, pool.max_model_len
@@ -133,7 +138,25 @@ class OpenAIFront:
         self._tasks: set[asyncio.Task] = set()
 
     # -- generation ---------------------------------------------------------------------
-    async def serve(self, request: Request, body: CompletionRequest | ChatCompletionRequest) -> Response:
+    async def serve_responses(self, request: Request, body: responses.ResponsesRequest) -> Response:
+        """POST /v1/responses: the chat request it means, answered in the Responses shape."""
+        field = responses.field_namer(body)
+        try:
+            chat = responses.to_chat(body)
+        except Exception as e:  # noqa: BLE001 - answered in OpenAI's shape
+            return error_response(e)
+        return await self.serve(request, chat, answer_as=body, field=field)
+
+    async def serve(
+        self,
+        request: Request,
+        body: CompletionRequest | ChatCompletionRequest,
+        *,
+        answer_as: responses.ResponsesRequest | None = None,
+        field: Callable[[str], str] = lambda f: f,
+    ) -> Response:
+        """One generation request; `answer_as`: a Responses request that `body` translates, whose
+        answer goes back in the Responses shape, its errors named by `field`."""
         chat = isinstance(body, ChatCompletionRequest)
         route = request.url.path
         span = self._telemetry.tracer.start_span(
@@ -142,7 +165,7 @@ class OpenAIFront:
             kind=SpanKind.SERVER,
             attributes={"http.request.method": "POST", "http.route": route, "tandem.api": "openai"},
         )
-        rename: Callable[[str], str] = lambda f: f  # noqa: E731
+        rename: Callable[[str], str] = field
         try:
             if body.model is not None and body.model != self._model_name:
                 raise HttpError(
@@ -166,7 +189,7 @@ class OpenAIFront:
                 )
             else:
                 plan = convert.completion_plan(body, request_id)
-            rename = plan.openai_field
+            rename = lambda f: field(plan.openai_field(f))  # noqa: E731
             jobs = [await self._frontend.prepare(r) for r in plan.requests]
             run = Run(self._frontend, jobs, timeout_s, trace.set_span_in_context(span), self._tasks)
         except Exception as e:  # noqa: BLE001 - answered in OpenAI's shape
@@ -200,12 +223,13 @@ class OpenAIFront:
             return _end(span, error_response(e, rename))
         headers = {"x-request-id": request_id}
         if not body.stream:
-            return _end(span, JSONResponse(self._answer(meta, pieces), headers=headers))
-        return StreamingResponse(
-            self._events(meta, run, first, span, rename),
-            media_type="text/event-stream",
-            headers={**headers, "Cache-Control": "no-cache"},
-        )
+            answer = self._answer(meta, pieces)
+            if answer_as is not None:
+                answer = responses.response_object(answer, answer_as)
+            return _end(span, JSONResponse(answer, headers=headers))
+        chunks = self._chunks(meta, run, first, span, rename)
+        events = _events(chunks) if answer_as is None else _response_events(chunks, answer_as, self._model_name)
+        return StreamingResponse(events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
 
     def _prompt_text(self, request) -> str:
         if request.WhichOneof("prompt") == "text":
@@ -247,10 +271,11 @@ class OpenAIFront:
             "usage": convert.usage_json(usages, meta.plan.prompt_of),
         }
 
-    async def _events(
+    async def _chunks(
         self, meta: _Meta, run: Run, first: tuple[int, Piece] | None, span: trace.Span, rename
-    ) -> AsyncIterator[bytes]:
-        """Server-sent events: one chunk per piece, the usage chunk when asked, then [DONE]."""
+    ) -> AsyncIterator[dict[str, Any]]:
+        """A stream's chunks: one per piece, the usage chunk when asked; an error after the
+        status line went out is a last chunk {"error": ...}."""
         status = 200
         usages: list[Any] = [None] * len(meta.plan.requests)
         offsets = [0] * len(usages)
@@ -277,12 +302,10 @@ class OpenAIFront:
                 item = await run.next()
             if meta.include_usage:
                 usage = convert.usage_json(usages, meta.plan.prompt_of)
-                yield _event({**meta.head(), "choices": [], "usage": usage})
-            yield DONE
+                yield {**meta.head(), "choices": [], "usage": usage}
         except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
             status, body = describe(e, rename)
-            yield _event(body)
-            yield DONE
+            yield body
         finally:
             run.cancel()  # the client went away (or an error): the choices still running stop
             span.set_attribute("http.response.status_code", status)
@@ -292,7 +315,7 @@ class OpenAIFront:
 
     def _tool_chunk(
         self, meta: _Meta, index: int, piece: Piece, text: str, offsets: list[int], started: list[bool]
-    ) -> bytes | None:
+    ) -> dict[str, Any] | None:
         """A chunk of a choice that may call tools (None: nothing to send yet). Content goes out
         up to where a call could begin (nothing, for a constrained call); at the end, the calls
         in one delta, or the rest as content when there are none."""
@@ -319,9 +342,11 @@ class OpenAIFront:
         chunk = {**meta.head(), "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]}
         if meta.include_usage:
             chunk["usage"] = None
-        return _event(chunk)
+        return chunk
 
-    def _chunk(self, meta: _Meta, index: int, piece: Piece, offsets: list[int], started: list[bool]) -> bytes:
+    def _chunk(
+        self, meta: _Meta, index: int, piece: Piece, offsets: list[int], started: list[bool]
+    ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index}
         if meta.chat:
             delta: dict[str, Any] = {}
@@ -340,7 +365,7 @@ class OpenAIFront:
         chunk = {**meta.head(), "choices": [choice]}
         if meta.include_usage:
             chunk["usage"] = None
-        return _event(chunk)
+        return chunk
 
     def _content(
         self, meta: _Meta, index: int, piece: Piece, offset: int, first: bool
@@ -455,6 +480,29 @@ class _Meta:
 
 def _event(data: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+
+
+async def _events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """A chat or completions stream as server-sent events, ended by [DONE]."""
+    async for chunk in chunks:
+        yield _event(chunk)
+    yield DONE
+
+
+async def _response_events(
+    chunks: AsyncIterator[dict[str, Any]], req: responses.ResponsesRequest, model: str
+) -> AsyncIterator[bytes]:
+    """A chat stream as the Responses stream: typed events, `event:` lines included."""
+    translator = responses.StreamTranslator(req, model)
+
+    def encode(event: dict[str, Any]) -> bytes:
+        return f"event: {event['type']}\n".encode() + _event(event)
+
+    for event in translator.start():
+        yield encode(event)
+    async for chunk in chunks:
+        for event in [translator.error(chunk)] if "error" in chunk else translator.chunk(chunk):
+            yield encode(event)
 
 
 def _timeout(value: str | None) -> float | None:
