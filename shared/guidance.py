@@ -10,6 +10,7 @@ Both raise InvalidRequest naming the field "guidance". No torch here except `all
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,11 +33,14 @@ def grammar(g: Guidance) -> str:
     if g.kind == "json_schema":
         try:
             schema = json.loads(g.value)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise InvalidRequest("guidance", f"the JSON schema is not valid JSON: {e}") from None
         if not isinstance(schema, dict):
             raise InvalidRequest("guidance", "the JSON schema must be a JSON object")
-        return LLMatcher.grammar_from_json_schema(closed(schema), defaults=_JSON_OPTIONS)
+        try:
+            return LLMatcher.grammar_from_json_schema(closed(schema), defaults=_JSON_OPTIONS)
+        except RecursionError:
+            raise InvalidRequest("guidance", "the JSON schema is nested too deeply") from None
     if g.kind == "regex":
         return LLMatcher.grammar_from_regex(g.value)
     if g.kind == "lark":
@@ -44,33 +48,77 @@ def grammar(g: Guidance) -> str:
     raise InvalidRequest("guidance", f"unknown kind {g.kind!r}")
 
 
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SCHEMAS = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SCHEMAS = ("items", "additionalItems", "contains", "propertyNames")
+# keywords that make an object schema a composition: its listed properties are not all it takes
+_COMPOSED = ("allOf", "anyOf", "oneOf", "not", "if", "then", "else", "dependentSchemas", "unevaluatedProperties")
 
 
 def closed(schema: Any) -> Any:
-    """The schema with every object that lists its properties, and says nothing of others,
-    taking no others (additionalProperties: false), as vLLM's default backend reads a schema:
-    JSON Schema itself allows any extra key there, and a model given the choice writes some,
-    where a caller who listed the fields (a pydantic model, a function's parameters) wants those."""
+    """The schema with every plain object that lists its properties, and says nothing of
+    others, taking no others (additionalProperties: false), as vLLM's default backend reads a
+    schema: JSON Schema itself allows any extra key there, and a model given the choice writes
+    some, where a caller who listed the fields (a pydantic model, a function's parameters) wants
+    those. An object composed with allOf / anyOf / if ... is left as it is, and so are the
+    schemas it is composed of (closing them would change what the whole accepts); a pure union
+    (anyOf / oneOf without properties beside it: pydantic's Optional and Union) has each
+    alternative closed."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
-    if "properties" in out and "additionalProperties" not in out:
+    composed = any(k in out for k in _COMPOSED)
+    if "properties" in out and "additionalProperties" not in out and not composed:
         out["additionalProperties"] = False
     for key in _SCHEMA_MAPS:
         if isinstance(out.get(key), dict):
             out[key] = {name: closed(sub) for name, sub in out[key].items()}
-    for key in _SCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [closed(sub) for sub in out[key]]
     for key in _SCHEMAS:
         if key in out:
             out[key] = [closed(s) for s in out[key]] if isinstance(out[key], list) else closed(out[key])
+    if isinstance(out.get("prefixItems"), list):
+        out["prefixItems"] = [closed(s) for s in out["prefixItems"]]
+    if "properties" not in out:
+        for key in ("anyOf", "oneOf"):
+            if isinstance(out.get(key), list):
+                out[key] = [closed(s) for s in out[key]]
     if isinstance(out.get("additionalProperties"), dict):
         out["additionalProperties"] = closed(out["additionalProperties"])
     return out
+
+
+def hoisted(schema: dict[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the schema without its $defs / definitions, those definitions renamed `prefix` + name),
+    its references rewritten to match: so that it can sit inside another schema whose root
+    holds the definitions (tool_choice "required" nests each tool's parameters)."""
+    names = {}
+    defs = {}
+    for key in ("$defs", "definitions"):
+        for name, sub in (schema.get(key) or {}).items():
+            names[f"#/{key}/{name}"] = f"#/$defs/{prefix}{name}"
+            defs[prefix + name] = sub
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: (names.get(v, v) if k == "$ref" and isinstance(v, str) else rewrite(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    body = {k: v for k, v in schema.items() if k not in ("$defs", "definitions")}
+    return rewrite(body), {name: rewrite(sub) for name, sub in defs.items()}
+
+
+def lark_grammar(grammar: str) -> str:
+    """A grammar as llguidance's Lark: GBNF (llama.cpp's and xgrammar's EBNF, rules written with
+    `::=`, as vLLM users send them) is converted; anything else is taken as Lark."""
+    if "::=" in grammar:
+        from llguidance.gbnf_to_lark import gbnf_to_lark
+
+        try:
+            return gbnf_to_lark(grammar)
+        except Exception as e:  # noqa: BLE001 - llguidance's converter raises its own errors
+            raise InvalidRequest("guidance", f"invalid GBNF grammar: {e}") from None
+    return grammar
 
 
 def choice_grammar(choices: list[str]) -> str:
@@ -87,30 +135,57 @@ def check(g: Guidance) -> None:
     """Raise InvalidRequest when the guidance does not compile (no tokenizer needed)."""
     from llguidance import LLMatcher
 
-    error = LLMatcher.validate_grammar(grammar(g))
+    try:
+        error = LLMatcher.validate_grammar(grammar(g))
+    except RecursionError:
+        error = "nested too deeply"
     if error:
         raise _refuse(g, error)
 
 
 class Guide:
-    """One model's llguidance tokenizer (built on first use from tokenizer.json) and the matchers
-    made with it."""
+    """One model's llguidance tokenizer (built from tokenizer.json, in the background from
+    `warm`, else on first use) and the matchers made with it."""
 
     def __init__(self, model_dir: str | Path, vocab_size: int, eos_token_ids: list[int]):
         self.path = Path(model_dir) / "tokenizer.json"
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self._tokenizer: llguidance.LLTokenizer | None = None
+        self._error: str | None = None  # why there is none
+        self._lock = threading.Lock()
+
+    def warm(self) -> None:
+        """Build the tokenizer on a background thread (about a second for a 128k vocabulary), so
+        that the first structured-output request does not stall the engine's thread for it."""
+
+        def build() -> None:
+            try:
+                self._llg_tokenizer()
+            except InvalidRequest:
+                pass  # said again to each structured-output request
+
+        threading.Thread(target=build, name="guidance-tokenizer", daemon=True).start()
 
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
-        if self._tokenizer is None:
+        with self._lock:
+            return self._build()
+
+    def _build(self) -> llguidance.LLTokenizer:
+        if self._tokenizer is None and self._error is None:
             from llguidance import LLTokenizer
 
             if not self.path.is_file():
-                raise InvalidRequest("guidance", f"structured output needs the model's tokenizer.json ({self.path.name} missing)")
-            self._tokenizer = LLTokenizer(
-                str(self.path), n_vocab=self.vocab_size, eos_token=self.eos_token_ids or None
-            )
+                self._error = f"structured output needs the model's tokenizer.json ({self.path.name} missing)"
+            else:
+                try:
+                    self._tokenizer = LLTokenizer(
+                        str(self.path), n_vocab=self.vocab_size, eos_token=self.eos_token_ids or None
+                    )
+                except Exception as e:  # noqa: BLE001 - llguidance cannot read every tokenizer.json
+                    self._error = f"structured output is not available for this model's tokenizer ({e})"
+        if self._tokenizer is None:
+            raise InvalidRequest("guidance", self._error)  # once found, said to every request
         return self._tokenizer
 
     def matcher(self, g: Guidance, generated: list[int] = ()) -> llguidance.LLMatcher:

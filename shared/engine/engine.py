@@ -134,6 +134,7 @@ class LLMEngine:
         self._last_cycle: tuple[float, float, int] | None = None  # (start, draft + forward s, decodes)
         self._plan: _ProposalPlan | None = None  # the next step's draft asks, when prefetched
         self.guide = Guide(config.model, self.model_config.vocab_size, self.model_config.eos_token_ids)
+        self.guide.warm()
 
     def _auto_num_blocks(self) -> int:
         per_block = self.runner.kv_bytes_per_block(self.config.block_size)
@@ -191,7 +192,7 @@ class LLMEngine:
         then `first` (a token sampled by the prefill worker)."""
         if params.guidance is None:
             return None
-        earlier = prompt_token_ids[len(prompt_token_ids) - params.seed_offset :] if params.seed_offset else []
+        earlier = prompt_token_ids[max(0, len(prompt_token_ids) - params.seed_offset) :] if params.seed_offset else []
         return self.guide.matcher(params.guidance, [*earlier, *first])
 
     def abort(self, request_id: str) -> None:

@@ -265,6 +265,9 @@ def test_structured_output(client):
     r = client.completions.create(model="tiny", prompt="def ", max_tokens=16, n=3, temperature=1.0, seed=3,
                                   extra_body={"guided_choice": choices})
     assert all(c.text in choices and c.finish_reason == "stop" for c in r.choices)
+    r = client.completions.create(model="tiny", prompt="x", max_tokens=48, temperature=0,
+                                  extra_body={"structured_outputs": {"json_object": True}})
+    assert r.choices[0].text.startswith("{")
     stream = client.completions.create(model="tiny", prompt="the", max_tokens=16, temperature=1.0, stream=True,
                                        extra_body={"structured_outputs": {"regex": "(quick|lazy) [0-9]{3}"}})
     assert re.fullmatch("(quick|lazy) [0-9]{3}", "".join(c.choices[0].text for c in stream))
@@ -302,6 +305,22 @@ def test_tool_calls_with_a_named_function_or_required(client):
     (streamed,) = [t for d in deltas for t in d.tool_calls or []]
     assert (streamed.index, streamed.function.name) == (0, "get_weather")
     assert json.loads(streamed.function.arguments) == json.loads(call.function.arguments)  # same greedy call
+    # streamed with logprobs: each token's, as the non-streamed answer has them
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice=named,
+                                                 max_tokens=64, temperature=0, stream=True, logprobs=True,
+                                                 stream_options={"include_usage": True}))
+    streamed_lps = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.content]
+    assert len(streamed_lps) == chunks[-1].usage.completion_tokens
+    # "required" over tools whose parameters refer to their own definitions (as pydantic writes nested models)
+    nested = {"type": "function", "function": {"name": "route", "parameters": {
+        "type": "object", "properties": {"to": {"$ref": "#/$defs/City"}}, "required": ["to"],
+        "$defs": {"City": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6}}, "required": ["name"]}}}}}
+    r = client.chat.completions.create(model="tiny", messages=messages, tools=[nested, TOOLS[1]], tool_choice="required",
+                                       max_tokens=96, temperature=0)
+    assert r.choices[0].finish_reason in ("tool_calls", "length")
+    for t in r.choices[0].message.tool_calls or []:
+        args = json.loads(t.function.arguments)
+        assert set(args) == ({"to"} if t.function.name == "route" else {"a"})
     r = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice="required",
                                        max_tokens=96, temperature=1.0, seed=4, n=4)
     calls = [t for c in r.choices if c.finish_reason == "tool_calls" for t in c.message.tool_calls]
@@ -316,6 +335,7 @@ def test_tool_calls_with_a_named_function_or_required(client):
         ({"tool_choice": "auto"}, "tool_choice"),
         ({}, "tool_choice"),  # auto is the default with tools
         ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": "add"}}, "tool_choice"),
         ({"tools": [{"type": "function", "function": {}}], "tool_choice": "required"}, "tools[0].function.name"),
         ({"tools": [{"type": "retrieval"}], "tool_choice": "required"}, "tools[0]"),
         ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
@@ -589,6 +609,8 @@ BAD_COMPLETION_FIELDS = [
     ({"logit_bias": {"abc": 1}}, "logit_bias"),
     ({"logit_bias": {"10000": 1}}, "logit_bias"),  # past the vocabulary
     ({"logit_bias": {"5": 200}}, "logit_bias"),
+    ({"logit_bias": {"²": 1}}, "logit_bias"),  # a digit to isdigit(), not to int()
+    ({"guided_json": '{"type": "array", "items": ' * 3000 + "{}" + "}" * 3000}, "guided_json"),
     ({"echo": True, "max_tokens": -1}, "max_tokens"),
     ({"echo": True, "logprobs": 21}, "logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
@@ -606,6 +628,7 @@ BAD_CHAT_FIELDS = [
     ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
     ({"response_format": {"type": "xml"}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": "x"}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}},
      "response_format"),
     ({"guided_regex": "a(b"}, "guided_regex"),

@@ -16,7 +16,7 @@ import torch
 
 from shared.engine import EngineConfig, FinishReason, InvalidRequest, LLMEngine, SamplingParams
 from shared.engine.spec import NgramProposer
-from shared.guidance import Guide, choice_grammar, closed, grammar
+from shared.guidance import Guide, check, choice_grammar, closed, grammar, lark_grammar
 from shared.params import Guidance
 from shared.text import Tokenizer
 from tests.helpers.models import load_hf, make_tiny_checkpoint
@@ -208,6 +208,9 @@ def test_an_object_that_lists_its_properties_takes_no_others(ckpt):
     assert got["$defs"]["P"]["anyOf"][0]["additionalProperties"] is False
     assert got["properties"]["open"]["additionalProperties"] is True
     assert schema["properties"]["properties"] == {"type": "object", "properties": {"a": {"type": "integer"}}}
+    # a composition is left open: closing allOf's parts would leave only {} (a and b each excluded)
+    composed = {"allOf": [{"properties": {"a": {"type": "integer"}}}, {"properties": {"b": {"type": "integer"}}}]}
+    assert closed(composed) == composed
     # so the engine's matcher takes {"a": 1} and refuses another key
     path, _, tok = ckpt
     guide = Guide(path, 400, [EOS_ID])
@@ -216,3 +219,29 @@ def test_an_object_that_lists_its_properties_takes_no_others(ckpt):
     extra = tok.encode('{"a": 1, "b": 2}', add_special_tokens=False)
     assert guide.matcher(g).validate_tokens(ok) == len(ok)
     assert guide.matcher(g).validate_tokens(extra) < len(extra)
+
+
+def test_gbnf_grammars_are_converted_and_bad_ones_named():
+    """vLLM's guided_grammar is often GBNF (rules with ::=): it is converted to llguidance's Lark."""
+    gbnf = 'root ::= "yes" | "no"'
+    g = Guidance("lark", lark_grammar(gbnf))
+    check(g)
+    with pytest.raises(InvalidRequest, match="guidance: invalid"):
+        check(Guidance("lark", lark_grammar("root ::= (")))
+
+
+def test_a_schema_nested_too_deeply_is_refused_not_a_crash():
+    deep = '{"type": "array", "items": ' * 5000 + "{}" + "}" * 5000
+    with pytest.raises(InvalidRequest, match="guidance:"):
+        check(Guidance("json_schema", deep))
+
+
+def test_a_tokenizer_llguidance_cannot_read_is_refused_once_found(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"not": "a tokenizer"}')
+    guide = Guide(tmp_path, 400, [EOS_ID])
+    guide.warm()
+    for _ in range(2):  # the second request is told the same, without another attempt
+        with pytest.raises(InvalidRequest, match="not available for this model's tokenizer"):
+            guide.matcher(GUIDANCES["regex"])
+    with pytest.raises(InvalidRequest, match="tokenizer.json missing"):
+        Guide(tmp_path / "nowhere", 400, [EOS_ID]).matcher(GUIDANCES["regex"])

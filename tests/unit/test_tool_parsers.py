@@ -27,7 +27,7 @@ def test_hermes_finds_every_call_and_the_content_before():
 
 @pytest.mark.parametrize(
     "text,streamable",
-    [("Hello", 5), ("Hello <", 6), ("Hello <tool_", 6), ("Hello <tool_call>{", 6), ("a < b", 5), ("", 0)],
+    [("Hello", 5), ("Hello ", 5), ("Hello <", 5), ("Hello <tool_", 5), ("Hello <tool_call>{", 5), ("a < b", 5), ("", 0)],
 )
 def test_hermes_streams_up_to_a_possible_call(text, streamable):
     assert HERMES.streamable(text) == streamable

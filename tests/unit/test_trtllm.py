@@ -388,6 +388,9 @@ async def test_invalid_requests_are_refused_before_tensorrt_llm_sees_them(model_
         await collect(engine.generate("c", PROMPT, dataclasses.replace(greedy(2), prompt_logprobs=1)))
     with pytest.raises(InvalidRequest, match="guidance: structured output is not supported by the TensorRT-LLM"):
         await collect(engine.generate("c", PROMPT, dataclasses.replace(greedy(2), guidance=Guidance("json_object"))))
+    with pytest.raises(InvalidRequest, match="repetition_penalty: cannot be combined with presence_penalty"):
+        combined = dataclasses.replace(greedy(2), repetition_penalty=1.2, frequency_penalty=0.5)
+        await collect(engine.generate("c", PROMPT, combined))
     with pytest.raises(InvalidRequest, match="logit_bias: not supported by the TensorRT-LLM engine"):
         await collect(engine.generate("c", PROMPT, dataclasses.replace(greedy(2), logit_bias={5: 1.0})))
     assert not engine.llm.requests

@@ -281,6 +281,7 @@ class OpenAIFront:
         offsets = [0] * len(usages)
         started = [False] * len(usages)
         texts = [""] * len(usages)  # tool calls: each choice's text so far, of which offsets[i] chars went out
+        held: list[list[Any]] = [[] for _ in usages]  # tool calls: logprobs of tokens not sent yet
         try:
             item = first
             while item is not None:
@@ -289,8 +290,12 @@ class OpenAIFront:
                     usages[index] = meta.usage(piece.usage)
                 if meta.plan.tool_calls is not None:
                     texts[index] += piece.text
+                    held[index] += piece.logprobs
                     chunk = self._tool_chunk(meta, index, piece, texts[index], offsets, started)
                     if chunk is not None:
+                        if meta.plan.logprobs is not None:  # the tokens since the last chunk
+                            chunk["choices"][0]["logprobs"] = self._logprobs(meta, Piece("", "", [], held[index]), 0)
+                            held[index] = []
                         yield chunk
                 elif (
                     piece.text

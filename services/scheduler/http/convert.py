@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.errors import InvalidArgument
-from shared.guidance import choice_grammar
+from shared.guidance import choice_grammar, hoisted, lark_grammar
 from shared.pb.tandem.v1 import common_pb2, generate_pb2
 from shared.text import Tokenizer
 
@@ -62,7 +62,7 @@ class ToolCalls:
         else:
             try:
                 value = json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return text, []
             if self.name is not None:
                 pairs = [(self.name, value)]
@@ -144,7 +144,7 @@ def _parameters(
         sampling.frequency_penalty = req.frequency_penalty
     for key, bias in (req.logit_bias or {}).items():
         # OpenAI's keys are token ids as strings; the engine checks them against the vocabulary
-        if not key.strip().isdigit() or int(key) >= 1 << 32:
+        if not (key.isascii() and key.strip().isdigit()) or int(key) >= 1 << 32:
             raise InvalidArgument("logit_bias", f"key {key!r} is not a token id")
         sampling.logit_bias[int(key)] = bias
     if req.seed is not None:
@@ -194,7 +194,8 @@ def _structured_output(
         if kind == "json_object":
             g.json_object = True
         elif kind == "json_schema":
-            schema = (value.get("json_schema") or {}).get("schema")
+            spec = value.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
             if not isinstance(schema, dict):
                 raise InvalidArgument(name, "json_schema.schema must be a JSON Schema object")
             g.json_schema = json.dumps(schema)
@@ -202,17 +203,21 @@ def _structured_output(
             raise InvalidArgument(name, f"type must be text, json_object or json_schema, got {kind!r}")
         return
     if name == "structured_outputs":
-        known = {k: v for k, v in value.items() if k in ("json", "regex", "choice", "grammar") and v is not None}
+        kinds = ("json", "regex", "choice", "grammar", "json_object")
+        known = {k: v for k, v in value.items() if k in kinds and v not in (None, False)}
         if len(known) != 1:
-            raise InvalidArgument(name, "set exactly one of json, regex, choice, grammar")
+            raise InvalidArgument(name, f"set exactly one of {', '.join(kinds)}")
         (key, value), = known.items()
+        if key == "json_object":
+            g.json_object = True
+            return
         name = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice", "grammar": "guided_grammar"}[key]
     if name == "guided_json":
         g.json_schema = value if isinstance(value, str) else json.dumps(value)
     elif name == "guided_regex" and isinstance(value, str):
         g.regex = value
     elif name == "guided_grammar" and isinstance(value, str):
-        g.lark = value
+        g.lark = lark_grammar(value)
     elif name == "guided_choice" and isinstance(value, list) and value and all(isinstance(c, str) for c in value):
         g.lark = choice_grammar(value)
     else:
@@ -379,13 +384,17 @@ def _tool_choice(
             )
         return ToolCalls(parser=parser), None
     if choice == "required":
-        calls = [
-            {"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
-             "required": ["name", "parameters"], "additionalProperties": False}
-            for name, schema in schemas.items()
-        ]
-        return ToolCalls(None), {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+        # each tool's parameters nest under the list's items, so their definitions move to its root
+        calls, defs = [], {}
+        for i, (name, schema) in enumerate(schemas.items()):
+            parameters, own = hoisted(schema, f"tool{i}.")
+            defs.update(own)
+            calls.append({"type": "object", "properties": {"name": {"const": name}, "parameters": parameters},
+                          "required": ["name", "parameters"], "additionalProperties": False})
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        return ToolCalls(None), ({**schema, "$defs": defs} if defs else schema)
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
         raise InvalidArgument(
             "tool_choice", 'must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'

@@ -27,7 +27,7 @@ def _call(value: Any, args_key: str) -> Call | None:
     if isinstance(args, str):  # some models write the arguments as JSON text
         try:
             args = json.loads(args)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     return (value["name"], args) if isinstance(args, dict) else None
 
@@ -38,14 +38,16 @@ class HermesParser:
     _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
     def streamable(self, text: str) -> int:
-        """How many leading characters of the text are content whatever follows."""
-        at = text.find(self.START)
-        if at >= 0:
-            return at
-        for k in range(min(len(self.START) - 1, len(text)), 0, -1):  # a start tag may be arriving
-            if self.START.startswith(text[-k:]):
-                return len(text) - k
-        return len(text)
+        """How many leading characters of the text are content whatever follows (whitespace
+        before a possible call waits: the content before a call goes out without it)."""
+        end = text.find(self.START)
+        if end < 0:
+            end = len(text)
+            for k in range(min(len(self.START) - 1, len(text)), 0, -1):  # a start tag may be arriving
+                if self.START.startswith(text[-k:]):
+                    end = len(text) - k
+                    break
+        return len(text[:end].rstrip())
 
     def parse(self, text: str) -> tuple[str, list[Call]]:
         """(the content before the first call, the calls); no calls when any block is not a call."""
@@ -56,7 +58,7 @@ class HermesParser:
         for block in self._BLOCK.findall(text[at:]):
             try:
                 call = _call(json.loads(block), "arguments")
-            except ValueError:
+            except (ValueError, RecursionError):
                 call = None
             if call is None:
                 return text, []
@@ -82,7 +84,7 @@ class Llama3JsonParser:
         while pos < len(body):
             try:
                 value, pos = decoder.raw_decode(body, pos)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return text, []
             call = _call(value, "parameters")
             if call is None:

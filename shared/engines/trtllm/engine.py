@@ -194,6 +194,13 @@ class TrtllmEngine:
             raise InvalidRequest("prompt_logprobs", "not supported by the TensorRT-LLM engine (TANDEM_ENGINE=torch has them)")
         if params.guidance is not None:
             raise InvalidRequest("guidance", "structured output is not supported by the TensorRT-LLM engine (TANDEM_ENGINE=torch has it)")
+        if params.repetition_penalty != 1.0 and (params.presence_penalty or params.frequency_penalty):
+            # its kernel counts one set of seen tokens for all three penalties: with the prompt
+            # left out for OpenAI's two, the repetition penalty would skip it too
+            raise InvalidRequest(
+                "repetition_penalty", "cannot be combined with presence_penalty or frequency_penalty on the "
+                "TensorRT-LLM engine (TANDEM_ENGINE=torch takes all three)"
+            )
         if params.logit_bias:
             raise InvalidRequest("logit_bias", "not supported by the TensorRT-LLM engine (TANDEM_ENGINE=torch has it)")
         check_length(len(prompt), params.max_tokens, self.max_model_len)
