@@ -105,11 +105,13 @@ class AsyncEngine:
                        hold_kv: bool = False) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Leaving the iteration early (cancel, break) aborts it,
         unless it finished with hold_kv, whose blocks the caller releases."""
+        # structured output: its grammar compiles here, off the engine thread the batch runs on
+        matcher = await asyncio.to_thread(self.engine.matcher_for, prompt_token_ids, params) if params.guidance else None
         q = self.open_stream(request_id)
         added: list[bool] = []  # set on the engine thread once the request is in
 
         def add(eng: LLMEngine) -> None:
-            eng.add_request(request_id, prompt_token_ids, params, hold_kv=hold_kv)
+            eng.add_request(request_id, prompt_token_ids, params, hold_kv=hold_kv, matcher=matcher)
             added.append(True)
 
         try:
@@ -205,7 +207,12 @@ class AsyncEngine:
 
     async def add_prefilled(self, reservation: Reservation, first: FirstToken, handoff: bytes = b"") -> Prefilled:
         rid, prompt, params = reservation.request_id, reservation.prompt_token_ids, reservation.params
-        done = await self.call(lambda eng: eng.add_prefilled(rid, prompt, first.token_id, params, first.logprob))
+        matcher = (
+            await asyncio.to_thread(self.engine.matcher_for, prompt, params, [first.token_id]) if params.guidance else None
+        )
+        done = await self.call(
+            lambda eng: eng.add_prefilled(rid, prompt, first.token_id, params, first.logprob, matcher=matcher)
+        )
         if done is not None:  # the first token ended it; the engine freed the reservation
             return Prefilled(done.finish_reason, _no_outputs())
         return Prefilled(None, self._prefilled_outputs(reservation, first.num_cached_tokens))

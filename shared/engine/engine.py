@@ -174,7 +174,9 @@ class LLMEngine:
                                  f"({self.kv.pool.num_blocks * self.block_size} tokens)")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                    hold_kv: bool = False) -> None:
+                    hold_kv: bool = False, matcher=None) -> None:
+        """`matcher`: the request's structured-output matcher, made beforehand with `matcher_for`
+        (AsyncEngine compiles it off the engine's thread); None: made here when it has guidance."""
         if request_id in self.requests:
             raise InvalidRequest("request_id", f"{request_id!r} is already running")
         self.validate_request(prompt_token_ids, params)
@@ -182,14 +184,14 @@ class LLMEngine:
                       arrival_time=time.monotonic())
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = []
-        req.matcher = self._matcher(prompt_token_ids, params)
+        req.matcher = matcher if matcher is not None else self.matcher_for(prompt_token_ids, params)
         self.requests[request_id] = req
         self.scheduler.add(req)
 
-    def _matcher(self, prompt_token_ids: list[int], params: SamplingParams, first: list[int] = ()):
+    def matcher_for(self, prompt_token_ids: list[int], params: SamplingParams, first: list[int] = ()):
         """The structured-output matcher of a request (None without guidance), advanced past its
         generated tokens: a resumed request's earlier outputs (the last seed_offset of its prompt),
-        then `first` (a token sampled by the prefill worker)."""
+        then `first` (a token sampled by the prefill worker). Safe to call from any thread."""
         if params.guidance is None:
             return None
         earlier = prompt_token_ids[max(0, len(prompt_token_ids) - params.seed_offset) :] if params.seed_offset else []
@@ -513,7 +515,8 @@ class LLMEngine:
         self.runner.scatter_kv(block_ids, kv, layer_start, token_start)
 
     def add_prefilled(self, request_id: str, prompt_token_ids: list[int], first_token_id: int,
-                      params: SamplingParams, first_logprobs: TokenLogprobs | None = None) -> RequestOutput | None:
+                      params: SamplingParams, first_logprobs: TokenLogprobs | None = None, *,
+                      matcher=None) -> RequestOutput | None:
         """Start decoding a request whose prompt KV was imported; returns a finished output if
         the first token already ends it (then the reservation is freed)."""
         req = self._get(request_id, Status.RESERVED)
@@ -523,7 +526,8 @@ class LLMEngine:
         reserved = len(self.kv.tables.get(request_id, [])) * self.block_size
         if reserved < len(prompt_token_ids):
             raise ValueError(f"reserved {reserved} tokens of KV, prompt has {len(prompt_token_ids)}")
-        matcher = self._matcher(prompt_token_ids, params, [first_token_id])
+        if matcher is None:
+            matcher = self.matcher_for(prompt_token_ids, params, [first_token_id])
         req.prompt_token_ids = list(prompt_token_ids)
         req.params = params
         req.matcher = matcher

@@ -245,3 +245,29 @@ def test_a_tokenizer_llguidance_cannot_read_is_refused_once_found(tmp_path):
             guide.matcher(GUIDANCES["regex"])
     with pytest.raises(InvalidRequest, match="tokenizer.json missing"):
         Guide(tmp_path / "nowhere", 400, [EOS_ID]).matcher(GUIDANCES["regex"])
+
+
+async def test_the_async_engine_compiles_grammars_off_the_engine_thread(ckpt):
+    """A grammar can take long to compile; the batch the engine thread runs must not wait for it."""
+    import threading
+
+    from shared.engine import AsyncEngine
+
+    path, model, tok = ckpt
+    eng = engine(path)
+    compiled_on, matcher_for = [], eng.matcher_for
+
+    def recording(*args):
+        compiled_on.append(threading.current_thread().name)
+        return matcher_for(*args)
+
+    eng.matcher_for = recording
+    aeng = AsyncEngine(eng).start()
+    try:
+        prompt = tok.encode("hello")
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, guidance=GUIDANCES["regex"])
+        out = [t async for o in aeng.generate("r", prompt, params) for t in o.new_token_ids]
+    finally:
+        aeng.shutdown()
+    assert compiled_on and "engine" not in compiled_on
+    assert out == hf_guided_greedy(model, path, prompt, GUIDANCES["regex"], MAX_TOKENS)
