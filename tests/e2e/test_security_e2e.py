@@ -356,6 +356,7 @@ def test_http_api_is_https_and_needs_a_key(stack, reference):
         assert client.get("/v1/models").status_code == 401
         assert client.get("/tokenizer_info").status_code == 401
         assert client.post("/tokenize", json={"prompt": "x"}).status_code == 401
+        assert client.post("/v1/responses", json={"input": "x"}).status_code == 401
         assert client.get("/health").status_code == 200  # probes need no key
         resp = completion(client, KEY_A)
         assert resp.status_code == 200, resp.text
