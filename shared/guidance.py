@@ -173,8 +173,11 @@ class Guide:
 
     def _build(self) -> llguidance.LLTokenizer:
         if self._tokenizer is None and self._error is None:
-            from llguidance import LLTokenizer
-
+            try:
+                from llguidance import LLTokenizer
+            except ImportError:
+                self._error = "structured output needs the llguidance package (pip install llguidance)"
+                raise InvalidRequest("guidance", self._error) from None
             if not self.path.is_file():
                 self._error = f"structured output needs the model's tokenizer.json ({self.path.name} missing)"
             else:
