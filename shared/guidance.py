@@ -9,6 +9,7 @@ Both raise InvalidRequest naming the field "guidance". No torch here except `all
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from pathlib import Path
@@ -204,12 +205,19 @@ class Guide:
         return m
 
 
+@functools.cache
+def _bit_shifts() -> torch.Tensor:
+    import torch
+
+    return torch.arange(32, dtype=torch.int32)
+
+
 def allowed_tokens(matcher: llguidance.LLMatcher, vocab_size: int) -> torch.Tensor:
     """[vocab_size] bool: the tokens the matcher takes next."""
     import torch
 
     words = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
-    bits = (words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1
+    bits = (words[:, None] >> _bit_shifts()) & 1
     allowed = bits.flatten()[:vocab_size].bool()
     if allowed.shape[0] < vocab_size:  # ids past the tokenizer's words (padding rows of the vocabulary)
         allowed = torch.cat([allowed, allowed.new_zeros(vocab_size - allowed.shape[0])])

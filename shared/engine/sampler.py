@@ -2,10 +2,11 @@
 
 Order of transforms: logit bias, repetition penalty (as in HF `generate`), frequency and
 presence penalties (OpenAI's, over the generated tokens only, as vLLM applies them), the
-structured-output mask (tokens outside the requested format get -inf), then temperature, top-k, top-p, min-p, and the draw. Greedy requests take the argmax after the
-penalties. Returned logprobs are the raw model's, before any of these. A seeded request draws its randomness from a generator seeded by
-(seed, output index), so its tokens do not depend on the batch it runs in, nor on which
-worker (prefill or decode) samples a given position.
+structured-output mask (tokens outside the requested format get -inf), then temperature,
+top-k, top-p, min-p, and the draw. Greedy requests take the argmax after the penalties and
+the mask. Returned logprobs are the raw model's, before any of these. A seeded request draws
+its randomness from a generator seeded by (seed, output index), so its tokens do not depend
+on the batch it runs in, nor on which worker (prefill or decode) samples a given position.
 """
 
 from __future__ import annotations

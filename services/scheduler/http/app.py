@@ -291,11 +291,9 @@ class OpenAIFront:
                 if meta.plan.tool_calls is not None:
                     texts[index] += piece.text
                     held[index] += piece.logprobs
-                    chunk = self._tool_chunk(meta, index, piece, texts[index], offsets, started)
+                    chunk = self._tool_chunk(meta, index, piece, texts[index], held[index], offsets, started)
                     if chunk is not None:
-                        if meta.plan.logprobs is not None:  # the tokens since the last chunk
-                            chunk["choices"][0]["logprobs"] = self._logprobs(meta, Piece("", "", [], held[index]), 0)
-                            held[index] = []
+                        held[index] = []
                         yield chunk
                 elif (
                     piece.text
@@ -319,11 +317,19 @@ class OpenAIFront:
             span.end()
 
     def _tool_chunk(
-        self, meta: _Meta, index: int, piece: Piece, text: str, offsets: list[int], started: list[bool]
+        self,
+        meta: _Meta,
+        index: int,
+        piece: Piece,
+        text: str,
+        logprobs: list[Any],
+        offsets: list[int],
+        started: list[bool],
     ) -> dict[str, Any] | None:
         """A chunk of a choice that may call tools (None: nothing to send yet). Content goes out
         up to where a call could begin (nothing, for a constrained call); at the end, the calls
-        in one delta, or the rest as content when there are none."""
+        in one delta, or the rest as content when there are none. `text`: the choice's text so
+        far; `logprobs`: those of its tokens since the last chunk, which this one carries."""
         delta: dict[str, Any] = {}
         if not started[index]:
             delta["role"] = "assistant"
@@ -344,10 +350,8 @@ class OpenAIFront:
             reason = "tool_calls"
         if not delta and reason is None:
             return None
-        chunk = {**meta.head(), "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]}
-        if meta.include_usage:
-            chunk["usage"] = None
-        return chunk
+        lps = self._logprobs(meta, Piece("", "", [], logprobs), 0) if meta.plan.logprobs is not None else None
+        return meta.chunk({"index": index, "delta": delta, "logprobs": lps, "finish_reason": reason})
 
     def _chunk(
         self, meta: _Meta, index: int, piece: Piece, offsets: list[int], started: list[bool]
@@ -367,10 +371,7 @@ class OpenAIFront:
             started[index] = True
             offsets[index] += len(choice["text"])
         choice["finish_reason"] = convert.finish_reason(piece)
-        chunk = {**meta.head(), "choices": [choice]}
-        if meta.include_usage:
-            chunk["usage"] = None
-        return chunk
+        return meta.chunk(choice)
 
     def _content(
         self, meta: _Meta, index: int, piece: Piece, offset: int, first: bool
@@ -472,6 +473,13 @@ class _Meta:
 
     def head(self) -> dict[str, Any]:
         return self._head
+
+    def chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
+        """A stream chunk of one choice (its usage null when the last chunk carries the usage)."""
+        chunk = {**self._head, "choices": [choice]}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
 
     def usage(self, usage: Any) -> Any:
         """A choice's usage as the client sees it: echo with max_tokens 0 returns no completion token."""
