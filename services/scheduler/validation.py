@@ -100,6 +100,11 @@ def _strings_to_bytes(msg: descriptor_pb2.DescriptorProto) -> None:
 def _first_invalid_utf8(msg: Message) -> tuple[str, str] | None:
     """(field name, message) of the first bytes field (a string field originally) not valid UTF-8."""
     for fd, value in msg.ListFields():
+        if fd.type == fd.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry:
+            bad = _first_invalid_utf8_in_map(fd, value)
+            if bad is not None:
+                return bad
+            continue
         repeated = _is_repeated(fd)
         for i, item in enumerate(value if repeated else [value]):
             if fd.type == fd.TYPE_MESSAGE:
@@ -113,6 +118,29 @@ def _first_invalid_utf8(msg: Message) -> tuple[str, str] | None:
                     what = f"{fd.name}[{i}] is not" if repeated else "not"
                     return fd.name, f"{what} valid UTF-8 (byte 0x{item[e.start]:02x} at offset {e.start})"
     return None
+
+
+def _first_invalid_utf8_in_map(fd, entries) -> tuple[str, str] | None:
+    """A map field iterates as its keys: check keys and values that were strings (or messages)."""
+    key_fd, value_fd = fd.message_type.fields_by_name["key"], fd.message_type.fields_by_name["value"]
+    for key, value in entries.items():
+        if key_fd.type == key_fd.TYPE_BYTES and not _is_utf8(key):
+            return fd.name, f"{fd.name} has a key that is not valid UTF-8"
+        if value_fd.type == value_fd.TYPE_MESSAGE:
+            bad = _first_invalid_utf8(value)
+            if bad is not None:
+                return bad
+        elif value_fd.type == value_fd.TYPE_BYTES and not _is_utf8(value):
+            return fd.name, f"{fd.name}[{key!r}] is not valid UTF-8"
+    return None
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _is_repeated(fd) -> bool:

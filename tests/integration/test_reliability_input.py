@@ -74,10 +74,18 @@ async def test_bad_fields_are_named_and_the_service_keeps_serving(cluster, refer
     [
         (wire(prompt="abc").replace(b"abc", b"a\xffc"), "text", "byte 0xff at offset 1"),
         (wire(prompt="abc", stop=["x", "yz"]).replace(b"yz", b"y\xc3"), "stop", "stop[1]"),
+        # the logit_bias map comes before the bad regex: the check walks a map as a map
+        (
+            wire(prompt="abc", logit_bias={5: 1.0}, guidance=common_pb2.Guidance(regex="qq[0-9]")).replace(
+                b"qq", b"q\xfe"
+            ),
+            "regex",
+            "byte 0xfe at offset 1",
+        ),
         (wire(prompt="abc")[:-3], "request", "not a valid tandem.v1.GenerateRequest"),
         (b"\xff\xff\xff\xff", "request", "not a valid tandem.v1.GenerateRequest"),
     ],
-    ids=["utf8-text", "utf8-stop", "truncated", "garbage"],
+    ids=["utf8-text", "utf8-stop", "utf8-after-a-map", "truncated", "garbage"],
 )
 async def test_undecodable_requests_are_invalid_argument_naming_the_field(cluster, data, field_name, detail):
     with pytest.raises(grpc.aio.AioRpcError) as err:
