@@ -8,6 +8,7 @@ synchronous gRPC client against it."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import grpc
@@ -25,7 +26,7 @@ GENERATE = "/tandem.v1.Tandem/Generate"
 FIELDS = {
     "prompt", "text", "token_ids", "request", "request_id", "stop", "stop_token_ids", "max_tokens",
     "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "logprobs", "seed_offset",
-    "num_speculative_tokens", "presence_penalty", "frequency_penalty", "logit_bias",
+    "num_speculative_tokens", "presence_penalty", "frequency_penalty", "logit_bias", "guidance",
 }  # fmt: skip
 CLEAN_REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
@@ -87,6 +88,16 @@ def requests(draw) -> generate_pb2.GenerateRequest:
     s.frequency_penalty = sometimes_bad(draw, st.just(0.0) | st.floats(-2, 2), floats32)
     for token in draw(st.lists(st.integers(0, VOCAB_SIZE + 3), max_size=2)):  # a few past the vocabulary
         s.logit_bias[token] = sometimes_bad(draw, st.floats(-100, 100), floats32)
+    if draw(st.integers(0, 7)) == 0:  # structured output, one request in eight
+        kind, text = sometimes_bad(
+            draw,
+            st.sampled_from([("regex", "[a-z]{1,4}"), ("json_object", ""), ("json_schema", '{"type": "integer"}')]),
+            st.sampled_from([("regex", "(a"), ("json_schema", "{"), ("json_schema", "[]"), ("lark", "start: ")]),
+        )
+        if kind == "json_object":
+            s.guidance.json_object = True
+        else:
+            setattr(s.guidance, kind, text)
     s.seed_offset = draw(st.integers(0, 50))
     if draw(st.booleans()):
         s.seed = draw(st.integers(0, 2**64 - 1))
@@ -161,7 +172,7 @@ def test_every_answer_is_a_clean_result_or_a_clean_status(served):
         )
 
         @settings(
-            max_examples=80,
+            max_examples=int(os.environ.get("TANDEM_FUZZ_EXAMPLES", "80")),
             deadline=None,
             database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
