@@ -6,6 +6,8 @@ token range, prompt length and prompt + max_tokens against the model length incl
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -93,7 +95,7 @@ def engine_verdict(engine: LLMEngine, req: generate_pb2.GenerateRequest) -> str 
     return None
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=int(os.environ.get("TANDEM_FUZZ_EXAMPLES", "300")), deadline=None, database=None)
 @given(data=st.data())
 def test_scheduler_refuses_exactly_what_the_engine_refuses(engine, data):
     vocab = engine.model_config.vocab_size
