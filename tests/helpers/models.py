@@ -16,6 +16,7 @@ ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
 }
 
 
@@ -45,6 +46,8 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, tie: bool = False, 
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, std)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # Qwen3's per-head norms
+                p.uniform_(0.5, 1.5)
     model.save_pretrained(path, max_shard_size="200KB" if sharded else "2GB")
     if weights == "bin":
         to_pytorch_bin(path)

@@ -26,6 +26,7 @@ CHECKPOINTS = {
                                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                              "original_max_position_embeddings": 64}),
     "qwen2-qkv-bias": dict(arch="qwen2", tie=True),
+    "qwen3-qk-norm": dict(arch="qwen3", tie=True, head_dim=32),  # head_dim != hidden / heads, as in Qwen3
     "mistral": dict(arch="mistral", sliding_window=None),
     "mistral-sliding-window": dict(arch="mistral", sliding_window=16),
     "llama-sharded": dict(arch="llama", sharded=True),

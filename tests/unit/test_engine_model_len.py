@@ -84,7 +84,7 @@ def test_unsupported_architecture_is_a_one_line_error_naming_it(long_ckpt, tmp_p
         build_engine(from_env(WorkerConfig, env={"TANDEM_MODEL": str(tmp_path)}))
     message = str(err.value)
     assert "\n" not in message and "GPT2LMHeadModel" in message
-    assert "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM" in message
+    assert "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in message
 
 
 def test_an_8bit_kv_cache_for_a_head_size_it_cannot_pack_is_a_one_line_error(tmp_path):

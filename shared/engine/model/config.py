@@ -1,7 +1,7 @@
 """Model configuration read from a Hugging Face checkpoint directory.
 
 Knows the Llama family's `config.json` dialects (Llama, Llama 3 RoPE scaling, Qwen2 QKV bias,
-Mistral sliding window; transformers 4.x `rope_scaling` and 5.x `rope_parameters`). Knows
+Qwen3 per-head QK RMSNorm, Mistral sliding window; transformers 4.x `rope_scaling` and 5.x `rope_parameters`). Knows
 nothing about weights or tensors beyond the RoPE frequencies.
 """
 
@@ -18,6 +18,7 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 
 
@@ -28,7 +29,7 @@ class ModelLoadError(ValueError):
 @dataclass
 class ModelConfig:
     name: str
-    architecture: str  # "llama" | "mistral" | "qwen2"
+    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -42,6 +43,7 @@ class ModelConfig:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
+    qk_norm: bool  # Qwen3: RMSNorm over each head of q and k before RoPE
     rope_theta: float
     rope_scaling: dict | None
     sliding_window: int | None
@@ -70,7 +72,7 @@ class ModelConfig:
         if rope_params is not None and rope_params.get("rope_type", rope_params.get("type", "default")) == "default":
             rope_params = None
         sliding = raw.get("sliding_window")
-        if arch == "qwen2" and not raw.get("use_sliding_window", False):
+        if arch in ("qwen2", "qwen3") and not raw.get("use_sliding_window", False):
             sliding = None
         eos = _as_list(raw.get("eos_token_id"))
         gen_path = model_dir / "generation_config.json"
@@ -94,6 +96,7 @@ class ModelConfig:
             qkv_bias=arch == "qwen2" or attention_bias,
             o_bias=attention_bias and arch != "qwen2",
             mlp_bias=bool(raw.get("mlp_bias", False)),
+            qk_norm=arch == "qwen3",
             rope_theta=float(rope_theta),
             rope_scaling=rope_params,
             sliding_window=sliding,

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, Llama 3, Mistral, Qwen2) over a paged KV cache.
+"""Llama-family decoder (Llama, Llama 3, Mistral, Qwen2, Qwen3) over a paged KV cache.
 
 Parameter names match Hugging Face checkpoints so weights load without renaming.
 Input is a flat batch of tokens from many sequences; `AttentionMetadata` says which
@@ -84,6 +84,11 @@ class Attention(nn.Module):
         self.k_proj = linear(h, kv, cfg.qkv_bias, quantization)
         self.v_proj = linear(h, kv, cfg.qkv_bias, quantization)
         self.o_proj = linear(q, h, cfg.o_bias, quantization)
+        if cfg.qk_norm:  # Qwen3: each head of q and k is RMS-normalised before RoPE
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
@@ -91,6 +96,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if cpu_kernels.fused_ok(q):
             cpu_kernels.load().rope_(q, k, cos[:, 0], sin[:, 0])  # in place; q, k are fresh projections
         else:
