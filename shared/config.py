@@ -237,6 +237,16 @@ class SchedulerConfig(ServerSettings):
         choices=("auto", "none", "hermes", "llama3_json"),
     )
 
+    reasoning_parser: str = setting(
+        "TANDEM_REASONING_PARSER",
+        "auto",
+        "How /v1/chat/completions and /v1/responses return what a model writes between <think> and "
+        "</think> (DeepSeek-R1 and its distills, Qwen3, QwQ): think (also named deepseek_r1 or qwen3) "
+        "returns it apart, as the message's reasoning_content and a Responses reasoning item; none leaves "
+        "it in the content; auto turns it on when the model's chat template writes <think>.",
+        choices=("auto", "none", "think", "deepseek_r1", "qwen3"),
+    )
+
     max_request_bytes: int = setting(
         "TANDEM_MAX_REQUEST_BYTES",
         16 << 20,

@@ -17,7 +17,7 @@ from shared.telemetry import Telemetry
 from shared.text import Tokenizer
 
 from .frontend import Frontend
-from .http import ChatTemplate, HttpServer, build_http_app, tool_parsers
+from .http import ChatTemplate, HttpServer, build_http_app, reasoning, tool_parsers
 from .http.chat import TemplateError
 from .pool import WorkerPool
 from .router import Router
@@ -110,6 +110,7 @@ class SchedulerApp:
                 self.chat_template = ChatTemplate.from_dir(model_dir)
             except TemplateError as e:
                 raise ConfigError(f"TANDEM_MODEL: {e}") from None
+            template_source = self.chat_template.source if self.chat_template else None
             self.http = HttpServer(
                 build_http_app(
                     self.frontend,
@@ -118,9 +119,8 @@ class SchedulerApp:
                     self.telemetry,
                     model_name=self.model_name,
                     chat_template=self.chat_template,
-                    tool_parser=tool_parsers.choose(
-                        config.tool_call_parser, self.chat_template.source if self.chat_template else None
-                    ),
+                    tool_parser=tool_parsers.choose(config.tool_call_parser, template_source),
+                    reasoning=reasoning.choose(config.reasoning_parser, template_source),
                     api_keys=self.api_keys,
                 ),
                 host=config.host,

@@ -50,7 +50,8 @@ def test_input_items_become_the_conversation():
     [
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
         ({"input": []}, "input"),
-        ({"input": [{"type": "reasoning"}]}, "input[0]"),
+        ({"input": [{"type": "web_search_call"}]}, "input[0]"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input"),  # nothing to answer
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0]"),
         ({"tools": [{"type": "web_search"}]}, "tools[0]"),
     ],

@@ -64,12 +64,14 @@ def build_http_app(
     model_name: str,
     chat_template: ChatTemplate | None,
     tool_parser: ToolParser | None = None,
+    reasoning: bool = False,
     api_keys: ApiKeys | None = None,
 ) -> FastAPI:
-    """The ASGI app; every route and exception handler is added here."""
+    """The ASGI app; every route and exception handler is added here. `reasoning`: chat replies'
+    <think> blocks go apart, as reasoning_content (reasoning.py)."""
     api = OpenAIFront(
         frontend, pool, tokenizer, telemetry, model_name=model_name, chat_template=chat_template,
-        tool_parser=tool_parser,
+        tool_parser=tool_parser, reasoning=reasoning,
     )
     app = FastAPI(title="Tandem", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(RequestValidationError, lambda request, exc: validation_error(exc))
@@ -125,9 +127,11 @@ class OpenAIFront:
         model_name: str,
         chat_template: ChatTemplate | None,
         tool_parser: ToolParser | None = None,
+        reasoning: bool = False,
     ):
         self._frontend = frontend
         self._tool_parser = tool_parser
+        self._reasoning = reasoning
         self._pool = pool
         self._tokenizer = tokenizer
         self._tokens = convert.Tokens(tokenizer)
@@ -186,6 +190,7 @@ class OpenAIFront:
                     functools.partial(self._frontend.encode, add_special_tokens=False),
                     self._pool.max_model_len(),
                     self._tool_parser,
+                    self._reasoning,
                 )
             else:
                 plan = convert.completion_plan(body, request_id)
@@ -250,6 +255,9 @@ class OpenAIFront:
             text, logprobs = self._content(meta, index, merged, 0, True)
             reason = next((convert.finish_reason(p) for p in choice if p.usage is not None), None)
             entry: dict[str, Any] = {"index": index, "finish_reason": reason, "logprobs": logprobs}
+            thought = None
+            if meta.plan.reasoning is not None:
+                thought, text = meta.plan.reasoning.split(text, final=True)
             content, calls = (
                 meta.plan.tool_calls.split(text) if meta.plan.tool_calls and reason == "stop" else (text, [])
             )
@@ -260,6 +268,8 @@ class OpenAIFront:
                 entry["message"] = {"role": "assistant", "content": text}
             else:
                 entry["text"] = text
+            if thought is not None:
+                entry["message"]["reasoning_content"] = thought or None
             choices.append(entry)
         usages = [meta.usage(next((p.usage for p in choice if p.usage is not None), None)) for choice in pieces]
         return {
@@ -280,18 +290,23 @@ class OpenAIFront:
         usages: list[Any] = [None] * len(meta.plan.requests)
         offsets = [0] * len(usages)
         started = [False] * len(usages)
-        texts = [""] * len(usages)  # tool calls: each choice's text so far, of which offsets[i] chars went out
-        held: list[list[Any]] = [[] for _ in usages]  # tool calls: logprobs of tokens not sent yet
+        # tool calls or reasoning: each choice's text so far, of whose answer offsets[i] chars and of
+        # whose reasoning thought[i] chars went out, and the logprobs of tokens not sent yet
+        texts = [""] * len(usages)
+        thought = [0] * len(usages)
+        held: list[list[Any]] = [[] for _ in usages]
+        parsed = meta.plan.tool_calls is not None or meta.plan.reasoning is not None
         try:
             item = first
             while item is not None:
                 index, piece = item
                 if piece.usage is not None:
                     usages[index] = meta.usage(piece.usage)
-                if meta.plan.tool_calls is not None:
+                if parsed:
                     texts[index] += piece.text
                     held[index] += piece.logprobs
-                    chunk = self._tool_chunk(meta, index, piece, texts[index], held[index], offsets, started)
+                    sent = (offsets, thought, started)
+                    chunk = self._parsed_chunk(meta, index, piece, texts[index], held[index], *sent)
                     if chunk is not None:
                         held[index] = []
                         yield chunk
@@ -316,7 +331,7 @@ class OpenAIFront:
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
 
-    def _tool_chunk(
+    def _parsed_chunk(
         self,
         meta: _Meta,
         index: int,
@@ -324,25 +339,36 @@ class OpenAIFront:
         text: str,
         logprobs: list[Any],
         offsets: list[int],
+        thought: list[int],
         started: list[bool],
     ) -> dict[str, Any] | None:
-        """A chunk of a choice that may call tools (None: nothing to send yet). Content goes out
-        up to where a call could begin (nothing, for a constrained call); at the end, the calls
-        in one delta, or the rest as content when there are none. `text`: the choice's text so
-        far; `logprobs`: those of its tokens since the last chunk, which this one carries."""
+        """A chunk of a choice that may think or call tools (None: nothing to send yet). Reasoning
+        goes out as reasoning_content up to a tag that may be arriving; the answer's content up to
+        where a call could begin (nothing, for a constrained call); at the end, the calls in one
+        delta, or the rest as content when there are none. `text`: the choice's text so far;
+        `logprobs`: those of its tokens since the last chunk, which this one carries."""
         delta: dict[str, Any] = {}
         if not started[index]:
             delta["role"] = "assistant"
             started[index] = True
         reason = convert.finish_reason(piece)
+        reasoning, answer = "", text
+        if meta.plan.reasoning is not None:
+            reasoning, answer = meta.plan.reasoning.split(text, final=reason is not None)
+        if len(reasoning) > thought[index]:
+            delta["reasoning_content"] = reasoning[thought[index] :]
+            thought[index] = len(reasoning)
+        tools = meta.plan.tool_calls
         calls: list[dict[str, Any]] = []
-        if reason is None:
-            content = text[: max(offsets[index], meta.plan.tool_calls.streamable(text))]
+        if tools is None:
+            content = answer
+        elif reason is None:
+            content = answer[: max(offsets[index], tools.streamable(answer))]
         elif reason == "stop":
-            content, calls = meta.plan.tool_calls.split(text)
+            content, calls = tools.split(answer)
         else:
-            content = text
-        if len(content) > offsets[index] or "role" in delta:
+            content = answer
+        if len(content) > offsets[index] or ("role" in delta and "reasoning_content" not in delta):
             delta["content"] = content[offsets[index] :]
             offsets[index] = max(offsets[index], len(content))
         if calls:

@@ -25,6 +25,7 @@ from shared.text import Tokenizer
 
 from ..relay import Piece
 from .chat import ChatTemplate, TemplateError
+from .reasoning import Reasoning
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from .tool_parsers import ToolParser
 
@@ -93,6 +94,8 @@ class Plan:
     echo: bool = False  # completions: each choice's text (and logprobs) starts with its prompt
     prompt_only: bool = False  # echo with max_tokens 0: one token is generated, and not returned
     tool_calls: ToolCalls | None = None  # chat: the output is a tool call (tool_choice required or named)
+    reasoning: Reasoning | None = None  # chat: a <think> block goes apart from the answer
+    prompt_text: str = ""  # chat: the rendered template
 
     def openai_field(self, name: str) -> str:
         return openai_field(name, self.fields)
@@ -297,16 +300,24 @@ async def chat_plan(
     encode: Callable[[str], Awaitable[list[int]]],
     max_model_len: int | None,
     tool_parser: ToolParser | None = None,
+    reasoning: bool = False,
 ) -> Plan:
     """`encode`: the rendered template's token ids, without BOS (Frontend.encode, off the event loop);
-    `tool_parser`: finds tool calls in free text (tool_choice "auto"; None: auto is refused)."""
+    `tool_parser`: finds tool calls in free text (tool_choice "auto"; None: auto is refused);
+    `reasoning`: the model thinks between <think> and </think>, returned apart. Output
+    constrained by structured output or a forced tool call is not in a block its prompt opened
+    (the constraint holds from its first token); only a <think> it writes itself opens one."""
     fields = {"text": "messages", "token_ids": "messages", "prompt": "messages", "logprobs": "top_logprobs"}
     if req.max_completion_tokens is not None:
         fields["max_tokens"] = "max_completion_tokens"
     try:
-        return await _chat_plan(req, request_id, template, encode, max_model_len, fields, tool_parser)
+        plan = await _chat_plan(req, request_id, template, encode, max_model_len, fields, tool_parser)
     except InvalidArgument as e:
         raise renamed(e, fields) from None
+    if reasoning:
+        guided = plan.requests[0].sampling.HasField("guidance")
+        plan.reasoning = Reasoning(open_in_prompt=False) if guided else Reasoning.for_prompt(plan.prompt_text)
+    return plan
 
 
 async def _chat_plan(
@@ -347,7 +358,7 @@ async def _chat_plan(
         sampling.guidance.json_schema = json.dumps(guidance)
         fields["guidance"] = "tools"
     requests, prompt_of = _fan_out(request_id, [prompt], req.n, sampling, stopping, req.priority)
-    return Plan(requests, prompt_of, logprobs, fields, tool_calls=tool_calls)
+    return Plan(requests, prompt_of, logprobs, fields, tool_calls=tool_calls, prompt_text=text)
 
 
 def _tool_choice(

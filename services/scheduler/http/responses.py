@@ -31,10 +31,19 @@ FIELDS = {
 }
 
 
-class ResponsesRequest(BaseModel):
-    """POST /v1/responses"""
+# the chat route's sampling and vLLM fields that a Responses request may carry too (as vLLM's
+# Responses route takes them, with the openai SDK's extra_body), passed on as they are
+PASSED_ON = (
+    "top_k", "min_p", "repetition_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "priority",
+    "presence_penalty", "frequency_penalty", "logit_bias", "chat_template_kwargs",
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+)  # fmt: skip
 
-    model_config = ConfigDict(extra="ignore")
+
+class ResponsesRequest(BaseModel):
+    """POST /v1/responses (other fields are ignored, except those PASSED_ON to the chat request)"""
+
+    model_config = ConfigDict(extra="allow")
 
     model: StrictStr | None = None
     input: StrictStr | list[dict[str, Any]]
@@ -80,8 +89,13 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
     items = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
     if not items:
         raise InvalidArgument("input", "must not be empty")
+    thought: str | None = None  # a reasoning item's text, for the assistant turn that follows it
     for i, item in enumerate(items):
         kind = item.get("type", "message")
+        if kind == "reasoning":
+            parts = item.get("content") or item.get("summary") or []
+            thought = "".join(p.get("text", "") for p in parts if isinstance(p, dict)) or None
+            continue
         if kind == "message":
             messages.append({"role": item.get("role"), "content": _content(item.get("content"), f"input[{i}].content")})
         elif kind == "function_call":
@@ -99,7 +113,15 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
             output = item.get("output")
             messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": _content(output, f"input[{i}].output")})
         else:
-            raise InvalidArgument(f"input[{i}]", f"items of type {kind!r} are not supported (message, function_call, function_call_output)")
+            raise InvalidArgument(
+                f"input[{i}]",
+                f"items of type {kind!r} are not supported (message, function_call, function_call_output, reasoning)",
+            )
+        if thought is not None and messages[-1]["role"] == "assistant":  # templates that replay thinking read it
+            messages[-1]["reasoning_content"] = thought
+        thought = None
+    if not any(m["role"] != "system" for m in messages):
+        raise InvalidArgument("input", "holds no message to answer")
     body: dict[str, Any] = {
         "model": req.model,
         "messages": messages,
@@ -110,6 +132,7 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
         "user": req.user,
         "tool_choice": _tool_choice(req.tool_choice),
     }
+    body.update({k: v for k, v in (req.model_extra or {}).items() if k in PASSED_ON})
     if req.stream:
         body["stream_options"] = {"include_usage": True}  # the completed event carries the usage
     if req.tools:
@@ -208,6 +231,16 @@ def _message_item(text: str, status: str = "completed") -> dict[str, Any]:
     }
 
 
+def _reasoning_item(text: str, status: str = "completed") -> dict[str, Any]:
+    return {
+        "type": "reasoning",
+        "id": f"rs_{uuid.uuid4().hex}",
+        "status": status,
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": text}],
+    }
+
+
 def _call_item(call: dict[str, Any], status: str = "completed") -> dict[str, Any]:
     return {
         "type": "function_call",
@@ -232,6 +265,8 @@ def response_object(chat: dict[str, Any], req: ResponsesRequest) -> dict[str, An
     response = _envelope(f"resp_{chat['id'].removeprefix('chatcmpl-')}", req, chat["model"], chat["created"])
     choice = chat["choices"][0]
     message = choice["message"]
+    if message.get("reasoning_content"):
+        response["output"].append(_reasoning_item(message["reasoning_content"]))
     if message.get("content"):
         response["output"].append(_message_item(message["content"]))
     response["output"] += [_call_item(call) for call in message.get("tool_calls") or []]
@@ -248,6 +283,8 @@ class StreamTranslator:
         self._seq = 0
         self._message: dict[str, Any] | None = None  # the output item text goes to, while open
         self._text = ""
+        self._reasoning: dict[str, Any] | None = None  # the reasoning item, while open
+        self._thought = ""
         self._finish: str | None = None
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
@@ -266,13 +303,22 @@ class StreamTranslator:
         events: list[dict[str, Any]] = []
         if not chunk.get("choices"):  # the last chunk: usage
             self._response["usage"] = _usage(chunk.get("usage"))
+            events += self._close_reasoning()
             events += self._close_message()
             _finish(self._response, self._finish)
             kind = "response.incomplete" if self._response["status"] == "incomplete" else "response.completed"
             return [*events, self._event(kind, response=self._response)]
         choice = chunk["choices"][0]
         delta = choice.get("delta") or {}
+        if delta.get("reasoning_content"):
+            events += self._open_reasoning()
+            self._thought += delta["reasoning_content"]
+            events.append(self._event(
+                "response.reasoning_text.delta", item_id=self._reasoning["id"],
+                output_index=len(self._response["output"]) - 1, content_index=0, delta=delta["reasoning_content"],
+            ))
         if delta.get("content"):
+            events += self._close_reasoning()
             events += self._open_message()
             self._text += delta["content"]
             events.append(self._event(
@@ -280,6 +326,7 @@ class StreamTranslator:
                 output_index=len(self._response["output"]) - 1, content_index=0, delta=delta["content"], logprobs=[],
             ))
         for call in delta.get("tool_calls") or []:
+            events += self._close_reasoning()
             events += self._close_message()
             item = _call_item(call, "in_progress")
             index = len(self._response["output"])
@@ -298,6 +345,28 @@ class StreamTranslator:
     def error(self, body: dict[str, Any]) -> dict[str, Any]:
         error = body.get("error", {})
         return self._event("error", code=error.get("code"), message=error.get("message"), param=error.get("param"))
+
+    def _open_reasoning(self) -> list[dict[str, Any]]:
+        if self._reasoning is not None:
+            return []
+        self._reasoning = _reasoning_item("", "in_progress")
+        index = len(self._response["output"])
+        self._response["output"].append(self._reasoning)
+        return [self._event("response.output_item.added", output_index=index, item=dict(self._reasoning, content=[]))]
+
+    def _close_reasoning(self) -> list[dict[str, Any]]:
+        if self._reasoning is None:
+            return []
+        item, self._reasoning = self._reasoning, None
+        index = self._response["output"].index(item)
+        item["content"], item["status"] = [{"type": "reasoning_text", "text": self._thought}], "completed"
+        events = [
+            self._event("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
+                        text=self._thought),
+            self._event("response.output_item.done", output_index=index, item=item),
+        ]
+        self._thought = ""
+        return events
 
     def _open_message(self) -> list[dict[str, Any]]:
         if self._message is not None:

@@ -1,0 +1,78 @@
+"""A thinking model's <think> block apart from its answer (services/scheduler/http/reasoning.py):
+the whole text's split, and while it streams, splits that only grow and end where the whole
+text's split is."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.scheduler.http import reasoning
+from services.scheduler.http.reasoning import Reasoning
+
+OPEN = Reasoning(open_in_prompt=True)  # DeepSeek-R1: the generation prompt ends with <think>
+CLOSED = Reasoning(open_in_prompt=False)  # Qwen3: the model writes <think> itself, or not
+
+
+@pytest.mark.parametrize(
+    "how, text, expected",
+    [
+        (CLOSED, "<think>\nLet me add.\n</think>\n\n4", ("Let me add.\n", "4")),
+        (CLOSED, "  <think>x</think>y", ("x", "y")),
+        (CLOSED, "4, no thinking", ("", "4, no thinking")),
+        (CLOSED, "I <think> not", ("", "I <think> not")),  # a <think> later on is text
+        (CLOSED, "<think>cut by max_tokens", ("cut by max_tokens", "")),
+        (CLOSED, "<thi", ("", "<thi")),  # the whole text: a tag that never came is text
+        (OPEN, "\nLet me add.\n</think>\n\n4", ("Let me add.\n", "4")),
+        (OPEN, "still thinking when cut", ("still thinking when cut", "")),
+        (OPEN, "a</think>b</think>c", ("a", "b</think>c")),
+        (OPEN, "", ("", "")),
+    ],
+)
+def test_the_whole_text_splits_at_the_tags(how, text, expected):
+    assert how.split(text, final=True) == expected
+
+
+def test_the_prompt_says_whether_the_block_is_open():
+    deepseek = "<｜User｜>2+2?<｜Assistant｜><think>\n"
+    qwen3_no_thinking = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    qwen3_thinking = "<|im_start|>user\nI wrote <think> once<|im_end|>\n<|im_start|>assistant\n</think>"
+    assert Reasoning.for_prompt(deepseek).open_in_prompt
+    assert not Reasoning.for_prompt(qwen3_no_thinking).open_in_prompt
+    assert not Reasoning.for_prompt(qwen3_thinking).open_in_prompt
+    assert not Reasoning.for_prompt("plain").open_in_prompt
+
+
+TEXTS = [
+    "<think>\nLet me add 2 and 2.\n</think>\n\nIt is 4.",
+    "\n<think>a < b and </b> is not </think> the end</think>done",
+    "no thinking at all, just <text>",
+    "<think>cut before the end </thin",
+    "<",
+    "",
+]
+
+
+@pytest.mark.parametrize("how", [OPEN, CLOSED], ids=["open", "closed"])
+@pytest.mark.parametrize("text", TEXTS)
+def test_streamed_splits_only_grow_and_end_at_the_whole_split(how, text):
+    previous = ("", "")
+    for end in range(len(text) + 1):  # one character at a time: every place a tag can be cut
+        now = how.split(text[:end], final=False)
+        assert now[0].startswith(previous[0]) and now[1].startswith(previous[1]), (text[:end], previous, now)
+        previous = now
+    final = how.split(text, final=True)
+    assert final[0].startswith(previous[0]) and final[1].startswith(previous[1])
+
+
+def test_a_tag_arriving_is_held_back():
+    assert CLOSED.split("<th", final=False) == ("", "")
+    assert CLOSED.split("<think>abc</th", final=False) == ("abc", "")
+    assert OPEN.split("abc</", final=False) == ("abc", "")
+    assert OPEN.split("abc</think>\n", final=False) == ("abc", "")
+
+
+def test_the_setting():
+    qwen3 = "{% if enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    assert reasoning.choose("auto", qwen3) and not reasoning.choose("auto", "{{ messages }}")
+    assert not reasoning.choose("auto", None) and not reasoning.choose("none", qwen3)
+    assert all(reasoning.choose(name, None) for name in reasoning.NAMES)
