@@ -117,3 +117,24 @@ def test_a_chat_stream_as_the_responses_events():
     final = events[-1]["response"]
     assert [o["type"] for o in final["output"]] == ["message", "function_call"]
     assert final["output"][0]["content"][0]["text"] == "Hello" and final["usage"]["output_tokens"] == 4
+
+
+def test_the_chat_routes_extra_fields_pass_on_and_a_bad_one_is_named():
+    chat = to_chat(ResponsesRequest(input="hi", top_k=3, seed=7, chat_template_kwargs={"enable_thinking": False},
+                                    structured_outputs={"regex": "[ab]"}, unknown_field=1))
+    assert (chat.top_k, chat.seed) == (3, 7) and chat.chat_template_kwargs == {"enable_thinking": False}
+    assert chat.structured_outputs == {"regex": "[ab]"} and "unknown_field" not in chat.model_dump()
+    with pytest.raises(InvalidArgument) as e:
+        to_chat(ResponsesRequest(input="hi", top_k="many"))
+    assert e.value.field == "top_k"
+
+
+def test_a_reasoning_item_goes_with_the_assistant_turn_after_it():
+    chat = to_chat(ResponsesRequest(input=[
+        {"role": "user", "content": "2+2?"},
+        {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "add"}]},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "and 3+3?"},
+    ]))
+    assert [m.role for m in chat.messages] == ["user", "assistant", "user"]
+    assert chat.messages[1].model_extra["reasoning_content"] == "add"

@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
 
 from services.common.errors import InvalidArgument
 
@@ -150,8 +150,13 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
             body["response_format"] = {"type": fmt.get("type")}
     try:
         return ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
-    except ValueError as e:
-        raise InvalidArgument("input", f"not a conversation: {e}") from None
+    except ValidationError as e:
+        error = e.errors()[0]
+        where = error["loc"][0] if error["loc"] else None
+        if where in PASSED_ON:  # the client's own field, named as it sent it
+            name = ".".join(str(part) for part in error["loc"])
+            raise InvalidArgument(name, error["msg"]) from None
+        raise InvalidArgument("input", f"not a conversation: {error['msg']} at {where}") from None
 
 
 def _content(content: Any, name: str) -> Any:
