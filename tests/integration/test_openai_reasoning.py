@@ -143,3 +143,15 @@ async def test_a_prompt_that_opens_the_block_makes_the_reply_reasoning(tiny_mode
     finally:
         await cluster.wait_idle()
         await cluster.stop()
+
+
+async def test_a_think_tag_the_user_quotes_opens_nothing(tiny_model, tmp_path):
+    plain = DEEPSEEK_LIKE.replace("<think>\n", "\n")
+    cluster, client = await _serve(tiny_model, tmp_path, plain, reasoning_parser="think")
+    try:
+        messages = [{"role": "user", "content": "What does <think> mean?"}]
+        r = await client.chat.completions.create(model=None, messages=messages, temperature=0.0, max_tokens=8)
+        assert reasoning_of(r.choices[0].message) is None and r.choices[0].message.content
+    finally:
+        await cluster.wait_idle()
+        await cluster.stop()

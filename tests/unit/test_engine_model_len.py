@@ -94,3 +94,18 @@ def test_an_8bit_kv_cache_for_a_head_size_it_cannot_pack_is_a_one_line_error(tmp
         build_engine(config)
     message = str(err.value)
     assert "\n" not in message and "model's is 16" in message and "TANDEM_KV_CACHE_DTYPE=int8" in message
+
+
+def test_qwen_sliding_window_follows_max_window_layers(tmp_path):
+    from shared.engine.model import ModelLoadError
+    from shared.engine.model.config import ModelConfig
+
+    base = {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+            "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 300, "sliding_window": 16}
+    for extra, window in [({}, None), ({"use_sliding_window": True, "max_window_layers": 2}, None),
+                          ({"use_sliding_window": True, "max_window_layers": 0}, 16)]:
+        (tmp_path / "config.json").write_text(json.dumps({**base, **extra}))
+        assert ModelConfig.from_dir(tmp_path).sliding_window == window
+    (tmp_path / "config.json").write_text(json.dumps({**base, "use_sliding_window": True, "max_window_layers": 1}))
+    with pytest.raises(ModelLoadError, match="max_window_layers"):
+        ModelConfig.from_dir(tmp_path)

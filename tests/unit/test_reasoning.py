@@ -35,10 +35,10 @@ def test_the_whole_text_splits_at_the_tags(how, text, expected):
 def test_the_prompt_says_whether_the_block_is_open():
     deepseek = "<｜User｜>2+2?<｜Assistant｜><think>\n"
     qwen3_no_thinking = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
-    qwen3_thinking = "<|im_start|>user\nI wrote <think> once<|im_end|>\n<|im_start|>assistant\n</think>"
+    quoted = "<|im_start|>user\nWhat does <think> mean?<|im_end|>\n<|im_start|>assistant\n"
     assert Reasoning.for_prompt(deepseek).open_in_prompt
     assert not Reasoning.for_prompt(qwen3_no_thinking).open_in_prompt
-    assert not Reasoning.for_prompt(qwen3_thinking).open_in_prompt
+    assert not Reasoning.for_prompt(quoted).open_in_prompt  # a tag the user quoted opens nothing
     assert not Reasoning.for_prompt("plain").open_in_prompt
 
 

@@ -52,6 +52,9 @@ def test_input_items_become_the_conversation():
         ({"input": []}, "input"),
         ({"input": [{"type": "web_search_call"}]}, "input[0]"),
         ({"input": [{"type": "reasoning", "summary": []}]}, "input"),  # nothing to answer
+        ({"input": [{"type": "reasoning", "content": 5}]}, "input[0].content"),
+        ({"input": [{"type": "reasoning", "summary": True}]}, "input[0].content"),
+        ({"input": [{"type": "reasoning", "content": [{"type": "reasoning_text", "text": None}]}]}, "input[0].content"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0]"),
         ({"tools": [{"type": "web_search"}]}, "tools[0]"),
     ],

@@ -2,8 +2,8 @@
 </think> (DeepSeek-R1 and its distills, Qwen3, QwQ). The chat route returns it apart from the
 answer, as `reasoning_content` (vLLM's field), and the Responses route as a reasoning item.
 
-A choice is in the reasoning from its first token when its prompt ends inside an open <think>
-block (DeepSeek-R1's templates open it in the generation prompt), or when its text begins
+A choice is in the reasoning from its first token when its prompt ends with <think>
+(DeepSeek-R1's templates open the block in the generation prompt), or when its text begins
 with <think> (Qwen3's thinking mode). The reasoning ends at </think> (all of a text cut before
 it is reasoning); the answer is the rest. Qwen3 with `enable_thinking: false` renders an empty,
 closed block in the prompt, so the whole text is the answer.
@@ -36,7 +36,9 @@ class Reasoning:
 
     @classmethod
     def for_prompt(cls, prompt_text: str) -> Reasoning:
-        return cls(open_in_prompt=prompt_text.rfind(START) > prompt_text.rfind(END))
+        # the generation prompt's own <think>, at its very end: a tag quoted earlier in the
+        # conversation (a user asking what <think> means) opens nothing
+        return cls(open_in_prompt=prompt_text.rstrip().endswith(START))
 
     def split(self, text: str, final: bool) -> tuple[str, str]:
         """(reasoning, answer) of a choice's text so far. While it streams (`final` False), a

@@ -94,7 +94,11 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
         kind = item.get("type", "message")
         if kind == "reasoning":
             parts = item.get("content") or item.get("summary") or []
-            thought = "".join(p.get("text", "") for p in parts if isinstance(p, dict)) or None
+            if not isinstance(parts, list) or not all(
+                isinstance(p, dict) and isinstance(p.get("text"), str) for p in parts
+            ):
+                raise InvalidArgument(f"input[{i}].content", "a reasoning item's content must be a list of {type, text}")
+            thought = "".join(p["text"] for p in parts) or None
             continue
         if kind == "message":
             messages.append({"role": item.get("role"), "content": _content(item.get("content"), f"input[{i}].content")})

@@ -72,8 +72,16 @@ class ModelConfig:
         if rope_params is not None and rope_params.get("rope_type", rope_params.get("type", "default")) == "default":
             rope_params = None
         sliding = raw.get("sliding_window")
-        if arch in ("qwen2", "qwen3") and not raw.get("use_sliding_window", False):
-            sliding = None
+        if arch in ("qwen2", "qwen3"):
+            # transformers: layers from max_window_layers on use the window, the ones before it do not
+            layers, first_windowed = raw["num_hidden_layers"], raw.get("max_window_layers", 28)  # its default
+            if not raw.get("use_sliding_window", False) or first_windowed >= layers:
+                sliding = None
+            elif first_windowed > 0 and sliding is not None:
+                raise ModelLoadError(
+                    f"{path}: sliding_window on layers {first_windowed}-{layers - 1} only (max_window_layers); "
+                    "a window on some layers and not others is not supported"
+                )
         eos = _as_list(raw.get("eos_token_id"))
         gen_path = model_dir / "generation_config.json"
         if gen_path.is_file():
