@@ -124,7 +124,7 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
         if thought is not None and messages[-1]["role"] == "assistant":  # templates that replay thinking read it
             messages[-1]["reasoning_content"] = thought
         thought = None
-    if not any(m["role"] != "system" for m in messages):
+    if not messages:
         raise InvalidArgument("input", "holds no message to answer")
     body: dict[str, Any] = {
         "model": req.model,
