@@ -234,6 +234,14 @@ class IncrementalDetokenizer:
         return delta
 
 
+def partial_tail(text: str, tag: str) -> int:
+    """How many trailing characters of a streamed text may be the start of `tag`, still arriving."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-k:]):
+            return k
+    return 0
+
+
 class StopStringMatcher:
     """Cuts a streamed text at the first completed stop string.
 

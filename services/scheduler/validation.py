@@ -111,12 +111,8 @@ def _first_invalid_utf8(msg: Message) -> tuple[str, str] | None:
                 bad = _first_invalid_utf8(item)
                 if bad is not None:
                     return bad
-            elif fd.type == fd.TYPE_BYTES:
-                try:
-                    item.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    what = f"{fd.name}[{i}] is not" if repeated else "not"
-                    return fd.name, f"{what} valid UTF-8 (byte 0x{item[e.start]:02x} at offset {e.start})"
+            elif fd.type == fd.TYPE_BYTES and (error := _utf8_error(item)) is not None:
+                return fd.name, f"{fd.name}[{i}] is {error}" if repeated else error
     return None
 
 
@@ -124,23 +120,24 @@ def _first_invalid_utf8_in_map(fd, entries) -> tuple[str, str] | None:
     """A map field iterates as its keys: check keys and values that were strings (or messages)."""
     key_fd, value_fd = fd.message_type.fields_by_name["key"], fd.message_type.fields_by_name["value"]
     for key, value in entries.items():
-        if key_fd.type == key_fd.TYPE_BYTES and not _is_utf8(key):
-            return fd.name, f"{fd.name} has a key that is not valid UTF-8"
+        if key_fd.type == key_fd.TYPE_BYTES and (error := _utf8_error(key)) is not None:
+            return fd.name, f"{fd.name} has a key that is {error}"
         if value_fd.type == value_fd.TYPE_MESSAGE:
             bad = _first_invalid_utf8(value)
             if bad is not None:
                 return bad
-        elif value_fd.type == value_fd.TYPE_BYTES and not _is_utf8(value):
-            return fd.name, f"{fd.name}[{key!r}] is not valid UTF-8"
+        elif value_fd.type == value_fd.TYPE_BYTES and (error := _utf8_error(value)) is not None:
+            return fd.name, f"{fd.name}[{key!r}] is {error}"
     return None
 
 
-def _is_utf8(data: bytes) -> bool:
+def _utf8_error(data: bytes) -> str | None:
+    """None for valid UTF-8, else "not valid UTF-8 (byte 0x.. at offset N)"."""
     try:
         data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+    except UnicodeDecodeError as e:
+        return f"not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
+    return None
 
 
 def _is_repeated(fd) -> bool:

@@ -305,8 +305,9 @@ class OpenAIFront:
                 if parsed:
                     texts[index] += piece.text
                     held[index] += piece.logprobs
-                    sent = (offsets, thought, started)
-                    chunk = self._parsed_chunk(meta, index, piece, texts[index], held[index], *sent)
+                    chunk = self._parsed_chunk(
+                        meta, index, piece, texts[index], held[index], offsets, thought, started
+                    )
                     if chunk is not None:
                         held[index] = []
                         yield chunk

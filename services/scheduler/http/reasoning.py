@@ -16,16 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shared.text import partial_tail
+
 START, END = "<think>", "</think>"
 NAMES = ("think", "deepseek_r1", "qwen3")  # vLLM's parser names, one format
-
-
-def _partial_tail(text: str, tag: str) -> int:
-    """How many trailing characters of the text may be the start of `tag` still arriving."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-k:]):
-            return k
-    return 0
 
 
 @dataclass(frozen=True)
@@ -57,7 +51,7 @@ class Reasoning:
         if at >= 0:
             return body[:at].lstrip(), body[at + len(END) :].lstrip()
         if not final:
-            body = body[: len(body) - _partial_tail(body, END)]
+            body = body[: len(body) - partial_tail(body, END)]
         return body.lstrip(), ""
 
 

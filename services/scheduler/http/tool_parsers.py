@@ -17,6 +17,8 @@ import json
 import re
 from typing import Any
 
+from shared.text import partial_tail
+
 Call = tuple[str, dict[str, Any]]  # (function name, arguments)
 
 
@@ -42,11 +44,7 @@ class HermesParser:
         before a possible call waits: the content before a call goes out without it)."""
         end = text.find(self.START)
         if end < 0:
-            end = len(text)
-            for k in range(min(len(self.START) - 1, len(text)), 0, -1):  # a start tag may be arriving
-                if self.START.startswith(text[-k:]):
-                    end = len(text) - k
-                    break
+            end = len(text) - partial_tail(text, self.START)
         return len(text[:end].rstrip())
 
     def parse(self, text: str) -> tuple[str, list[Call]]:
