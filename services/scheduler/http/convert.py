@@ -95,7 +95,6 @@ class Plan:
     prompt_only: bool = False  # echo with max_tokens 0: one token is generated, and not returned
     tool_calls: ToolCalls | None = None  # chat: the output is a tool call (tool_choice required or named)
     reasoning: Reasoning | None = None  # chat: a <think> block goes apart from the answer
-    prompt_text: str = ""  # chat: the rendered template
 
     def openai_field(self, name: str) -> str:
         return openai_field(name, self.fields)
@@ -311,13 +310,9 @@ async def chat_plan(
     if req.max_completion_tokens is not None:
         fields["max_tokens"] = "max_completion_tokens"
     try:
-        plan = await _chat_plan(req, request_id, template, encode, max_model_len, fields, tool_parser)
+        return await _chat_plan(req, request_id, template, encode, max_model_len, fields, tool_parser, reasoning)
     except InvalidArgument as e:
         raise renamed(e, fields) from None
-    if reasoning:
-        guided = plan.requests[0].sampling.HasField("guidance")
-        plan.reasoning = Reasoning(open_in_prompt=False) if guided else Reasoning.for_prompt(plan.prompt_text)
-    return plan
 
 
 async def _chat_plan(
@@ -328,6 +323,7 @@ async def _chat_plan(
     max_model_len: int | None,
     fields: dict[str, str],
     tool_parser: ToolParser | None,
+    reasoning: bool,
 ) -> Plan:
     _check_neutral(req)
     tool_calls, guidance = _tool_choice(req, tool_parser)
@@ -357,8 +353,11 @@ async def _chat_plan(
             raise InvalidArgument("tool_choice", f"a tool call cannot also follow {fields['guidance']}")
         sampling.guidance.json_schema = json.dumps(guidance)
         fields["guidance"] = "tools"
+    split = None
+    if reasoning:
+        split = Reasoning(open_in_prompt=False) if sampling.HasField("guidance") else Reasoning.for_prompt(text)
     requests, prompt_of = _fan_out(request_id, [prompt], req.n, sampling, stopping, req.priority)
-    return Plan(requests, prompt_of, logprobs, fields, tool_calls=tool_calls, prompt_text=text)
+    return Plan(requests, prompt_of, logprobs, fields, tool_calls=tool_calls, reasoning=split)
 
 
 def _tool_choice(
