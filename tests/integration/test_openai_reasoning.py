@@ -54,19 +54,37 @@ def reasoning_of(message) -> str | None:
     return (message.model_extra or {}).get("reasoning_content")
 
 
+def through_the_close(tokens) -> int:
+    """How many of a reply's tokens (its logprobs entries) it took to write </think>."""
+    text = ""
+    for n, token in enumerate(tokens, 1):
+        text += token.token
+        if "</think>" in text:
+            return n
+    raise AssertionError(f"no </think> in {text!r}")
+
+
 async def test_the_reasoning_comes_apart_from_the_answer(client):
-    r = await client.chat.completions.create(model=None, messages=MESSAGES, **forced(THOUGHT + "Four\\."))
+    r = await client.chat.completions.create(
+        model=None, messages=MESSAGES, logprobs=True, **forced(THOUGHT + "Four\\.")
+    )
     message = r.choices[0].message
     assert reasoning_of(message) == "I add two and two.\n" and message.content == "Four."
+    # the usage counts the reasoning's tokens: those through </think>, of more in all
+    thinking = through_the_close(r.choices[0].logprobs.content)
+    assert r.usage.completion_tokens_details.reasoning_tokens == thinking < r.usage.completion_tokens
     plain = await client.chat.completions.create(model=None, messages=MESSAGES, **forced("Four\\."))
     assert reasoning_of(plain.choices[0].message) is None and plain.choices[0].message.content == "Four."
+    assert plain.usage.completion_tokens_details.reasoning_tokens == 0
 
 
 async def test_streamed_reasoning_then_answer_equal_the_whole(client):
     stream = await client.chat.completions.create(
-        model=None, messages=MESSAGES, stream=True, logprobs=True, **forced(THOUGHT + "It is four\\.")
+        model=None, messages=MESSAGES, stream=True, logprobs=True, stream_options={"include_usage": True},
+        **forced(THOUGHT + "It is four\\."),
     )
     chunks = [c async for c in stream]
+    usage = chunks.pop().usage
     deltas = [c.choices[0].delta for c in chunks]
     thought = "".join(reasoning_of(d) or "" for d in deltas)
     content = "".join(d.content or "" for d in deltas)
@@ -78,6 +96,8 @@ async def test_streamed_reasoning_then_answer_equal_the_whole(client):
     assert not any(reasoning_of(d) for d in deltas[first_content:])
     tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert "".join(t.token for t in tokens) == "<think>\nI add two and two.\n</think>\n\nIt is four."
+    assert usage.completion_tokens_details.reasoning_tokens == through_the_close(tokens)
+    assert usage.completion_tokens == len(tokens)
 
 
 async def test_reasoning_before_a_tool_call(client):
@@ -101,9 +121,20 @@ async def test_responses_gives_a_reasoning_item(client):
     r = await client.responses.create(input="2+2?", **fmt)
     assert [item.type for item in r.output] == ["reasoning", "message"]
     assert r.output[0].content[0].text == "I add two and two.\n" and r.output_text == "Four."
+    chat = await client.chat.completions.create(model=None, messages=MESSAGES, **forced(THOUGHT + "Four\\."))
+    reasoning_tokens = chat.usage.completion_tokens_details.reasoning_tokens
+    assert r.usage.output_tokens_details.reasoning_tokens == reasoning_tokens > 0
     events = [e async for e in await client.responses.create(input="2+2?", stream=True, **fmt)]
     kinds = [e.type for e in events]
     assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+    # the reasoning item's events, in the order OpenAI sends a message's, with its reasoning_text part
+    rid = next(e.item.id for e in events if e.type == "response.output_item.added")
+    item = [e for e in events if rid in (getattr(e, "item_id", None), getattr(getattr(e, "item", None), "id", None))]
+    assert [e.type for e in item][:2] == ["response.output_item.added", "response.content_part.added"]
+    assert [e.type for e in item][-3:] == [
+        "response.reasoning_text.done", "response.content_part.done", "response.output_item.done"
+    ]
+    assert item[1].part.type == "reasoning_text" and item[-2].part.text == "I add two and two.\n"
     deltas = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
     assert deltas == "I add two and two.\n"
     done = events[-1].response
@@ -135,7 +166,8 @@ async def test_a_prompt_that_opens_the_block_makes_the_reply_reasoning(tiny_mode
         r = await client.chat.completions.create(**args)
         # a random model never closes the block: the whole reply is reasoning, cut by max_tokens
         text = reasoning_of(r.choices[0].message)
-        assert r.choices[0].finish_reason == "length" and text and r.choices[0].message.content == ""
+        assert r.choices[0].finish_reason == "length" and text and r.choices[0].message.content is None
+        assert r.usage.completion_tokens_details.reasoning_tokens == r.usage.completion_tokens == 8
         # the same tokens, as the completions route gives them for the rendered prompt's ids
         tokens = await client.post("/../tokenize", body={"messages": MESSAGES}, cast_to=dict)
         raw = await client.completions.create(model=None, prompt=tokens["tokens"], temperature=0.0, max_tokens=8)
@@ -152,6 +184,7 @@ async def test_a_think_tag_the_user_quotes_opens_nothing(tiny_model, tmp_path):
         messages = [{"role": "user", "content": "What does <think> mean?"}]
         r = await client.chat.completions.create(model=None, messages=messages, temperature=0.0, max_tokens=8)
         assert reasoning_of(r.choices[0].message) is None and r.choices[0].message.content
+        assert r.usage.completion_tokens_details.reasoning_tokens == 0
     finally:
         await cluster.wait_idle()
         await cluster.stop()

@@ -76,3 +76,34 @@ def test_the_setting():
     assert reasoning.choose("auto", qwen3) and not reasoning.choose("auto", "{{ messages }}")
     assert not reasoning.choose("auto", None) and not reasoning.choose("none", qwen3)
     assert all(reasoning.choose(name, None) for name in reasoning.NAMES)
+
+
+END_ID = 99  # </think> as one token of the vocabulary
+
+
+def _count(how: Reasoning, pieces: list[tuple[str, list[int]]], end_id: int | None = END_ID) -> int:
+    count = reasoning.TokenCount(how, end_id)
+    for text, ids in pieces:
+        count.add(text, ids)
+    return count.tokens
+
+
+@pytest.mark.parametrize(
+    "how, pieces, end_id, expected",
+    [
+        # </think> one token: counted to it exactly, also inside a piece of several (speculation)
+        (OPEN, [("a", [1]), ("b</think>c", [2, END_ID, 3]), ("d", [4])], END_ID, 3),
+        (CLOSED, [("<think>", [7]), ("x", [1]), ("</think>", [END_ID]), ("y", [2])], END_ID, 3),
+        # </think> spelled in several tokens: to the piece whose text closes the block
+        (CLOSED, [("<think>x", [7, 1]), ("</th", [5]), ("ink>", [6]), ("y", [2])], None, 4),
+        (OPEN, [("x</think", [1, 5]), (">\n", [6, 8]), ("y", [2])], None, 4),
+        # a block still open: every token is reasoning
+        (OPEN, [("still ", [1]), ("thinking", [2, 3])], END_ID, 3),
+        (CLOSED, [("<th", [7]), ("ink>", [8]), ("cut", [1])], None, 3),
+        # a reply that does not think: none, whatever it writes later
+        (CLOSED, [("4, ", [1]), ("<think>x</think>", [7, 1, END_ID])], END_ID, 0),
+        (CLOSED, [("\n", [8]), (" ", [9])], END_ID, 0),
+    ],
+)
+def test_the_reasoning_tokens_are_counted(how, pieces, end_id, expected):
+    assert _count(how, pieces, end_id) == expected

@@ -47,6 +47,7 @@ from . import convert, responses
 from .auth import ApiKeyMiddleware
 from .chat import ChatTemplate
 from .errors import HttpError, describe, error_body, error_response, validation_error
+from .reasoning import END, TokenCount
 from .run import ClientDisconnected, Run, until_disconnect
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .tokenize import TokenizerRoutes
@@ -132,6 +133,7 @@ class OpenAIFront:
         self._frontend = frontend
         self._tool_parser = tool_parser
         self._reasoning = reasoning
+        self._think_end = tokenizer.token_to_id(END) if reasoning else None  # </think> as one token
         self._pool = pool
         self._tokenizer = tokenizer
         self._tokens = convert.Tokens(tokenizer)
@@ -244,6 +246,7 @@ class OpenAIFront:
     def _answer(self, meta: _Meta, pieces: list[list[Piece]]) -> dict[str, Any]:
         """The non-streaming response body."""
         choices = []
+        counts = self._reasoning_counts(meta)
         for index, choice in enumerate(pieces):
             merged = Piece(
                 "",
@@ -258,14 +261,16 @@ class OpenAIFront:
             thought = None
             if meta.plan.reasoning is not None:
                 thought, text = meta.plan.reasoning.split(text, final=True)
+                for p in choice:
+                    counts[index].add(p.text, p.token_ids)
             content, calls = (
                 meta.plan.tool_calls.split(text) if meta.plan.tool_calls and reason == "stop" else (text, [])
             )
             if calls:
                 entry["message"] = {"role": "assistant", "content": content or None, "tool_calls": calls}
                 entry["finish_reason"] = "tool_calls"
-            elif meta.chat:
-                entry["message"] = {"role": "assistant", "content": text}
+            elif meta.chat:  # a reply cut while thinking has no content
+                entry["message"] = {"role": "assistant", "content": text if text or not thought else None}
             else:
                 entry["text"] = text
             if thought is not None:
@@ -278,8 +283,14 @@ class OpenAIFront:
             "created": meta.created,
             "model": meta.model,
             "choices": choices,
-            "usage": convert.usage_json(usages, meta.plan.prompt_of),
+            "usage": convert.usage_json(usages, meta.plan.prompt_of, _reasoning_tokens(counts)),
         }
+
+    def _reasoning_counts(self, meta: _Meta) -> list[TokenCount] | None:
+        """Each choice's counter of reasoning tokens, for the usage (None: the replies don't think)."""
+        if meta.plan.reasoning is None:
+            return None
+        return [TokenCount(meta.plan.reasoning, self._think_end) for _ in meta.plan.requests]
 
     async def _chunks(
         self, meta: _Meta, run: Run, first: tuple[int, Piece] | None, span: trace.Span, rename
@@ -296,12 +307,15 @@ class OpenAIFront:
         thought = [0] * len(usages)
         held: list[list[Any]] = [[] for _ in usages]
         parsed = meta.plan.tool_calls is not None or meta.plan.reasoning is not None
+        counts = self._reasoning_counts(meta)
         try:
             item = first
             while item is not None:
                 index, piece = item
                 if piece.usage is not None:
                     usages[index] = meta.usage(piece.usage)
+                if counts is not None:
+                    counts[index].add(piece.text, piece.token_ids)
                 if parsed:
                     texts[index] += piece.text
                     held[index] += piece.logprobs
@@ -320,7 +334,7 @@ class OpenAIFront:
                     yield self._chunk(meta, index, piece, offsets, started)
                 item = await run.next()
             if meta.include_usage:
-                usage = convert.usage_json(usages, meta.plan.prompt_of)
+                usage = convert.usage_json(usages, meta.plan.prompt_of, _reasoning_tokens(counts))
                 yield {**meta.head(), "choices": [], "usage": usage}
         except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
             status, body = describe(e, rename)
@@ -543,6 +557,10 @@ async def _response_events(
     async for chunk in chunks:
         for event in [translator.error(chunk)] if "error" in chunk else translator.chunk(chunk):
             yield encode(event)
+
+
+def _reasoning_tokens(counts: list[TokenCount] | None) -> int | None:
+    return None if counts is None else sum(c.tokens for c in counts)
 
 
 def _timeout(value: str | None) -> float | None:

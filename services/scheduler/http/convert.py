@@ -530,8 +530,12 @@ def chat_logprobs(tokens: Tokens, piece: Piece, top_n: int) -> dict[str, Any]:
     }
 
 
-def usage_json(usages: list[common_pb2.Usage | None], prompt_of: list[int]) -> dict[str, Any]:
-    """Summed over choices; each prompt's tokens (and cached tokens) counted once, as OpenAI does for n."""
+def usage_json(
+    usages: list[common_pb2.Usage | None], prompt_of: list[int], reasoning_tokens: int | None = None
+) -> dict[str, Any]:
+    """Summed over choices; each prompt's tokens (and cached tokens) counted once, as OpenAI does for n.
+    `reasoning_tokens`: of the completion tokens, those of the choices' reasoning (None: the
+    model does not think, and the usage does not say)."""
     prompt = cached = completion = 0
     seen: set[int] = set()
     for usage, p in zip(usages, prompt_of, strict=True):
@@ -542,12 +546,15 @@ def usage_json(usages: list[common_pb2.Usage | None], prompt_of: list[int]) -> d
             seen.add(p)
             prompt += usage.prompt_tokens
             cached += usage.cached_tokens
-    return {
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
     }
+    if reasoning_tokens is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return usage
 
 
 def finish_reason(piece: Piece) -> str | None:

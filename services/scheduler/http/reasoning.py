@@ -55,6 +55,39 @@ class Reasoning:
         return body.lstrip(), ""
 
 
+class TokenCount:
+    """How many of one choice's tokens are reasoning, counted as its pieces arrive: up to and
+    including the one that closes the block (exactly where </think> is one token, as in
+    DeepSeek-R1's and Qwen3's vocabularies; else up to the piece whose text closes it), all of
+    them while it is open, none when the choice does not think."""
+
+    def __init__(self, reasoning: Reasoning, end_id: int | None):
+        self._reasoning = reasoning
+        self._end_id = end_id
+        self._head = ""  # the text's start, until it shows whether the choice thinks
+        self._tail = ""  # the text's last len(END) - 1 characters, for a tag split across pieces
+        self._tokens = 0
+        self._closed_at: int | None = None
+
+    def add(self, text: str, token_ids: list[int]) -> None:
+        before, self._tokens = self._tokens, self._tokens + len(token_ids)
+        if len(self._head) < len(START) or not self._head.strip():
+            self._head += text
+        if self._closed_at is not None:
+            return
+        if self._end_id is not None and self._end_id in token_ids:
+            self._closed_at = before + token_ids.index(self._end_id) + 1
+        elif END in self._tail + text:
+            self._closed_at = self._tokens
+        self._tail = (self._tail + text)[-(len(END) - 1) :]
+
+    @property
+    def tokens(self) -> int:
+        if not self._reasoning.open_in_prompt and not self._head.lstrip().startswith(START):
+            return 0
+        return self._tokens if self._closed_at is None else self._closed_at
+
+
 def detect(template_source: str | None) -> bool:
     return bool(template_source) and START in template_source
 

@@ -199,7 +199,9 @@ def _usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
         "input_tokens": usage["prompt_tokens"],
         "input_tokens_details": {"cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)},
         "output_tokens": usage["completion_tokens"],
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {
+            "reasoning_tokens": (usage.get("completion_tokens_details") or {}).get("reasoning_tokens", 0)
+        },
         "total_tokens": usage["total_tokens"],
     }
 
@@ -361,17 +363,24 @@ class StreamTranslator:
         self._reasoning = _reasoning_item("", "in_progress")
         index = len(self._response["output"])
         self._response["output"].append(self._reasoning)
-        return [self._event("response.output_item.added", output_index=index, item=dict(self._reasoning, content=[]))]
+        return [
+            self._event("response.output_item.added", output_index=index, item=dict(self._reasoning, content=[])),
+            self._event("response.content_part.added", item_id=self._reasoning["id"], output_index=index,
+                        content_index=0, part={"type": "reasoning_text", "text": ""}),
+        ]
 
     def _close_reasoning(self) -> list[dict[str, Any]]:
         if self._reasoning is None:
             return []
         item, self._reasoning = self._reasoning, None
         index = self._response["output"].index(item)
-        item["content"], item["status"] = [{"type": "reasoning_text", "text": self._thought}], "completed"
+        part = {"type": "reasoning_text", "text": self._thought}
+        item["content"], item["status"] = [part], "completed"
         events = [
             self._event("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
                         text=self._thought),
+            self._event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                        part=part),
             self._event("response.output_item.done", output_index=index, item=item),
         ]
         self._thought = ""
