@@ -577,6 +577,7 @@ async def _cancel_while_generating(stack) -> None:
 
 
 def generated_tokens(stack) -> float:
+    client.completions.create(model="tiny", prompt="hi", max_tokens=2)
     metrics = httpx.get(stack["base"] + "/metrics").text
     return sum(
         float(line.split()[-1])
@@ -673,8 +674,14 @@ def test_models_health_and_metrics(stack, client):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="other", prompt="hi", max_tokens=2)
     assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
+    # another server's route: a 404 in OpenAI's error shape that says which routes are here
+    with pytest.raises(openai.NotFoundError) as e:
+        client.embeddings.create(model="tiny", input="hi")
+    message = e.value.body["message"]
+    assert message.startswith("POST /v1/embeddings is not served here") and "POST /v1/chat/completions" in message
     health = httpx.get(stack["base"] + "/health")
     assert health.status_code == 200 and health.json()["decode_workers"] == 1
+    client.completions.create(model="tiny", prompt="hi", max_tokens=2)
     metrics = httpx.get(stack["base"] + "/metrics").text
     ttft = [
         line for line in metrics.splitlines() if line.startswith("tandem_time_to_first_token_seconds_count")

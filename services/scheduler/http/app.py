@@ -76,12 +76,17 @@ def build_http_app(
     )
     app = FastAPI(title="Tandem", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(RequestValidationError, lambda request, exc: validation_error(exc))
-    app.add_exception_handler(
-        StarletteHTTPException,
-        lambda request, exc: JSONResponse(
-            error_body(str(exc.detail), "invalid_request_error"), exc.status_code, headers=exc.headers
-        ),
-    )
+
+    def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        message = str(exc.detail)
+        if exc.status_code == 404:  # a route of another server (/v1/embeddings, ...): say which are here
+            routes = ", ".join(
+                f"{'/'.join(sorted(r.methods - {'HEAD'}))} {r.path}" for r in app.routes if getattr(r, "methods", None)
+            )
+            message = f"{request.method} {request.url.path} is not served here; this server serves {routes}"
+        return JSONResponse(error_body(message, "invalid_request_error"), exc.status_code, headers=exc.headers)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
