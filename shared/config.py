@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from shared import hub
 from shared.params import MAX_SPECULATIVE_TOKENS
 
 ROLES = ("scheduler", "prefill", "decode", "draft")
@@ -126,10 +127,11 @@ class SchedulerConfig(ServerSettings):
     model: str = setting(
         "TANDEM_MODEL",
         "",
-        "Model directory (Hugging Face layout); the scheduler reads only its tokenizer files.",
+        "Model directory (Hugging Face layout), or a repo id in the local Hugging Face cache; the scheduler "
+        "reads only its tokenizer files.",
     )
     model_name: str = setting(
-        "TANDEM_MODEL_NAME", "", "Name reported by GetModelInfo; default: the model directory's name."
+        "TANDEM_MODEL_NAME", "", "Name reported by GetModelInfo; default: the repo id, else the model directory's name."
     )
     decode_addrs: list[str] = setting(
         "TANDEM_DECODE_ADDRS",
@@ -281,9 +283,14 @@ class SchedulerConfig(ServerSettings):
 class EngineSettings(ServerSettings):
     """What every service that runs a model (prefill, decode, draft) needs."""
 
-    model: str = setting("TANDEM_MODEL", "", "Model directory (config.json, *.safetensors or pytorch_model*.bin, tokenizer.json).")
+    model: str = setting(
+        "TANDEM_MODEL",
+        "",
+        "Model directory (config.json, *.safetensors or pytorch_model*.bin, tokenizer.json), or a repo id "
+        "(org/name, org/name@revision) in the local Hugging Face cache ($HF_HUB_CACHE, $HF_HOME/hub).",
+    )
     model_name: str = setting(
-        "TANDEM_MODEL_NAME", "", "Name reported to the scheduler; default: the model directory's name."
+        "TANDEM_MODEL_NAME", "", "Name reported to the scheduler; default: the repo id, else the model directory's name."
     )
     device: str = setting("TANDEM_DEVICE", "cpu", "torch device of the engine: cpu, cuda, cuda:N.")
     dtype: str = setting(
@@ -688,12 +695,28 @@ def from_env(cls: type, env: Mapping[str, str] | None = None, overrides: Mapping
             continue
         _check_value(meta.get("env", name), value, meta)
         values[name] = value
+    _resolve_models(cls, values, env)
     config = cls(**values)
     if config.port is None:
         role = "scheduler" if isinstance(config, SchedulerConfig) else config.role
         config = dataclasses.replace(config, port=DEFAULT_PORTS[role])
     config.validate()
     return config
+
+
+def _resolve_models(cls: type, values: dict[str, Any], env: Mapping[str, str]) -> None:
+    """A model (or draft model) named by a Hugging Face repo id loads from its snapshot in the
+    local cache (shared/hub.py), and the served model name defaults to the repo id."""
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
+    for name in ("model", "draft_model"):
+        if not values.get(name):
+            continue
+        try:
+            values[name], repo_id = hub.resolve(values[name], env)
+        except hub.ModelNotFound as e:
+            raise ConfigError(f"{meta[name]['env']}: {e}") from None
+        if repo_id and name == "model" and "model_name" in meta and not values.get("model_name"):
+            values["model_name"] = repo_id
 
 
 def _check_value(env: str, value: Any, meta: Mapping[str, Any]) -> None:

@@ -37,6 +37,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared import hub
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "models/tandem-demo-code/target"
 # offsets from the scheduler's port (and from the first metrics port): the services' defaults
@@ -155,7 +157,10 @@ def stop_all(procs: dict[str, subprocess.Popen], grace_s: float) -> int:
 
 def build_parser(prog: str = "python -m tools.run_local") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model directory (default %(default)s)")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL,
+        help="model directory, or a Hugging Face repo id in the local cache (default %(default)s)",
+    )
     parser.add_argument(
         "--port", type=int, default=50051, help="scheduler port; prefill, decode, draft use the next three"
     )
@@ -214,7 +219,8 @@ def build_parser(prog: str = "python -m tools.run_local") -> argparse.ArgumentPa
         "--num-blocks", type=int, default=None, help="KV blocks per worker (default: engine's)"
     )
     parser.add_argument(
-        "--draft-model", default=None, help="draft model directory (default: <model>/../draft, if there)"
+        "--draft-model", default=None,
+        help="draft model directory or cached repo id (default: <model>/../draft, if there)",
     )
     parser.add_argument(
         "--spec",
@@ -251,6 +257,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m tools.run_local")
     model = Path(args.model)
     if not model.is_absolute() and not model.exists() and (ROOT / model).exists():
         model = ROOT / model  # the bundled demo model, when started from another directory
+    try:  # a Hugging Face repo id: its snapshot in the local cache
+        found, repo_id = hub.resolve(str(model))
+        draft_found, draft_repo_id = hub.resolve(args.draft_model or "")
+    except hub.ModelNotFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model = Path(found)
     if not (model / "config.json").is_file():
         print(
             f"error: no model at {model} (config.json missing).\n"
@@ -259,7 +272,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m tools.run_local")
         )
         return 2
 
-    draft_model = Path(args.draft_model) if args.draft_model else model.resolve().parent / "draft"
+    draft_model = Path(draft_found) if args.draft_model else model.resolve().parent / "draft"
     spec = args.spec or ("draft" if (draft_model / "config.json").is_file() else "none")
     if spec in ("draft", "draft-in-worker") and not (draft_model / "config.json").is_file():
         print(f"error: no draft model at {draft_model} (config.json missing).", file=sys.stderr)
@@ -276,6 +289,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m tools.run_local")
     host = "127.0.0.1"
     addrs = {name: f"{host}:{port}" for name, port in ports.items()}
     common = {"TANDEM_MODEL": str(model.resolve()), "TANDEM_HOST": host, "TANDEM_LOG_JSON": "0"}
+    if repo_id:
+        common["TANDEM_MODEL_NAME"] = repo_id  # as vLLM names it, not by the snapshot's commit
     if args.trace_file:
         common["TANDEM_TRACE_FILE"] = str(Path(args.trace_file).resolve())
     worker = {
@@ -300,7 +315,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m tools.run_local")
     if spec == "draft-in-worker":
         decode["TANDEM_DRAFT_MODEL"] = str(draft_model.resolve())
     if spec == "draft":
-        draft = {**worker, "TANDEM_MODEL": str(draft_model.resolve()), "TANDEM_PORT": str(ports["draft"])}
+        draft = {**worker, "TANDEM_MODEL": str(draft_model.resolve()), "TANDEM_PORT": str(ports["draft"]),
+                 "TANDEM_MODEL_NAME": draft_repo_id or ""}
         services["draft"] = ("services.draft", draft)
         decode["TANDEM_DRAFT_ADDR"] = addrs["draft"]
     services["decode"] = ("services.decode", decode)

@@ -81,7 +81,9 @@ def build_http_app(
         message = str(exc.detail)
         if exc.status_code == 404:  # a route of another server (/v1/embeddings, ...): say which are here
             routes = ", ".join(
-                f"{'/'.join(sorted(r.methods - {'HEAD'}))} {r.path}" for r in app.routes if getattr(r, "methods", None)
+                f"{'/'.join(sorted(r.methods - {'HEAD'}))} {r.path.replace(':path}', '}')}"
+                for r in app.routes
+                if getattr(r, "methods", None)
             )
             message = f"{request.method} {request.url.path} is not served here; this server serves {routes}"
         return JSONResponse(error_body(message, "invalid_request_error"), exc.status_code, headers=exc.headers)
