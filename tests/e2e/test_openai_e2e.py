@@ -577,7 +577,6 @@ async def _cancel_while_generating(stack) -> None:
 
 
 def generated_tokens(stack) -> float:
-    client.completions.create(model="tiny", prompt="hi", max_tokens=2)
     metrics = httpx.get(stack["base"] + "/metrics").text
     return sum(
         float(line.split()[-1])
