@@ -49,6 +49,32 @@ def grammar(g: Guidance) -> str:
     raise InvalidRequest("guidance", f"unknown kind {g.kind!r}")
 
 
+def after_reasoning(g: Guidance, tokenizer: llguidance.LLTokenizer) -> str:
+    """The guidance's grammar, after a thinking model's free reasoning when it has a
+    reasoning_end: [reasoning_start] any text reasoning_end, whitespace, then the language. A tag
+    the vocabulary holds as one special token (llguidance matches those as tokens, never as
+    text) is that token; a tag spelled in text ends the reasoning at its first occurrence."""
+    answer = grammar(g)
+    if not g.reasoning_end:
+        return answer
+    top = json.loads(answer) if answer.lstrip().startswith("{") else {"grammars": [{"lark_grammar": answer}]}
+    subs = top["grammars"]
+    subs[0] = {**subs[0], "name": "answer"}
+
+    def special(tag: str) -> str | None:
+        ids = tokenizer.tokenize_str(tag) if tag else []
+        return f"<[{ids[0]}]>" if len(ids) == 1 and tokenizer.is_special_token(ids[0]) else None
+
+    start, end = special(g.reasoning_start), special(g.reasoning_end)
+    rules = [f"start: {start + '? ' if start else ''}thinking WS @answer", "WS: /[ \\t\\r\\n]*/"]
+    if end:  # the text can hold no special token, so it stops at the end token
+        rules.append(f"thinking: TEXT {end}")
+        rules.append("TEXT: /(?s:.*)/")
+    else:
+        rules.append(f"thinking[lazy]: /(?s:.*)/ {json.dumps(g.reasoning_end)}")
+    return json.dumps({"grammars": [{"lark_grammar": "\n".join(rules) + "\n"}, *subs], "max_tokens": top.get("max_tokens")})
+
+
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SCHEMAS = ("items", "additionalItems", "contains", "propertyNames")
 # keywords that make an object schema a composition: its listed properties are not all it takes
@@ -197,7 +223,8 @@ class Guide:
         outputs); InvalidRequest when the guidance does not compile or they leave the language."""
         from llguidance import LLMatcher
 
-        m = LLMatcher(self._llg_tokenizer(), grammar(g), log_level=0)
+        tokenizer = self._llg_tokenizer()
+        m = LLMatcher(tokenizer, after_reasoning(g, tokenizer), log_level=0)
         if m.is_error():
             raise _refuse(g, m.get_error())
         if generated and not m.consume_tokens(list(generated)):

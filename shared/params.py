@@ -18,6 +18,7 @@ MAX_SPECULATIVE_TOKENS = 16  # draft tokens verified per step, at most
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI's
 MAX_LOGIT_BIAS = 100.0  # a logit bias lies in [-100, 100], as OpenAI's
 MAX_GUIDANCE_BYTES = 64 * 1024  # a structured-output schema, regex or grammar, at most
+MAX_REASONING_TAG_BYTES = 64  # a guidance's reasoning_start / reasoning_end, at most
 GUIDANCE_KINDS = ("json_schema", "json_object", "regex", "lark")
 
 
@@ -66,6 +67,10 @@ class Guidance:
 
     kind: str
     value: str = ""
+    # a thinking model's reasoning first: reasoning_start (optional), free text, reasoning_end;
+    # the language holds after it (reasoning_end empty: from the first token)
+    reasoning_start: str = ""
+    reasoning_end: str = ""
 
 
 @dataclass
@@ -143,6 +148,13 @@ class SamplingParams:
                 raise InvalidRequest(
                     "guidance", f"the {g.kind} is {len(g.value.encode())} bytes, more than {MAX_GUIDANCE_BYTES}"
                 )
+            if g.reasoning_start and not g.reasoning_end:
+                raise InvalidRequest("guidance", "reasoning_start needs a reasoning_end")
+            for tag, value in (("reasoning_start", g.reasoning_start), ("reasoning_end", g.reasoning_end)):
+                if len(value.encode()) > MAX_REASONING_TAG_BYTES:
+                    raise InvalidRequest(
+                        "guidance", f"{tag} is {len(value.encode())} bytes, more than {MAX_REASONING_TAG_BYTES}"
+                    )
         if self.seed_offset < 0:
             raise InvalidRequest("seed_offset", f"must be >= 0, got {self.seed_offset}")
         k = self.num_speculative_tokens

@@ -47,9 +47,8 @@ def sampling_from_pb(
 def guidance_from_pb(g: common_pb2.Guidance) -> Guidance:
     """The set kind of a Guidance message (none set: kind "", which validate refuses)."""
     kind = g.WhichOneof("kind")
-    if kind is None or kind == "json_object":
-        return Guidance(kind or "")
-    return Guidance(kind, getattr(g, kind))
+    value = getattr(g, kind) if kind not in (None, "json_object") else ""
+    return Guidance(kind or "", value, reasoning_start=g.reasoning_start, reasoning_end=g.reasoning_end)
 
 
 def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParameters:

@@ -109,3 +109,22 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
         out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
                              min_new_tokens=max_new_tokens, pad_token_id=0, eos_token_id=None)
     return out[0, len(prompt):].tolist()
+
+
+THINK_TAGS = ("<think>", "</think>")
+
+
+def make_thinking_checkpoint(path: Path, **kw) -> tuple[Path, int, int]:
+    """A tiny checkpoint whose vocabulary holds <think> and </think> as one added token each, as
+    reasoning models' do (Qwen3, DeepSeek-R1: added, not special, so their text is decoded); the
+    model's vocabulary covers them. Returns (path, <think> id, </think> id)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    path = Path(path)
+    make_tokenizer_dir(path)
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tokenizer.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in THINK_TAGS])
+    start, end = (tokenizer.token_to_id(tag) for tag in THINK_TAGS)
+    make_tiny_checkpoint(path, vocab_size=tokenizer.get_vocab_size(with_added_tokens=True), **kw)
+    tokenizer.save(str(path / "tokenizer.json"))  # after make_tiny_checkpoint, which writes the plain one
+    return path, start, end

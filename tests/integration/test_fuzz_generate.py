@@ -98,6 +98,12 @@ def requests(draw) -> generate_pb2.GenerateRequest:
             s.guidance.json_object = True
         else:
             setattr(s.guidance, kind, text)
+        if draw(st.booleans()):  # after a reasoning block, as the chat route asks it of a thinking model
+            s.guidance.reasoning_start, s.guidance.reasoning_end = sometimes_bad(
+                draw,
+                st.sampled_from([("<think>", "</think>"), ("", "</think>")]),
+                st.sampled_from([("<think>", ""), ("", "x" * 65)]),
+            )
     s.seed_offset = draw(st.integers(0, 50))
     if draw(st.booleans()):
         s.seed = draw(st.integers(0, 2**64 - 1))

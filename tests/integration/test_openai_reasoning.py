@@ -1,8 +1,11 @@
 """A thinking model's reasoning through the OpenAI front, against in-process services and the
 openai SDK: a model whose chat template writes <think> gets the reasoning returned apart from
 the answer (reasoning_content on chat, a reasoning item on /v1/responses), streamed or not, also
-before a tool call. The replies are forced with structured output, since a random tiny model
-writes no tags of its own; a template that opens the block in the prompt (DeepSeek-R1's way)
+before a tool call, with the usage counting the reasoning's tokens; structured output holds
+after the reasoning, as vLLM applies it. The tiny model's vocabulary has <think> and </think> as
+added tokens, as reasoning models' do; a random model writes them only when pushed, so the
+requests raise their logits (logit_bias) and sample with a seed: the reasoning is random text,
+and the answer is forced. A template that opens the block in the prompt (DeepSeek-R1's way)
 makes an unforced reply reasoning from its first token."""
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import openai
 import pytest
 
 from tests.e2e.procs import free_port
+from tests.helpers.models import make_thinking_checkpoint
 
 from .cluster import start_cluster
 
@@ -38,12 +42,41 @@ async def _serve(tiny_model, tmp_path, template: str, **scheduler):
     return cluster, openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
 
 
+@pytest.fixture(scope="module")
+def thinker(tmp_path_factory):
+    """(checkpoint, <think> id, </think> id)"""
+    return make_thinking_checkpoint(tmp_path_factory.mktemp("thinker"))
+
+
 @pytest.fixture
-async def client(tiny_model, tmp_path):
-    cluster, client = await _serve(tiny_model, tmp_path, QWEN3_LIKE)
+async def client(thinker, tmp_path):
+    cluster, client = await _serve(thinker[0], tmp_path, QWEN3_LIKE)
     yield client
     await cluster.wait_idle()
     await cluster.stop()
+
+
+def thinking(thinker, answer: str, *, opens: bool = True, seed: int = 4) -> dict:
+    """A request's arguments for a sampled reply that (the model pushed to it) opens the block
+    with <think> when `opens`, reasons in random text, closes it with </think>, and then has the
+    answer `answer` (a regex) forced by structured output."""
+    _, start, end = thinker
+    bias = {str(end): 4, **({str(start): 100} if opens else {})}
+    extra = {"structured_outputs": {"regex": answer}}
+    return {"extra_body": extra, "logit_bias": bias, "seed": seed, "temperature": 1.0, "max_tokens": 200}
+
+
+def parts(tokens, opens: bool = True) -> tuple[str, str, int]:
+    """(the reasoning, the answer, the number of reasoning tokens) a reply's tokens (its logprobs
+    entries) spell: [<think>] reasoning </think> answer."""
+    words = [t.token for t in tokens]
+    assert (words[0] == "<think>") == opens, words
+    close = words.index("</think>")
+
+    def text(part) -> str:  # a token may hold part of a character: its bytes, joined, are the text
+        return b"".join(bytes(t.bytes) for t in part).decode("utf-8", errors="replace").lstrip()
+
+    return text(tokens[1 if opens else 0 : close]), text(tokens[close + 1 :]), close + 1
 
 
 def forced(regex: str) -> dict:
@@ -54,74 +87,77 @@ def reasoning_of(message) -> str | None:
     return (message.model_extra or {}).get("reasoning_content")
 
 
-def through_the_close(tokens) -> int:
-    """How many of a reply's tokens (its logprobs entries) it took to write </think>."""
-    text = ""
-    for n, token in enumerate(tokens, 1):
-        text += token.token
-        if "</think>" in text:
-            return n
-    raise AssertionError(f"no </think> in {text!r}")
-
-
-async def test_the_reasoning_comes_apart_from_the_answer(client):
+async def test_the_reasoning_comes_apart_from_the_answer(client, thinker):
     r = await client.chat.completions.create(
-        model=None, messages=MESSAGES, logprobs=True, **forced(THOUGHT + "Four\\.")
+        model=None, messages=MESSAGES, logprobs=True, **thinking(thinker, "Four\\.")
     )
     message = r.choices[0].message
-    assert reasoning_of(message) == "I add two and two.\n" and message.content == "Four."
+    reasoning, answer, reasoning_tokens = parts(r.choices[0].logprobs.content)
+    assert reasoning and "think>" not in reasoning and answer == "Four."  # random text, then the forced answer
+    assert reasoning_of(message) == reasoning and message.content == "Four." and r.choices[0].finish_reason == "stop"
     # the usage counts the reasoning's tokens: those through </think>, of more in all
-    thinking = through_the_close(r.choices[0].logprobs.content)
-    assert r.usage.completion_tokens_details.reasoning_tokens == thinking < r.usage.completion_tokens
-    plain = await client.chat.completions.create(model=None, messages=MESSAGES, **forced("Four\\."))
+    assert r.usage.completion_tokens_details.reasoning_tokens == reasoning_tokens < r.usage.completion_tokens
+    # a prompt that closed the block (Qwen3's enable_thinking: false): the answer from the first token
+    plain = await client.chat.completions.create(
+        model=None, messages=MESSAGES, logprobs=True, extra_body={
+            "structured_outputs": {"regex": "Four\\."}, "chat_template_kwargs": {"enable_thinking": False}
+        },
+    )
+    assert "".join(t.token for t in plain.choices[0].logprobs.content) == "Four."
     assert reasoning_of(plain.choices[0].message) is None and plain.choices[0].message.content == "Four."
     assert plain.usage.completion_tokens_details.reasoning_tokens == 0
 
 
-async def test_streamed_reasoning_then_answer_equal_the_whole(client):
-    stream = await client.chat.completions.create(
-        model=None, messages=MESSAGES, stream=True, logprobs=True, stream_options={"include_usage": True},
-        **forced(THOUGHT + "It is four\\."),
-    )
+async def test_streamed_reasoning_then_answer_equal_the_whole(client, thinker):
+    args = dict(model=None, messages=MESSAGES, logprobs=True, **thinking(thinker, "It is four\\."))
+    whole = await client.chat.completions.create(**args)
+    stream = await client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True})
     chunks = [c async for c in stream]
     usage = chunks.pop().usage
     deltas = [c.choices[0].delta for c in chunks]
     thought = "".join(reasoning_of(d) or "" for d in deltas)
     content = "".join(d.content or "" for d in deltas)
-    assert thought == "I add two and two.\n" and content == "It is four."
+    assert thought == reasoning_of(whole.choices[0].message) and content == "It is four."
     assert not any("think>" in (reasoning_of(d) or "") + (d.content or "") for d in deltas)
     # the reasoning went out as it came, before the answer, not all at the end
     first_content = next(i for i, d in enumerate(deltas) if d.content)
     assert len([d for d in deltas[:first_content] if reasoning_of(d)]) > 1
     assert not any(reasoning_of(d) for d in deltas[first_content:])
     tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
-    assert "".join(t.token for t in tokens) == "<think>\nI add two and two.\n</think>\n\nIt is four."
-    assert usage.completion_tokens_details.reasoning_tokens == through_the_close(tokens)
+    assert [t.token for t in tokens] == [t.token for t in whole.choices[0].logprobs.content]
+    assert usage.completion_tokens_details.reasoning_tokens == parts(tokens)[2]
     assert usage.completion_tokens == len(tokens)
 
 
-async def test_reasoning_before_a_tool_call(client):
+async def test_reasoning_before_a_tool_call(client, thinker):
     tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
     call = r'<tool_call>\{"name": "add", "arguments": \{"a": 2\}\}</tool_call>'
-    r = await client.chat.completions.create(model=None, messages=MESSAGES, tools=tools, **forced(THOUGHT + call))
+    args = dict(model=None, messages=MESSAGES, tools=tools, **thinking(thinker, call))
+    r = await client.chat.completions.create(**args)
     choice = r.choices[0]
-    assert choice.finish_reason == "tool_calls" and reasoning_of(choice.message) == "I add two and two.\n"
+    assert choice.finish_reason == "tool_calls" and reasoning_of(choice.message)
     assert not choice.message.content and choice.message.tool_calls[0].function.name == "add"
-    stream = await client.chat.completions.create(
-        model=None, messages=MESSAGES, tools=tools, stream=True, **forced(THOUGHT + call)
-    )
-    deltas = [c.choices[0].delta async for c in stream]
-    assert "".join(reasoning_of(d) or "" for d in deltas) == "I add two and two.\n"
+    deltas = [c.choices[0].delta async for c in await client.chat.completions.create(**args, stream=True)]
+    assert "".join(reasoning_of(d) or "" for d in deltas) == reasoning_of(choice.message)
     assert not "".join(d.content or "" for d in deltas)
     assert [t.function.name for d in deltas for t in d.tool_calls or []] == ["add"]
+    # a forced call (tool_choice required) also follows the reasoning
+    forced_call = await client.chat.completions.create(
+        model=None, messages=MESSAGES, tools=tools, tool_choice="required",
+        **{**thinking(thinker, "unused"), "extra_body": {}},
+    )
+    message = forced_call.choices[0].message
+    assert reasoning_of(message) and message.tool_calls[0].function.name == "add"
 
 
-async def test_responses_gives_a_reasoning_item(client):
-    fmt = {"extra_body": {"structured_outputs": {"regex": THOUGHT + "Four\\."}}, "temperature": 0.0}
+async def test_responses_gives_a_reasoning_item(client, thinker):
+    args = thinking(thinker, "Four\\.")
+    fmt = {"extra_body": {**args["extra_body"], "logit_bias": args["logit_bias"], "seed": args["seed"]},
+           "temperature": 1.0}
     r = await client.responses.create(input="2+2?", **fmt)
-    assert [item.type for item in r.output] == ["reasoning", "message"]
-    assert r.output[0].content[0].text == "I add two and two.\n" and r.output_text == "Four."
-    chat = await client.chat.completions.create(model=None, messages=MESSAGES, **forced(THOUGHT + "Four\\."))
+    assert [item.type for item in r.output] == ["reasoning", "message"] and r.output_text == "Four."
+    chat = await client.chat.completions.create(model=None, messages=MESSAGES, **args)
+    assert r.output[0].content[0].text == reasoning_of(chat.choices[0].message)
     reasoning_tokens = chat.usage.completion_tokens_details.reasoning_tokens
     assert r.usage.output_tokens_details.reasoning_tokens == reasoning_tokens > 0
     events = [e async for e in await client.responses.create(input="2+2?", stream=True, **fmt)]
@@ -134,11 +170,12 @@ async def test_responses_gives_a_reasoning_item(client):
     assert [e.type for e in item][-3:] == [
         "response.reasoning_text.done", "response.content_part.done", "response.output_item.done"
     ]
-    assert item[1].part.type == "reasoning_text" and item[-2].part.text == "I add two and two.\n"
+    assert item[1].part.type == "reasoning_text" and item[-2].part.text == r.output[0].content[0].text
     deltas = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
-    assert deltas == "I add two and two.\n"
+    assert deltas == r.output[0].content[0].text
     done = events[-1].response
     assert [item.type for item in done.output] == ["reasoning", "message"] and done.output_text == "Four."
+    assert done.usage.output_tokens_details.reasoning_tokens == reasoning_tokens
     # the reasoning item sent back as input is taken (and given to the template with the turn)
     again = await client.responses.create(
         input=[{"role": "user", "content": "2+2?"}, *[item.model_dump() for item in r.output],
@@ -159,19 +196,29 @@ async def test_the_parser_can_be_turned_off(tiny_model, tmp_path):
         await cluster.stop()
 
 
-async def test_a_prompt_that_opens_the_block_makes_the_reply_reasoning(tiny_model, tmp_path):
-    cluster, client = await _serve(tiny_model, tmp_path, DEEPSEEK_LIKE)
+async def test_a_prompt_that_opens_the_block_makes_the_reply_reasoning(thinker, tmp_path):
+    cluster, client = await _serve(thinker[0], tmp_path, DEEPSEEK_LIKE)
     try:
-        args = dict(model=None, messages=MESSAGES, temperature=0.0, max_tokens=8)
+        never_closes = {str(thinker[2]): -100}
+        args = dict(model=None, messages=MESSAGES, temperature=0.0, max_tokens=8, logit_bias=never_closes)
         r = await client.chat.completions.create(**args)
-        # a random model never closes the block: the whole reply is reasoning, cut by max_tokens
+        # a reply that does not close the block is all reasoning, cut by max_tokens
         text = reasoning_of(r.choices[0].message)
         assert r.choices[0].finish_reason == "length" and text and r.choices[0].message.content is None
         assert r.usage.completion_tokens_details.reasoning_tokens == r.usage.completion_tokens == 8
         # the same tokens, as the completions route gives them for the rendered prompt's ids
         tokens = await client.post("/../tokenize", body={"messages": MESSAGES}, cast_to=dict)
-        raw = await client.completions.create(model=None, prompt=tokens["tokens"], temperature=0.0, max_tokens=8)
+        raw = await client.completions.create(
+            model=None, prompt=tokens["tokens"], temperature=0.0, max_tokens=8, logit_bias=never_closes
+        )
         assert text == raw.choices[0].text.lstrip()
+        # structured output holds after the reasoning, which needs no <think> of its own here
+        guided = await client.chat.completions.create(
+            model=None, messages=MESSAGES, logprobs=True, **thinking(thinker, "Four\\.", opens=False)
+        )
+        reasoning, answer, _ = parts(guided.choices[0].logprobs.content, opens=False)
+        assert reasoning and answer == "Four."
+        assert reasoning_of(guided.choices[0].message) == reasoning and guided.choices[0].message.content == "Four."
     finally:
         await cluster.wait_idle()
         await cluster.stop()

@@ -40,6 +40,9 @@ def test_the_prompt_says_whether_the_block_is_open():
     assert not Reasoning.for_prompt(qwen3_no_thinking).open_in_prompt
     assert not Reasoning.for_prompt(quoted).open_in_prompt  # a tag the user quoted opens nothing
     assert not Reasoning.for_prompt("plain").open_in_prompt
+    # a prompt that closed the block: the reply does not think (structured output holds at once)
+    assert Reasoning.for_prompt(qwen3_no_thinking).closed_in_prompt
+    assert not any(Reasoning.for_prompt(p).closed_in_prompt for p in (deepseek, quoted, "plain"))
 
 
 TEXTS = [

@@ -25,7 +25,7 @@ from shared.text import Tokenizer
 
 from ..relay import Piece
 from .chat import ChatTemplate, TemplateError
-from .reasoning import Reasoning
+from .reasoning import END, START, Reasoning
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from .tool_parsers import ToolParser
 
@@ -303,9 +303,9 @@ async def chat_plan(
 ) -> Plan:
     """`encode`: the rendered template's token ids, without BOS (Frontend.encode, off the event loop);
     `tool_parser`: finds tool calls in free text (tool_choice "auto"; None: auto is refused);
-    `reasoning`: the model thinks between <think> and </think>, returned apart. Output
-    constrained by structured output or a forced tool call is not in a block its prompt opened
-    (the constraint holds from its first token); only a <think> it writes itself opens one."""
+    `reasoning`: the model thinks between <think> and </think>, returned apart. Structured
+    output and a forced tool call constrain what follows the reasoning, which the model may
+    write first (Guidance.reasoning_start / _end), unless the prompt closed the block."""
     fields = {"text": "messages", "token_ids": "messages", "prompt": "messages", "logprobs": "top_logprobs"}
     if req.max_completion_tokens is not None:
         fields["max_tokens"] = "max_completion_tokens"
@@ -355,7 +355,10 @@ async def _chat_plan(
         fields["guidance"] = "tools"
     split = None
     if reasoning:
-        split = Reasoning(open_in_prompt=False) if sampling.HasField("guidance") else Reasoning.for_prompt(text)
+        split = Reasoning.for_prompt(text)
+        if sampling.HasField("guidance") and not split.closed_in_prompt:
+            # as vLLM applies structured output: after the reasoning, which the model may write first
+            sampling.guidance.reasoning_start, sampling.guidance.reasoning_end = START, END
     requests, prompt_of = _fan_out(request_id, [prompt], req.n, sampling, stopping, req.priority)
     return Plan(requests, prompt_of, logprobs, fields, tool_calls=tool_calls, reasoning=split)
 

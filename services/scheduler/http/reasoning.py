@@ -27,12 +27,14 @@ class Reasoning:
     """How one request's choices split into reasoning and answer."""
 
     open_in_prompt: bool  # the prompt ends inside a <think> block
+    closed_in_prompt: bool = False  # the prompt ends with an (empty) closed block: no thinking
 
     @classmethod
     def for_prompt(cls, prompt_text: str) -> Reasoning:
-        # the generation prompt's own <think>, at its very end: a tag quoted earlier in the
+        # the generation prompt's own tags, at its very end: a tag quoted earlier in the
         # conversation (a user asking what <think> means) opens nothing
-        return cls(open_in_prompt=prompt_text.rstrip().endswith(START))
+        end = prompt_text.rstrip()
+        return cls(open_in_prompt=end.endswith(START), closed_in_prompt=end.endswith(END))
 
     def split(self, text: str, final: bool) -> tuple[str, str]:
         """(reasoning, answer) of a choice's text so far. While it streams (`final` False), a
