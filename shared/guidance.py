@@ -51,9 +51,13 @@ def grammar(g: Guidance) -> str:
 
 def after_reasoning(g: Guidance, tokenizer: llguidance.LLTokenizer) -> str:
     """The guidance's grammar, after a thinking model's free reasoning when it has a
-    reasoning_end: [reasoning_start] any text reasoning_end, whitespace, then the language. A tag
-    the vocabulary holds as one special token (llguidance matches those as tokens, never as
-    text) is that token; a tag spelled in text ends the reasoning at its first occurrence."""
+    reasoning_end. With a reasoning_start, the output is either in the language from its first
+    token or opens with reasoning_start (after any whitespace), reasons, and closes with
+    reasoning_end; without one, it reasons from its first token (its prompt opened the block).
+    The language holds after reasoning_end and any whitespace. A tag the vocabulary holds as one
+    added token (llguidance matches those as tokens, never as text) is that token, and the
+    reasoning may not spell the end tag in other tokens either; a tag the vocabulary does not
+    hold is text, and the reasoning ends at its first occurrence."""
     answer = grammar(g)
     if not g.reasoning_end:
         return answer
@@ -61,18 +65,23 @@ def after_reasoning(g: Guidance, tokenizer: llguidance.LLTokenizer) -> str:
     subs = top["grammars"]
     subs[0] = {**subs[0], "name": "answer"}
 
-    def special(tag: str) -> str | None:
-        ids = tokenizer.tokenize_str(tag) if tag else []
-        return f"<[{ids[0]}]>" if len(ids) == 1 and tokenizer.is_special_token(ids[0]) else None
+    def tag(text: str) -> str:
+        ids = tokenizer.tokenize_str(text)
+        return f"<[{ids[0]}]>" if len(ids) == 1 and tokenizer.is_special_token(ids[0]) else json.dumps(text)
 
-    start, end = special(g.reasoning_start), special(g.reasoning_end)
-    rules = [f"start: {start + '? ' if start else ''}thinking WS @answer", "WS: /[ \\t\\r\\n]*/"]
-    if end:  # the text can hold no special token, so it stops at the end token
-        rules.append(f"thinking: TEXT {end}")
-        rules.append("TEXT: /(?s:.*)/")
+    end = tag(g.reasoning_end)
+    if g.reasoning_start:
+        rules = [f"start: @answer | WS {tag(g.reasoning_start)} thinking WS @answer"]
     else:
-        rules.append(f"thinking[lazy]: /(?s:.*)/ {json.dumps(g.reasoning_end)}")
-    return json.dumps({"grammars": [{"lark_grammar": "\n".join(rules) + "\n"}, *subs], "max_tokens": top.get("max_tokens")})
+        rules = ["start: thinking WS @answer"]
+    if end.startswith("<["):  # the free text holds no added token; nor may it spell the end tag
+        spelled = json.dumps(g.reasoning_end)
+        rules += [f"thinking: TEXT {end}", f"TEXT: /(?s:.*)/ & ~(/(?s:.*)/ {spelled} /(?s:.*)/)"]
+    else:
+        rules.append(f"thinking[lazy]: /(?s:.*)/ {end}")
+    rules.append("WS: /[ \\t\\r\\n]*/")
+    lark = "\n".join(rules) + "\n"
+    return json.dumps({"grammars": [{"lark_grammar": lark}, *subs], "max_tokens": top.get("max_tokens")})
 
 
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")

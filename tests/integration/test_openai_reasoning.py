@@ -108,6 +108,22 @@ async def test_the_reasoning_comes_apart_from_the_answer(client, thinker):
     assert plain.usage.completion_tokens_details.reasoning_tokens == 0
 
 
+async def test_a_reply_that_does_not_think_or_stops_at_the_tag(client, thinker):
+    _, start, _ = thinker
+    # a model that does not open the block: structured output holds from its first token
+    r = await client.chat.completions.create(
+        model=None, messages=MESSAGES, logit_bias={str(start): -100}, **forced("Four\\.")
+    )
+    assert r.choices[0].message.content == "Four." and r.choices[0].finish_reason == "stop"
+    assert reasoning_of(r.choices[0].message) is None and r.usage.completion_tokens_details.reasoning_tokens == 0
+    # cut right after it opened the block: thinking, with nothing to show yet
+    r = await client.chat.completions.create(
+        model=None, messages=MESSAGES, logit_bias={str(start): 100}, max_tokens=1
+    )
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.content is None
+    assert r.usage.completion_tokens_details.reasoning_tokens == 1
+
+
 async def test_streamed_reasoning_then_answer_equal_the_whole(client, thinker):
     args = dict(model=None, messages=MESSAGES, logprobs=True, **thinking(thinker, "It is four\\."))
     whole = await client.chat.completions.create(**args)

@@ -52,17 +52,39 @@ def thinking(g: Guidance, start: str = "<think>") -> Guidance:
 
 
 @pytest.mark.parametrize("kind", ANSWERS)
-def test_the_language_holds_after_the_reasoning(tokenizers, kind):
+def test_the_language_holds_after_reasoning_the_model_opens(tokenizers, kind):
     g, answer = ANSWERS[kind]
-    g = thinking(g)
+    g = thinking(g)  # Qwen3's way: the model writes <think> itself, or does not think
     assert takes(tokenizers, g, f"<think>\nLet me see: {{not json}}.\n</think>\n\n{answer}") == "complete"
-    assert takes(tokenizers, g, f"</think>{answer}") == "complete"  # no reasoning at all, or no <think>
-    assert takes(tokenizers, g, f"first < then </think> {answer}") == "complete"
+    assert takes(tokenizers, g, f"\n<think>first < then</think> {answer}") == "complete"
+    assert takes(tokenizers, g, f"<think></think>{answer}") == "complete"
+    assert takes(tokenizers, g, answer) == "complete"  # no thinking: the language from the first token
+    assert takes(tokenizers, g, f"Sure! {answer}") == "refused"
     # while the block is open anything goes, even the answer, and it is not yet the answer
     assert takes(tokenizers, g, f"<think>\n{answer}") == "partial"
     assert takes(tokenizers, g, f"<think>\nhm</think>\n\nnot the {kind}") == "refused"
     # the first </think> ends the reasoning
     assert takes(tokenizers, g, f"<think>a</think>b</think>{answer}") == "refused"
+
+
+@pytest.mark.parametrize("kind", ANSWERS)
+def test_the_language_holds_after_reasoning_the_prompt_opened(tokenizers, kind):
+    g, answer = ANSWERS[kind]
+    g = thinking(g, start="")  # DeepSeek-R1's way: the prompt ends with <think>
+    assert takes(tokenizers, g, f"Let me see: {{not json}}.\n</think>\n\n{answer}") == "complete"
+    assert takes(tokenizers, g, f"</think>{answer}") == "complete"
+    assert takes(tokenizers, g, answer) == "partial"  # still reasoning
+    assert takes(tokenizers, g, f"a</think>b</think>{answer}") == "refused"
+
+
+def test_an_end_tag_the_vocabulary_holds_closes_only_as_that_token(tmp_path):
+    path, _, end = make_thinking_checkpoint(tmp_path)
+    llg, ours = llguidance.LLTokenizer(str(path / "tokenizer.json")), Tokenizer.from_dir(path)
+    g = thinking(ANSWERS["regex"][0])
+    m = llguidance.LLMatcher(llg, after_reasoning(g, llg), log_level=0)
+    spelled = [ours.encode(piece, add_special_tokens=False) for piece in ("<think>a", "</", "think>", "Four.")]
+    assert spelled[0][0] != end and end not in [i for ids in spelled for i in ids]
+    assert m.consume_tokens(spelled[0] + spelled[1]) and not m.consume_tokens(spelled[2])
 
 
 def test_without_a_reasoning_end_the_language_holds_from_the_first_token(tokenizers):

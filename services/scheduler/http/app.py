@@ -265,11 +265,12 @@ class OpenAIFront:
             text, logprobs = self._content(meta, index, merged, 0, True)
             reason = next((convert.finish_reason(p) for p in choice if p.usage is not None), None)
             entry: dict[str, Any] = {"index": index, "finish_reason": reason, "logprobs": logprobs}
-            thought = None
+            thought, thinks = None, False
             if meta.plan.reasoning is not None:
                 thought, text = meta.plan.reasoning.split(text, final=True)
                 for p in choice:
                     counts[index].add(p.text, p.token_ids)
+                thinks = counts[index].tokens > 0
             content, calls = (
                 meta.plan.tool_calls.split(text) if meta.plan.tool_calls and reason == "stop" else (text, [])
             )
@@ -277,7 +278,7 @@ class OpenAIFront:
                 entry["message"] = {"role": "assistant", "content": content or None, "tool_calls": calls}
                 entry["finish_reason"] = "tool_calls"
             elif meta.chat:  # a reply cut while thinking has no content
-                entry["message"] = {"role": "assistant", "content": text if text or not thought else None}
+                entry["message"] = {"role": "assistant", "content": text if text or not thinks else None}
             else:
                 entry["text"] = text
             if thought is not None:

@@ -357,8 +357,10 @@ async def _chat_plan(
     if reasoning:
         split = Reasoning.for_prompt(text)
         if sampling.HasField("guidance") and not split.closed_in_prompt:
-            # as vLLM applies structured output: after the reasoning, which the model may write first
-            sampling.guidance.reasoning_start, sampling.guidance.reasoning_end = START, END
+            # as vLLM applies structured output: after the reasoning, which the model may write
+            # first (opening the block itself unless the prompt opened it)
+            sampling.guidance.reasoning_end = END
+            sampling.guidance.reasoning_start = "" if split.open_in_prompt else START
     requests, prompt_of = _fan_out(request_id, [prompt], req.n, sampling, stopping, req.priority)
     return Plan(requests, prompt_of, logprobs, fields, tool_calls=tool_calls, reasoning=split)
 
