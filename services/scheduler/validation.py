@@ -98,7 +98,9 @@ def _strings_to_bytes(msg: descriptor_pb2.DescriptorProto) -> None:
 
 
 def _first_invalid_utf8(msg: Message) -> tuple[str, str] | None:
-    """(field name, message) of the first bytes field (a string field originally) not valid UTF-8."""
+    """(field name, message) of the first bytes field (a string field originally) not valid UTF-8.
+    A field of the guidance is named as the guidance, as its other errors are ("guidance: regex
+    is not valid UTF-8 ...")."""
     for fd, value in msg.ListFields():
         if fd.type == fd.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry:
             bad = _first_invalid_utf8_in_map(fd, value)
@@ -109,6 +111,8 @@ def _first_invalid_utf8(msg: Message) -> tuple[str, str] | None:
         for i, item in enumerate(value if repeated else [value]):
             if fd.type == fd.TYPE_MESSAGE:
                 bad = _first_invalid_utf8(item)
+                if bad is not None and fd.message_type.full_name == "tandem.v1.Guidance":
+                    return fd.name, f"{bad[0]} is {bad[1]}"
                 if bad is not None:
                     return bad
             elif fd.type == fd.TYPE_BYTES and (error := _utf8_error(item)) is not None:

@@ -79,8 +79,8 @@ async def test_bad_fields_are_named_and_the_service_keeps_serving(cluster, refer
             wire(prompt="abc", logit_bias={5: 1.0}, guidance=common_pb2.Guidance(regex="qq[0-9]")).replace(
                 b"qq", b"q\xfe"
             ),
-            "regex",
-            "byte 0xfe at offset 1",
+            "guidance",
+            "regex is not valid UTF-8 (byte 0xfe at offset 1)",
         ),
         (wire(prompt="abc")[:-3], "request", "not a valid tandem.v1.GenerateRequest"),
         (b"\xff\xff\xff\xff", "request", "not a valid tandem.v1.GenerateRequest"),
