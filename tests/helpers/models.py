@@ -17,6 +17,7 @@ ARCHS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),  # fused qkv_proj / gate_up_proj
 }
 
 
@@ -38,6 +39,8 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, tie: bool = False, 
     )
     if rope_scaling is not None:
         kwargs["rope_parameters"] = {"rope_theta": 10000.0, **rope_scaling}
+    if arch == "phi3":
+        kwargs["pad_token_id"] = 0  # its default (32000) is past the tiny vocabulary
     kwargs.update(extra)
     config = getattr(transformers, cfg_name)(**kwargs)
     torch.manual_seed(seed)

@@ -27,6 +27,11 @@ CHECKPOINTS = {
                                                              "original_max_position_embeddings": 64}),
     "qwen2-qkv-bias": dict(arch="qwen2", tie=True),
     "qwen3-qk-norm": dict(arch="qwen3", tie=True, head_dim=32),  # head_dim != hidden / heads, as in Qwen3
+    # Phi-3: fused projections; a window on every layer (Phi-3-mini's 2047); LongRoPE (Phi-3.5's)
+    "phi3-fused-sliding-window": dict(arch="phi3", sliding_window=16),
+    "phi3-longrope": dict(arch="phi3", tie=True, max_positions=512, original_max_position_embeddings=128, rope_scaling={
+        "rope_type": "longrope", "original_max_position_embeddings": 128,
+        "short_factor": [1.0 + 0.15 * i for i in range(8)], "long_factor": [4.0 + i for i in range(8)]}),
     "mistral": dict(arch="mistral", sliding_window=None),
     "mistral-sliding-window": dict(arch="mistral", sliding_window=16),
     "llama-sharded": dict(arch="llama", sharded=True),

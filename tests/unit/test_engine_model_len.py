@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import pytest
 
@@ -84,7 +85,7 @@ def test_unsupported_architecture_is_a_one_line_error_naming_it(long_ckpt, tmp_p
         build_engine(from_env(WorkerConfig, env={"TANDEM_MODEL": str(tmp_path)}))
     message = str(err.value)
     assert "\n" not in message and "GPT2LMHeadModel" in message
-    assert "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in message
+    assert "LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in message
 
 
 def test_an_8bit_kv_cache_for_a_head_size_it_cannot_pack_is_a_one_line_error(tmp_path):
@@ -109,3 +110,26 @@ def test_qwen_sliding_window_follows_max_window_layers(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**base, "use_sliding_window": True, "max_window_layers": 1}))
     with pytest.raises(ModelLoadError, match="max_window_layers"):
         ModelConfig.from_dir(tmp_path)
+
+
+def test_phi3_longrope_is_served_up_to_its_pretrained_length_and_partial_rope_is_refused(tmp_path, caplog):
+    from shared.engine.model import ModelLoadError
+    from shared.engine.model.config import ModelConfig
+
+    longrope = {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}  # Phi-3.5's 4.x layout
+    base = {"architectures": ["Phi3ForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+            "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 300,
+            "max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "rope_scaling": longrope}
+    (tmp_path / "config.json").write_text(json.dumps(base))
+    with caplog.at_level(logging.INFO):
+        cfg = ModelConfig.from_dir(tmp_path)
+    assert cfg.max_position_embeddings == 4096 and "serving up to original_max_position_embeddings = 4096" in caplog.text
+    assert cfg.rope_attention_factor() == pytest.approx((1 + math.log(32) / math.log(4096)) ** 0.5)
+    for change, message in [
+        ({"rope_scaling": {**longrope, "short_factor": [1.0] * 7}}, "short_factor must list 8 factors"),
+        ({"original_max_position_embeddings": None}, "without original_max_position_embeddings"),
+        ({"partial_rotary_factor": 0.75}, "partial_rotary_factor 0.75"),
+    ]:
+        (tmp_path / "config.json").write_text(json.dumps({**base, **change}))
+        with pytest.raises(ModelLoadError, match=message):
+            ModelConfig.from_dir(tmp_path)

@@ -1,13 +1,14 @@
 """Model configuration read from a Hugging Face checkpoint directory.
 
 Knows the Llama family's `config.json` dialects (Llama, Llama 3 RoPE scaling, Qwen2 QKV bias,
-Qwen3 per-head QK RMSNorm, Mistral sliding window; transformers 4.x `rope_scaling` and 5.x `rope_parameters`). Knows
-nothing about weights or tensors beyond the RoPE frequencies.
+Qwen3 per-head QK RMSNorm, Mistral sliding window, Phi-3 LongRoPE; transformers 4.x `rope_scaling` and 5.x
+`rope_parameters`). Knows nothing about weights or tensors beyond the RoPE frequencies.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,9 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",  # Llama's layers with fused qkv_proj / gate_up_proj (the loader splits them)
 }
+log = logging.getLogger(__name__)
 
 
 class ModelLoadError(ValueError):
@@ -29,7 +32,7 @@ class ModelLoadError(ValueError):
 @dataclass
 class ModelConfig:
     name: str
-    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3"
+    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3" | "phi3"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -71,6 +74,14 @@ class ModelConfig:
         rope_theta = raw.get("rope_theta") or (rope_params or {}).get("rope_theta") or 10000.0
         if rope_params is not None and rope_params.get("rope_type", rope_params.get("type", "default")) == "default":
             rope_params = None
+        partial = (rope_params or {}).get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise ModelLoadError(
+                f"{path}: partial_rotary_factor {partial} (RoPE on part of each head, as in Phi-4-mini) is not supported"
+            )
+        max_positions = raw.get("max_position_embeddings", 2048)
+        if rope_params is not None and rope_params.get("rope_type", rope_params.get("type")) in ("longrope", "su"):
+            rope_params, max_positions = _longrope(path, raw, rope_params, max_positions)
         sliding = raw.get("sliding_window")
         if arch in ("qwen2", "qwen3"):
             # transformers: layers from max_window_layers on use the window, the ones before it do not
@@ -99,7 +110,7 @@ class ModelConfig:
             num_kv_heads=raw.get("num_key_value_heads") or heads,
             head_dim=raw.get("head_dim") or hidden // heads,
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=raw.get("max_position_embeddings", 2048),
+            max_position_embeddings=max_positions,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2" or attention_bias,
             o_bias=attention_bias and arch != "qwen2",
@@ -114,7 +125,7 @@ class ModelConfig:
         )
 
     def rope_inv_freq(self) -> torch.Tensor:
-        """Inverse RoPE frequencies [head_dim // 2], with Llama 3 / linear scaling applied."""
+        """Inverse RoPE frequencies [head_dim // 2], with Llama 3 / linear / LongRoPE scaling applied."""
         dim = self.head_dim
         inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         if self.rope_scaling is None:
@@ -123,6 +134,8 @@ class ModelConfig:
         factor = float(self.rope_scaling.get("factor", 1.0))
         if kind == "linear":
             return inv_freq / factor
+        if kind in ("longrope", "su"):  # within the original length: the short factors, as transformers
+            return inv_freq / torch.tensor(self.rope_scaling["short_factor"], dtype=torch.float32)
         if kind == "llama3":
             low = float(self.rope_scaling["low_freq_factor"])
             high = float(self.rope_scaling["high_freq_factor"])
@@ -135,7 +148,38 @@ class ModelConfig:
             smoothed = (1 - smooth) * scaled / factor + smooth * scaled
             medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
             return torch.where(medium, smoothed, scaled)
-        raise ModelLoadError(f"config.json: unsupported rope scaling type {kind!r} (supported: linear, llama3)")
+        raise ModelLoadError(
+            f"config.json: unsupported rope scaling type {kind!r} (supported: linear, llama3, longrope)"
+        )
+
+    def rope_attention_factor(self) -> float:
+        """What cos and sin are multiplied by (LongRoPE's attention factor; 1 otherwise)."""
+        return float((self.rope_scaling or {}).get("attention_factor", 1.0))
+
+
+def _longrope(path: Path, raw: dict, rope: dict, max_positions: int) -> tuple[dict, int]:
+    """Phi-3's LongRoPE as transformers computes it: the short factors up to the pretrained length
+    (original_max_position_embeddings), the long ones past it, cos and sin scaled by an attention
+    factor from max_position_embeddings / that length. Past it transformers changes the factors
+    of every position, the cached ones included, which a KV cache cannot follow: the model is
+    served up to that length, where its outputs are transformers'."""
+    original = rope.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
+    if not original:
+        raise ModelLoadError(f"{path}: longrope rope scaling without original_max_position_embeddings")
+    dim = (raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]) // 2
+    for name in ("short_factor", "long_factor"):
+        if len(rope.get(name) or []) != dim:
+            raise ModelLoadError(f"{path}: longrope {name} must list {dim} factors (head_dim / 2)")
+    factor = rope.get("factor") or max_positions / original
+    attention = rope.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    if max_positions > original:
+        log.info(
+            "%s: LongRoPE; serving up to original_max_position_embeddings = %d positions (of %d), where "
+            "transformers uses the short factors for every position", path.parent.name, original, max_positions,
+        )
+    return {**rope, "attention_factor": attention}, min(max_positions, original)
 
 
 def _as_list(value) -> list[int]:

@@ -78,9 +78,44 @@ def load_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+# checkpoints that store projections fused (Phi-3): the fused tensor, and the parts it stacks along
+# its output rows, in order
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def split_fused(state: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint with each fused projection (and its int8 per-channel scale) split into the
+    module's separate ones, by their row counts."""
+    out = {}
+    for name, tensor in state.items():
+        stem, fused, suffix = _fused_name(name)
+        if fused is None:
+            out[name] = tensor
+            continue
+        parts = [f"{stem}{part}.weight" for part in FUSED[fused]]
+        if not all(p in params for p in parts):
+            raise ModelLoadError(f"{name}: a fused projection the model has no parts for")
+        rows = [params[p].shape[0] for p in parts]
+        if tensor.shape[0] != sum(rows):
+            raise ModelLoadError(f"{name}: {tensor.shape[0]} rows, not {' + '.join(map(str, rows))}")
+        for part, piece in zip(FUSED[fused], torch.split(tensor, rows), strict=True):
+            out[f"{stem}{part}{suffix}"] = piece
+    return out
+
+
+def _fused_name(name: str) -> tuple[str, str | None, str]:
+    """("model.layers.0.self_attn.", "qkv_proj", ".weight") for a fused tensor's name, else (name, None, "")."""
+    for fused in FUSED:
+        marker = f".{fused}."
+        if marker in name:
+            stem, suffix = name.split(marker, 1)
+            return stem + ".", fused, "." + suffix
+    return name, None, ""
+
+
 def load_weights(module: torch.nn.Module, model_dir: str | Path, tie_word_embeddings: bool) -> None:
     """Copy checkpoint tensors into `module` (already on its device and dtype)."""
-    state = load_state_dict(model_dir)
+    state = split_fused(load_state_dict(model_dir), dict(module.named_parameters()))
     if tie_word_embeddings:
         state.pop("lm_head.weight", None)
     scale_names = {name + "_scale" for name, p in module.named_parameters() if p.dtype == torch.int8}
