@@ -127,9 +127,18 @@ def test_phi3_longrope_is_served_up_to_its_pretrained_length_and_partial_rope_is
     assert cfg.rope_attention_factor() == pytest.approx((1 + math.log(32) / math.log(4096)) ** 0.5)
     for change, message in [
         ({"rope_scaling": {**longrope, "short_factor": [1.0] * 7}}, "short_factor must list 8 factors"),
-        ({"original_max_position_embeddings": None}, "without original_max_position_embeddings"),
         ({"partial_rotary_factor": 0.75}, "partial_rotary_factor 0.75"),
+        # transformers 5.x's layout: the factor inside rope_parameters, with the default RoPE
+        ({"rope_scaling": None, "partial_rotary_factor": None,
+          "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.75}},
+         "partial_rotary_factor 0.75"),
     ]:
         (tmp_path / "config.json").write_text(json.dumps({**base, **change}))
         with pytest.raises(ModelLoadError, match=message):
             ModelConfig.from_dir(tmp_path)
+    # the pretrained length: the config's own field before the scaling's, 4096 (Phi3Config's) without either
+    scaling = {**longrope, "original_max_position_embeddings": 8192}
+    for change, original in [({"rope_scaling": scaling}, 4096), ({"rope_scaling": scaling, "original_max_position_embeddings": None}, 8192),
+                             ({"original_max_position_embeddings": None}, 4096)]:
+        (tmp_path / "config.json").write_text(json.dumps({**base, **change}))
+        assert ModelConfig.from_dir(tmp_path).max_position_embeddings == original

@@ -40,3 +40,12 @@ def test_fused_projections_are_split_in_order():
 def test_a_fused_tensor_of_the_wrong_size_names_itself():
     with pytest.raises(ModelLoadError, match=r"qkv_proj.weight: 11 rows, not 8 \+ 2 \+ 2"):
         split_fused({"model.layers.0.self_attn.qkv_proj.weight": torch.empty(11, 4)}, PARAMS)
+
+
+def test_only_per_row_tensors_are_split():
+    # a static activation scale of a fused projection (one number) is no row of it: passed on as it is
+    scale = torch.tensor([0.5])
+    out = split_fused({"model.layers.0.self_attn.qkv_proj.input_scale": scale}, PARAMS)
+    assert out == {"model.layers.0.self_attn.qkv_proj.input_scale": scale}
+    with pytest.raises(ModelLoadError, match="0 rows"):
+        split_fused({"model.layers.0.self_attn.qkv_proj.weight_scale": torch.tensor(0.5)}, PARAMS)

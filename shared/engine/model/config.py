@@ -72,9 +72,9 @@ class ModelConfig:
         heads = raw["num_attention_heads"]
         rope_params = raw.get("rope_parameters") or raw.get("rope_scaling") or None
         rope_theta = raw.get("rope_theta") or (rope_params or {}).get("rope_theta") or 10000.0
+        partial = raw.get("partial_rotary_factor") or (rope_params or {}).get("partial_rotary_factor") or 1.0
         if rope_params is not None and rope_params.get("rope_type", rope_params.get("type", "default")) == "default":
             rope_params = None
-        partial = (rope_params or {}).get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
         if partial != 1.0:
             raise ModelLoadError(
                 f"{path}: partial_rotary_factor {partial} (RoPE on part of each head, as in Phi-4-mini) is not supported"
@@ -163,9 +163,8 @@ def _longrope(path: Path, raw: dict, rope: dict, max_positions: int) -> tuple[di
     factor from max_position_embeddings / that length. Past it transformers changes the factors
     of every position, the cached ones included, which a KV cache cannot follow: the model is
     served up to that length, where its outputs are transformers'."""
-    original = rope.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
-    if not original:
-        raise ModelLoadError(f"{path}: longrope rope scaling without original_max_position_embeddings")
+    # as transformers' Phi3Config: its own field first, 4096 when it has none
+    original = raw.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or 4096
     dim = (raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]) // 2
     for name in ("short_factor", "long_factor"):
         if len(rope.get(name) or []) != dim:

@@ -79,8 +79,9 @@ def load_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 # checkpoints that store projections fused (Phi-3): the fused tensor, and the parts it stacks along
-# its output rows, in order
+# its output rows, in order; the tensors of a projection that have one row per output
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+PER_ROW = (".weight", ".bias", ".weight_scale", ".weight_zero_point")
 
 
 def split_fused(state: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -89,15 +90,16 @@ def split_fused(state: dict[str, torch.Tensor], params: dict[str, torch.Tensor])
     out = {}
     for name, tensor in state.items():
         stem, fused, suffix = _fused_name(name)
-        if fused is None:
+        if fused is None or suffix not in PER_ROW:  # other tensors (an activation scale) are not split
             out[name] = tensor
             continue
         parts = [f"{stem}{part}.weight" for part in FUSED[fused]]
         if not all(p in params for p in parts):
             raise ModelLoadError(f"{name}: a fused projection the model has no parts for")
         rows = [params[p].shape[0] for p in parts]
-        if tensor.shape[0] != sum(rows):
-            raise ModelLoadError(f"{name}: {tensor.shape[0]} rows, not {' + '.join(map(str, rows))}")
+        if tensor.dim() == 0 or tensor.shape[0] != sum(rows):
+            have = tensor.shape[0] if tensor.dim() else 0
+            raise ModelLoadError(f"{name}: {have} rows, not {' + '.join(map(str, rows))}")
         for part, piece in zip(FUSED[fused], torch.split(tensor, rows), strict=True):
             out[f"{stem}{part}{suffix}"] = piece
     return out
