@@ -686,3 +686,19 @@ def test_models_health_and_metrics(stack, client):
         line for line in metrics.splitlines() if line.startswith("tandem_time_to_first_token_seconds_count")
     ]
     assert ttft and float(ttft[0].split()[-1]) > 0  # the HTTP requests went through the pipeline's metrics
+
+
+def test_a_body_that_is_not_a_json_object_says_why(stack):
+    url = stack["base"] + "/v1/completions"
+    # curl -d without -H 'Content-Type: application/json' sends a form's content type
+    form = httpx.post(url, content=b'{"prompt": "hi"}', headers={"content-type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 400
+    assert form.json()["error"]["message"] == (
+        "request body: must be a JSON object, sent with Content-Type: application/json "
+        "(this one came as application/x-www-form-urlencoded)"
+    )
+    broken = httpx.post(url, content=b'{"prompt": "hi"', headers={"content-type": "application/json"})
+    assert broken.status_code == 400 and broken.json()["error"]["message"].startswith("the body is not valid JSON: ")
+    assert "JSON decode error" not in broken.json()["error"]["message"]  # the parser's reason, not a generic one
+    array = httpx.post(url, json=[1, 2])
+    assert array.status_code == 400 and array.json()["error"]["message"] == "request body: must be a JSON object"

@@ -75,7 +75,9 @@ def build_http_app(
         tool_parser=tool_parser, reasoning=reasoning,
     )
     app = FastAPI(title="Tandem", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_exception_handler(RequestValidationError, lambda request, exc: validation_error(exc))
+    app.add_exception_handler(
+        RequestValidationError, lambda request, exc: validation_error(exc, request.headers.get("content-type"))
+    )
 
     def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         message = str(exc.detail)

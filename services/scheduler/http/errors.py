@@ -75,15 +75,21 @@ def error_response(exc: BaseException, rename: Callable[[str], str] = lambda f: 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def validation_error(exc: RequestValidationError) -> JSONResponse:
-    """pydantic's complaint about a body -> 400 naming the first bad field (FastAPI would say 422)."""
+def validation_error(exc: RequestValidationError, content_type: str | None = None) -> JSONResponse:
+    """pydantic's complaint about a body -> 400 naming the first bad field (FastAPI would say 422).
+    `content_type`: the request's, to say so when a JSON body was sent as something else (curl -d
+    sends application/x-www-form-urlencoded, which FastAPI does not parse as JSON)."""
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request body", "type": ""}
     loc = [part for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
-        return JSONResponse(
-            error_body(f"the body is not valid JSON: {first.get('msg')}", "invalid_request_error"), 400
-        )
+        why = (first.get("ctx") or {}).get("error") or first.get("msg")
+        return JSONResponse(error_body(f"the body is not valid JSON: {why}", "invalid_request_error"), 400)
+    if not loc and first.get("type") in ("model_attributes_type", "dict_type"):
+        message = "request body: must be a JSON object"
+        if content_type and "json" not in content_type:
+            message += f", sent with Content-Type: application/json (this one came as {content_type})"
+        return JSONResponse(error_body(message, "invalid_request_error", None, "invalid_value"), 400)
     param = _param(loc)
     message = f"{param}: {first.get('msg')}" if param else f"request body: {first.get('msg')}"
     return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), 400)
