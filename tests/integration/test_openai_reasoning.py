@@ -97,6 +97,14 @@ async def test_the_reasoning_comes_apart_from_the_answer(client, thinker):
     assert reasoning_of(message) == reasoning and message.content == "Four." and r.choices[0].finish_reason == "stop"
     # the usage counts the reasoning's tokens: those through </think>, of more in all
     assert r.usage.completion_tokens_details.reasoning_tokens == reasoning_tokens < r.usage.completion_tokens
+    # include_reasoning: false (vLLM's) leaves the reasoning out, whole and streamed; the usage still counts it
+    args = dict(model=None, messages=MESSAGES, **thinking(thinker, "Four\\."))
+    args["extra_body"] = {**args["extra_body"], "include_reasoning": False}
+    hidden = await client.chat.completions.create(**args)
+    assert reasoning_of(hidden.choices[0].message) is None and hidden.choices[0].message.content == "Four."
+    assert hidden.usage.completion_tokens_details.reasoning_tokens == reasoning_tokens
+    deltas = [c.choices[0].delta async for c in await client.chat.completions.create(**args, stream=True)]
+    assert not any(reasoning_of(d) for d in deltas) and "".join(d.content or "" for d in deltas) == "Four."
     # a prompt that closed the block (Qwen3's enable_thinking: false): the answer from the first token
     plain = await client.chat.completions.create(
         model=None, messages=MESSAGES, logprobs=True, extra_body={

@@ -283,7 +283,7 @@ class OpenAIFront:
                 entry["message"] = {"role": "assistant", "content": text if text or not thinks else None}
             else:
                 entry["text"] = text
-            if thought is not None:
+            if thought is not None and meta.plan.show_reasoning:
                 entry["message"]["reasoning_content"] = thought or None
             choices.append(entry)
         usages = [meta.usage(next((p.usage for p in choice if p.usage is not None), None)) for choice in pieces]
@@ -380,7 +380,7 @@ class OpenAIFront:
         reasoning, answer = "", text
         if meta.plan.reasoning is not None:
             reasoning, answer = meta.plan.reasoning.split(text, final=reason is not None)
-        if len(reasoning) > thought[index]:
+        if len(reasoning) > thought[index] and meta.plan.show_reasoning:
             delta["reasoning_content"] = reasoning[thought[index] :]
             thought[index] = len(reasoning)
         tools = meta.plan.tool_calls

@@ -95,6 +95,7 @@ class Plan:
     prompt_only: bool = False  # echo with max_tokens 0: one token is generated, and not returned
     tool_calls: ToolCalls | None = None  # chat: the output is a tool call (tool_choice required or named)
     reasoning: Reasoning | None = None  # chat: a <think> block goes apart from the answer
+    show_reasoning: bool = True  # the block goes out as reasoning_content (include_reasoning)
 
     def openai_field(self, name: str) -> str:
         return openai_field(name, self.fields)
@@ -118,6 +119,11 @@ def _check_neutral(req: CompletionRequest | ChatCompletionRequest) -> None:
             raise InvalidArgument("suffix", "not supported")
         if req.best_of is not None and req.best_of != req.n:
             raise InvalidArgument("best_of", "not supported (only equal to n)")
+    else:
+        if req.modalities is not None and set(req.modalities) - {"text"}:
+            raise InvalidArgument("modalities", "only text output is supported")
+        if req.audio is not None:
+            raise InvalidArgument("audio", "not supported (text output only)")
 
 
 def _parameters(
@@ -362,7 +368,10 @@ async def _chat_plan(
             sampling.guidance.reasoning_end = END
             sampling.guidance.reasoning_start = "" if split.open_in_prompt else START
     requests, prompt_of = _fan_out(request_id, [prompt], req.n, sampling, stopping, req.priority)
-    return Plan(requests, prompt_of, logprobs, fields, tool_calls=tool_calls, reasoning=split)
+    return Plan(
+        requests, prompt_of, logprobs, fields, tool_calls=tool_calls, reasoning=split,
+        show_reasoning=req.include_reasoning,
+    )
 
 
 def _tool_choice(

@@ -91,6 +91,10 @@ class ChatCompletionRequest(_Common):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[Any] | None = None  # with tool_choice "required" or a named function (convert._tool_choice)
     tool_choice: Any = None
+    include_reasoning: StrictBool = True  # vLLM's: false leaves a thinking model's reasoning_content out
+    # OpenAI fields without an implementation: only their neutral values are accepted.
+    modalities: list[StrictStr] | None = None
+    audio: dict[str, Any] | None = None
 
 
 class TokenizeRequest(BaseModel):
