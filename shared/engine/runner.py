@@ -77,6 +77,8 @@ class ModelRunner:
         model = model.to_empty(device=self.device).to(self.dtype)
         quant.prepare(model, self.dtype)
         model.rotary.inv_freq = cfg.rope_inv_freq().to(self.device)  # buffer was on meta
+        if model.local_rotary is not None:
+            model.local_rotary.inv_freq = cfg.rope_inv_freq(local=True).to(self.device)
         load_weights(model, model_dir, cfg.tie_word_embeddings)
         self.model = model.eval()
         self.kv_cache: torch.Tensor | None = None

@@ -18,6 +18,7 @@ ARCHS = {
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "phi3": ("Phi3Config", "Phi3ForCausalLM"),  # fused qkv_proj / gate_up_proj
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),  # Gemma 3's text model
 }
 
 
@@ -51,6 +52,8 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", *, tie: bool = False, 
                 p.normal_(0, std)
             elif name.endswith(("q_norm.weight", "k_norm.weight")):  # Qwen3's per-head norms
                 p.uniform_(0.5, 1.5)
+            elif arch == "gemma3" and name.endswith("norm.weight"):  # stored as an offset from 1
+                p.uniform_(-0.5, 0.5)
     model.save_pretrained(path, max_shard_size="200KB" if sharded else "2GB")
     if weights == "bin":
         to_pytorch_bin(path)

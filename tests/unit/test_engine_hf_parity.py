@@ -32,6 +32,9 @@ CHECKPOINTS = {
     "phi3-longrope": dict(arch="phi3", tie=True, max_positions=512, original_max_position_embeddings=128, rope_scaling={
         "rope_type": "longrope", "original_max_position_embeddings": 128,
         "short_factor": [1.0 + 0.15 * i for i in range(8)], "long_factor": [4.0 + i for i in range(8)]}),
+    # Gemma 3: a window on the first layer only, its own RoPE base there; norms stored as 1 + weight
+    "gemma3-text": dict(arch="gemma3", tie=True, head_dim=32, query_pre_attn_scalar=24, sliding_window=16,
+                        layer_types=["sliding_attention", "full_attention"]),
     "mistral": dict(arch="mistral", sliding_window=None),
     "mistral-sliding-window": dict(arch="mistral", sliding_window=16),
     "llama-sharded": dict(arch="llama", sharded=True),

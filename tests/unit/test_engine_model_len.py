@@ -142,3 +142,28 @@ def test_phi3_longrope_is_served_up_to_its_pretrained_length_and_partial_rope_is
                              ({"original_max_position_embeddings": None}, 4096)]:
         (tmp_path / "config.json").write_text(json.dumps({**base, **change}))
         assert ModelConfig.from_dir(tmp_path).max_position_embeddings == original
+
+
+def test_gemma3_reads_both_config_layouts_and_refuses_what_it_lacks(tmp_path):
+    from shared.engine.model import ModelLoadError
+    from shared.engine.model.config import ModelConfig
+
+    # gemma-3-1b-it's shape in transformers 4.x's layout: every 6th layer global, rope_local_base_freq
+    base = {"architectures": ["Gemma3ForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "head_dim": 256,
+            "num_key_value_heads": 1, "intermediate_size": 128, "num_hidden_layers": 7, "vocab_size": 300,
+            "query_pre_attn_scalar": 256, "sliding_window": 512, "sliding_window_pattern": 6, "rope_theta": 1e6,
+            "rope_local_base_freq": 1e4, "rope_scaling": None, "hidden_activation": "gelu_pytorch_tanh",
+            "final_logit_softcapping": None, "attn_logit_softcapping": None}
+    (tmp_path / "config.json").write_text(json.dumps(base))
+    cfg = ModelConfig.from_dir(tmp_path)
+    assert cfg.layer_windows == [512] * 5 + [None] + [512] and cfg.sliding_window is None
+    assert (cfg.rope_theta, cfg.local_rope_theta, cfg.attn_scale) == (1e6, 1e4, 256 ** -0.5)
+    assert cfg.tie_word_embeddings and cfg.qk_norm and cfg.norm_offset and cfg.embed_scale == 8.0
+    # Gemma 2's soft-capping, and an activation other than GELU (tanh), are refused by name
+    for change, message in [({"final_logit_softcapping": 30.0}, "final_logit_softcapping 30.0"),
+                            ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+                            ({"hidden_activation": "relu"}, "hidden_activation 'relu'"),
+                            ({"layer_types": ["full_attention"]}, "layer_types")]:
+        (tmp_path / "config.json").write_text(json.dumps({**base, **change}))
+        with pytest.raises(ModelLoadError, match=message):
+            ModelConfig.from_dir(tmp_path)

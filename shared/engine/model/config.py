@@ -1,8 +1,8 @@
 """Model configuration read from a Hugging Face checkpoint directory.
 
 Knows the Llama family's `config.json` dialects (Llama, Llama 3 RoPE scaling, Qwen2 QKV bias,
-Qwen3 per-head QK RMSNorm, Mistral sliding window, Phi-3 LongRoPE; transformers 4.x `rope_scaling` and 5.x
-`rope_parameters`). Knows nothing about weights or tensors beyond the RoPE frequencies.
+Qwen3 per-head QK RMSNorm, Mistral sliding window, Phi-3 LongRoPE, Gemma 3's text model; transformers 4.x
+`rope_scaling` and 5.x `rope_parameters`). Knows nothing about weights or tensors beyond the RoPE frequencies.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Phi3ForCausalLM": "phi3",  # Llama's layers with fused qkv_proj / gate_up_proj (the loader splits them)
+    "Gemma3ForCausalLM": "gemma3",  # Gemma 3's text-only models (1B, 270M); see _gemma3
 }
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class ModelLoadError(ValueError):
 @dataclass
 class ModelConfig:
     name: str
-    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3" | "phi3"
+    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "gemma3"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -53,6 +54,14 @@ class ModelConfig:
     torch_dtype: str | None
     bos_token_id: int | None
     eos_token_ids: list[int] = field(default_factory=list)
+    # Gemma 3's differences from the Llama layer (defaults: Llama's)
+    layer_windows: list[int | None] | None = None  # each layer's sliding window (None: sliding_window for all)
+    local_rope_theta: float | None = None  # RoPE base of the windowed layers (None: rope_theta for all)
+    norm_offset: bool = False  # RMSNorm scales by 1 + weight (the loader adds the 1)
+    embed_scale: float | None = None  # the embedding is multiplied by it
+    sandwich_norms: bool = False  # norms after attention and MLP too, before their residual adds
+    hidden_act: str = "silu"  # the MLP's gate activation: silu | gelu_tanh
+    attn_scale: float | None = None  # softmax scale (None: head_dim ** -0.5)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
@@ -70,8 +79,11 @@ class ModelConfig:
             )
         hidden = raw["hidden_size"]
         heads = raw["num_attention_heads"]
+        gemma = _gemma3(path, raw) if arch == "gemma3" else {}
         rope_params = raw.get("rope_parameters") or raw.get("rope_scaling") or None
-        rope_theta = raw.get("rope_theta") or (rope_params or {}).get("rope_theta") or 10000.0
+        if gemma:
+            rope_params = gemma.pop("rope_params")
+        rope_theta = gemma.pop("rope_theta", None) or raw.get("rope_theta") or (rope_params or {}).get("rope_theta") or 10000.0
         partial = raw.get("partial_rotary_factor") or (rope_params or {}).get("partial_rotary_factor") or 1.0
         if rope_params is not None and rope_params.get("rope_type", rope_params.get("type", "default")) == "default":
             rope_params = None
@@ -82,7 +94,7 @@ class ModelConfig:
         max_positions = raw.get("max_position_embeddings", 2048)
         if rope_params is not None and rope_params.get("rope_type", rope_params.get("type")) in ("longrope", "su"):
             rope_params, max_positions = _longrope(path, raw, rope_params, max_positions)
-        sliding = raw.get("sliding_window")
+        sliding = None if gemma else raw.get("sliding_window")  # Gemma 3: per layer, in layer_windows
         if arch in ("qwen2", "qwen3"):
             # transformers: layers from max_window_layers on use the window, the ones before it do not
             layers, first_windowed = raw["num_hidden_layers"], raw.get("max_window_layers", 28)  # its default
@@ -111,24 +123,27 @@ class ModelConfig:
             head_dim=raw.get("head_dim") or hidden // heads,
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             max_position_embeddings=max_positions,
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", arch == "gemma3")),
             qkv_bias=arch == "qwen2" or attention_bias,
             o_bias=attention_bias and arch != "qwen2",
             mlp_bias=bool(raw.get("mlp_bias", False)),
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "gemma3"),
             rope_theta=float(rope_theta),
             rope_scaling=rope_params,
             sliding_window=sliding,
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos,
+            **gemma,
         )
 
-    def rope_inv_freq(self) -> torch.Tensor:
-        """Inverse RoPE frequencies [head_dim // 2], with Llama 3 / linear / LongRoPE scaling applied."""
+    def rope_inv_freq(self, local: bool = False) -> torch.Tensor:
+        """Inverse RoPE frequencies [head_dim // 2], with Llama 3 / linear / LongRoPE scaling applied;
+        `local`: those of the windowed layers of a model that gives them their own base (unscaled)."""
         dim = self.head_dim
-        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        if self.rope_scaling is None:
+        theta = self.local_rope_theta if local else self.rope_theta
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        if self.rope_scaling is None or local:
             return inv_freq
         kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
         factor = float(self.rope_scaling.get("factor", 1.0))
@@ -155,6 +170,51 @@ class ModelConfig:
     def rope_attention_factor(self) -> float:
         """What cos and sin are multiplied by (LongRoPE's attention factor; 1 otherwise)."""
         return float((self.rope_scaling or {}).get("attention_factor", 1.0))
+
+
+def _gemma3(path: Path, raw: dict) -> dict:
+    """Gemma 3's text model: the Llama layer with RMSNorm scaling by 1 + weight, the embedding
+    scaled by sqrt(hidden_size), norms after attention and MLP as well as before, per-head q / k
+    norms, a GELU (tanh) gate, softmax scaled by query_pre_attn_scalar, and a sliding window on
+    most layers (layer_types, or every sliding_window_pattern-th layer global) whose RoPE has its
+    own base. The fields of ModelConfig, plus rope_params / rope_theta (the global layers')."""
+    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if raw.get(name) is not None:
+            raise ModelLoadError(f"{path}: {name} {raw[name]} (Gemma 2's soft-capping) is not supported")
+    if raw.get("use_bidirectional_attention"):
+        raise ModelLoadError(f"{path}: use_bidirectional_attention is not supported")
+    layers = raw["num_hidden_layers"]
+    pattern = raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or 6
+    types = raw.get("layer_types") or [
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)
+    ]
+    if len(types) != layers or set(types) - {"full_attention", "sliding_attention"}:
+        raise ModelLoadError(f"{path}: layer_types must give full_attention or sliding_attention for each layer")
+    window = raw.get("sliding_window")
+    rope = raw.get("rope_parameters") or {}
+    if "full_attention" in rope:  # transformers 5.x: one RoPE per layer type
+        full, local = rope["full_attention"], rope.get("sliding_attention") or {}
+        theta, local_theta = full.get("rope_theta", 1e6), local.get("rope_theta", 10000.0)
+    else:  # 4.x: rope_theta and rope_scaling for the global layers, rope_local_base_freq for the others
+        full, local = raw.get("rope_scaling") or {}, {}
+        theta, local_theta = raw.get("rope_theta", 1e6), raw.get("rope_local_base_freq", 10000.0)
+    if local.get("rope_type", "default") != "default":
+        raise ModelLoadError(f"{path}: RoPE scaling on the sliding-window layers is not supported")
+    act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ModelLoadError(f"{path}: hidden_activation {act!r} is not supported (gelu_pytorch_tanh)")
+    head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
+    return {
+        "rope_params": full if full.get("rope_type", full.get("type", "default")) != "default" else None,
+        "rope_theta": float(theta),
+        "local_rope_theta": float(local_theta),
+        "layer_windows": [window if t == "sliding_attention" else None for t in types],
+        "norm_offset": True,
+        "embed_scale": raw["hidden_size"] ** 0.5,
+        "sandwich_norms": True,
+        "hidden_act": "gelu_tanh",
+        "attn_scale": float(raw.get("query_pre_attn_scalar") or head_dim) ** -0.5,
+    }
 
 
 def _longrope(path: Path, raw: dict, rope: dict, max_positions: int) -> tuple[dict, int]:

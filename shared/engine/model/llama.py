@@ -9,6 +9,8 @@ per-output-channel scales (quant.py); the checkpoint names stay the same.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,9 +37,9 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, local: bool = False):
         super().__init__()
-        self.register_buffer("inv_freq", cfg.rope_inv_freq(), persistent=False)
+        self.register_buffer("inv_freq", cfg.rope_inv_freq(local), persistent=False)
         self.attention_factor = cfg.rope_attention_factor()  # LongRoPE scales cos and sin
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +95,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = cfg.attn_scale or cfg.head_dim ** -0.5
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
         t = x.shape[0]
@@ -118,8 +120,12 @@ class MLP(nn.Module):
         self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, quantization)
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, quantization)
 
+        self.gelu = cfg.hidden_act == "gelu_tanh"  # Gemma
+
     def forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.gelu:
+            return self.down_proj(F.gelu(gate, approximate="tanh") * up)
         if cpu_kernels.fused_ok(gate):
             return self.down_proj(cpu_kernels.load().silu_and_mul(gate, up))
         return self.down_proj(F.silu(gate) * up)
@@ -132,8 +138,17 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, quantization)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:  # Gemma: post_attention_layernorm normalises the attention's output instead
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta):
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(
+                self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
+            )
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -159,15 +174,28 @@ class LlamaForCausalLM(nn.Module):
         self.quantization = quantization
         self.model = Backbone(cfg, quantization)
         self.rotary = RotaryEmbedding(cfg)
+        # Gemma 3: windowed layers have a RoPE base of their own
+        self.local_rotary = RotaryEmbedding(cfg, local=True) if cfg.local_rope_theta is not None else None
         self.lm_head = None if cfg.tie_word_embeddings else linear(cfg.hidden_size, cfg.vocab_size, False, quantization)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T]; kv_cache: [L, 2, num_blocks, block_size, Hkv, D] -> hidden [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
+        if self.config.embed_scale is not None:
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         cos, sin = self.rotary(positions, x.dtype)
+        windows = self.config.layer_windows
+        if windows is None:
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
+            return self.model.norm(x)
+        # per-layer windows (Gemma 3): a windowed layer has its window and its own RoPE base
+        local = self.local_rotary(positions, x.dtype) if self.local_rotary is not None else (cos, sin)
+        metas = {w: dataclasses.replace(meta, sliding_window=w) for w in set(windows)}
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
+            c, s = (cos, sin) if windows[i] is None else local
+            x = layer(x, c, s, kv_cache[i, 0], kv_cache[i, 1], metas[windows[i]])
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
