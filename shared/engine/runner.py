@@ -29,6 +29,7 @@ from .model import (
     load_weights,
     quant,
 )
+from .model.llama import RMSNorm
 
 DECODE_GROUP_MAX = 32  # sequences per batched decode attention call
 # On CPU, a sequence's step of at most this many new tokens attends through the decode kernel,
@@ -75,6 +76,10 @@ class ModelRunner:
         with torch.device("meta"):
             model = LlamaForCausalLM(cfg, quantization)
         model = model.to_empty(device=self.device).to(self.dtype)
+        if cfg.norm_offset:  # Gemma: 1 + weight kept in float32, as transformers computes it
+            for m in model.modules():
+                if isinstance(m, RMSNorm):
+                    m.float()
         quant.prepare(model, self.dtype)
         model.rotary.inv_freq = cfg.rope_inv_freq().to(self.device)  # buffer was on meta
         if model.local_rotary is not None:

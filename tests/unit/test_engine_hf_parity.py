@@ -270,3 +270,19 @@ class _Payload:
 def test_missing_config_is_named(tmp_path):
     with pytest.raises(ModelLoadError, match="config.json"):
         _engine(tmp_path)
+
+
+def test_gemma_norms_keep_one_plus_weight_in_float32_in_a_bfloat16_model(tmp_path):
+    """transformers computes Gemma's (1 + weight) and the scaling in float32; rounding 1 + w to
+    bfloat16 would move it by up to 2**-8 (a weight of 0.01 becomes 0.0078)."""
+    from shared.engine.model.loader import load_state_dict
+
+    path = make_tiny_checkpoint(tmp_path, arch="gemma3", tie=True, head_dim=32, sliding_window=16,
+                                layer_types=["sliding_attention", "full_attention"])
+    stored = load_state_dict(path)["model.layers.0.input_layernorm.weight"].to(torch.bfloat16)
+    engine = _engine(path, dtype="bfloat16")
+    model = engine.runner.model
+    norm = model.model.layers[0].input_layernorm.weight
+    assert norm.dtype == torch.float32 and model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert torch.equal(norm, load_state_dict(path)["model.layers.0.input_layernorm.weight"].float() + 1)
+    assert not torch.equal(norm, (stored + 1).float())  # what adding in bfloat16 would give

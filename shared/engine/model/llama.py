@@ -33,6 +33,8 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight.dtype == torch.float32 and dtype != torch.float32:
+            return (x * self.weight).to(dtype)  # Gemma's order: scaled in float32, rounded once
         return self.weight * x.to(dtype)
 
 

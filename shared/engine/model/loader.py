@@ -119,7 +119,7 @@ def load_weights(module: torch.nn.Module, model_dir: str | Path, tie_word_embedd
     """Copy checkpoint tensors into `module` (already on its device and dtype)."""
     state = split_fused(load_state_dict(model_dir), dict(module.named_parameters()))
     if getattr(getattr(module, "config", None), "norm_offset", False):  # Gemma: RMSNorm scales by 1 + weight
-        state = {k: v + 1 if k.endswith("norm.weight") else v for k, v in state.items()}
+        state = {k: v.float() + 1 if k.endswith("norm.weight") else v for k, v in state.items()}
     if tie_word_embeddings:
         state.pop("lm_head.weight", None)
     scale_names = {name + "_scale" for name, p in module.named_parameters() if p.dtype == torch.int8}
