@@ -159,6 +159,11 @@ def test_gemma3_reads_both_config_layouts_and_refuses_what_it_lacks(tmp_path):
     assert cfg.layer_windows == [512] * 5 + [None] + [512] and cfg.sliding_window is None
     assert (cfg.rope_theta, cfg.local_rope_theta, cfg.attn_scale) == (1e6, 1e4, 256 ** -0.5)
     assert cfg.tie_word_embeddings and cfg.qk_norm and cfg.norm_offset and cfg.embed_scale == 8.0
+    # keys a config leaves out take Gemma3TextConfig's defaults
+    sparse = {k: v for k, v in base.items() if k not in ("head_dim", "query_pre_attn_scalar", "sliding_window")}
+    (tmp_path / "config.json").write_text(json.dumps(sparse))
+    cfg = ModelConfig.from_dir(tmp_path)
+    assert (cfg.head_dim, cfg.attn_scale, cfg.layer_windows[0]) == (256, 256 ** -0.5, 4096)
     # Gemma 2's soft-capping, and an activation other than GELU (tanh), are refused by name
     for change, message in [({"final_logit_softcapping": 30.0}, "final_logit_softcapping 30.0"),
                             ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),

@@ -24,6 +24,7 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma3ForCausalLM": "gemma3",  # Gemma 3's text-only models (1B, 270M); see _gemma3
 }
 log = logging.getLogger(__name__)
+GEMMA3_HEAD_DIM = 256  # Gemma3TextConfig's default head_dim (and query_pre_attn_scalar)
 
 
 class ModelLoadError(ValueError):
@@ -120,7 +121,7 @@ class ModelConfig:
             num_layers=raw["num_hidden_layers"],
             num_heads=heads,
             num_kv_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=raw.get("head_dim") or hidden // heads,
+            head_dim=raw.get("head_dim") or (GEMMA3_HEAD_DIM if arch == "gemma3" else hidden // heads),
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             max_position_embeddings=max_positions,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", arch == "gemma3")),
@@ -190,7 +191,7 @@ def _gemma3(path: Path, raw: dict) -> dict:
     ]
     if len(types) != layers or set(types) - {"full_attention", "sliding_attention"}:
         raise ModelLoadError(f"{path}: layer_types must give full_attention or sliding_attention for each layer")
-    window = raw.get("sliding_window")
+    window = raw.get("sliding_window") or 4096  # Gemma3TextConfig's defaults, here and below
     rope = raw.get("rope_parameters") or {}
     if "full_attention" in rope:  # transformers 5.x: one RoPE per layer type
         full, local = rope["full_attention"], rope.get("sliding_attention") or {}
@@ -203,7 +204,6 @@ def _gemma3(path: Path, raw: dict) -> dict:
     act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise ModelLoadError(f"{path}: hidden_activation {act!r} is not supported (gelu_pytorch_tanh)")
-    head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
     return {
         "rope_params": full if full.get("rope_type", full.get("type", "default")) != "default" else None,
         "rope_theta": float(theta),
@@ -213,7 +213,7 @@ def _gemma3(path: Path, raw: dict) -> dict:
         "embed_scale": raw["hidden_size"] ** 0.5,
         "sandwich_norms": True,
         "hidden_act": "gelu_tanh",
-        "attn_scale": float(raw.get("query_pre_attn_scalar") or head_dim) ** -0.5,
+        "attn_scale": float(raw.get("query_pre_attn_scalar") or GEMMA3_HEAD_DIM) ** -0.5,
     }
 
 

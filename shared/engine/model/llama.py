@@ -42,7 +42,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig, local: bool = False):
         super().__init__()
         self.register_buffer("inv_freq", cfg.rope_inv_freq(local), persistent=False)
-        self.attention_factor = cfg.rope_attention_factor()  # LongRoPE scales cos and sin
+        # LongRoPE scales cos and sin; the windowed layers' own RoPE (Gemma 3) has no scaling
+        self.attention_factor = 1.0 if local else cfg.rope_attention_factor()
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T] -> cos, sin: [T, 1, D]
