@@ -97,10 +97,11 @@ def _strings_to_bytes(msg: descriptor_pb2.DescriptorProto) -> None:
         _strings_to_bytes(nested)
 
 
-def _first_invalid_utf8(msg: Message) -> tuple[str, str] | None:
+def _first_invalid_utf8(msg: Message, depth: int = 0) -> tuple[str, str] | None:
     """(field name, message) of the first bytes field (a string field originally) not valid UTF-8.
-    A field of the guidance is named as the guidance, as its other errors are ("guidance: regex
-    is not valid UTF-8 ...")."""
+    Fields are named as the request's other errors name them: the fields of sampling and stopping
+    by their own names, a field of a message inside them by that message ("guidance: regex is
+    not valid UTF-8 ...")."""
     for fd, value in msg.ListFields():
         if fd.type == fd.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry:
             bad = _first_invalid_utf8_in_map(fd, value)
@@ -110,11 +111,9 @@ def _first_invalid_utf8(msg: Message) -> tuple[str, str] | None:
         repeated = _is_repeated(fd)
         for i, item in enumerate(value if repeated else [value]):
             if fd.type == fd.TYPE_MESSAGE:
-                bad = _first_invalid_utf8(item)
-                if bad is not None and fd.message_type.full_name == "tandem.v1.Guidance":
-                    return fd.name, f"{bad[0]} is {bad[1]}"
+                bad = _first_invalid_utf8(item, depth + 1)
                 if bad is not None:
-                    return bad
+                    return (fd.name, f"{bad[0]} is {bad[1]}") if depth > 0 else bad
             elif fd.type == fd.TYPE_BYTES and (error := _utf8_error(item)) is not None:
                 return fd.name, f"{fd.name}[{i}] is {error}" if repeated else error
     return None

@@ -84,7 +84,7 @@ class ModelRunner:
         model.rotary.inv_freq = cfg.rope_inv_freq().to(self.device)  # buffer was on meta
         if model.local_rotary is not None:
             model.local_rotary.inv_freq = cfg.rope_inv_freq(local=True).to(self.device)
-        load_weights(model, model_dir, cfg.tie_word_embeddings)
+        load_weights(model, model_dir, cfg.tie_word_embeddings, cfg.norm_offset)
         self.model = model.eval()
         self.kv_cache: torch.Tensor | None = None
         self.block_size = 0

@@ -80,21 +80,22 @@ class ModelConfig:
             )
         hidden = raw["hidden_size"]
         heads = raw["num_attention_heads"]
+        head_dim = raw.get("head_dim") or (GEMMA3_HEAD_DIM if arch == "gemma3" else hidden // heads)
         gemma = _gemma3(path, raw) if arch == "gemma3" else {}
         rope_params = raw.get("rope_parameters") or raw.get("rope_scaling") or None
         if gemma:
             rope_params = gemma.pop("rope_params")
         rope_theta = gemma.pop("rope_theta", None) or raw.get("rope_theta") or (rope_params or {}).get("rope_theta") or 10000.0
         partial = raw.get("partial_rotary_factor") or (rope_params or {}).get("partial_rotary_factor") or 1.0
-        if rope_params is not None and rope_params.get("rope_type", rope_params.get("type", "default")) == "default":
+        if rope_params is not None and _rope_type(rope_params) == "default":
             rope_params = None
         if partial != 1.0:
             raise ModelLoadError(
                 f"{path}: partial_rotary_factor {partial} (RoPE on part of each head, as in Phi-4-mini) is not supported"
             )
         max_positions = raw.get("max_position_embeddings", 2048)
-        if rope_params is not None and rope_params.get("rope_type", rope_params.get("type")) in ("longrope", "su"):
-            rope_params, max_positions = _longrope(path, raw, rope_params, max_positions)
+        if rope_params is not None and _rope_type(rope_params) in ("longrope", "su"):
+            rope_params, max_positions = _longrope(path, raw, rope_params, max_positions, head_dim)
         sliding = None if gemma else raw.get("sliding_window")  # Gemma 3: per layer, in layer_windows
         if arch in ("qwen2", "qwen3"):
             # transformers: layers from max_window_layers on use the window, the ones before it do not
@@ -121,7 +122,7 @@ class ModelConfig:
             num_layers=raw["num_hidden_layers"],
             num_heads=heads,
             num_kv_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=raw.get("head_dim") or (GEMMA3_HEAD_DIM if arch == "gemma3" else hidden // heads),
+            head_dim=head_dim,
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             max_position_embeddings=max_positions,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", arch == "gemma3")),
@@ -146,7 +147,7 @@ class ModelConfig:
         inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         if self.rope_scaling is None or local:
             return inv_freq
-        kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+        kind = _rope_type(self.rope_scaling)
         factor = float(self.rope_scaling.get("factor", 1.0))
         if kind == "linear":
             return inv_freq / factor
@@ -199,13 +200,13 @@ def _gemma3(path: Path, raw: dict) -> dict:
     else:  # 4.x: rope_theta and rope_scaling for the global layers, rope_local_base_freq for the others
         full, local = raw.get("rope_scaling") or {}, {}
         theta, local_theta = raw.get("rope_theta", 1e6), raw.get("rope_local_base_freq", 10000.0)
-    if local.get("rope_type", "default") != "default":
+    if _rope_type(local) != "default":
         raise ModelLoadError(f"{path}: RoPE scaling on the sliding-window layers is not supported")
     act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise ModelLoadError(f"{path}: hidden_activation {act!r} is not supported (gelu_pytorch_tanh)")
     return {
-        "rope_params": full if full.get("rope_type", full.get("type", "default")) != "default" else None,
+        "rope_params": full if _rope_type(full) != "default" else None,
         "rope_theta": float(theta),
         "local_rope_theta": float(local_theta),
         "layer_windows": [window if t == "sliding_attention" else None for t in types],
@@ -217,7 +218,12 @@ def _gemma3(path: Path, raw: dict) -> dict:
     }
 
 
-def _longrope(path: Path, raw: dict, rope: dict, max_positions: int) -> tuple[dict, int]:
+def _rope_type(params: dict) -> str:
+    """A RoPE parameter dict's type: rope_type (transformers 5.x) or type (4.x); default when neither."""
+    return params.get("rope_type", params.get("type", "default"))
+
+
+def _longrope(path: Path, raw: dict, rope: dict, max_positions: int, head_dim: int) -> tuple[dict, int]:
     """Phi-3's LongRoPE as transformers computes it: the short factors up to the pretrained length
     (original_max_position_embeddings), the long ones past it, cos and sin scaled by an attention
     factor from max_position_embeddings / that length. Past it transformers changes the factors
@@ -225,7 +231,7 @@ def _longrope(path: Path, raw: dict, rope: dict, max_positions: int) -> tuple[di
     served up to that length, where its outputs are transformers'."""
     # as transformers' Phi3Config: its own field first, 4096 when it has none
     original = raw.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or 4096
-    dim = (raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]) // 2
+    dim = head_dim // 2
     for name in ("short_factor", "long_factor"):
         if len(rope.get(name) or []) != dim:
             raise ModelLoadError(f"{path}: longrope {name} must list {dim} factors (head_dim / 2)")

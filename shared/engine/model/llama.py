@@ -187,18 +187,14 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         if self.config.embed_scale is not None:
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
-        cos, sin = self.rotary(positions, x.dtype)
-        windows = self.config.layer_windows
-        if windows is None:
-            for i, layer in enumerate(self.model.layers):
-                x = layer(x, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
-            return self.model.norm(x)
-        # per-layer windows (Gemma 3): a windowed layer has its window and its own RoPE base
-        local = self.local_rotary(positions, x.dtype) if self.local_rotary is not None else (cos, sin)
-        metas = {w: dataclasses.replace(meta, sliding_window=w) for w in set(windows)}
-        for i, layer in enumerate(self.model.layers):
-            c, s = (cos, sin) if windows[i] is None else local
-            x = layer(x, c, s, kv_cache[i, 0], kv_cache[i, 1], metas[windows[i]])
+        rope = self.rotary(positions, x.dtype)
+        inputs = [(rope, meta)] * len(self.model.layers)
+        if self.config.layer_windows is not None:  # Gemma 3: a windowed layer has its own RoPE base
+            local = self.local_rotary(positions, x.dtype) if self.local_rotary is not None else rope
+            metas = {w: dataclasses.replace(meta, sliding_window=w) for w in set(self.config.layer_windows)}
+            inputs = [(rope if w is None else local, metas[w]) for w in self.config.layer_windows]
+        for i, (layer, ((cos, sin), layer_meta)) in enumerate(zip(self.model.layers, inputs, strict=True)):
+            x = layer(x, cos, sin, kv_cache[i, 0], kv_cache[i, 1], layer_meta)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -115,10 +115,13 @@ def _fused_name(name: str) -> tuple[str, str | None, str]:
     return name, None, ""
 
 
-def load_weights(module: torch.nn.Module, model_dir: str | Path, tie_word_embeddings: bool) -> None:
-    """Copy checkpoint tensors into `module` (already on its device and dtype)."""
+def load_weights(
+    module: torch.nn.Module, model_dir: str | Path, tie_word_embeddings: bool, norm_offset: bool = False
+) -> None:
+    """Copy checkpoint tensors into `module` (already on its device and dtype). `norm_offset`: the
+    checkpoint stores RMSNorm weights as offsets from 1 (Gemma), added here in float32."""
     state = split_fused(load_state_dict(model_dir), dict(module.named_parameters()))
-    if getattr(getattr(module, "config", None), "norm_offset", False):  # Gemma: RMSNorm scales by 1 + weight
+    if norm_offset:
         state = {k: v.float() + 1 if k.endswith("norm.weight") else v for k, v in state.items()}
     if tie_word_embeddings:
         state.pop("lm_head.weight", None)
