@@ -246,11 +246,15 @@ class CollectiveKvSender:
             item = self._queue.get()
             if item is None:
                 break
+            # False: its caller gave up (a cancelled request). It is sent all the same, since the
+            # receiver takes a pair's transfers in sequence, but nobody is told how it went.
+            live = item.future.set_running_or_notify_cancel()
             epoch = item.meta.epoch
             if epoch == failed_epoch:
-                item.future.set_exception(
-                    KvTransferError(f"pair {self.pair_name}: group torn down by an earlier failure")
-                )
+                if live:
+                    item.future.set_exception(
+                        KvTransferError(f"pair {self.pair_name}: group torn down by an earlier failure")
+                    )
                 continue
             try:
                 if group_epoch != epoch:
@@ -264,7 +268,8 @@ class CollectiveKvSender:
                     torch.cuda.current_stream(self.device).wait_event(item.ready)
                 store.queue_push(HEADER_QUEUE, item.meta.header_json())
                 group.send(item.flat)
-                item.future.set_result(item.meta)
+                if live:
+                    item.future.set_result(item.meta)
             except Exception as e:
                 err = e if isinstance(e, KvTransferError) else KvTransferError(f"pair {self.pair_name}: {e}")
                 log.warning("kv send failed on pair %s epoch %s: %s", self.pair_name, epoch, err)
@@ -276,7 +281,8 @@ class CollectiveKvSender:
                     if self._epoch == epoch:
                         self._epoch = None  # the next submit starts a fresh group
                 # only now: a caller that retries at once must land in the new epoch
-                item.future.set_exception(err)
+                if live:
+                    item.future.set_exception(err)
         if group is not None:
             group.abort()
         while True:  # fail what close() left behind
@@ -284,7 +290,7 @@ class CollectiveKvSender:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not None:
+            if item is not None and item.future.set_running_or_notify_cancel():
                 item.future.set_exception(KvTransferError(f"sender for pair {self.pair_name} closed"))
 
     def _announce(self, epoch: str) -> dist.Store:

@@ -264,6 +264,30 @@ def test_async_recv_and_a_cancelled_wait_leaves_the_pair_working(receiver):
         sender.close()
 
 
+def test_a_send_its_caller_cancelled_leaves_the_sender_working(receiver):
+    # a request cancelled while its KV is being sent cancels the send's future (asyncio's
+    # wrap_future does): the sender's thread must not die on it; the pair goes on, same group
+    sender = CollectiveKvSender(receiver.address, "cancel->d0", timeout_s=TIMEOUT_S)
+    kv = payload([2, 2, 9, 2, 4], "float32", 17)
+
+    async def cancel_while_sending():
+        pending = await asyncio.to_thread(sender.submit, kv)
+        waiting = asyncio.ensure_future(pending.wait_async())
+        await asyncio.sleep(0)
+        waiting.cancel()
+        return pending
+
+    try:
+        first = sender.send(kv)
+        assert same_bits(receiver.recv(first), kv)
+        cancelled = asyncio.run(cancel_while_sending())
+        assert same_bits(receiver.recv(cancelled.meta), kv)  # the bytes still go out, in sequence
+        after = sender.send(kv)
+        assert after.epoch == first.epoch and same_bits(receiver.recv(after), kv)
+    finally:
+        sender.close()
+
+
 def test_meta_that_disagrees_with_the_payload_is_rejected(receiver):
     sender = CollectiveKvSender(receiver.address, "liar->d0", timeout_s=TIMEOUT_S)
     try:
